@@ -1,0 +1,1 @@
+//! Micro-benchmarks live in `benches/benches/`; the fio comparison runner is `benches/run.sh`.

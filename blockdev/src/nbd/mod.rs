@@ -1,0 +1,1 @@
+//! The NBD front end (fixed newstyle, structured replies, block status).

@@ -1,0 +1,1 @@
+//! raftblk daemon library.

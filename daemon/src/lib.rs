@@ -1,1 +1,15 @@
-//! raftblk daemon library.
+//! raftblk's node daemon as a library, so tests can drive it in-process.
+//!
+//! `raftblkd` loads a [`config::Config`], opens the [`volumes::VolumeManager`]
+//! (catalog in sled, data files through the blockdev crate's I/O engine), and
+//! serves it two ways: the NBD server of `raftblk-blockdev` resolves export names
+//! through the manager, and the [`api`] router manages volumes over HTTP. Every
+//! served volume is wrapped in a [`metrics::MeteredBackend`].
+//! `raftblk` (the CLI) is a thin HTTP client of the same API.
+
+pub mod api;
+pub mod catalog;
+pub mod config;
+pub mod metrics;
+pub mod size;
+pub mod volumes;

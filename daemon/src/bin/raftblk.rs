@@ -1,1 +1,250 @@
-fn main() {}
+//! raftblk: the command-line client of raftblkd's HTTP API. Human tables by
+//! default, `--json` for scripts.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use raftblk_daemon::api::NodeInfo;
+use raftblk_daemon::size::{format_size, parse_size};
+use raftblk_daemon::volumes::VolumeStatus;
+use serde_json::{json, Value};
+
+#[derive(Debug, Parser)]
+#[command(name = "raftblk", version, about = "Manage raftblk volumes")]
+struct Cli {
+    /// raftblkd API address [env: RAFTBLK_API]
+    #[arg(long, global = true, env = "RAFTBLK_API", default_value = "http://127.0.0.1:10810")]
+    api: String,
+    /// Print JSON instead of tables
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage volumes
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Show this node and its volumes at a glance
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a thin-provisioned volume
+    Create {
+        /// Volume name (also its NBD export name)
+        name: String,
+        /// Size, e.g. 10G, 512M (powers of 1024)
+        #[arg(long, short)]
+        size: String,
+        /// Serve the volume read-only
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List volumes
+    #[command(alias = "ls")]
+    List,
+    /// Show one volume in detail
+    Inspect {
+        /// Volume name
+        name: String,
+    },
+    /// Grow a volume (shrinking is refused)
+    #[command(alias = "grow")]
+    Resize {
+        /// Volume name
+        name: String,
+        /// New size, e.g. 20G
+        size: String,
+    },
+    /// Delete a volume and its data
+    #[command(alias = "rm")]
+    Delete {
+        /// Volume name
+        name: String,
+        /// Delete even while NBD clients are connected (their I/O then fails)
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    fn new(api: &str) -> Self {
+        let base = if api.contains("://") { api.to_string() } else { format!("http://{api}") };
+        let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(60)).build();
+        Client { base: base.trim_end_matches('/').to_string(), agent }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        let req = self.agent.request(method, &url);
+        let result = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match result {
+            Ok(resp) => {
+                let text = resp.into_string().context("reading the API response")?;
+                if text.trim().is_empty() {
+                    return Ok(Value::Null);
+                }
+                serde_json::from_str(&text).with_context(|| format!("API answered non-JSON: {text}"))
+            }
+            Err(ureq::Error::Status(code, resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                let message = serde_json::from_str::<Value>(&text)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
+                    .unwrap_or(text);
+                Err(anyhow!("{message} (HTTP {code})"))
+            }
+            Err(e) => Err(anyhow!(
+                "cannot reach raftblkd at {}: {e}; is it running? Start it with `raftblkd` or point --api / RAFTBLK_API at it",
+                self.base
+            )),
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(&cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let client = Client::new(&cli.api);
+    match &cli.command {
+        Command::Status => {
+            let node: NodeInfo = serde_json::from_value(client.call("GET", "/v1/node", None)?)?;
+            let volumes: Vec<VolumeStatus> = serde_json::from_value(client.call("GET", "/v1/volumes", None)?)?;
+            if cli.json {
+                println!("{:#}", json!({ "node": node, "volumes": volumes }));
+            } else {
+                println!(
+                    "raftblkd {}  engine {}  nbd {} and {}  data {}",
+                    node.version, node.io_engine, node.nbd_listen, node.nbd_socket, node.data_dir
+                );
+                println!();
+                print_volumes(&volumes);
+            }
+        }
+        Command::Volume(cmd) => volume(cli, &client, cmd)?,
+    }
+    Ok(())
+}
+
+fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
+    match cmd {
+        VolumeCommand::Create { name, size, read_only } => {
+            let bytes = parse_size(size).map_err(|e| anyhow!("--size: {e}"))?;
+            let v = client.call("POST", "/v1/volumes", Some(json!({"name": name, "size": bytes, "read_only": read_only})))?;
+            show_one(cli, v, "created")?;
+        }
+        VolumeCommand::List => {
+            let v = client.call("GET", "/v1/volumes", None)?;
+            if cli.json {
+                println!("{v:#}");
+            } else {
+                print_volumes(&serde_json::from_value::<Vec<VolumeStatus>>(v)?);
+            }
+        }
+        VolumeCommand::Inspect { name } => {
+            let v = client.call("GET", &format!("/v1/volumes/{}", path_segment(name)?), None)?;
+            show_one(cli, v, "")?;
+        }
+        VolumeCommand::Resize { name, size } => {
+            let bytes = parse_size(size).map_err(|e| anyhow!("size: {e}"))?;
+            let v = client.call(
+                "POST",
+                &format!("/v1/volumes/{}/resize", path_segment(name)?),
+                Some(json!({"size": bytes})),
+            )?;
+            show_one(cli, v, "resized")?;
+        }
+        VolumeCommand::Delete { name, force } => {
+            client.call("DELETE", &format!("/v1/volumes/{}?force={force}", path_segment(name)?), None)?;
+            if cli.json {
+                println!("{}", json!({"deleted": name}));
+            } else {
+                println!("deleted volume {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Volume names never need escaping; anything that would is refused here with the rule.
+fn path_segment(name: &str) -> Result<&str> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')) || name.starts_with('.') {
+        bail!("volume name {name:?} is not allowed; names use letters, digits, '.', '-' and '_', starting with a letter or digit");
+    }
+    Ok(name)
+}
+
+fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
+    if cli.json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    let s: VolumeStatus = serde_json::from_value(v)?;
+    if !verb.is_empty() {
+        println!("{verb} volume {}", s.name);
+    }
+    let rows = [
+        ("name", s.name.clone()),
+        ("uuid", s.uuid.clone()),
+        ("size", format!("{} ({} bytes)", format_size(s.size_bytes), s.size_bytes)),
+        ("allocated", format!("{} ({} bytes)", format_size(s.allocated_bytes), s.allocated_bytes)),
+        ("read-only", s.read_only.to_string()),
+        ("connections", s.connections.to_string()),
+        ("export", format!("nbd://127.0.0.1/{}", s.name)),
+    ];
+    for (k, val) in rows {
+        println!("{k:<12} {val}");
+    }
+    Ok(())
+}
+
+fn print_volumes(volumes: &[VolumeStatus]) {
+    if volumes.is_empty() {
+        println!("no volumes; create one with `raftblk volume create NAME --size 10G`");
+        return;
+    }
+    let rows: Vec<[String; 5]> = volumes
+        .iter()
+        .map(|v| {
+            [
+                v.name.clone(),
+                format_size(v.size_bytes),
+                format_size(v.allocated_bytes),
+                if v.read_only { "ro" } else { "rw" }.to_string(),
+                v.connections.to_string(),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "SIZE", "ALLOCATED", "MODE", "CONNECTIONS"];
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: [&str; 5]| {
+        let parts: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header);
+    for r in &rows {
+        line([&r[0], &r[1], &r[2], &r[3], &r[4]]);
+    }
+}

@@ -1,0 +1,196 @@
+//! The HTTP control API: JSON volume management under `/v1`, Prometheus text at
+//! `/metrics`, liveness at `/healthz`. Every error is `{"error": "..."}` with a
+//! message that says what to fix.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+use crate::size::parse_size;
+use crate::volumes::{VolumeError, VolumeManager};
+
+/// What the handlers share.
+pub struct ApiState {
+    /// The node's volumes.
+    pub volumes: Arc<VolumeManager>,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Facts about this node for `GET /v1/node`.
+    pub node: NodeInfo,
+}
+
+/// Static facts about the running node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// raftblkd version.
+    pub version: String,
+    /// The I/O engine in use.
+    pub io_engine: String,
+    /// NBD TCP address.
+    pub nbd_listen: String,
+    /// NBD unix socket.
+    pub nbd_socket: String,
+    /// Data directory.
+    pub data_dir: String,
+}
+
+/// A size given either as bytes or as a string with units.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeArg {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeArg {
+    fn bytes(&self) -> Result<u64, ApiError> {
+        match self {
+            SizeArg::Bytes(b) => Ok(*b),
+            SizeArg::Text(s) => parse_size(s).map_err(|e| ApiError::bad_request(e.to_string())),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRequest {
+    name: String,
+    size: SizeArg,
+    #[serde(default)]
+    read_only: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeRequest {
+    size: SizeArg,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: String) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, message }
+    }
+}
+
+impl From<VolumeError> for ApiError {
+    fn from(e: VolumeError) -> Self {
+        let status = match &e {
+            VolumeError::Invalid(_) => StatusCode::BAD_REQUEST,
+            VolumeError::NotFound(_) => StatusCode::NOT_FOUND,
+            VolumeError::Exists(_) | VolumeError::InUse { .. } => StatusCode::CONFLICT,
+            VolumeError::Catalog(_) | VolumeError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError { status, message: e.to_string() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8], example: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("request body is not valid: {e}; expected e.g. {example}")))
+}
+
+/// Runs blocking catalog and file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!("internal task failed: {e}"),
+    })?
+    .map_err(ApiError::from)
+}
+
+/// Builds the router.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/node", get(node))
+        .route("/v1/volumes", get(list).post(create))
+        .route("/v1/volumes/{name}", get(inspect).delete(delete))
+        .route("/v1/volumes/{name}/resize", post(resize))
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: "no such endpoint; see /v1/volumes, /v1/node, /metrics, /healthz".into(),
+            }
+        })
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
+    let volumes = s.volumes.clone();
+    let _ = tokio::task::spawn_blocking(move || volumes.refresh_gauges()).await;
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render())
+        .into_response()
+}
+
+async fn node(State(s): State<Arc<ApiState>>) -> Json<NodeInfo> {
+    Json(s.node.clone())
+}
+
+async fn list(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let v = s.volumes.clone();
+    let list = blocking(move || Ok(v.list())).await?;
+    Ok(Json(list).into_response())
+}
+
+async fn create(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: CreateRequest = parse_json(&body, r#"{"name": "db", "size": "10G"}"#)?;
+    let size = req.size.bytes()?;
+    let v = s.volumes.clone();
+    let status = blocking(move || v.create(&req.name, size, req.read_only)).await?;
+    Ok((StatusCode::CREATED, Json(status)).into_response())
+}
+
+async fn inspect(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let v = s.volumes.clone();
+    Ok(Json(blocking(move || v.status(&name)).await?).into_response())
+}
+
+async fn resize(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: ResizeRequest = parse_json(&body, r#"{"size": "20G"}"#)?;
+    let size = req.size.bytes()?;
+    let v = s.volumes.clone();
+    Ok(Json(blocking(move || v.resize(&name, size)).await?).into_response())
+}
+
+async fn delete(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<Response, ApiError> {
+    let v = s.volumes.clone();
+    blocking(move || v.delete(&name, q.force)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

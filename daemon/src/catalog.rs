@@ -1,0 +1,193 @@
+//! The node's volume catalog: one record per volume, kept in sled so that a
+//! create or delete is durable before the API answers.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Volume sizes are multiples of this, so every volume holds whole 4 KiB blocks.
+pub const VOLUME_SIZE_ALIGN_BYTES: u64 = 4096;
+/// Largest volume: ext4's file size limit with 4 KiB blocks.
+pub const VOLUME_SIZE_MAX_BYTES: u64 = 16 << 40;
+/// Longest volume name (it becomes a file name and an NBD export name).
+pub const VOLUME_NAME_MAX_LEN: usize = 63;
+
+/// What the catalog knows about one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Unique name; also the NBD export name.
+    pub name: String,
+    /// Stable identity; the data file is named after it.
+    pub uuid: String,
+    /// Size in bytes (a multiple of [`VOLUME_SIZE_ALIGN_BYTES`]).
+    pub size_bytes: u64,
+    /// Whether NBD clients may only read.
+    pub read_only: bool,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix_s: u64,
+}
+
+/// Why the catalog refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// sled failed.
+    #[error("catalog storage error: {0}")]
+    Storage(#[from] sled::Error),
+    /// A stored record does not decode.
+    #[error("catalog record for {name:?} is corrupt: {message}")]
+    Corrupt { name: String, message: String },
+}
+
+/// Validates a volume name; the error says what a good name looks like.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let rule = "use 1 to 63 characters: letters, digits, '.', '-' and '_', starting with a letter or digit";
+    if name.is_empty() || name.len() > VOLUME_NAME_MAX_LEN {
+        return Err(format!("volume name {name:?} has {} characters; {rule}", name.len()));
+    }
+    let first_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if !first_ok || !rest_ok {
+        return Err(format!("volume name {name:?} is not allowed; {rule}"));
+    }
+    Ok(())
+}
+
+/// Validates a volume size; the error says what to use instead.
+pub fn validate_size(size_bytes: u64) -> Result<(), String> {
+    if size_bytes == 0 {
+        return Err("size must be larger than 0; e.g. --size 10G".into());
+    }
+    if size_bytes % VOLUME_SIZE_ALIGN_BYTES != 0 {
+        let up = size_bytes.div_ceil(VOLUME_SIZE_ALIGN_BYTES) * VOLUME_SIZE_ALIGN_BYTES;
+        return Err(format!(
+            "size {size_bytes} is not a multiple of {VOLUME_SIZE_ALIGN_BYTES} bytes; use {up} (or a size in K, M, G)"
+        ));
+    }
+    if size_bytes > VOLUME_SIZE_MAX_BYTES {
+        return Err(format!(
+            "size {size_bytes} exceeds the maximum of {VOLUME_SIZE_MAX_BYTES} bytes (16 TiB)"
+        ));
+    }
+    Ok(())
+}
+
+/// The sled-backed catalog.
+pub struct Catalog {
+    volumes: sled::Tree,
+    db: sled::Db,
+}
+
+impl Catalog {
+    /// Opens (or creates) the catalog under `dir`.
+    pub fn open(dir: &Path) -> Result<Catalog, CatalogError> {
+        let db = sled::open(dir)?;
+        let volumes = db.open_tree("volumes")?;
+        Ok(Catalog { volumes, db })
+    }
+
+    /// Every volume, ordered by name.
+    pub fn list(&self) -> Result<Vec<VolumeRecord>, CatalogError> {
+        self.volumes
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&String::from_utf8_lossy(&k), &v)
+            })
+            .collect()
+    }
+
+    /// One volume by name.
+    pub fn get(&self, name: &str) -> Result<Option<VolumeRecord>, CatalogError> {
+        self.volumes.get(name)?.map(|v| decode(name, &v)).transpose()
+    }
+
+    /// Inserts a new record; returns false (and changes nothing) if the name is taken.
+    pub fn insert_new(&self, record: &VolumeRecord) -> Result<bool, CatalogError> {
+        let bytes = encode(record);
+        let swapped = self.volumes.compare_and_swap(&record.name, None as Option<&[u8]>, Some(bytes))?;
+        if swapped.is_ok() {
+            self.db.flush()?;
+        }
+        Ok(swapped.is_ok())
+    }
+
+    /// Replaces an existing record.
+    pub fn update(&self, record: &VolumeRecord) -> Result<(), CatalogError> {
+        self.volumes.insert(&record.name, encode(record))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Removes a record; returns whether it existed.
+    pub fn remove(&self, name: &str) -> Result<bool, CatalogError> {
+        let existed = self.volumes.remove(name)?.is_some();
+        self.db.flush()?;
+        Ok(existed)
+    }
+}
+
+fn encode(record: &VolumeRecord) -> Vec<u8> {
+    // Serializing a struct of strings and integers cannot fail.
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+fn decode(name: &str, bytes: &[u8]) -> Result<VolumeRecord, CatalogError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| CatalogError::Corrupt { name: name.to_string(), message: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str) -> VolumeRecord {
+        VolumeRecord {
+            name: name.into(),
+            uuid: "u".into(),
+            size_bytes: 4096,
+            read_only: false,
+            created_unix_s: 1,
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("db-1.data_x").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("-x").is_err());
+        assert!(validate_name("a/b").is_err());
+        assert!(validate_name("a b").is_err());
+        assert!(validate_name(&"a".repeat(64)).is_err());
+        assert!(validate_name("a/b").unwrap_err().contains("letters, digits"));
+    }
+
+    #[test]
+    fn sizes_are_checked_and_suggest_a_fix() {
+        assert!(validate_size(10 << 30).is_ok());
+        assert!(validate_size(0).is_err());
+        assert!(validate_size(4097).unwrap_err().contains("use 8192"));
+        assert!(validate_size(VOLUME_SIZE_MAX_BYTES + 4096).is_err());
+    }
+
+    #[test]
+    fn records_survive_reopen_and_names_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Catalog::open(dir.path()).unwrap();
+            assert!(c.insert_new(&record("a")).unwrap());
+            assert!(!c.insert_new(&record("a")).unwrap());
+            assert!(c.insert_new(&record("b")).unwrap());
+            let mut r = record("b");
+            r.size_bytes = 8192;
+            c.update(&r).unwrap();
+            assert!(c.remove("a").unwrap());
+            assert!(!c.remove("a").unwrap());
+        }
+        let c = Catalog::open(dir.path()).unwrap();
+        let all = c.list().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].size_bytes, 8192);
+        assert_eq!(c.get("b").unwrap().unwrap().name, "b");
+        assert!(c.get("a").unwrap().is_none());
+    }
+}

@@ -1,0 +1,305 @@
+//! raftblkd's settings: the embedded default, overlaid by a TOML file, then by
+//! environment variables and flags (clap gives flags precedence over env).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::size::parse_size;
+
+/// The embedded default configuration (also the documentation of every key).
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("default.toml");
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The config file is not valid TOML or has unknown keys or wrong types.
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value is syntactically fine but unusable.
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Which I/O engine the block store uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoEngineSetting {
+    /// io_uring if available, else sync.
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// pread/pwrite on blocking threads.
+    Sync,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// NBD listener settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    /// TCP address.
+    pub listen: SocketAddr,
+    /// Unix socket path; empty means `<data_dir>/nbd.sock`.
+    pub socket: String,
+}
+
+/// HTTP API settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// TCP address of the HTTP API.
+    pub listen: SocketAddr,
+}
+
+/// Block store settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// I/O engine choice.
+    pub io_engine: IoEngineSetting,
+    /// Number of io_uring threads.
+    pub ring_threads: usize,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Line format.
+    pub format: LogFormat,
+    /// Default filter when RUST_LOG is unset.
+    pub level: String,
+}
+
+/// A volume created on the first start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapVolume {
+    /// Volume name.
+    pub name: String,
+    /// Size with units, e.g. `1G`.
+    pub size: String,
+}
+
+/// Every setting of raftblkd.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// NBD listeners.
+    pub nbd: NbdConfig,
+    /// HTTP API.
+    pub api: ApiConfig,
+    /// Block store.
+    pub storage: StorageConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Volumes made on first start.
+    #[serde(default)]
+    pub bootstrap_volumes: Vec<BootstrapVolume>,
+}
+
+/// Overrides from flags and environment variables; `None` keeps the file's value.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// Data directory [env: RAFTBLK_DATA_DIR]
+    #[arg(long, env = "RAFTBLK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// NBD TCP listen address [env: RAFTBLK_NBD_LISTEN]
+    #[arg(long, env = "RAFTBLK_NBD_LISTEN")]
+    pub nbd_listen: Option<SocketAddr>,
+    /// NBD unix socket path [env: RAFTBLK_NBD_SOCKET]
+    #[arg(long, env = "RAFTBLK_NBD_SOCKET")]
+    pub nbd_socket: Option<String>,
+    /// HTTP API listen address [env: RAFTBLK_API_LISTEN]
+    #[arg(long, env = "RAFTBLK_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// I/O engine [env: RAFTBLK_IO_ENGINE]
+    #[arg(long, env = "RAFTBLK_IO_ENGINE", value_enum)]
+    pub io_engine: Option<IoEngineSetting>,
+    /// Number of io_uring threads [env: RAFTBLK_RING_THREADS]
+    #[arg(long, env = "RAFTBLK_RING_THREADS")]
+    pub ring_threads: Option<usize>,
+    /// Log format [env: RAFTBLK_LOG_FORMAT]
+    #[arg(long, env = "RAFTBLK_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log level filter, e.g. info or raftblk_blockdev=debug [env: RAFTBLK_LOG_LEVEL]
+    #[arg(long, env = "RAFTBLK_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Volumes to create on first start, NAME:SIZE, comma-separated; "none" for none
+    /// [env: RAFTBLK_BOOTSTRAP_VOLUMES]
+    #[arg(long, env = "RAFTBLK_BOOTSTRAP_VOLUMES", value_delimiter = ',')]
+    pub bootstrap_volumes: Option<Vec<String>>,
+}
+
+impl Config {
+    /// Loads the embedded default, overlays `file` (if any), then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut merged: toml::Table = parse_table("embedded default", DEFAULT_CONFIG_TOML)?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+            let user = parse_table(&path.display().to_string(), &text)?;
+            overlay(&mut merged, user);
+        }
+        let source = file.map_or("embedded default".to_string(), |p| p.display().to_string());
+        let mut config: Config = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: source, message: e.to_string() })?;
+        config.apply(overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
+        if let Some(v) = &o.data_dir {
+            self.data_dir = v.clone();
+        }
+        if let Some(v) = o.nbd_listen {
+            self.nbd.listen = v;
+        }
+        if let Some(v) = &o.nbd_socket {
+            self.nbd.socket = v.clone();
+        }
+        if let Some(v) = o.api_listen {
+            self.api.listen = v;
+        }
+        if let Some(v) = o.io_engine {
+            self.storage.io_engine = v;
+        }
+        if let Some(v) = o.ring_threads {
+            self.storage.ring_threads = v;
+        }
+        if let Some(v) = o.log_format {
+            self.log.format = v;
+        }
+        if let Some(v) = &o.log_level {
+            self.log.level = v.clone();
+        }
+        if let Some(list) = &o.bootstrap_volumes {
+            self.bootstrap_volumes = parse_bootstrap_list(list)?;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=16).contains(&self.storage.ring_threads) {
+            return Err(ConfigError::Invalid {
+                key: "storage.ring_threads",
+                message: format!("{} is out of range; use 1 to 16", self.storage.ring_threads),
+            });
+        }
+        for v in &self.bootstrap_volumes {
+            parse_size(&v.size).map_err(|e| ConfigError::Invalid {
+                key: "bootstrap_volumes.size",
+                message: format!("volume {:?}: {e}", v.name),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The unix socket path, with the empty default resolved.
+    pub fn nbd_socket_path(&self) -> PathBuf {
+        if self.nbd.socket.is_empty() {
+            self.data_dir.join("nbd.sock")
+        } else {
+            PathBuf::from(&self.nbd.socket)
+        }
+    }
+}
+
+fn parse_bootstrap_list(list: &[String]) -> Result<Vec<BootstrapVolume>, ConfigError> {
+    if list.len() == 1 && (list[0] == "none" || list[0].is_empty()) {
+        return Ok(Vec::new());
+    }
+    list.iter()
+        .map(|item| match item.split_once(':') {
+            Some((name, size)) if !name.is_empty() && !size.is_empty() => {
+                Ok(BootstrapVolume { name: name.to_string(), size: size.to_string() })
+            }
+            _ => Err(ConfigError::Invalid {
+                key: "bootstrap_volumes",
+                message: format!("{item:?} is not NAME:SIZE (e.g. vol0:1G), or \"none\""),
+            }),
+        })
+        .collect()
+}
+
+fn parse_table(path: &str, text: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError::Parse { path: path.to_string(), message: e.to_string() })
+}
+
+/// Lays `top` over `base`: tables merge key by key, everything else replaces.
+fn overlay(base: &mut toml::Table, top: toml::Table) {
+    for (key, value) in top {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(t)) => overlay(b, t),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn embedded_default_loads() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.nbd.listen.to_string(), "127.0.0.1:10809");
+        assert_eq!(c.api.listen.to_string(), "127.0.0.1:10810");
+        assert_eq!(c.nbd_socket_path(), PathBuf::from("/var/lib/raftblk/nbd.sock"));
+        assert_eq!(c.bootstrap_volumes.len(), 1);
+    }
+
+    #[test]
+    fn file_overlays_default_and_flags_override_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "data_dir = \"/srv/rb\"\n[api]\nlisten = \"127.0.0.1:9999\"").unwrap();
+        let o = Overrides { api_listen: Some("127.0.0.1:7777".parse().unwrap()), ..Default::default() };
+        let c = Config::load(Some(f.path()), &o).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/rb"));
+        assert_eq!(c.api.listen.to_string(), "127.0.0.1:7777");
+        // Keys the file did not mention keep their defaults.
+        assert_eq!(c.nbd.listen.to_string(), "127.0.0.1:10809");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_the_key() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[nbd]\nlisten_addr = \"x\"").unwrap();
+        let e = Config::load(Some(f.path()), &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("listen_addr"), "{e}");
+        let o = Overrides { ring_threads: Some(0), ..Default::default() };
+        let e = Config::load(None, &o).unwrap_err().to_string();
+        assert!(e.contains("ring_threads"), "{e}");
+        let o = Overrides { bootstrap_volumes: Some(vec!["vol0".into()]), ..Default::default() };
+        let e = Config::load(None, &o).unwrap_err().to_string();
+        assert!(e.contains("NAME:SIZE"), "{e}");
+    }
+
+    #[test]
+    fn bootstrap_none_clears_the_list() {
+        let o = Overrides { bootstrap_volumes: Some(vec!["none".into()]), ..Default::default() };
+        assert!(Config::load(None, &o).unwrap().bootstrap_volumes.is_empty());
+    }
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Turns the fio JSON files of one benches/run.sh run into a Markdown table with
+ratios against qemu-nbd and the raw file, all measured in that same run."""
+import json
+import os
+import sys
+
+TARGETS = ["raftblkd", "qemu-nbd", "nbdkit", "raw"]
+JOBS = ["randwrite-4k-qd1", "randwrite-4k-qd32", "randread-4k-qd32", "write-1m-qd8", "read-1m-qd8"]
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def load(out, target, job):
+    path = os.path.join(out, f"{target}.{job}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    data = json.loads(text[text.index("{"):])  # fio may print notes before the JSON
+    j = data["jobs"][0]
+    side = j["write"] if j["write"]["total_ios"] > 0 else j["read"]
+    ticks = int(open(os.path.join(out, f"{target}.{job}.cputicks")).read().strip() or 0)
+    ios = side["total_ios"]
+    lat = side["clat_ns"]
+    return {
+        "iops": side["iops"],
+        "bw_mib": side["bw_bytes"] / 2**20,
+        "mean_us": side["lat_ns"]["mean"] / 1000,
+        "p99_us": lat.get("percentile", {}).get("99.000000", 0) / 1000,
+        "cpu_us_per_io": (ticks / TICKS_PER_S * 1e6 / ios) if ios and ticks else None,
+    }
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def main():
+    out = sys.argv[1]
+    rows = {(t, j): load(out, t, j) for t in TARGETS for j in JOBS}
+    print("| job | target | IOPS | MiB/s | mean lat µs | p99 lat µs | server CPU µs/IO |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for j in JOBS:
+        for t in TARGETS:
+            r = rows[(t, j)]
+            if r is None:
+                continue
+            cpu = f"{r['cpu_us_per_io']:.1f}" if r["cpu_us_per_io"] is not None else "-"
+            print(f"| {j} | {t} | {r['iops']:.0f} | {r['bw_mib']:.1f} | {r['mean_us']:.0f} | {r['p99_us']:.0f} | {cpu} |")
+    print()
+    print("| job | raftblkd/qemu-nbd IOPS | raftblkd/nbdkit IOPS | raftblkd/raw IOPS | CPU per IO raftblkd/qemu-nbd |")
+    print("|---|---:|---:|---:|---:|")
+    for j in JOBS:
+        r, q, k, w = (rows[(t, j)] for t in TARGETS)
+        if not r:
+            continue
+        cpu = ratio(r["cpu_us_per_io"], q["cpu_us_per_io"]) if q else "-"
+        print(f"| {j} | {ratio(r['iops'], q and q['iops'])} | {ratio(r['iops'], k and k['iops'])} | {ratio(r['iops'], w and w['iops'])} | {cpu} |")
+
+
+if __name__ == "__main__":
+    main()

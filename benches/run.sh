@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The fio comparison runner: the same fio jobs against raftblkd, qemu-nbd
+# (--cache=none --aio=io_uring), nbdkit's file plugin and fio's io_uring engine
+# on a raw file (the disk's ceiling), all in one run on the same file system.
+# Prints IOPS, bandwidth, mean and p99 latency, server CPU time per I/O, and the
+# ratios raftblkd/qemu-nbd and raftblkd/raw. Results land in bench-results/.
+#
+# Usage: benches/run.sh [--runtime SECONDS] [--size SIZE] [--dir DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+runtime=15
+size=2G
+dir=""
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --runtime) runtime=$2; shift 2 ;;
+        --size) size=$2; shift 2 ;;
+        --dir) dir=$2; shift 2 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        *) echo "unknown argument $1 (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+need=()
+command -v fio >/dev/null || need+=(fio)
+command -v qemu-nbd >/dev/null || need+=(qemu-utils)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v python3 >/dev/null || need+=(python3)
+if [[ ${#need[@]} -gt 0 ]]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-remove "${need[@]}"
+fi
+fio --enghelp 2>/dev/null | grep -qw nbd || { echo "this fio has no nbd engine" >&2; exit 1; }
+
+cargo build --release -p raftblk-daemon --bins
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+raftblkd=$target_dir/release/raftblkd
+raftblk=$target_dir/release/raftblk
+
+work=${dir:-$root/bench-results/work}
+out=$root/bench-results/$(date +%Y%m%d-%H%M%S)
+mkdir -p "$work" "$out"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+    local p=$((20000 + RANDOM % 20000))
+    while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do p=$((p + 1)); done
+    echo "$p"
+}
+wait_port() {
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+    echo "nothing listens on port $1" >&2; return 1
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# name|fio options
+jobs=(
+    "randwrite-4k-qd1|--rw=randwrite --bs=4k --iodepth=1"
+    "randwrite-4k-qd32|--rw=randwrite --bs=4k --iodepth=32"
+    "randread-4k-qd32|--rw=randread --bs=4k --iodepth=32"
+    "write-1m-qd8|--rw=write --bs=1m --iodepth=8"
+    "read-1m-qd8|--rw=read --bs=1m --iodepth=8"
+)
+common="--size=$size --time_based --runtime=$runtime --ramp_time=2 --numjobs=1 --group_reporting --output-format=json"
+
+# run_target NAME PID FIO-TARGET-OPTIONS...: prefill once (so reads hit data,
+# not holes), then every job; records server CPU ticks per job.
+run_target() {
+    local name=$1 pid=$2; shift 2
+    echo "== $name: prefill"
+    fio --name=prefill --rw=write --bs=1m --iodepth=8 --size="$size" "$@" >/dev/null
+    for j in "${jobs[@]}"; do
+        local jn=${j%%|*} opts=${j#*|} before after
+        echo "== $name: $jn"
+        before=$([[ $pid != 0 ]] && cpu_ticks "$pid" || echo 0)
+        # shellcheck disable=SC2086
+        fio --name="$jn" $opts $common "$@" >"$out/$name.$jn.json"
+        after=$([[ $pid != 0 ]] && cpu_ticks "$pid" || echo 0)
+        echo $((after - before)) >"$out/$name.$jn.cputicks"
+    done
+}
+
+# raftblkd
+rport=$(free_port); aport=$(free_port)
+"$raftblkd" --data-dir "$work/raftblkd" --nbd-listen "127.0.0.1:$rport" --api-listen "127.0.0.1:$aport" \
+    --nbd-socket "$work/raftblkd.sock" --bootstrap-volumes none --log-level warn &
+pids+=($!); rpid=$!
+wait_port "$aport"
+"$raftblk" --api "127.0.0.1:$aport" volume create bench --size "$size" >/dev/null
+run_target raftblkd "$rpid" --ioengine=nbd --uri="nbd://127.0.0.1:$rport/bench"
+kill "$rpid"; wait "$rpid" || true
+
+# qemu-nbd on a file of the same size in the same file system
+truncate -s "$size" "$work/qemu.img"
+qport=$(free_port)
+qemu-nbd -f raw --cache=none --aio=io_uring -x bench -b 127.0.0.1 -p "$qport" -t -e 8 "$work/qemu.img" &
+pids+=($!); qpid=$!
+wait_port "$qport"
+run_target qemu-nbd "$qpid" --ioengine=nbd --uri="nbd://127.0.0.1:$qport/bench"
+kill "$qpid"; wait "$qpid" 2>/dev/null || true
+
+# nbdkit file plugin
+truncate -s "$size" "$work/nbdkit.img"
+kport=$(free_port)
+nbdkit -f -i 127.0.0.1 -p "$kport" file "$work/nbdkit.img" &
+pids+=($!); kpid=$!
+wait_port "$kport"
+run_target nbdkit "$kpid" --ioengine=nbd --uri="nbd://127.0.0.1:$kport/"
+kill "$kpid"; wait "$kpid" 2>/dev/null || true
+
+# fio's own io_uring engine on a raw file: the ceiling
+truncate -s "$size" "$work/raw.img"
+run_target raw 0 --ioengine=io_uring --direct=1 --filename="$work/raw.img"
+
+python3 "$root/benches/report.py" "$out" "$runtime" | tee "$out/table.md"
+echo "results: $out"

@@ -294,7 +294,10 @@ pub fn python(script: &str, args: &[&str]) -> Out {
     let py = python_nbd().expect("python3 with the nbd module (check require_python_nbd first)");
     let mut cmd = Command::new(py);
     cmd.arg("-c").arg(script).args(args);
-    run_cmd(cmd, TOOL_TIMEOUT)
+    let mut out = run_cmd(cmd, TOOL_TIMEOUT);
+    // the whole script is in the test source; keep failure messages readable
+    out.cmdline = format!("python3 -c <script> {}", args.join(" "));
+    out
 }
 
 /// A deterministic pseudo-random buffer (xorshift64*), so failures reproduce.

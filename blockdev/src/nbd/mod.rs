@@ -34,7 +34,10 @@ mod server;
 #[cfg(test)]
 mod tests;
 
-pub use server::{NbdServer, MAX_INFLIGHT_PAYLOAD_BYTES, MAX_INFLIGHT_REQUESTS};
+pub use server::{
+    NbdServer, HANDSHAKE_TIMEOUT, MAX_INFLIGHT_PAYLOAD_BYTES, MAX_INFLIGHT_REQUESTS,
+    SHUTDOWN_DRAIN_TIMEOUT,
+};
 
 /// An export as listed by `NBD_OPT_LIST`.
 #[derive(Debug, Clone, PartialEq, Eq)]

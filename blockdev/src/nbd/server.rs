@@ -27,6 +27,9 @@ pub const MAX_INFLIGHT_REQUESTS: usize = 128;
 pub const MAX_INFLIGHT_PAYLOAD_BYTES: usize = 128 * 1024 * 1024;
 /// A client that has not finished negotiating by then is disconnected.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// On shutdown, how long a connection may take to finish in-flight requests and send
+/// their replies before it is dropped.
+pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Capacity of the reply write buffer; larger payloads bypass it.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// Room made in the read buffer before each read.
@@ -49,6 +52,9 @@ enum ConnectionError {
     /// A request broke the framing.
     #[error("request framing: {0}")]
     Request(#[from] RequestError),
+    /// In-flight requests did not finish within the shutdown grace period.
+    #[error("in-flight requests not finished within {SHUTDOWN_DRAIN_TIMEOUT:?} of shutdown")]
+    DrainTimeout,
 }
 
 /// Serves NBD exports from a catalog.
@@ -195,7 +201,7 @@ async fn serve_connection<R, W>(
     match run_connection(reader, writer, catalog, shutdown, &peer).await {
         Ok(()) => info!(%peer, "NBD connection closed"),
         Err(ConnectionError::Io(e)) => info!(%peer, error = %e, "NBD connection closed"),
-        Err(e) => warn!(%peer, error = %e, "NBD connection closed on a protocol violation"),
+        Err(e) => warn!(%peer, error = %e, "NBD connection closed abnormally"),
     }
 }
 
@@ -315,11 +321,27 @@ where
     )
     .await;
 
-    // Let in-flight requests finish and queue their replies; the semaphore is never
-    // closed, so this only waits.
-    let _all = inflight.acquire_many(MAX_INFLIGHT_REQUESTS as u32).await;
-    drop(tx);
-    let writer_result = writer_task.await;
+    // Let in-flight requests finish and their replies go out; the semaphore is never
+    // closed, so acquiring every permit only waits. A client that stops reading could
+    // stall this forever, so once the server shuts down it gets a bounded grace period.
+    let abort_writer = writer_task.abort_handle();
+    let drain = async move {
+        let _all = inflight.acquire_many(MAX_INFLIGHT_REQUESTS as u32).await;
+        drop(tx);
+        writer_task.await
+    };
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_DRAIN_TIMEOUT).await;
+    };
+    let writer_result = tokio::select! {
+        r = drain => r,
+        _ = deadline => {
+            abort_writer.abort();
+            drop(export);
+            return Err(ConnectionError::DrainTimeout);
+        }
+    };
     drop(export);
     reader_result?;
     match writer_result {
@@ -357,8 +379,11 @@ where
                 Err(rej) => {
                     debug!(%peer, kind, errno = rej.errno.0, reason = rej.reason, "request refused");
                     let r = reply::error_reply(ctx.structured, cookie, rej.errno, rej.reason);
-                    if tx.send(r).await.is_err() {
-                        return Ok(());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        sent = tx.send(r) => if sent.is_err() {
+                            return Ok(());
+                        },
                     }
                     continue;
                 }
@@ -370,6 +395,7 @@ where
             };
             let permits = tokio::select! {
                 _ = writer_failed.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(()),
                 p = async {
                     let req = Arc::clone(inflight).acquire_owned().await;
                     let bytes = Arc::clone(payload_budget).acquire_many_owned(payload_bytes).await;

@@ -9,6 +9,8 @@
 //! * Records that were not synced may be lost in a crash, but only from the end: what survives
 //!   is always a prefix of the append order. So a hard state appended after the entries it
 //!   commits is never recovered without them.
+//! * [`Wal::open`] syncs what it recovered before returning, so whatever a reopened WAL
+//!   serves is durable. It then starts a new segment (so every open adds one).
 //! * After any I/O error the WAL is poisoned: every later call fails with
 //!   [`WalError::Poisoned`], and the caller reopens it (after an `fsync` failure the kernel may
 //!   have dropped the dirty pages, so retrying the sync would lie).
@@ -32,14 +34,20 @@
 //! checkpoint does not already say, except the entries.
 //!
 //! Deletion rule: after each successful sync, every closed segment older than the oldest
-//! segment still holding a retained entry of any group is deleted, oldest first. Retained
-//! entries of a group are written in index order (rewriting an index drops everything after
-//! it), so a group's oldest retained entry is in its oldest needed segment. The first kept
-//! segment's checkpoint is durable (it is closed, or it is the active one and was just
-//! synced), so replay from there rebuilds the same hard states, marks and entries.
+//! segment still holding a retained entry of any group is deleted, oldest first. Why that
+//! is safe:
+//! * Entries: a group's retained entries were written in index order (rewriting an index
+//!   drops everything after it), so its oldest retained entry is in its oldest needed
+//!   segment, and no retained entry is in a deleted one.
+//! * Hard states and marks: the active segment was always started by this process (`open`
+//!   starts a new one after recovery), so its checkpoint is complete, and it was just synced.
+//!   It is kept and comes after every deleted segment, so it supersedes their metadata.
+//!   (Checkpoints of older kept segments may be incomplete, cut by a crash; replay passes
+//!   through them and the active segment's checkpoint restores what they lack.)
 //!
 //! On replay, entries of a group may start above its recovered mark (their predecessors were
-//! in deleted segments, and a later mark drops them again); replay accepts such a gap by
+//! in deleted segments, and a later mark or checkpoint drops them again); replay marks are
+//! never above the true ones, so such an entry is not below its mark. Replay accepts a gap by
 //! restarting the group's log at that entry, and checks at the end that every group's log
 //! starts exactly at its mark. A group that stops advancing its mark keeps every segment from
 //! its oldest entry on alive: removing groups (deleted volumes) needs a record kind of its own.
@@ -295,9 +303,9 @@ impl<D: WalDisk> Wal<D> {
             .into_iter()
             .map(|s| (s.id(), s))
             .collect();
-        let active = match closed.pop_last() {
-            Some((_, s)) => s,
-            None => Segment::create(&disk, SegmentId(1))?,
+        let (active, recovered_any) = match closed.pop_last() {
+            Some((_, s)) => (s, true),
+            None => (Segment::create(&disk, SegmentId(1))?, false),
         };
         let report = RecoveryReport {
             segments: closed.len() as u64 + 1,
@@ -305,7 +313,7 @@ impl<D: WalDisk> Wal<D> {
             truncation: recovered.truncation,
         };
         tracing::debug!(?report, groups = groups.len(), "wal: opened");
-        Ok(Wal {
+        let mut wal = Wal {
             disk,
             options,
             closed,
@@ -315,7 +323,17 @@ impl<D: WalDisk> Wal<D> {
             unsynced: false,
             poisoned: false,
             recovery: report,
-        })
+        };
+        if recovered_any {
+            // Two reasons to start a new segment now:
+            // * the recovered tail may never have been synced (the process died, the machine
+            //   did not); rotating syncs it before anyone acts on what was read back;
+            // * a crash may have cut the checkpoint at the start of the newest segment, even
+            //   at a record boundary, where nothing shows it. The new segment's checkpoint is
+            //   complete, so the active segment's checkpoint always is (see the module docs).
+            wal.rotate()?;
+        }
+        Ok(wal)
     }
 
     /// What recovery found when this WAL was opened.
@@ -430,6 +448,8 @@ impl<D: WalDisk> Wal<D> {
             }
         }
         next.append(&checkpoint)?;
+        // The checkpoint must be synced before `sync_and_purge` relies on it.
+        self.unsynced = true;
         self.active_base_bytes = next.len_bytes();
         let old = std::mem::replace(&mut self.active, next);
         tracing::debug!(closed = %old.id(), active = %self.active.id(), checkpoint_bytes = checkpoint.len(), "wal: rotated");
@@ -834,7 +854,10 @@ mod tests {
 
         drop(wal);
         let wal = open(&disk, 400);
-        assert_eq!(wal.segment_ids(), after);
+        // Opening starts one new segment after the recovered ones.
+        let reopened = wal.segment_ids();
+        assert_eq!(reopened[..after.len()], after[..]);
+        assert_eq!(reopened.len(), after.len() + 1);
         assert_eq!(wal.hard_state(other), Some(hs));
         assert_eq!(wal.compacted_below(other), LogIndex(2));
         assert_eq!(wal.next_index(other), LogIndex(2));

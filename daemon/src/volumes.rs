@@ -205,7 +205,8 @@ impl VolumeManager {
 
     /// One volume.
     pub fn status(&self, name: &str) -> Result<VolumeStatus, VolumeError> {
-        Ok(Self::status_of(&self.get(name)?))
+        let v = self.get(name)?;
+        Ok(Self::status_of(&v))
     }
 
     fn status_of(v: &Volume) -> VolumeStatus {

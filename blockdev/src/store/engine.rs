@@ -180,6 +180,9 @@ impl IoEngine {
     /// of the file read as zeroes. Short reads are continued until `len` bytes or
     /// end of file.
     pub async fn read_at(&self, file: &Arc<File>, offset: u64, len: usize) -> Result<Bytes, EngineError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
         let buf = AlignedBuf::zeroed(len);
         match &self.inner {
             Inner::Uring(u) => u.read_at(file.clone(), offset, buf).await,

@@ -111,19 +111,22 @@ impl IntoResponse for ApiError {
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8], example: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("request body is not valid: {e}; expected e.g. {example}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!("request body is not valid: {e}; expected e.g. {example}"))
+    })
 }
 
 /// Runs blocking catalog and file work off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        message: format!("internal task failed: {e}"),
-    })?
-    .map_err(ApiError::from)
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("internal task failed: {e}"),
+        })?
+        .map_err(ApiError::from)
 }
 
 /// Builds the router.
@@ -147,8 +150,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
     let volumes = s.volumes.clone();
     let _ = tokio::task::spawn_blocking(move || volumes.refresh_gauges()).await;
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render())
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
 }
 
 async fn node(State(s): State<Arc<ApiState>>) -> Json<NodeInfo> {

@@ -8,16 +8,16 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use raftblk_blockdev::backend::BackendResult;
 use raftblk_blockdev::{BackendError, BlockBackend, Extent};
 
 /// I/O latency buckets, 20 µs to 5 s: block I/O spans page-cache hits to stalled disks.
 const LATENCY_BUCKETS_S: &[f64] = &[
-    0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-    0.25, 0.5, 1.0, 2.5, 5.0,
+    0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
 ];
 
 /// The kinds of block operation that are counted separately.
@@ -89,7 +89,10 @@ impl Metrics {
             labels,
         )?;
         let errors = IntCounterVec::new(
-            Opts::new("raftblk_volume_operation_errors_total", "Block operations that failed, by volume and kind"),
+            Opts::new(
+                "raftblk_volume_operation_errors_total",
+                "Block operations that failed, by volume and kind",
+            ),
             labels,
         )?;
         let bytes = IntCounterVec::new(
@@ -109,7 +112,10 @@ impl Metrics {
             &["volume"],
         )?;
         let volume_allocated = IntGaugeVec::new(
-            Opts::new("raftblk_volume_allocated_bytes", "Bytes allocated on disk for the volume (thin provisioning)"),
+            Opts::new(
+                "raftblk_volume_allocated_bytes",
+                "Bytes allocated on disk for the volume (thin provisioning)",
+            ),
             &["volume"],
         )?;
         let volume_connections = IntGaugeVec::new(

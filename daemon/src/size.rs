@@ -37,9 +37,7 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
         "G" | "GB" | "GIB" => 30,
         "T" | "TB" | "TIB" => 40,
         "P" | "PB" | "PIB" => 50,
-        _ => {
-            return Err(SizeError::UnknownUnit { input: input.to_string(), unit: unit.to_string() })
-        }
+        _ => return Err(SizeError::UnknownUnit { input: input.to_string(), unit: unit.to_string() }),
     };
     n.checked_mul(1u64 << shift).ok_or_else(|| SizeError::Overflow(input.to_string()))
 }

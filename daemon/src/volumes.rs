@@ -131,22 +131,16 @@ impl VolumeManager {
         let served = Arc::new(MeteredBackend::new(file.clone(), self.metrics.volume(&name)));
         self.metrics.volume_size.with_label_values(&[&name]).set(record.size_bytes as i64);
         self.metrics.volume_connections.with_label_values(&[&name]).set(0);
-        let volume = Volume {
-            record: Mutex::new(record),
-            file,
-            served,
-            connections: Arc::new(AtomicUsize::new(0)),
-        };
+        let volume =
+            Volume { record: Mutex::new(record), file, served, connections: Arc::new(AtomicUsize::new(0)) };
         let mut open = lock(&self.open);
         open.insert(name, Arc::new(volume));
         self.metrics.volumes.set(open.len() as i64);
     }
 
     fn remove_orphans(&self) {
-        let known: Vec<String> = lock(&self.open)
-            .values()
-            .map(|v| format!("{}.img", lock(&v.record).uuid))
-            .collect();
+        let known: Vec<String> =
+            lock(&self.open).values().map(|v| format!("{}.img", lock(&v.record).uuid)).collect();
         let Ok(entries) = std::fs::read_dir(&self.volumes_dir) else { return };
         for entry in entries.flatten() {
             let file_name = entry.file_name().to_string_lossy().into_owned();
@@ -184,8 +178,8 @@ impl VolumeManager {
         let path = self.data_path(&record.uuid);
         // File first, record second: a crash in between leaves an orphan file that
         // the next start removes, never a record without its file.
-        let file = FileBackend::create(&path, size_bytes, self.engine.clone())
-            .map_err(|e| store_err(name, e))?;
+        let file =
+            FileBackend::create(&path, size_bytes, self.engine.clone()).map_err(|e| store_err(name, e))?;
         if !self.catalog.insert_new(&record)? {
             let _ = std::fs::remove_file(&path);
             return Err(VolumeError::Exists(name.to_string()));

@@ -14,13 +14,7 @@ const A: GroupId = GroupId(1);
 const B: GroupId = GroupId(2);
 
 fn open(dir: &Path, segment_target_bytes: u64) -> Wal<StdDisk> {
-    Wal::open(
-        StdDisk::open(dir).expect("disk"),
-        WalOptions {
-            segment_target_bytes,
-        },
-    )
-    .expect("open wal")
+    Wal::open(StdDisk::open(dir).expect("disk"), WalOptions { segment_target_bytes }).expect("open wal")
 }
 
 fn entry(g: GroupId, i: u64) -> Record {
@@ -63,19 +57,13 @@ fn write_ten(dir: &Path) -> (SegmentId, u64) {
     for i in 1..=10 {
         wal.append(&[entry(A, i), entry(B, i)]).expect("append");
         if i == 5 {
-            let hs = HardState {
-                term: Term(1),
-                vote: NodeId(1),
-                commit: LogIndex(5),
-            };
+            let hs = HardState { term: Term(1), vote: NodeId(1), commit: LogIndex(5) };
             wal.append(&[Record::hard_state(A, hs)]).expect("append");
         }
     }
     wal.sync().expect("sync");
     let last = *wal.segment_ids().last().expect("a segment");
-    let len = std::fs::metadata(segment_path(dir, last))
-        .expect("stat")
-        .len();
+    let len = std::fs::metadata(segment_path(dir, last)).expect("stat").len();
     (last, len - entry(B, 10).encoded_len() as u64)
 }
 
@@ -105,19 +93,12 @@ fn corrupt_last_record_is_detected_and_cut() {
     std::fs::write(&path, &bytes).expect("write");
 
     let mut wal = open(dir, 1 << 20);
-    let t = wal
-        .recovery_report()
-        .truncation
-        .clone()
-        .expect("truncation");
+    let t = wal.recovery_report().truncation.clone().expect("truncation");
     assert!(matches!(t.damage, Damage::Corrupt(_)), "{t:?}");
     assert!(t.in_last_segment);
     assert_eq!(t.segment, last);
     assert_eq!(t.kept_bytes, last_record_at);
-    assert_eq!(
-        std::fs::metadata(&path).expect("stat").len(),
-        last_record_at
-    );
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), last_record_at);
     assert_eq!(data(&wal, A), expected(A, 1..=10));
     assert_eq!(data(&wal, B), expected(B, 1..=9));
 
@@ -141,11 +122,7 @@ fn record_cut_mid_way_is_detected_as_torn() {
     drop(f);
 
     let wal = open(dir, 1 << 20);
-    let t = wal
-        .recovery_report()
-        .truncation
-        .clone()
-        .expect("truncation");
+    let t = wal.recovery_report().truncation.clone().expect("truncation");
     assert_eq!(t.damage, Damage::Torn);
     assert_eq!(t.kept_bytes, last_record_at);
     assert_eq!(t.dropped_bytes, 7);
@@ -167,25 +144,14 @@ fn compaction_deletes_old_segment_files() {
     let before = wal_files(dir);
     assert!(before.len() > 10, "{before:?}");
     // A has applied everything up to 190, B only up to 100: B holds the older segments.
-    wal.append(&[
-        Record::compact_to(A, LogIndex(191)),
-        Record::compact_to(B, LogIndex(101)),
-    ])
-    .expect("compact");
+    wal.append(&[Record::compact_to(A, LogIndex(191)), Record::compact_to(B, LogIndex(101))])
+        .expect("compact");
     wal.sync().expect("sync");
     let middle = wal_files(dir);
     assert!(middle.len() < before.len(), "{middle:?}");
-    assert!(
-        middle.len() > 2,
-        "B still needs its entries from 101: {middle:?}"
-    );
-    assert_eq!(
-        middle.len(),
-        wal.segment_ids().len(),
-        "the WAL and the directory agree"
-    );
-    wal.append(&[Record::compact_to(B, LogIndex(191))])
-        .expect("compact");
+    assert!(middle.len() > 2, "B still needs its entries from 101: {middle:?}");
+    assert_eq!(middle.len(), wal.segment_ids().len(), "the WAL and the directory agree");
+    wal.append(&[Record::compact_to(B, LogIndex(191))]).expect("compact");
     wal.sync().expect("sync");
     let after = wal_files(dir);
     assert!(after.len() <= 2, "{after:?}");
@@ -218,21 +184,14 @@ fn damage_in_an_older_segment_drops_every_later_segment() {
     std::fs::write(&path, &bytes).expect("write");
 
     let wal = open(dir, 512);
-    let t = wal
-        .recovery_report()
-        .truncation
-        .clone()
-        .expect("truncation");
+    let t = wal.recovery_report().truncation.clone().expect("truncation");
     assert!(!t.in_last_segment);
     assert_eq!(t.segment, ids[1]);
     assert_eq!(t.dropped_segments, ids[2..].to_vec());
     // Opening started a fresh segment after the cut one, reusing the next id.
     assert_eq!(wal.segment_ids(), vec![ids[0], ids[1], ids[1].next()]);
     for gone in &ids[3..] {
-        assert!(
-            !segment_path(dir, *gone).exists(),
-            "{gone} should be removed"
-        );
+        assert!(!segment_path(dir, *gone).exists(), "{gone} should be removed");
     }
     // What is left is a prefix of A's log.
     let got = data(&wal, A);

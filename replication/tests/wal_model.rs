@@ -11,9 +11,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use proptest::prelude::*;
 use raftblk_replication::wal::disk::SimDisk;
-use raftblk_replication::wal::record::{
-    GroupId, HardState, LogIndex, NodeId, Payload, Record, Term,
-};
+use raftblk_replication::wal::record::{GroupId, HardState, LogIndex, NodeId, Payload, Record, Term};
 use raftblk_replication::wal::{Wal, WalError, WalOptions};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,9 +27,7 @@ impl GroupModel {
     }
 
     fn next(&self) -> u64 {
-        self.entries
-            .last_key_value()
-            .map_or(self.first(), |(&i, _)| i + 1)
+        self.entries.last_key_value().map_or(self.first(), |(&i, _)| i + 1)
     }
 
     fn is_blank(&self) -> bool {
@@ -112,11 +108,7 @@ impl RawRecord {
             }
             6 | 7 => Record::hard_state(
                 group,
-                HardState {
-                    term: Term(a),
-                    vote: NodeId(b % 3),
-                    commit: LogIndex(a + b),
-                },
+                HardState { term: Term(a), vote: NodeId(b % 3), commit: LogIndex(a + b) },
             ),
             _ => {
                 let len = g.next() - g.first();

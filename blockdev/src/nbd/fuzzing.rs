@@ -8,8 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::handshake::{Handshake, HandshakeError, Progress};
 use super::proto::{
-    rep, Cookie, MetaContextId, BASE_ALLOCATION_CONTEXT_ID, MAX_BLOCK_SIZE_BYTES,
-    OPTION_REPLY_MAGIC,
+    rep, Cookie, MetaContextId, BASE_ALLOCATION_CONTEXT_ID, MAX_BLOCK_SIZE_BYTES, OPTION_REPLY_MAGIC,
 };
 use super::reply::{self, Chunk, ReplyMessage};
 use super::request::{decode_frame, validate, Command, TransmissionPolicy};
@@ -24,14 +23,8 @@ pub struct FuzzCatalog;
 impl ExportCatalog for FuzzCatalog {
     fn list(&self) -> Vec<ExportInfo> {
         vec![
-            ExportInfo {
-                name: "a".into(),
-                description: "writable".into(),
-            },
-            ExportInfo {
-                name: "ro".into(),
-                description: "read-only".into(),
-            },
+            ExportInfo { name: "a".into(), description: "writable".into() },
+            ExportInfo { name: "ro".into(), description: "read-only".into() },
         ]
     }
 
@@ -65,17 +58,9 @@ fn check_option_replies(mut out: &[u8], may_end_with_export: bool) {
         out = &out[20 + len..];
     }
     if may_end_with_export {
-        assert!(
-            matches!(out.len(), 0 | 10 | 134),
-            "bad EXPORT_NAME reply of {} bytes",
-            out.len()
-        );
+        assert!(matches!(out.len(), 0 | 10 | 134), "bad EXPORT_NAME reply of {} bytes", out.len());
     } else {
-        assert!(
-            out.is_empty(),
-            "{} stray bytes after option replies",
-            out.len()
-        );
+        assert!(out.is_empty(), "{} stray bytes after option replies", out.len());
     }
 }
 
@@ -164,19 +149,11 @@ pub fn request(data: &[u8]) {
             Err(rej) => {
                 assert_ne!(rej.errno.0, 0);
                 match round_trip(&reply::error_reply(sr, cookie, rej.errno, rej.reason), 0) {
-                    ReplyMessage::Simple {
-                        cookie: c,
-                        errno,
-                        data,
-                    } => {
+                    ReplyMessage::Simple { cookie: c, errno, data } => {
                         assert!(!sr);
                         assert_eq!((c, errno, data.len()), (cookie, rej.errno.0, 0));
                     }
-                    ReplyMessage::Chunk {
-                        cookie: c,
-                        chunk: Chunk::Error { errno, message },
-                        ..
-                    } => {
+                    ReplyMessage::Chunk { cookie: c, chunk: Chunk::Error { errno, message }, .. } => {
                         assert!(sr);
                         assert_eq!((c, errno), (cookie, rej.errno.0));
                         assert_eq!(&message[..], rej.reason.as_bytes());
@@ -197,9 +174,7 @@ fn check_command(
     policy: &TransmissionPolicy,
     cookie: Cookie,
 ) {
-    let in_range = offset
-        .checked_add(u64::from(len))
-        .is_some_and(|end| end <= size);
+    let in_range = offset.checked_add(u64::from(len)).is_some_and(|end| end <= size);
     match cmd {
         Command::Disconnect | Command::Flush => {}
         Command::Read { .. } | Command::Cache { .. } => assert!(in_range),
@@ -224,33 +199,17 @@ fn check_command(
                 } if o == *offset && d == data));
             } else {
                 let msg = round_trip(&reply::simple_read(cookie, data.clone()), n);
-                assert_eq!(
-                    msg,
-                    ReplyMessage::Simple {
-                        cookie,
-                        errno: 0,
-                        data
-                    }
-                );
+                assert_eq!(msg, ReplyMessage::Simple { cookie, errno: 0, data });
             }
         }
         Command::Write { data, .. } => assert_eq!(data.len(), len as usize),
-        Command::BlockStatus {
-            len,
-            req_one,
-            context,
-            offset,
-        } => {
+        Command::BlockStatus { len, req_one, context, offset } => {
             // Pseudo extents derived from the request, alternating data and holes.
             let step = u64::from(*len / 3).max(1) + (offset % 7);
             let extents: Vec<Extent> = (0..5)
                 .map(|i| Extent {
                     len_bytes: step * (i + 1),
-                    kind: if i % 2 == 0 {
-                        ExtentKind::Data
-                    } else {
-                        ExtentKind::Hole
-                    },
+                    kind: if i % 2 == 0 { ExtentKind::Data } else { ExtentKind::Hole },
                 })
                 .collect();
             let ds = reply::descriptors_from_extents(&extents, *len, *req_one);
@@ -309,13 +268,7 @@ pub fn seed_inputs() -> (Vec<u8>, Vec<u8>) {
         (cmd::DISC, 0, 0, 0),
     ];
     for (i, (kind, flags, offset, len)) in reqs.into_iter().enumerate() {
-        let h = RequestHeader {
-            flags,
-            kind,
-            cookie: Cookie(i as u64),
-            offset,
-            len,
-        };
+        let h = RequestHeader { flags, kind, cookie: Cookie(i as u64), offset, len };
         rq.put_slice(&h.encode());
         if kind == cmd::WRITE {
             rq.put_bytes(0x5a, len as usize);

@@ -12,18 +12,16 @@ use std::sync::Arc;
 use bytes::{Buf, BufMut, BytesMut};
 
 use super::proto::{
-    client_flags, clip_to_string_limit, handshake_flags, info, opt, rep, transmission_flags,
-    MetaContextId, BASE_ALLOCATION, BASE_ALLOCATION_CONTEXT_ID, BASE_NAMESPACE,
-    EXPORT_NAME_ZERO_PAD_BYTES, IHAVEOPT, MAX_BLOCK_SIZE_BYTES, MAX_OPTION_DATA_BYTES,
-    MAX_STRING_BYTES, MIN_BLOCK_SIZE_BYTES, NBD_MAGIC, OPTION_HEADER_BYTES, OPTION_REPLY_MAGIC,
-    PREFERRED_BLOCK_SIZE_BYTES,
+    client_flags, clip_to_string_limit, handshake_flags, info, opt, rep, transmission_flags, MetaContextId,
+    BASE_ALLOCATION, BASE_ALLOCATION_CONTEXT_ID, BASE_NAMESPACE, EXPORT_NAME_ZERO_PAD_BYTES, IHAVEOPT,
+    MAX_BLOCK_SIZE_BYTES, MAX_OPTION_DATA_BYTES, MAX_STRING_BYTES, MIN_BLOCK_SIZE_BYTES, NBD_MAGIC,
+    OPTION_HEADER_BYTES, OPTION_REPLY_MAGIC, PREFERRED_BLOCK_SIZE_BYTES,
 };
 use super::request::TransmissionPolicy;
 use super::{ExportCatalog, OpenError, OpenExport};
 
 /// Handshake flags we send: fixed newstyle, and we can omit the 124 zero bytes.
-pub const SERVER_HANDSHAKE_FLAGS: u16 =
-    handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES;
+pub const SERVER_HANDSHAKE_FLAGS: u16 = handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES;
 
 /// Bytes of the server greeting (`NBDMAGIC`, `IHAVEOPT`, handshake flags).
 pub const GREETING_BYTES: usize = 18;
@@ -70,10 +68,7 @@ impl fmt::Debug for Negotiated {
         f.debug_struct("Negotiated")
             .field("export_name", &self.export_name)
             .field("size_bytes", &self.size_bytes)
-            .field(
-                "transmission_flags",
-                &format_args!("{:#06x}", self.transmission_flags),
-            )
+            .field("transmission_flags", &format_args!("{:#06x}", self.transmission_flags))
             .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
@@ -128,13 +123,8 @@ impl fmt::Debug for Handshake {
 /// The transmission flags for an export.
 pub fn transmission_flags_for(read_only: bool, multi_conn: bool, structured: bool) -> u16 {
     use transmission_flags::*;
-    let mut flags = HAS_FLAGS
-        | SEND_FLUSH
-        | SEND_FUA
-        | SEND_TRIM
-        | SEND_WRITE_ZEROES
-        | SEND_FAST_ZERO
-        | SEND_CACHE;
+    let mut flags =
+        HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | SEND_FAST_ZERO | SEND_CACHE;
     if read_only {
         flags |= READ_ONLY;
     }
@@ -161,12 +151,7 @@ fn put_reply(out: &mut BytesMut, option: u32, reply_type: u32, data: &[u8]) {
 
 /// Appends an error reply with a human-readable message.
 fn put_error(out: &mut BytesMut, option: u32, reply_type: u32, message: &str) {
-    put_reply(
-        out,
-        option,
-        reply_type,
-        clip_to_string_limit(message).as_bytes(),
-    );
+    put_reply(out, option, reply_type, clip_to_string_limit(message).as_bytes());
 }
 
 /// A cursor over option data that fails instead of panicking.
@@ -185,8 +170,7 @@ impl<'a> Cursor<'a> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
     /// A length-prefixed (32-bit) string.
     fn string(&mut self) -> Option<&'a str> {
@@ -246,10 +230,7 @@ fn parse_meta_request(data: &[u8]) -> Option<MetaRequest<'_>> {
         }
         queries.push(q);
     }
-    c.is_empty().then_some(MetaRequest {
-        export_name,
-        queries,
-    })
+    c.is_empty().then_some(MetaRequest { export_name, queries })
 }
 
 impl Handshake {
@@ -280,11 +261,7 @@ impl Handshake {
 
     /// Consumes every complete message at the front of `input`, appending replies to
     /// `out`. On an error the connection must be closed (after writing `out`).
-    pub fn receive(
-        &mut self,
-        input: &mut BytesMut,
-        out: &mut BytesMut,
-    ) -> Result<Progress, HandshakeError> {
+    pub fn receive(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Result<Progress, HandshakeError> {
         loop {
             match self.phase {
                 Phase::Finished => return Err(HandshakeError::Finished),
@@ -377,12 +354,7 @@ impl Handshake {
                 if data.is_empty() {
                     put_error(out, option, rep::ERR_UNSUP, "TLS is not supported");
                 } else {
-                    put_error(
-                        out,
-                        option,
-                        rep::ERR_INVALID,
-                        "NBD_OPT_STARTTLS takes no data",
-                    );
+                    put_error(out, option, rep::ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
                 }
                 Ok(Progress::NeedMore)
             }
@@ -392,12 +364,7 @@ impl Handshake {
                     self.structured_replies = true;
                     put_reply(out, option, rep::ACK, &[]);
                 } else {
-                    put_error(
-                        out,
-                        option,
-                        rep::ERR_INVALID,
-                        "NBD_OPT_STRUCTURED_REPLY takes no data",
-                    );
+                    put_error(out, option, rep::ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
                 }
                 Ok(Progress::NeedMore)
             }
@@ -419,13 +386,10 @@ impl Handshake {
                 reason: "export name is not a valid string".into(),
             });
         };
-        let export = self
-            .catalog
-            .open(name)
-            .map_err(|e| HandshakeError::ExportNameRefused {
-                name: name.to_owned(),
-                reason: e.to_string(),
-            })?;
+        let export = self.catalog.open(name).map_err(|e| HandshakeError::ExportNameRefused {
+            name: name.to_owned(),
+            reason: e.to_string(),
+        })?;
         let negotiated = self.negotiated(name, export);
         out.put_u64(negotiated.size_bytes);
         out.put_u16(negotiated.transmission_flags);
@@ -450,13 +414,7 @@ impl Handshake {
             structured_replies: self.structured_replies,
             base_allocation,
         };
-        Negotiated {
-            export_name: name.to_owned(),
-            export,
-            size_bytes,
-            transmission_flags,
-            policy,
-        }
+        Negotiated { export_name: name.to_owned(), export, size_bytes, transmission_flags, policy }
     }
 
     fn open_for_option(&self, option: u32, name: &str, out: &mut BytesMut) -> Option<OpenExport> {
@@ -480,12 +438,7 @@ impl Handshake {
         out: &mut BytesMut,
     ) -> Result<Progress, HandshakeError> {
         let Some(req) = parse_info_request(data) else {
-            put_error(
-                out,
-                option,
-                rep::ERR_INVALID,
-                "malformed NBD_OPT_INFO/NBD_OPT_GO data",
-            );
+            put_error(out, option, rep::ERR_INVALID, "malformed NBD_OPT_INFO/NBD_OPT_GO data");
             return Ok(Progress::NeedMore);
         };
         let Some(export) = self.open_for_option(option, req.name, out) else {
@@ -536,21 +489,11 @@ impl Handshake {
             self.meta = None;
         }
         if !self.structured_replies {
-            put_error(
-                out,
-                option,
-                rep::ERR_INVALID,
-                "negotiate structured replies first",
-            );
+            put_error(out, option, rep::ERR_INVALID, "negotiate structured replies first");
             return;
         }
         let Some(req) = parse_meta_request(data) else {
-            put_error(
-                out,
-                option,
-                rep::ERR_INVALID,
-                "malformed meta context request",
-            );
+            put_error(out, option, rep::ERR_INVALID, "malformed meta context request");
             return;
         };
         if self.open_for_option(option, req.export_name, out).is_none() {
@@ -560,27 +503,18 @@ impl Handshake {
             req.queries.contains(&BASE_ALLOCATION)
         } else {
             req.queries.is_empty()
-                || req
-                    .queries
-                    .iter()
-                    .any(|q| *q == BASE_ALLOCATION || *q == BASE_NAMESPACE)
+                || req.queries.iter().any(|q| *q == BASE_ALLOCATION || *q == BASE_NAMESPACE)
         };
         if selected {
-            let id = if set {
-                BASE_ALLOCATION_CONTEXT_ID
-            } else {
-                MetaContextId(0)
-            };
+            let id = if set { BASE_ALLOCATION_CONTEXT_ID } else { MetaContextId(0) };
             let mut d = Vec::with_capacity(4 + BASE_ALLOCATION.len());
             d.put_u32(id.0);
             d.put_slice(BASE_ALLOCATION.as_bytes());
             put_reply(out, option, rep::META_CONTEXT, &d);
         }
         if set && selected {
-            self.meta = Some(MetaSelection {
-                export_name: req.export_name.to_owned(),
-                base_allocation: true,
-            });
+            self.meta =
+                Some(MetaSelection { export_name: req.export_name.to_owned(), base_allocation: true });
         }
         put_reply(out, option, rep::ACK, &[]);
     }
@@ -601,10 +535,7 @@ pub(crate) mod tests {
         fn list(&self) -> Vec<ExportInfo> {
             ["disk", "ro"]
                 .iter()
-                .map(|n| ExportInfo {
-                    name: (*n).into(),
-                    description: format!("{n} export"),
-                })
+                .map(|n| ExportInfo { name: (*n).into(), description: format!("{n} export") })
                 .collect()
         }
         fn open(&self, name: &str) -> Result<OpenExport, OpenError> {
@@ -675,10 +606,7 @@ pub(crate) mod tests {
         let mut hs = Handshake::new(Arc::new(TestCatalog));
         let mut input = BytesMut::from(&flags.to_be_bytes()[..]);
         let mut out = BytesMut::new();
-        assert!(matches!(
-            hs.receive(&mut input, &mut out),
-            Ok(Progress::NeedMore)
-        ));
+        assert!(matches!(hs.receive(&mut input, &mut out), Ok(Progress::NeedMore)));
         assert!(out.is_empty());
         (hs, input, out)
     }
@@ -710,10 +638,7 @@ pub(crate) mod tests {
         let mut hs = Handshake::new(Arc::new(TestCatalog));
         let (r, _) = send(&mut hs, &[0, 0, 0, 2]);
         assert_eq!(r.err(), Some(HandshakeError::NotFixedNewstyle));
-        assert_eq!(
-            send(&mut hs, &[0, 0, 0, 1]).0.err(),
-            Some(HandshakeError::Finished)
-        );
+        assert_eq!(send(&mut hs, &[0, 0, 0, 1]).0.err(), Some(HandshakeError::Finished));
     }
 
     #[test]
@@ -723,10 +648,7 @@ pub(crate) mod tests {
         for cut in 0..msg.len() {
             let mut input = BytesMut::from(&msg[..cut]);
             let mut out = BytesMut::new();
-            assert!(matches!(
-                hs.receive(&mut input, &mut out),
-                Ok(Progress::NeedMore)
-            ));
+            assert!(matches!(hs.receive(&mut input, &mut out), Ok(Progress::NeedMore)));
             assert_eq!(input.len(), cut);
             assert!(out.is_empty());
         }
@@ -737,17 +659,9 @@ pub(crate) mod tests {
     #[test]
     fn go_sends_export_info_and_honours_info_requests() {
         let (mut hs, _, _) = started(FIXED);
-        let reqs = [
-            info::NAME,
-            info::DESCRIPTION,
-            info::BLOCK_SIZE,
-            0x7777,
-            info::NAME,
-        ];
+        let reqs = [info::NAME, info::DESCRIPTION, info::BLOCK_SIZE, 0x7777, info::NAME];
         let (r, rs) = send(&mut hs, &option(opt::GO, &info_data("disk", &reqs)));
-        let Ok(Progress::Done(n)) = r else {
-            panic!("expected Done, got {r:?}")
-        };
+        let Ok(Progress::Done(n)) = r else { panic!("expected Done, got {r:?}") };
         assert_eq!(n.size_bytes, 1 << 20);
         assert_eq!(n.export_name, "disk");
         let flags = n.transmission_flags;
@@ -759,11 +673,7 @@ pub(crate) mod tests {
         assert_eq!(flags & (READ_ONLY | SEND_DF), 0);
         assert!(!n.policy.structured_replies);
 
-        assert_eq!(
-            rs.len(),
-            5,
-            "EXPORT, NAME, DESCRIPTION, BLOCK_SIZE, ACK: {rs:?}"
-        );
+        assert_eq!(rs.len(), 5, "EXPORT, NAME, DESCRIPTION, BLOCK_SIZE, ACK: {rs:?}");
         assert!(rs.iter().all(|(o, _, _)| *o == opt::GO));
         let mut export = rs[0].2.clone();
         assert_eq!((rs[0].1, export.len()), (rep::INFO, 12));
@@ -774,10 +684,7 @@ pub(crate) mod tests {
         assert_eq!(&rs[2].2[..], b"\x00\x02disk export");
         let mut bs = rs[3].2.clone();
         assert_eq!(bs.get_u16(), info::BLOCK_SIZE);
-        assert_eq!(
-            (bs.get_u32(), bs.get_u32(), bs.get_u32()),
-            (512, 4096, 32 << 20)
-        );
+        assert_eq!((bs.get_u32(), bs.get_u32(), bs.get_u32()), (512, 4096, 32 << 20));
         assert_eq!((rs[4].1, rs[4].2.len()), (rep::ACK, 0));
     }
 
@@ -801,31 +708,17 @@ pub(crate) mod tests {
         // Bad lengths: name longer than the data, trailing bytes, odd request list.
         let mut bad = info_data("disk", &[]);
         bad[3] = 200;
-        assert_eq!(
-            send(&mut hs, &option(opt::GO, &bad)).1[0].1,
-            rep::ERR_INVALID
-        );
+        assert_eq!(send(&mut hs, &option(opt::GO, &bad)).1[0].1, rep::ERR_INVALID);
         let mut trailing = info_data("disk", &[]);
         trailing.push(0);
-        assert_eq!(
-            send(&mut hs, &option(opt::GO, &trailing)).1[0].1,
-            rep::ERR_INVALID
-        );
-        assert_eq!(
-            send(&mut hs, &option(opt::INFO, &[0, 0])).1[0].1,
-            rep::ERR_INVALID
-        );
+        assert_eq!(send(&mut hs, &option(opt::GO, &trailing)).1[0].1, rep::ERR_INVALID);
+        assert_eq!(send(&mut hs, &option(opt::INFO, &[0, 0])).1[0].1, rep::ERR_INVALID);
         let bad_utf8 = info_data("\u{0}x", &[]);
-        assert_eq!(
-            send(&mut hs, &option(opt::INFO, &bad_utf8)).1[0].1,
-            rep::ERR_INVALID
-        );
+        assert_eq!(send(&mut hs, &option(opt::INFO, &bad_utf8)).1[0].1, rep::ERR_INVALID);
 
         // Still negotiating: the default export works.
         let (r, _) = send(&mut hs, &option(opt::GO, &info_data("", &[])));
-        let Ok(Progress::Done(n)) = r else {
-            panic!("expected Done")
-        };
+        let Ok(Progress::Done(n)) = r else { panic!("expected Done") };
         assert_eq!(n.size_bytes, 64 << 10);
     }
 
@@ -844,16 +737,9 @@ pub(crate) mod tests {
         let mut input = BytesMut::from(&option(opt::EXPORT_NAME, b"disk")[..]);
         input.extend_from_slice(b"leftover request bytes");
         let mut out = BytesMut::new();
-        assert!(matches!(
-            hs.receive(&mut input, &mut out),
-            Ok(Progress::Done(_))
-        ));
+        assert!(matches!(hs.receive(&mut input, &mut out), Ok(Progress::Done(_))));
         assert_eq!(out.len(), 10);
-        assert_eq!(
-            &input[..],
-            b"leftover request bytes",
-            "transmission bytes are left alone"
-        );
+        assert_eq!(&input[..], b"leftover request bytes", "transmission bytes are left alone");
 
         let (mut hs, _, _) = started(FIXED);
         let (r, _) = send(&mut hs, &option(opt::EXPORT_NAME, b"nope"));
@@ -870,20 +756,11 @@ pub(crate) mod tests {
         assert_eq!(first.get_u32(), 4);
         assert_eq!(&first[..], b"diskdisk export");
         assert_eq!(rs[2].1, rep::ACK);
-        assert_eq!(
-            send(&mut hs, &option(opt::LIST, b"x")).1[0].1,
-            rep::ERR_INVALID
-        );
-        assert_eq!(
-            send(&mut hs, &option(opt::STARTTLS, &[])).1[0].1,
-            rep::ERR_UNSUP
-        );
+        assert_eq!(send(&mut hs, &option(opt::LIST, b"x")).1[0].1, rep::ERR_INVALID);
+        assert_eq!(send(&mut hs, &option(opt::STARTTLS, &[])).1[0].1, rep::ERR_UNSUP);
         assert_eq!(send(&mut hs, &option(4, &[1, 2, 3])).1[0].1, rep::ERR_UNSUP);
         assert_eq!(send(&mut hs, &option(0xdead, &[])).1[0].1, rep::ERR_UNSUP);
-        assert_eq!(
-            send(&mut hs, &option(opt::STRUCTURED_REPLY, b"x")).1[0].1,
-            rep::ERR_INVALID
-        );
+        assert_eq!(send(&mut hs, &option(opt::STRUCTURED_REPLY, b"x")).1[0].1, rep::ERR_INVALID);
         let (r, rs) = send(&mut hs, &option(opt::ABORT, &[]));
         assert!(matches!(r, Ok(Progress::Aborted)));
         assert_eq!(rs, vec![(opt::ABORT, rep::ACK, Bytes::new())]);
@@ -894,10 +771,7 @@ pub(crate) mod tests {
         let (mut hs, _, _) = started(FIXED);
         let mut bad = option(opt::LIST, &[]);
         bad[0] = b'X';
-        assert!(matches!(
-            send(&mut hs, &bad).0,
-            Err(HandshakeError::BadOptionMagic(_))
-        ));
+        assert!(matches!(send(&mut hs, &bad).0, Err(HandshakeError::BadOptionMagic(_))));
 
         let (mut hs, _, _) = started(FIXED);
         let mut long = Vec::new();
@@ -906,37 +780,21 @@ pub(crate) mod tests {
         long.put_u32(MAX_OPTION_DATA_BYTES + 1);
         assert_eq!(
             send(&mut hs, &long).0.err(),
-            Some(HandshakeError::OptionTooLong {
-                option: opt::GO,
-                len: MAX_OPTION_DATA_BYTES + 1
-            })
+            Some(HandshakeError::OptionTooLong { option: opt::GO, len: MAX_OPTION_DATA_BYTES + 1 })
         );
     }
 
     #[test]
     fn meta_contexts_need_structured_replies_and_select_base_allocation() {
         let (mut hs, _, _) = started(FIXED);
-        let set = option(
-            opt::SET_META_CONTEXT,
-            &meta_data("disk", &[BASE_ALLOCATION]),
-        );
+        let set = option(opt::SET_META_CONTEXT, &meta_data("disk", &[BASE_ALLOCATION]));
         assert_eq!(send(&mut hs, &set).1[0].1, rep::ERR_INVALID);
-        assert_eq!(
-            send(&mut hs, &option(opt::STRUCTURED_REPLY, &[])).1[0].1,
-            rep::ACK
-        );
+        assert_eq!(send(&mut hs, &option(opt::STRUCTURED_REPLY, &[])).1[0].1, rep::ACK);
         assert!(hs.structured_replies());
 
         // LIST with no query, with "base:", and with an unknown namespace.
-        for (queries, expect) in [
-            (&[][..], true),
-            (&["base:"][..], true),
-            (&["x-foo:bar"][..], false),
-        ] {
-            let (_, rs) = send(
-                &mut hs,
-                &option(opt::LIST_META_CONTEXT, &meta_data("disk", queries)),
-            );
+        for (queries, expect) in [(&[][..], true), (&["base:"][..], true), (&["x-foo:bar"][..], false)] {
+            let (_, rs) = send(&mut hs, &option(opt::LIST_META_CONTEXT, &meta_data("disk", queries)));
             if expect {
                 assert_eq!(rs.len(), 2, "{queries:?}");
                 assert_eq!(rs[0].1, rep::META_CONTEXT);
@@ -952,24 +810,16 @@ pub(crate) mod tests {
         assert_eq!(send(&mut hs, &no_colon).1[0].1, rep::ERR_INVALID);
         let mut overrun = meta_data("disk", &["base:allocation"]);
         overrun.truncate(overrun.len() - 1);
-        assert_eq!(
-            send(&mut hs, &option(opt::SET_META_CONTEXT, &overrun)).1[0].1,
-            rep::ERR_INVALID
-        );
+        assert_eq!(send(&mut hs, &option(opt::SET_META_CONTEXT, &overrun)).1[0].1, rep::ERR_INVALID);
 
         // SET with "base:" alone selects nothing.
-        let (_, rs) = send(
-            &mut hs,
-            &option(opt::SET_META_CONTEXT, &meta_data("disk", &["base:"])),
-        );
+        let (_, rs) = send(&mut hs, &option(opt::SET_META_CONTEXT, &meta_data("disk", &["base:"])));
         assert_eq!(rs.len(), 1);
         let (_, rs) = send(&mut hs, &set);
         assert_eq!(rs.len(), 2);
         assert_eq!(&rs[0].2[..], b"\x00\x00\x00\x01base:allocation");
         let (r, _) = send(&mut hs, &option(opt::GO, &info_data("disk", &[])));
-        let Ok(Progress::Done(n)) = r else {
-            panic!("expected Done")
-        };
+        let Ok(Progress::Done(n)) = r else { panic!("expected Done") };
         assert_eq!(n.policy.base_allocation, Some(BASE_ALLOCATION_CONTEXT_ID));
         assert!(n.policy.structured_replies);
         assert_ne!(n.transmission_flags & transmission_flags::SEND_DF, 0);
@@ -978,16 +828,11 @@ pub(crate) mod tests {
     #[test]
     fn meta_context_for_another_export_is_not_active() {
         let (mut hs, _, _) = started(FIXED);
-        assert_eq!(
-            send(&mut hs, &option(opt::STRUCTURED_REPLY, &[])).1[0].1,
-            rep::ACK
-        );
+        assert_eq!(send(&mut hs, &option(opt::STRUCTURED_REPLY, &[])).1[0].1, rep::ACK);
         let set = option(opt::SET_META_CONTEXT, &meta_data("ro", &[BASE_ALLOCATION]));
         assert_eq!(send(&mut hs, &set).1.len(), 2);
         let (r, _) = send(&mut hs, &option(opt::GO, &info_data("disk", &[])));
-        let Ok(Progress::Done(n)) = r else {
-            panic!("expected Done")
-        };
+        let Ok(Progress::Done(n)) = r else { panic!("expected Done") };
         assert_eq!(n.policy.base_allocation, None);
     }
 }

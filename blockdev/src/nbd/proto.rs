@@ -308,28 +308,12 @@ mod tests {
 
     #[test]
     fn backend_errors_map_to_nbd_errnos() {
-        let range = BackendError::OutOfRange {
-            offset: 1,
-            len: 2,
-            size: 2,
-        };
+        let range = BackendError::OutOfRange { offset: 1, len: 2, size: 2 };
         assert_eq!(NbdErrno::from_backend(&range), NbdErrno::EINVAL);
-        assert_eq!(
-            NbdErrno::from_backend(&BackendError::ReadOnly),
-            NbdErrno::EPERM
-        );
-        assert_eq!(
-            NbdErrno::from_backend(&BackendError::NotSupported),
-            NbdErrno::ENOTSUP
-        );
-        assert_eq!(
-            NbdErrno::from_backend(&BackendError::NoSpace),
-            NbdErrno::ENOSPC
-        );
-        assert_eq!(
-            NbdErrno::from_backend(&BackendError::ShuttingDown),
-            NbdErrno::ESHUTDOWN
-        );
+        assert_eq!(NbdErrno::from_backend(&BackendError::ReadOnly), NbdErrno::EPERM);
+        assert_eq!(NbdErrno::from_backend(&BackendError::NotSupported), NbdErrno::ENOTSUP);
+        assert_eq!(NbdErrno::from_backend(&BackendError::NoSpace), NbdErrno::ENOSPC);
+        assert_eq!(NbdErrno::from_backend(&BackendError::ShuttingDown), NbdErrno::ESHUTDOWN);
         let io = BackendError::Io(std::io::Error::from_raw_os_error(libc::EBADF));
         assert_eq!(NbdErrno::from_backend(&io), NbdErrno::EIO);
     }

@@ -139,20 +139,9 @@ pub enum Command {
     /// Hint that a range will be read.
     Cache { offset: u64, len: u32 },
     /// Zero a range.
-    WriteZeroes {
-        offset: u64,
-        len: u32,
-        fua: bool,
-        may_trim: bool,
-        fast_only: bool,
-    },
+    WriteZeroes { offset: u64, len: u32, fua: bool, may_trim: bool, fast_only: bool },
     /// Report the allocation map (`base:allocation`) of a range.
-    BlockStatus {
-        offset: u64,
-        len: u32,
-        req_one: bool,
-        context: MetaContextId,
-    },
+    BlockStatus { offset: u64, len: u32, req_one: bool, context: MetaContextId },
 }
 
 /// A well-framed request the server refuses with `errno`.
@@ -178,11 +167,7 @@ fn in_range(offset: u64, len: u32, size_bytes: u64) -> bool {
 /// a read-only export `EPERM`; writes and write-zeroes past the end `ENOSPC`, reads,
 /// trims, cache and block status past the end `EINVAL`; reads and writes over the
 /// maximum block size `EINVAL`. Unaligned requests are served.
-pub fn validate(
-    frame: Frame,
-    size_bytes: u64,
-    policy: &TransmissionPolicy,
-) -> Result<Command, Rejection> {
+pub fn validate(frame: Frame, size_bytes: u64, policy: &TransmissionPolicy) -> Result<Command, Rejection> {
     let Frame { header: h, payload } = frame;
     let allowed = match h.kind {
         cmd::READ if policy.structured_replies => cmd_flags::FUA | cmd_flags::DF,
@@ -194,10 +179,7 @@ pub fn validate(
         _ => return Err(reject(NbdErrno::EINVAL, "unknown command")),
     };
     if h.flags & !allowed != 0 {
-        return Err(reject(
-            NbdErrno::EINVAL,
-            "command flag not valid for this command",
-        ));
+        return Err(reject(NbdErrno::EINVAL, "command flag not valid for this command"));
     }
     let fua = h.flags & cmd_flags::FUA != 0;
     let writes = matches!(h.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
@@ -205,61 +187,39 @@ pub fn validate(
         return Err(reject(NbdErrno::EPERM, "export is read-only"));
     }
     if matches!(h.kind, cmd::READ | cmd::WRITE) && h.len > MAX_BLOCK_SIZE_BYTES {
-        return Err(reject(
-            NbdErrno::EINVAL,
-            "length exceeds the maximum block size",
-        ));
+        return Err(reject(NbdErrno::EINVAL, "length exceeds the maximum block size"));
     }
     let (offset, len) = (h.offset, h.len);
     let range_ok = in_range(offset, len, size_bytes);
     match h.kind {
         cmd::READ => {
             if !range_ok {
-                return Err(reject(
-                    NbdErrno::EINVAL,
-                    "read beyond the end of the export",
-                ));
+                return Err(reject(NbdErrno::EINVAL, "read beyond the end of the export"));
             }
             Ok(Command::Read { offset, len })
         }
         cmd::WRITE => {
             if !range_ok {
-                return Err(reject(
-                    NbdErrno::ENOSPC,
-                    "write beyond the end of the export",
-                ));
+                return Err(reject(NbdErrno::ENOSPC, "write beyond the end of the export"));
             }
-            Ok(Command::Write {
-                offset,
-                data: payload,
-                fua,
-            })
+            Ok(Command::Write { offset, data: payload, fua })
         }
         cmd::FLUSH => Ok(Command::Flush),
         cmd::TRIM => {
             if !range_ok {
-                return Err(reject(
-                    NbdErrno::EINVAL,
-                    "trim beyond the end of the export",
-                ));
+                return Err(reject(NbdErrno::EINVAL, "trim beyond the end of the export"));
             }
             Ok(Command::Trim { offset, len, fua })
         }
         cmd::CACHE => {
             if !range_ok {
-                return Err(reject(
-                    NbdErrno::EINVAL,
-                    "cache beyond the end of the export",
-                ));
+                return Err(reject(NbdErrno::EINVAL, "cache beyond the end of the export"));
             }
             Ok(Command::Cache { offset, len })
         }
         cmd::WRITE_ZEROES => {
             if !range_ok {
-                return Err(reject(
-                    NbdErrno::ENOSPC,
-                    "write zeroes beyond the end of the export",
-                ));
+                return Err(reject(NbdErrno::ENOSPC, "write zeroes beyond the end of the export"));
             }
             Ok(Command::WriteZeroes {
                 offset,
@@ -273,29 +233,16 @@ pub fn validate(
             // cmd::BLOCK_STATUS, the only kind left.
             let context = match (policy.structured_replies, policy.base_allocation) {
                 (true, Some(id)) => id,
-                _ => {
-                    return Err(reject(
-                        NbdErrno::EINVAL,
-                        "no metadata context was negotiated",
-                    ))
-                }
+                _ => return Err(reject(NbdErrno::EINVAL, "no metadata context was negotiated")),
             };
             if len == 0 {
                 return Err(reject(NbdErrno::EINVAL, "block status of length 0"));
             }
             if !range_ok {
-                return Err(reject(
-                    NbdErrno::EINVAL,
-                    "block status beyond the end of the export",
-                ));
+                return Err(reject(NbdErrno::EINVAL, "block status beyond the end of the export"));
             }
             let req_one = h.flags & cmd_flags::REQ_ONE != 0;
-            Ok(Command::BlockStatus {
-                offset,
-                len,
-                req_one,
-                context,
-            })
+            Ok(Command::BlockStatus { offset, len, req_one, context })
         }
     }
 }
@@ -307,25 +254,12 @@ mod tests {
     const SIZE: u64 = 1 << 20;
 
     fn header(kind: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {
-        RequestHeader {
-            flags,
-            kind,
-            cookie: Cookie(0xabcdef),
-            offset,
-            len,
-        }
+        RequestHeader { flags, kind, cookie: Cookie(0xabcdef), offset, len }
     }
 
     fn frame(kind: u16, flags: u16, offset: u64, len: u32) -> Frame {
-        let payload = if kind == cmd::WRITE {
-            Bytes::from(vec![1u8; len as usize])
-        } else {
-            Bytes::new()
-        };
-        Frame {
-            header: header(kind, flags, offset, len),
-            payload,
-        }
+        let payload = if kind == cmd::WRITE { Bytes::from(vec![1u8; len as usize]) } else { Bytes::new() };
+        Frame { header: header(kind, flags, offset, len), payload }
     }
 
     fn full() -> TransmissionPolicy {
@@ -381,18 +315,13 @@ mod tests {
         let mut wire = header(cmd::READ, 0, 0, 512).encode();
         wire[0] = 0x12;
         let mut buf = BytesMut::from(&wire[..]);
-        assert_eq!(
-            decode_frame(&mut buf),
-            Err(RequestError::BadMagic(0x12609513))
-        );
+        assert_eq!(decode_frame(&mut buf), Err(RequestError::BadMagic(0x12609513)));
 
         let big = header(cmd::WRITE, 0, 0, MAX_WRITE_PAYLOAD_BYTES + 1).encode();
         let mut buf = BytesMut::from(&big[..]);
         assert_eq!(
             decode_frame(&mut buf),
-            Err(RequestError::PayloadTooLarge {
-                len: MAX_WRITE_PAYLOAD_BYTES + 1
-            })
+            Err(RequestError::PayloadTooLarge { len: MAX_WRITE_PAYLOAD_BYTES + 1 })
         );
         // A huge read carries no payload: it frames fine and is rejected later.
         let read = header(cmd::READ, 0, 0, u32::MAX).encode();
@@ -405,128 +334,56 @@ mod tests {
         let p = full();
         assert_eq!(
             validate(frame(cmd::READ, cmd_flags::DF, 512, 4096), SIZE, &p),
-            Ok(Command::Read {
-                offset: 512,
-                len: 4096
-            })
+            Ok(Command::Read { offset: 512, len: 4096 })
         );
         assert_eq!(
             validate(frame(cmd::WRITE, cmd_flags::FUA, 0, 3), SIZE, &p),
-            Ok(Command::Write {
-                offset: 0,
-                data: Bytes::from(vec![1u8; 3]),
-                fua: true
-            })
+            Ok(Command::Write { offset: 0, data: Bytes::from(vec![1u8; 3]), fua: true })
         );
-        assert_eq!(
-            validate(frame(cmd::FLUSH, 0, 0, 0), SIZE, &p),
-            Ok(Command::Flush)
-        );
-        assert_eq!(
-            validate(frame(cmd::DISC, 0xffff, 5, 5), SIZE, &p),
-            Ok(Command::Disconnect)
-        );
+        assert_eq!(validate(frame(cmd::FLUSH, 0, 0, 0), SIZE, &p), Ok(Command::Flush));
+        assert_eq!(validate(frame(cmd::DISC, 0xffff, 5, 5), SIZE, &p), Ok(Command::Disconnect));
         assert_eq!(
             validate(frame(cmd::TRIM, 0, SIZE - 4096, 4096), SIZE, &p),
-            Ok(Command::Trim {
-                offset: SIZE - 4096,
-                len: 4096,
-                fua: false
-            })
+            Ok(Command::Trim { offset: SIZE - 4096, len: 4096, fua: false })
         );
         assert_eq!(
             validate(frame(cmd::CACHE, 0, 0, 4096), SIZE, &p),
-            Ok(Command::Cache {
-                offset: 0,
-                len: 4096
-            })
+            Ok(Command::Cache { offset: 0, len: 4096 })
         );
         assert_eq!(
-            validate(
-                frame(
-                    cmd::WRITE_ZEROES,
-                    cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO,
-                    0,
-                    8192
-                ),
-                SIZE,
-                &p
-            ),
-            Ok(Command::WriteZeroes {
-                offset: 0,
-                len: 8192,
-                fua: false,
-                may_trim: false,
-                fast_only: true
-            })
+            validate(frame(cmd::WRITE_ZEROES, cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO, 0, 8192), SIZE, &p),
+            Ok(Command::WriteZeroes { offset: 0, len: 8192, fua: false, may_trim: false, fast_only: true })
         );
         assert_eq!(
             validate(frame(cmd::BLOCK_STATUS, cmd_flags::REQ_ONE, 0, 1), SIZE, &p),
-            Ok(Command::BlockStatus {
-                offset: 0,
-                len: 1,
-                req_one: true,
-                context: MetaContextId(1)
-            })
+            Ok(Command::BlockStatus { offset: 0, len: 1, req_one: true, context: MetaContextId(1) })
         );
         // Unaligned and zero-length requests are served.
-        assert_eq!(
-            validate(frame(cmd::READ, 0, 3, 0), SIZE, &p),
-            Ok(Command::Read { offset: 3, len: 0 })
-        );
+        assert_eq!(validate(frame(cmd::READ, 0, 3, 0), SIZE, &p), Ok(Command::Read { offset: 3, len: 0 }));
     }
 
     #[test]
     fn unknown_commands_and_flags_are_einval() {
         let p = full();
+        assert_eq!(errno_of(validate(frame(8, 0, 0, 0), SIZE, &p)), NbdErrno::EINVAL);
+        assert_eq!(errno_of(validate(frame(0xffff, 0, 0, 0), SIZE, &p)), NbdErrno::EINVAL);
+        assert_eq!(errno_of(validate(frame(cmd::READ, 1 << 5, 0, 1), SIZE, &p)), NbdErrno::EINVAL);
         assert_eq!(
-            errno_of(validate(frame(8, 0, 0, 0), SIZE, &p)),
+            errno_of(validate(frame(cmd::WRITE, cmd_flags::NO_HOLE, 0, 1), SIZE, &p)),
             NbdErrno::EINVAL
         );
         assert_eq!(
-            errno_of(validate(frame(0xffff, 0, 0, 0), SIZE, &p)),
+            errno_of(validate(frame(cmd::TRIM, cmd_flags::REQ_ONE, 0, 1), SIZE, &p)),
             NbdErrno::EINVAL
         );
         assert_eq!(
-            errno_of(validate(frame(cmd::READ, 1 << 5, 0, 1), SIZE, &p)),
-            NbdErrno::EINVAL
-        );
-        assert_eq!(
-            errno_of(validate(
-                frame(cmd::WRITE, cmd_flags::NO_HOLE, 0, 1),
-                SIZE,
-                &p
-            )),
-            NbdErrno::EINVAL
-        );
-        assert_eq!(
-            errno_of(validate(
-                frame(cmd::TRIM, cmd_flags::REQ_ONE, 0, 1),
-                SIZE,
-                &p
-            )),
-            NbdErrno::EINVAL
-        );
-        assert_eq!(
-            errno_of(validate(
-                frame(cmd::BLOCK_STATUS, cmd_flags::DF, 0, 1),
-                SIZE,
-                &p
-            )),
+            errno_of(validate(frame(cmd::BLOCK_STATUS, cmd_flags::DF, 0, 1), SIZE, &p)),
             NbdErrno::EINVAL
         );
         // DF needs structured replies.
-        let simple = TransmissionPolicy {
-            structured_replies: false,
-            base_allocation: None,
-            ..p
-        };
+        let simple = TransmissionPolicy { structured_replies: false, base_allocation: None, ..p };
         assert_eq!(
-            errno_of(validate(
-                frame(cmd::READ, cmd_flags::DF, 0, 1),
-                SIZE,
-                &simple
-            )),
+            errno_of(validate(frame(cmd::READ, cmd_flags::DF, 0, 1), SIZE, &simple)),
             NbdErrno::EINVAL
         );
     }
@@ -552,54 +409,23 @@ mod tests {
     fn oversized_and_forbidden_requests_are_refused() {
         let p = full();
         assert_eq!(
-            errno_of(validate(
-                frame(cmd::READ, 0, 0, MAX_BLOCK_SIZE_BYTES + 1),
-                u64::MAX,
-                &p
-            )),
+            errno_of(validate(frame(cmd::READ, 0, 0, MAX_BLOCK_SIZE_BYTES + 1), u64::MAX, &p)),
             NbdErrno::EINVAL
         );
         // Trims and zeroes have no payload: large lengths are fine.
         assert!(validate(frame(cmd::TRIM, 0, 0, u32::MAX), u64::MAX, &p).is_ok());
 
-        let ro = TransmissionPolicy {
-            read_only: true,
-            ..p
-        };
-        assert_eq!(
-            errno_of(validate(frame(cmd::WRITE, 0, 0, 1), SIZE, &ro)),
-            NbdErrno::EPERM
-        );
-        assert_eq!(
-            errno_of(validate(frame(cmd::TRIM, 0, 0, 1), SIZE, &ro)),
-            NbdErrno::EPERM
-        );
-        assert_eq!(
-            errno_of(validate(frame(cmd::WRITE_ZEROES, 0, 0, 1), SIZE, &ro)),
-            NbdErrno::EPERM
-        );
+        let ro = TransmissionPolicy { read_only: true, ..p };
+        assert_eq!(errno_of(validate(frame(cmd::WRITE, 0, 0, 1), SIZE, &ro)), NbdErrno::EPERM);
+        assert_eq!(errno_of(validate(frame(cmd::TRIM, 0, 0, 1), SIZE, &ro)), NbdErrno::EPERM);
+        assert_eq!(errno_of(validate(frame(cmd::WRITE_ZEROES, 0, 0, 1), SIZE, &ro)), NbdErrno::EPERM);
         assert!(validate(frame(cmd::READ, 0, 0, 1), SIZE, &ro).is_ok());
         assert!(validate(frame(cmd::FLUSH, 0, 0, 0), SIZE, &ro).is_ok());
 
-        let no_ctx = TransmissionPolicy {
-            base_allocation: None,
-            ..p
-        };
-        assert_eq!(
-            errno_of(validate(frame(cmd::BLOCK_STATUS, 0, 0, 1), SIZE, &no_ctx)),
-            NbdErrno::EINVAL
-        );
-        let no_sr = TransmissionPolicy {
-            structured_replies: false,
-            ..p
-        };
-        assert_eq!(
-            errno_of(validate(frame(cmd::BLOCK_STATUS, 0, 0, 1), SIZE, &no_sr)),
-            NbdErrno::EINVAL
-        );
-        assert_eq!(
-            errno_of(validate(frame(cmd::BLOCK_STATUS, 0, 0, 0), SIZE, &p)),
-            NbdErrno::EINVAL
-        );
+        let no_ctx = TransmissionPolicy { base_allocation: None, ..p };
+        assert_eq!(errno_of(validate(frame(cmd::BLOCK_STATUS, 0, 0, 1), SIZE, &no_ctx)), NbdErrno::EINVAL);
+        let no_sr = TransmissionPolicy { structured_replies: false, ..p };
+        assert_eq!(errno_of(validate(frame(cmd::BLOCK_STATUS, 0, 0, 1), SIZE, &no_sr)), NbdErrno::EINVAL);
+        assert_eq!(errno_of(validate(frame(cmd::BLOCK_STATUS, 0, 0, 0), SIZE, &p)), NbdErrno::EINVAL);
     }
 }

@@ -100,13 +100,11 @@ impl Listener {
 /// Accept errors that concern one connection or pass with time; others end serving.
 fn accept_error_is_transient(e: &io::Error) -> bool {
     use io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
-    ) || matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
-    )
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut)
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
+        )
 }
 
 impl NbdServer {
@@ -117,20 +115,12 @@ impl NbdServer {
 
     /// Serves until `shutdown` is cancelled; then stops accepting, lets every connection
     /// finish its in-flight requests (no new requests are read), closes them, and returns.
-    pub async fn serve_tcp(
-        &self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> io::Result<()> {
+    pub async fn serve_tcp(&self, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
         self.serve(Listener::Tcp(listener), shutdown).await
     }
 
     /// Like [`NbdServer::serve_tcp`], on a Unix socket.
-    pub async fn serve_unix(
-        &self,
-        listener: UnixListener,
-        shutdown: CancellationToken,
-    ) -> io::Result<()> {
+    pub async fn serve_unix(&self, listener: UnixListener, shutdown: CancellationToken) -> io::Result<()> {
         self.serve(Listener::Unix(listener), shutdown).await
     }
 
@@ -442,9 +432,8 @@ where
 async fn execute(ctx: &RequestContext, cookie: Cookie, command: Command) -> EncodedReply {
     let b = &ctx.backend;
     let sr = ctx.structured;
-    let fail = |e: crate::BackendError| {
-        reply::error_reply(sr, cookie, NbdErrno::from_backend(&e), &e.to_string())
-    };
+    let fail =
+        |e: crate::BackendError| reply::error_reply(sr, cookie, NbdErrno::from_backend(&e), &e.to_string());
     let done = |r: crate::BackendResult<()>| match r {
         Ok(()) => reply::ok_reply(sr, cookie),
         Err(e) => fail(e),
@@ -465,9 +454,7 @@ async fn execute(ctx: &RequestContext, cookie: Cookie, command: Command) -> Enco
         Command::Write { data, .. } if data.is_empty() => reply::ok_reply(sr, cookie),
         Command::Write { offset, data, fua } => done(b.write(offset, data, fua).await),
         Command::Flush => done(b.flush().await),
-        Command::Trim { len: 0, .. } | Command::WriteZeroes { len: 0, .. } => {
-            reply::ok_reply(sr, cookie)
-        }
+        Command::Trim { len: 0, .. } | Command::WriteZeroes { len: 0, .. } => reply::ok_reply(sr, cookie),
         Command::Trim { offset, len, fua } => {
             let mut r = b.trim(offset, u64::from(len)).await;
             if r.is_ok() && fua {
@@ -475,37 +462,26 @@ async fn execute(ctx: &RequestContext, cookie: Cookie, command: Command) -> Enco
             }
             done(r)
         }
-        Command::WriteZeroes {
-            offset,
-            len,
-            fua,
-            may_trim,
-            fast_only,
-        } => {
-            let mut r = b
-                .write_zeroes(offset, u64::from(len), may_trim, fast_only)
-                .await;
+        Command::WriteZeroes { offset, len, fua, may_trim, fast_only } => {
+            let mut r = b.write_zeroes(offset, u64::from(len), may_trim, fast_only).await;
             if r.is_ok() && fua {
                 r = b.flush().await;
             }
             done(r)
         }
         Command::Cache { offset, len } => done(b.cache(offset, u64::from(len)).await),
-        Command::BlockStatus {
-            offset,
-            len,
-            req_one,
-            context,
-        } => match b.block_status(offset, u64::from(len)).await {
-            Ok(extents) => {
-                let ds = reply::descriptors_from_extents(&extents, len, req_one);
-                match reply::structured_block_status(cookie, context, &ds, true) {
-                    Ok(r) => r,
-                    Err(e) => reply::error_reply(sr, cookie, NbdErrno::EIO, &e.to_string()),
+        Command::BlockStatus { offset, len, req_one, context } => {
+            match b.block_status(offset, u64::from(len)).await {
+                Ok(extents) => {
+                    let ds = reply::descriptors_from_extents(&extents, len, req_one);
+                    match reply::structured_block_status(cookie, context, &ds, true) {
+                        Ok(r) => r,
+                        Err(e) => reply::error_reply(sr, cookie, NbdErrno::EIO, &e.to_string()),
+                    }
                 }
+                Err(e) => fail(e),
             }
-            Err(e) => fail(e),
-        },
+        }
         // Handled by the reader; never spawned.
         Command::Disconnect => reply::ok_reply(sr, cookie),
     }

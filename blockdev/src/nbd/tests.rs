@@ -90,10 +90,7 @@ impl Catalog {
 
 impl ExportCatalog for Catalog {
     fn list(&self) -> Vec<ExportInfo> {
-        vec![ExportInfo {
-            name: "disk".into(),
-            description: "test disk".into(),
-        }]
+        vec![ExportInfo { name: "disk".into(), description: "test disk".into() }]
     }
     fn open(&self, name: &str) -> Result<OpenExport, OpenError> {
         self.opens.fetch_add(1, Ordering::SeqCst);
@@ -127,11 +124,7 @@ async fn start(catalog: Arc<Catalog>) -> Server {
     let server = NbdServer::new(catalog);
     let token = shutdown.clone();
     let task = tokio::spawn(async move { server.serve_tcp(listener, token).await });
-    Server {
-        addr,
-        shutdown,
-        task,
-    }
+    Server { addr, shutdown, task }
 }
 
 /// Options to negotiate before `NBD_OPT_GO`.
@@ -141,10 +134,7 @@ struct Want {
     block_status: bool,
 }
 
-const FULL: Want = Want {
-    structured: true,
-    block_status: true,
-};
+const FULL: Want = Want { structured: true, block_status: true };
 
 /// A minimal NBD client over any stream.
 struct Client<S> {
@@ -170,11 +160,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         s.read_exact(&mut g).await.expect("greeting");
         assert_eq!(&g[..8], &NBD_MAGIC.to_be_bytes());
         assert_eq!(&g[8..16], &IHAVEOPT.to_be_bytes());
-        assert_eq!(
-            u16::from_be_bytes([g[16], g[17]]),
-            3,
-            "FIXED_NEWSTYLE | NO_ZEROES"
-        );
+        assert_eq!(u16::from_be_bytes([g[16], g[17]]), 3, "FIXED_NEWSTYLE | NO_ZEROES");
         Client {
             s,
             buf: BytesMut::new(),
@@ -241,14 +227,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     async fn negotiate(&mut self, name: &str, want: Want) {
-        self.send(&(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES).to_be_bytes())
-            .await;
+        self.send(&(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES).to_be_bytes()).await;
         if want.structured {
             self.option(opt::STRUCTURED_REPLY, &[]).await;
-            assert_eq!(
-                self.option_replies(opt::STRUCTURED_REPLY).await,
-                vec![(rep::ACK, Bytes::new())]
-            );
+            assert_eq!(self.option_replies(opt::STRUCTURED_REPLY).await, vec![(rep::ACK, Bytes::new())]);
             self.structured = true;
         }
         if want.block_status {
@@ -282,10 +264,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     self.transmission_flags = data.get_u16();
                 }
                 info::BLOCK_SIZE => {
-                    assert_eq!(
-                        (data.get_u32(), data.get_u32(), data.get_u32()),
-                        (512, 4096, 32 << 20)
-                    );
+                    assert_eq!((data.get_u32(), data.get_u32(), data.get_u32()), (512, 4096, 32 << 20));
                 }
                 other => panic!("unrequested info {other}"),
             }
@@ -293,13 +272,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     async fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
-        let h = RequestHeader {
-            flags,
-            kind,
-            cookie: Cookie(cookie),
-            offset,
-            len,
-        };
+        let h = RequestHeader { flags, kind, cookie: Cookie(cookie), offset, len };
         if kind == cmd::READ {
             self.pending_reads.insert(cookie, len as usize);
         }
@@ -307,13 +280,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     async fn write(&mut self, flags: u16, cookie: u64, offset: u64, data: &[u8]) {
-        let h = RequestHeader {
-            flags,
-            kind: cmd::WRITE,
-            cookie: Cookie(cookie),
-            offset,
-            len: data.len() as u32,
-        };
+        let h =
+            RequestHeader { flags, kind: cmd::WRITE, cookie: Cookie(cookie), offset, len: data.len() as u32 };
         let mut m = h.encode().to_vec();
         m.extend_from_slice(data);
         self.send(&m).await;
@@ -343,11 +311,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let mut chunks = Vec::new();
         loop {
             match self.reply().await {
-                ReplyMessage::Chunk {
-                    cookie: c,
-                    flags,
-                    chunk,
-                } => {
+                ReplyMessage::Chunk { cookie: c, flags, chunk } => {
                     assert_eq!(c, Cookie(cookie));
                     chunks.push(chunk);
                     if flags & reply_flags::DONE != 0 {
@@ -372,9 +336,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 .unwrap_or(0)
         } else {
             match self.reply().await {
-                ReplyMessage::Simple {
-                    cookie: c, errno, ..
-                } => {
+                ReplyMessage::Simple { cookie: c, errno, .. } => {
                     assert_eq!(c, Cookie(cookie));
                     errno
                 }
@@ -427,10 +389,7 @@ async fn structured_session_reads_writes_and_maps_blocks() {
     c.write(cmd_flags::FUA, 1, 4096, &data).await;
     assert_eq!(c.status(1).await, 0);
     assert_eq!(c.read_structured(2, 4096, 8192).await, data);
-    assert_eq!(
-        catalog.disk.read(4096, 8192).await.expect("backend read"),
-        Bytes::from(data.clone())
-    );
+    assert_eq!(catalog.disk.read(4096, 8192).await.expect("backend read"), Bytes::from(data.clone()));
     // Unaligned read straddling a hole and data.
     let r = c.read_structured(3, 4000, 200).await;
     assert_eq!(&r[..96], &[0u8; 96][..]);
@@ -444,32 +403,16 @@ async fn structured_session_reads_writes_and_maps_blocks() {
         vec![Chunk::BlockStatus {
             context: super::proto::BASE_ALLOCATION_CONTEXT_ID,
             descriptors: vec![
-                BlockDescriptor {
-                    len_bytes: 4096,
-                    flags: hole
-                },
-                BlockDescriptor {
-                    len_bytes: 8192,
-                    flags: 0
-                },
-                BlockDescriptor {
-                    len_bytes: 4096,
-                    flags: hole
-                },
+                BlockDescriptor { len_bytes: 4096, flags: hole },
+                BlockDescriptor { len_bytes: 8192, flags: 0 },
+                BlockDescriptor { len_bytes: 4096, flags: hole },
             ]
         }]
     );
-    c.request(cmd::BLOCK_STATUS, cmd_flags::REQ_ONE, 5, 4096, 4 * 4096)
-        .await;
+    c.request(cmd::BLOCK_STATUS, cmd_flags::REQ_ONE, 5, 4096, 4 * 4096).await;
     match &c.structured_reply(5).await[..] {
         [Chunk::BlockStatus { descriptors, .. }] => {
-            assert_eq!(
-                descriptors,
-                &vec![BlockDescriptor {
-                    len_bytes: 8192,
-                    flags: 0
-                }]
-            )
+            assert_eq!(descriptors, &vec![BlockDescriptor { len_bytes: 8192, flags: 0 }])
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -477,8 +420,7 @@ async fn structured_session_reads_writes_and_maps_blocks() {
     // Trim the first page, zero the second without holes; both read back as zeroes.
     c.request(cmd::TRIM, 0, 6, 4096, 4096).await;
     assert_eq!(c.status(6).await, 0);
-    c.request(cmd::WRITE_ZEROES, cmd_flags::NO_HOLE, 7, 8192, 4096)
-        .await;
+    c.request(cmd::WRITE_ZEROES, cmd_flags::NO_HOLE, 7, 8192, 4096).await;
     assert_eq!(c.status(7).await, 0);
     assert_eq!(c.read_structured(8, 4096, 8192).await, vec![0u8; 8192]);
     c.request(cmd::BLOCK_STATUS, 0, 9, 4096, 8192).await;
@@ -486,20 +428,13 @@ async fn structured_session_reads_writes_and_maps_blocks() {
         [Chunk::BlockStatus { descriptors, .. }] => assert_eq!(
             descriptors,
             &vec![
-                BlockDescriptor {
-                    len_bytes: 4096,
-                    flags: hole
-                },
-                BlockDescriptor {
-                    len_bytes: 4096,
-                    flags: 0
-                },
+                BlockDescriptor { len_bytes: 4096, flags: hole },
+                BlockDescriptor { len_bytes: 4096, flags: 0 },
             ]
         ),
         other => panic!("unexpected {other:?}"),
     }
-    c.request(cmd::WRITE_ZEROES, cmd_flags::FAST_ZERO, 10, 0, 4096)
-        .await;
+    c.request(cmd::WRITE_ZEROES, cmd_flags::FAST_ZERO, 10, 0, 4096).await;
     assert_eq!(c.status(10).await, 0);
     c.request(cmd::FLUSH, 0, 11, 0, 0).await;
     assert_eq!(c.status(11).await, 0);
@@ -533,10 +468,7 @@ async fn structured_session_reads_writes_and_maps_blocks() {
     c.request(cmd::DISC, 0, 99, 0, 0).await;
     assert!(c.closed().await);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(
-        catalog.guard_dropped.load(Ordering::SeqCst),
-        "guard dropped after close"
-    );
+    assert!(catalog.guard_dropped.load(Ordering::SeqCst), "guard dropped after close");
 
     server.shutdown.cancel();
     server.task.await.expect("join").expect("serve_tcp");
@@ -546,8 +478,7 @@ async fn structured_session_reads_writes_and_maps_blocks() {
 async fn simple_replies_and_export_name() {
     let server = start(Catalog::new()).await;
     let mut c = Client::tcp(server.addr).await;
-    c.send(&(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES).to_be_bytes())
-        .await;
+    c.send(&(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES).to_be_bytes()).await;
     c.option(opt::LIST, &[]).await;
     let rs = c.option_replies(opt::LIST).await;
     assert_eq!(rs.len(), 2);
@@ -556,42 +487,25 @@ async fn simple_replies_and_export_name() {
     c.fill(10).await;
     assert_eq!(c.buf.get_u64(), DISK_BYTES);
     let flags = c.buf.get_u16();
-    assert_eq!(
-        flags & transmission_flags::SEND_DF,
-        0,
-        "no DF without structured replies"
-    );
+    assert_eq!(flags & transmission_flags::SEND_DF, 0, "no DF without structured replies");
 
     c.write(0, 1, 0, b"hello, nbd").await;
     assert_eq!(c.status(1).await, 0);
     c.request(cmd::READ, 0, 2, 0, 10).await;
     assert_eq!(
         c.reply().await,
-        ReplyMessage::Simple {
-            cookie: Cookie(2),
-            errno: 0,
-            data: Bytes::from_static(b"hello, nbd")
-        }
+        ReplyMessage::Simple { cookie: Cookie(2), errno: 0, data: Bytes::from_static(b"hello, nbd") }
     );
     // An error reply to a read carries no data.
     c.request(cmd::READ, 0, 3, DISK_BYTES, 512).await;
-    assert_eq!(
-        c.reply().await,
-        ReplyMessage::Simple {
-            cookie: Cookie(3),
-            errno: 22,
-            data: Bytes::new()
-        }
-    );
+    assert_eq!(c.reply().await, ReplyMessage::Simple { cookie: Cookie(3), errno: 22, data: Bytes::new() });
     // No structured replies, so no block status and no DF.
     c.request(cmd::BLOCK_STATUS, 0, 4, 0, 512).await;
     assert_eq!(c.status(4).await, 22);
     c.request(cmd::READ, cmd_flags::DF, 5, 0, 512).await;
     assert_eq!(c.status(5).await, 22);
     c.request(cmd::READ, 0, 6, 0, 4).await;
-    assert!(
-        matches!(c.reply().await, ReplyMessage::Simple { errno: 0, data, .. } if &data[..] == b"hell")
-    );
+    assert!(matches!(c.reply().await, ReplyMessage::Simple { errno: 0, data, .. } if &data[..] == b"hell"));
     server.shutdown.cancel();
     assert!(c.closed().await, "shutdown closes idle connections");
     server.task.await.expect("join").expect("serve_tcp");
@@ -601,19 +515,9 @@ async fn simple_replies_and_export_name() {
 async fn read_only_exports_refuse_writes() {
     let server = start(Catalog::new()).await;
     let mut c = Client::tcp(server.addr).await;
-    c.negotiate(
-        "ro",
-        Want {
-            structured: true,
-            block_status: false,
-        },
-    )
-    .await;
+    c.negotiate("ro", Want { structured: true, block_status: false }).await;
     assert_ne!(c.transmission_flags & transmission_flags::READ_ONLY, 0);
-    assert_eq!(
-        c.transmission_flags & transmission_flags::CAN_MULTI_CONN,
-        transmission_flags::CAN_MULTI_CONN
-    );
+    assert_eq!(c.transmission_flags & transmission_flags::CAN_MULTI_CONN, transmission_flags::CAN_MULTI_CONN);
     c.write(0, 1, 0, &[1u8; 512]).await;
     assert_eq!(c.status(1).await, 1);
     c.request(cmd::TRIM, 0, 2, 0, 512).await;
@@ -644,10 +548,7 @@ async fn handshake_errors_and_abort() {
     c.option(opt::STARTTLS, &[]).await;
     assert_eq!(c.option_replies(opt::STARTTLS).await[0].0, rep::ERR_UNSUP);
     c.option(opt::ABORT, &[]).await;
-    assert_eq!(
-        c.option_replies(opt::ABORT).await,
-        vec![(rep::ACK, Bytes::new())]
-    );
+    assert_eq!(c.option_replies(opt::ABORT).await, vec![(rep::ACK, Bytes::new())]);
     assert!(c.closed().await);
 
     // Unknown client flags: closed without a word.
@@ -683,14 +584,8 @@ async fn bad_magic_closes_only_that_connection() {
     let mut bad = Client::tcp(server.addr).await;
     bad.negotiate("disk", FULL).await;
 
-    let mut garbage = RequestHeader {
-        flags: 0,
-        kind: cmd::READ,
-        cookie: Cookie(1),
-        offset: 0,
-        len: 512,
-    }
-    .encode();
+    let mut garbage =
+        RequestHeader { flags: 0, kind: cmd::READ, cookie: Cookie(1), offset: 0, len: 512 }.encode();
     garbage[..4].copy_from_slice(b"GARB");
     bad.send(&garbage).await;
     assert!(bad.closed().await, "bad magic closes the connection");
@@ -698,18 +593,9 @@ async fn bad_magic_closes_only_that_connection() {
     // An oversized write payload also closes (cleanly) only its own connection.
     let mut big = Client::tcp(server.addr).await;
     big.negotiate("disk", FULL).await;
-    let h = RequestHeader {
-        flags: 0,
-        kind: cmd::WRITE,
-        cookie: Cookie(1),
-        offset: 0,
-        len: (32 << 20) + 1,
-    };
+    let h = RequestHeader { flags: 0, kind: cmd::WRITE, cookie: Cookie(1), offset: 0, len: (32 << 20) + 1 };
     big.send(&h.encode()).await;
-    assert!(
-        big.closed().await,
-        "oversized write payload closes the connection"
-    );
+    assert!(big.closed().await, "oversized write payload closes the connection");
 
     good.write(0, 7, 0, b"still here").await;
     assert_eq!(good.status(7).await, 0);
@@ -718,10 +604,7 @@ async fn bad_magic_closes_only_that_connection() {
     // A fresh connection works too.
     let mut fresh = Client::tcp(server.addr).await;
     fresh.negotiate("disk", FULL).await;
-    assert_eq!(
-        fresh.read_structured(1, 0, 10).await,
-        b"still here".to_vec()
-    );
+    assert_eq!(fresh.read_structured(1, 0, 10).await, b"still here".to_vec());
 
     server.shutdown.cancel();
     server.task.await.expect("join").expect("serve_tcp");
@@ -738,13 +621,7 @@ async fn pipelined_requests_complete_and_each_is_answered_once() {
     let pattern = |i: u64| vec![(i % 256) as u8; 2048];
     let mut wire = Vec::new();
     for i in 0..N {
-        let h = RequestHeader {
-            flags: 0,
-            kind: cmd::WRITE,
-            cookie: Cookie(i),
-            offset: i * 2048,
-            len: 2048,
-        };
+        let h = RequestHeader { flags: 0, kind: cmd::WRITE, cookie: Cookie(i), offset: i * 2048, len: 2048 };
         wire.extend_from_slice(&h.encode());
         wire.extend_from_slice(&pattern(i));
     }
@@ -760,25 +637,15 @@ async fn pipelined_requests_complete_and_each_is_answered_once() {
             if let Some(m) = decode_reply(&mut buf, |_| 0).expect("valid reply") {
                 break m;
             }
-            let n = tokio::time::timeout(TIMEOUT, rd.read_buf(&mut buf))
-                .await
-                .expect("in time")
-                .expect("read");
+            let n =
+                tokio::time::timeout(TIMEOUT, rd.read_buf(&mut buf)).await.expect("in time").expect("read");
             assert!(n > 0);
         };
-        let ReplyMessage::Chunk {
-            cookie,
-            flags,
-            chunk: Chunk::None,
-        } = msg
-        else {
+        let ReplyMessage::Chunk { cookie, flags, chunk: Chunk::None } = msg else {
             panic!("unexpected {msg:?}")
         };
         assert_ne!(flags & reply_flags::DONE, 0);
-        assert!(
-            !std::mem::replace(&mut seen[cookie.0 as usize], true),
-            "cookie answered twice"
-        );
+        assert!(!std::mem::replace(&mut seen[cookie.0 as usize], true), "cookie answered twice");
     }
     assert!(seen.iter().all(|s| *s));
     let wr = sender.await.expect("sender");
@@ -792,11 +659,7 @@ async fn pipelined_requests_complete_and_each_is_answered_once() {
     let mut got = HashMap::new();
     for _ in 0..N {
         match c.reply().await {
-            ReplyMessage::Chunk {
-                cookie,
-                chunk: Chunk::OffsetData { offset, data },
-                flags,
-            } => {
+            ReplyMessage::Chunk { cookie, chunk: Chunk::OffsetData { offset, data }, flags } => {
                 assert_ne!(flags & reply_flags::DONE, 0);
                 assert_eq!(offset, (cookie.0 - 1000) * 2048);
                 got.insert(cookie.0 - 1000, data);
@@ -805,11 +668,7 @@ async fn pipelined_requests_complete_and_each_is_answered_once() {
         }
     }
     for i in 0..N {
-        assert_eq!(
-            got.get(&i).map(|d| d.to_vec()),
-            Some(pattern(i)),
-            "block {i}"
-        );
+        assert_eq!(got.get(&i).map(|d| d.to_vec()), Some(pattern(i)), "block {i}");
     }
     server.shutdown.cancel();
     server.task.await.expect("join").expect("serve_tcp");
@@ -841,11 +700,7 @@ async fn shutdown_finishes_inflight_requests_then_closes() {
     let chunks = c.structured_reply(1).await;
     assert!(matches!(&chunks[..], [Chunk::OffsetData { data, .. }] if data.len() == 512));
     assert!(c.closed().await);
-    tokio::time::timeout(TIMEOUT, server.task)
-        .await
-        .expect("serve returns")
-        .expect("join")
-        .expect("ok");
+    tokio::time::timeout(TIMEOUT, server.task).await.expect("serve returns").expect("join").expect("ok");
     // No longer accepting.
     assert!(TcpStream::connect(server.addr).await.is_err());
 }
@@ -863,25 +718,13 @@ async fn unix_socket_serves_the_default_export() {
 
     let s = UnixStream::connect(&path).await.expect("connect");
     let mut c = Client::greet(s).await;
-    c.negotiate(
-        "",
-        Want {
-            structured: false,
-            block_status: false,
-        },
-    )
-    .await;
+    c.negotiate("", Want { structured: false, block_status: false }).await;
     assert_eq!(c.size_bytes, DISK_BYTES);
     c.write(0, 1, 512, b"unix").await;
     assert_eq!(c.status(1).await, 0);
     c.request(cmd::READ, 0, 2, 512, 4).await;
-    assert!(
-        matches!(c.reply().await, ReplyMessage::Simple { errno: 0, data, .. } if &data[..] == b"unix")
-    );
-    assert_eq!(
-        catalog.disk.read(512, 4).await.expect("read"),
-        Bytes::from_static(b"unix")
-    );
+    assert!(matches!(c.reply().await, ReplyMessage::Simple { errno: 0, data, .. } if &data[..] == b"unix"));
+    assert_eq!(catalog.disk.read(512, 4).await.expect("read"), Bytes::from_static(b"unix"));
     shutdown.cancel();
     task.await.expect("join").expect("serve_unix");
 }

@@ -85,9 +85,8 @@ impl BlockBackend for MemBackend {
         check_range(offset, data.len() as u64, self.size_bytes())?;
         let mut pages = self.pages();
         Self::for_each_page(offset, data.len() as u64, |page, range, at| {
-            let p = pages
-                .entry(page)
-                .or_insert_with(|| vec![0u8; MEM_PAGE_BYTES as usize].into_boxed_slice());
+            let p =
+                pages.entry(page).or_insert_with(|| vec![0u8; MEM_PAGE_BYTES as usize].into_boxed_slice());
             let n = range.len();
             p[range].copy_from_slice(&data[at..at + n]);
         });

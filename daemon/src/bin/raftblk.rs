@@ -126,7 +126,8 @@ fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Status => {
             let node: NodeInfo = serde_json::from_value(client.call("GET", "/v1/node", None)?)?;
-            let volumes: Vec<VolumeStatus> = serde_json::from_value(client.call("GET", "/v1/volumes", None)?)?;
+            let volumes: Vec<VolumeStatus> =
+                serde_json::from_value(client.call("GET", "/v1/volumes", None)?)?;
             if cli.json {
                 println!("{:#}", json!({ "node": node, "volumes": volumes }));
             } else {
@@ -147,7 +148,11 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
     match cmd {
         VolumeCommand::Create { name, size, read_only } => {
             let bytes = parse_size(size).map_err(|e| anyhow!("--size: {e}"))?;
-            let v = client.call("POST", "/v1/volumes", Some(json!({"name": name, "size": bytes, "read_only": read_only})))?;
+            let v = client.call(
+                "POST",
+                "/v1/volumes",
+                Some(json!({"name": name, "size": bytes, "read_only": read_only})),
+            )?;
             show_one(cli, v, "created")?;
         }
         VolumeCommand::List => {
@@ -185,7 +190,10 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
 
 /// Volume names never need escaping; anything that would is refused here with the rule.
 fn path_segment(name: &str) -> Result<&str> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')) || name.starts_with('.') {
+    if name.is_empty()
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        || name.starts_with('.')
+    {
         bail!("volume name {name:?} is not allowed; names use letters, digits, '.', '-' and '_', starting with a letter or digit");
     }
     Ok(name)

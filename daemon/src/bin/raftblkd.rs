@@ -161,9 +161,11 @@ fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!("another process is serving NBD on {}", path.display());
         }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    tokio::net::UnixListener::bind(path).with_context(|| format!("cannot listen for NBD on {}", path.display()))
+    tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen for NBD on {}", path.display()))
 }
 
 async fn wait_for_signal() -> Result<()> {

@@ -38,12 +38,7 @@ pub enum DiskError {
     AlreadyExists { name: String },
     /// a read asked for bytes past the end of the file
     #[error("{name}: read of {len_bytes} bytes at offset {offset} is past the end ({file_len_bytes} bytes)")]
-    ReadPastEnd {
-        name: String,
-        offset: u64,
-        len_bytes: u64,
-        file_len_bytes: u64,
-    },
+    ReadPastEnd { name: String, offset: u64, len_bytes: u64, file_len_bytes: u64 },
     /// the simulated disk crashed after this handle was opened; reopen the WAL
     #[error("{name}: handle is stale (the simulated disk crashed)")]
     Stale { name: String },
@@ -98,11 +93,7 @@ pub struct StdFile {
 }
 
 fn io_err<'a>(op: &'static str, name: &'a str) -> impl FnOnce(io::Error) -> DiskError + 'a {
-    move |source| DiskError::Io {
-        op,
-        name: name.to_owned(),
-        source,
-    }
+    move |source| DiskError::Io { op, name: name.to_owned(), source }
 }
 
 impl StdDisk {
@@ -123,9 +114,7 @@ impl StdDisk {
 
     fn sync_dir(&self) -> Result<(), DiskError> {
         let name = self.dir.display().to_string();
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("fsync directory", &name))
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err("fsync directory", &name))
     }
 }
 
@@ -133,48 +122,30 @@ impl WalDisk for StdDisk {
     type File = StdFile;
 
     fn create(&self, name: &str) -> Result<StdFile, DiskError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(self.dir.join(name))
-            .map_err(|source| {
-                if source.kind() == io::ErrorKind::AlreadyExists {
-                    DiskError::AlreadyExists {
-                        name: name.to_owned(),
+        let file =
+            OpenOptions::new().read(true).write(true).create_new(true).open(self.dir.join(name)).map_err(
+                |source| {
+                    if source.kind() == io::ErrorKind::AlreadyExists {
+                        DiskError::AlreadyExists { name: name.to_owned() }
+                    } else {
+                        io_err("create", name)(source)
                     }
-                } else {
-                    io_err("create", name)(source)
-                }
-            })?;
+                },
+            )?;
         self.sync_dir()?;
-        Ok(StdFile {
-            file,
-            name: name.to_owned(),
-            len_bytes: 0,
-        })
+        Ok(StdFile { file, name: name.to_owned(), len_bytes: 0 })
     }
 
     fn open(&self, name: &str) -> Result<StdFile, DiskError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(self.dir.join(name))
-            .map_err(|source| {
-                if source.kind() == io::ErrorKind::NotFound {
-                    DiskError::NotFound {
-                        name: name.to_owned(),
-                    }
-                } else {
-                    io_err("open", name)(source)
-                }
-            })?;
+        let file = OpenOptions::new().read(true).write(true).open(self.dir.join(name)).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                DiskError::NotFound { name: name.to_owned() }
+            } else {
+                io_err("open", name)(source)
+            }
+        })?;
         let len_bytes = file.metadata().map_err(io_err("stat", name))?.len();
-        Ok(StdFile {
-            file,
-            name: name.to_owned(),
-            len_bytes,
-        })
+        Ok(StdFile { file, name: name.to_owned(), len_bytes })
     }
 
     fn list(&self) -> Result<Vec<String>, DiskError> {
@@ -210,29 +181,21 @@ impl WalFile for StdFile {
                 file_len_bytes: self.len_bytes,
             });
         }
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(io_err("read", &self.name))
+        self.file.read_exact_at(buf, offset).map_err(io_err("read", &self.name))
     }
 
     fn append(&mut self, data: &[u8]) -> Result<(), DiskError> {
-        self.file
-            .write_all_at(data, self.len_bytes)
-            .map_err(io_err("write", &self.name))?;
+        self.file.write_all_at(data, self.len_bytes).map_err(io_err("write", &self.name))?;
         self.len_bytes += data.len() as u64;
         Ok(())
     }
 
     fn sync(&mut self) -> Result<(), DiskError> {
-        self.file
-            .sync_data()
-            .map_err(io_err("fdatasync", &self.name))
+        self.file.sync_data().map_err(io_err("fdatasync", &self.name))
     }
 
     fn truncate(&mut self, len_bytes: u64) -> Result<(), DiskError> {
-        self.file
-            .set_len(len_bytes)
-            .map_err(io_err("truncate", &self.name))?;
+        self.file.set_len(len_bytes).map_err(io_err("truncate", &self.name))?;
         self.len_bytes = len_bytes;
         Ok(())
     }
@@ -360,8 +323,7 @@ impl SimDisk {
     pub fn set_file_bytes(&self, name: &str, data: Vec<u8>) {
         let mut st = self.lock();
         let synced_len = data.len();
-        st.files
-            .insert(name.to_owned(), SimFileState { data, synced_len });
+        st.files.insert(name.to_owned(), SimFileState { data, synced_len });
     }
 
     /// The next [`WalFile::sync`] on any file fails.
@@ -382,14 +344,10 @@ impl SimDisk {
     ) -> Result<T, DiskError> {
         let mut st = self.lock();
         if st.epoch != epoch {
-            return Err(DiskError::Stale {
-                name: name.to_owned(),
-            });
+            return Err(DiskError::Stale { name: name.to_owned() });
         }
         if !st.files.contains_key(name) {
-            return Err(DiskError::NotFound {
-                name: name.to_owned(),
-            });
+            return Err(DiskError::NotFound { name: name.to_owned() });
         }
         f(&mut st)
     }
@@ -401,30 +359,18 @@ impl WalDisk for SimDisk {
     fn create(&self, name: &str) -> Result<SimFile, DiskError> {
         let mut st = self.lock();
         if st.files.contains_key(name) {
-            return Err(DiskError::AlreadyExists {
-                name: name.to_owned(),
-            });
+            return Err(DiskError::AlreadyExists { name: name.to_owned() });
         }
         st.files.insert(name.to_owned(), SimFileState::default());
-        Ok(SimFile {
-            disk: self.clone(),
-            name: name.to_owned(),
-            epoch: st.epoch,
-        })
+        Ok(SimFile { disk: self.clone(), name: name.to_owned(), epoch: st.epoch })
     }
 
     fn open(&self, name: &str) -> Result<SimFile, DiskError> {
         let st = self.lock();
         if !st.files.contains_key(name) {
-            return Err(DiskError::NotFound {
-                name: name.to_owned(),
-            });
+            return Err(DiskError::NotFound { name: name.to_owned() });
         }
-        Ok(SimFile {
-            disk: self.clone(),
-            name: name.to_owned(),
-            epoch: st.epoch,
-        })
+        Ok(SimFile { disk: self.clone(), name: name.to_owned(), epoch: st.epoch })
     }
 
     fn list(&self) -> Result<Vec<String>, DiskError> {
@@ -434,26 +380,24 @@ impl WalDisk for SimDisk {
     fn remove(&self, name: &str) -> Result<(), DiskError> {
         match self.lock().files.remove(name) {
             Some(_) => Ok(()),
-            None => Err(DiskError::NotFound {
-                name: name.to_owned(),
-            }),
+            None => Err(DiskError::NotFound { name: name.to_owned() }),
         }
     }
 }
 
 impl SimFile {
     fn state<'a>(st: &'a mut SimState, name: &str) -> Result<&'a mut SimFileState, DiskError> {
-        st.files.get_mut(name).ok_or_else(|| DiskError::NotFound {
-            name: name.to_owned(),
-        })
+        st.files.get_mut(name).ok_or_else(|| DiskError::NotFound { name: name.to_owned() })
     }
 }
 
 impl WalFile for SimFile {
     fn len_bytes(&self) -> Result<u64, DiskError> {
-        self.disk.with_file(&self.name, self.epoch, |st| {
-            Ok(SimFile::state(st, &self.name)?.data.len() as u64)
-        })
+        self.disk.with_file(
+            &self.name,
+            self.epoch,
+            |st| Ok(SimFile::state(st, &self.name)?.data.len() as u64),
+        )
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
@@ -476,10 +420,7 @@ impl WalFile for SimFile {
     fn append(&mut self, data: &[u8]) -> Result<(), DiskError> {
         self.disk.with_file(&self.name, self.epoch, |st| {
             if std::mem::take(&mut st.fail_next_append) {
-                return Err(DiskError::Injected {
-                    op: "append",
-                    name: self.name.clone(),
-                });
+                return Err(DiskError::Injected { op: "append", name: self.name.clone() });
             }
             SimFile::state(st, &self.name)?.data.extend_from_slice(data);
             Ok(())
@@ -489,10 +430,7 @@ impl WalFile for SimFile {
     fn sync(&mut self) -> Result<(), DiskError> {
         self.disk.with_file(&self.name, self.epoch, |st| {
             if std::mem::take(&mut st.fail_next_sync) {
-                return Err(DiskError::Injected {
-                    op: "sync",
-                    name: self.name.clone(),
-                });
+                return Err(DiskError::Injected { op: "sync", name: self.name.clone() });
             }
             let f = SimFile::state(st, &self.name)?;
             f.synced_len = f.data.len();
@@ -503,9 +441,7 @@ impl WalFile for SimFile {
     fn truncate(&mut self, len_bytes: u64) -> Result<(), DiskError> {
         self.disk.with_file(&self.name, self.epoch, |st| {
             let f = SimFile::state(st, &self.name)?;
-            let len = usize::try_from(len_bytes)
-                .unwrap_or(usize::MAX)
-                .min(f.data.len());
+            let len = usize::try_from(len_bytes).unwrap_or(usize::MAX).min(f.data.len());
             f.data.truncate(len);
             f.synced_len = f.synced_len.min(len);
             Ok(())
@@ -564,10 +500,7 @@ mod tests {
 
     fn exercise(disk: &impl WalDisk) {
         let mut f = disk.create("seg").expect("create");
-        assert!(matches!(
-            disk.create("seg"),
-            Err(DiskError::AlreadyExists { .. })
-        ));
+        assert!(matches!(disk.create("seg"), Err(DiskError::AlreadyExists { .. })));
         f.append(b"hello ").expect("append");
         f.append(b"world").expect("append");
         f.sync().expect("sync");
@@ -575,10 +508,7 @@ mod tests {
         let mut buf = [0u8; 5];
         f.read_at(6, &mut buf).expect("read");
         assert_eq!(&buf, b"world");
-        assert!(matches!(
-            f.read_at(7, &mut buf),
-            Err(DiskError::ReadPastEnd { .. })
-        ));
+        assert!(matches!(f.read_at(7, &mut buf), Err(DiskError::ReadPastEnd { .. })));
         f.truncate(5).expect("truncate");
         f.append(b"!").expect("append");
         f.sync().expect("sync");

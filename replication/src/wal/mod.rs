@@ -65,12 +65,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use self::disk::WalDisk;
 use self::record::{
-    EncodeError, Entry, GroupId, HardState, LogIndex, Payload, Record, Term, HEADER_BYTES,
-    PAYLOAD_BYTES_MAX,
+    EncodeError, Entry, GroupId, HardState, LogIndex, Payload, Record, Term, HEADER_BYTES, PAYLOAD_BYTES_MAX,
 };
-use self::segment::{
-    RecordLoc, Segment, SegmentError, SegmentId, Truncation, SEGMENT_TARGET_BYTES_DEFAULT,
-};
+use self::segment::{RecordLoc, Segment, SegmentError, SegmentId, Truncation, SEGMENT_TARGET_BYTES_DEFAULT};
 
 /// Encoded bytes buffered by one `append` before they are written out.
 const WRITE_BUFFER_BYTES_MAX: usize = 1 << 20;
@@ -85,9 +82,7 @@ pub struct WalOptions {
 
 impl Default for WalOptions {
     fn default() -> Self {
-        WalOptions {
-            segment_target_bytes: SEGMENT_TARGET_BYTES_DEFAULT,
-        }
+        WalOptions { segment_target_bytes: SEGMENT_TARGET_BYTES_DEFAULT }
     }
 }
 
@@ -102,35 +97,16 @@ pub enum WalError {
     Encode(#[from] EncodeError),
     /// an entry would leave a hole in (or reach below the start of) its group's log
     #[error("group {group}: entry index {index} rejected, the next entry must be in {lo}..={hi}")]
-    OutOfOrder {
-        group: GroupId,
-        index: LogIndex,
-        lo: LogIndex,
-        hi: LogIndex,
-    },
+    OutOfOrder { group: GroupId, index: LogIndex, lo: LogIndex, hi: LogIndex },
     /// the requested entries are below the compaction point
     #[error("group {group}: entry {lo} is compacted (the log starts at {first})")]
-    Compacted {
-        group: GroupId,
-        lo: LogIndex,
-        first: LogIndex,
-    },
+    Compacted { group: GroupId, lo: LogIndex, first: LogIndex },
     /// the requested entries are past the end of the log
-    #[error(
-        "group {group}: entries up to (not including) {hi} requested, the log ends before {next}"
-    )]
-    Unavailable {
-        group: GroupId,
-        hi: LogIndex,
-        next: LogIndex,
-    },
+    #[error("group {group}: entries up to (not including) {hi} requested, the log ends before {next}")]
+    Unavailable { group: GroupId, hi: LogIndex, next: LogIndex },
     /// `lo > hi`
     #[error("group {group}: empty-or-reversed range {lo}..{hi}")]
-    BadRange {
-        group: GroupId,
-        lo: LogIndex,
-        hi: LogIndex,
-    },
+    BadRange { group: GroupId, lo: LogIndex, hi: LogIndex },
     /// an earlier write or sync failed; reopen the WAL
     #[error("the WAL failed an earlier write or sync and must be reopened")]
     Poisoned,
@@ -241,19 +217,13 @@ fn apply_record(
         Payload::Entry(e) => {
             let meta = EntryMeta { term: e.term, loc };
             let (lo, hi) = (g.first, g.next_index());
-            g.apply_entry(e.index, meta, mode)
-                .map_err(|()| match mode {
-                    Mode::Append => WalError::OutOfOrder {
-                        group: record.group,
-                        index: e.index,
-                        lo,
-                        hi,
-                    },
-                    Mode::Replay => WalError::Inconsistent(format!(
-                        "group {}: entry {} at {loc:?} is below the compaction mark {}",
-                        record.group, e.index, g.compacted_below
-                    )),
-                })?;
+            g.apply_entry(e.index, meta, mode).map_err(|()| match mode {
+                Mode::Append => WalError::OutOfOrder { group: record.group, index: e.index, lo, hi },
+                Mode::Replay => WalError::Inconsistent(format!(
+                    "group {}: entry {} at {loc:?} is below the compaction mark {}",
+                    record.group, e.index, g.compacted_below
+                )),
+            })?;
         }
         Payload::HardState(hs) => g.hard_state = Some(*hs),
         Payload::CompactTo(mark) => g.apply_compact(*mark),
@@ -298,20 +268,14 @@ impl<D: WalDisk> Wal<D> {
             }
         }
 
-        let mut closed: BTreeMap<SegmentId, Segment<D::File>> = recovered
-            .segments
-            .into_iter()
-            .map(|s| (s.id(), s))
-            .collect();
+        let mut closed: BTreeMap<SegmentId, Segment<D::File>> =
+            recovered.segments.into_iter().map(|s| (s.id(), s)).collect();
         let (active, recovered_any) = match closed.pop_last() {
             Some((_, s)) => (s, true),
             None => (Segment::create(&disk, SegmentId(1))?, false),
         };
-        let report = RecoveryReport {
-            segments: closed.len() as u64 + 1,
-            records,
-            truncation: recovered.truncation,
-        };
+        let report =
+            RecoveryReport { segments: closed.len() as u64 + 1, records, truncation: recovered.truncation };
         tracing::debug!(?report, groups = groups.len(), "wal: opened");
         let mut wal = Wal {
             disk,
@@ -355,15 +319,10 @@ impl<D: WalDisk> Wal<D> {
         let mut bounds: HashMap<GroupId, (LogIndex, LogIndex)> = HashMap::new();
         for r in records {
             if r.encoded_len() > HEADER_BYTES + PAYLOAD_BYTES_MAX {
-                return Err(EncodeError::TooLarge {
-                    payload_bytes: r.encoded_len() - HEADER_BYTES,
-                }
-                .into());
+                return Err(EncodeError::TooLarge { payload_bytes: r.encoded_len() - HEADER_BYTES }.into());
             }
             let (first, next) = bounds.entry(r.group).or_insert_with(|| {
-                self.groups
-                    .get(&r.group)
-                    .map_or((LogIndex(1), LogIndex(1)), |g| (g.first, g.next_index()))
+                self.groups.get(&r.group).map_or((LogIndex(1), LogIndex(1)), |g| (g.first, g.next_index()))
             });
             match &r.payload {
                 Payload::Entry(e) => {
@@ -488,9 +447,7 @@ impl<D: WalDisk> Wal<D> {
             }
             let id = *oldest.key();
             drop(oldest.remove());
-            self.disk
-                .remove(&id.file_name())
-                .map_err(SegmentError::from)?;
+            self.disk.remove(&id.file_name()).map_err(SegmentError::from)?;
             tracing::debug!(segment = %id, "wal: deleted compacted segment");
         }
         Ok(())
@@ -505,12 +462,7 @@ impl<D: WalDisk> Wal<D> {
     }
 
     /// Entries `lo..hi` of `group`, read back from the segments.
-    pub fn entries(
-        &self,
-        group: GroupId,
-        lo: LogIndex,
-        hi: LogIndex,
-    ) -> Result<Vec<Entry>, WalError> {
+    pub fn entries(&self, group: GroupId, lo: LogIndex, hi: LogIndex) -> Result<Vec<Entry>, WalError> {
         self.check_usable()?;
         if lo > hi {
             return Err(WalError::BadRange { group, lo, hi });
@@ -519,26 +471,14 @@ impl<D: WalDisk> Wal<D> {
             return if lo == hi {
                 Ok(Vec::new())
             } else {
-                Err(WalError::Unavailable {
-                    group,
-                    hi,
-                    next: LogIndex(1),
-                })
+                Err(WalError::Unavailable { group, hi, next: LogIndex(1) })
             };
         };
         if lo < g.first {
-            return Err(WalError::Compacted {
-                group,
-                lo,
-                first: g.first,
-            });
+            return Err(WalError::Compacted { group, lo, first: g.first });
         }
         if hi > g.next_index() {
-            return Err(WalError::Unavailable {
-                group,
-                hi,
-                next: g.next_index(),
-            });
+            return Err(WalError::Unavailable { group, hi, next: g.next_index() });
         }
         let mut out = Vec::with_capacity((hi.0 - lo.0) as usize);
         for i in lo.0..hi.0 {
@@ -546,9 +486,7 @@ impl<D: WalDisk> Wal<D> {
             let meta = g
                 .position(index)
                 .and_then(|p| g.entries.get(p))
-                .ok_or_else(|| {
-                    WalError::Inconsistent(format!("group {group}: no entry {index}"))
-                })?;
+                .ok_or_else(|| WalError::Inconsistent(format!("group {group}: no entry {index}")))?;
             let segment = self.segment(meta.loc.segment).ok_or_else(|| {
                 WalError::Inconsistent(format!(
                     "group {group}: entry {index} is in segment {}, which is gone",
@@ -556,10 +494,11 @@ impl<D: WalDisk> Wal<D> {
                 ))
             })?;
             match segment.read_record(meta.loc)? {
-                Record {
-                    group: g2,
-                    payload: Payload::Entry(e),
-                } if g2 == group && e.index == index && e.term == meta.term => out.push(e),
+                Record { group: g2, payload: Payload::Entry(e) }
+                    if g2 == group && e.index == index && e.term == meta.term =>
+                {
+                    out.push(e)
+                }
                 other => {
                     return Err(WalError::Inconsistent(format!(
                         "group {group}: entry {index} at {:?} reads back as {other:?}",
@@ -591,16 +530,12 @@ impl<D: WalDisk> Wal<D> {
     /// The index the group's next new entry gets (one past the last entry, or the compaction
     /// mark, or 1). A Raft storage reports `next_index - 1` as its last index.
     pub fn next_index(&self, group: GroupId) -> LogIndex {
-        self.groups
-            .get(&group)
-            .map_or(LogIndex(1), GroupIndex::next_index)
+        self.groups.get(&group).map_or(LogIndex(1), GroupIndex::next_index)
     }
 
     /// The group's compaction mark: entries below it are gone (0 if never compacted).
     pub fn compacted_below(&self, group: GroupId) -> LogIndex {
-        self.groups
-            .get(&group)
-            .map_or(LogIndex(0), |g| g.compacted_below)
+        self.groups.get(&group).map_or(LogIndex(0), |g| g.compacted_below)
     }
 
     /// Term of a retained entry, from memory.
@@ -616,11 +551,7 @@ impl<D: WalDisk> Wal<D> {
 
     /// Ids of the segments on disk, oldest first (the last is the active one).
     pub fn segment_ids(&self) -> Vec<SegmentId> {
-        self.closed
-            .keys()
-            .copied()
-            .chain(std::iter::once(self.active.id()))
-            .collect()
+        self.closed.keys().copied().chain(std::iter::once(self.active.id())).collect()
     }
 
     /// Whether an earlier failure has made this WAL unusable.
@@ -644,24 +575,14 @@ mod tests {
     }
 
     fn open(disk: &SimDisk, target: u64) -> Wal<SimDisk> {
-        Wal::open(
-            disk.clone(),
-            WalOptions {
-                segment_target_bytes: target,
-            },
-        )
-        .expect("open")
+        Wal::open(disk.clone(), WalOptions { segment_target_bytes: target }).expect("open")
     }
 
     fn terms(wal: &Wal<SimDisk>, g: GroupId) -> Vec<(u64, u64)> {
         let (Some(lo), Some(hi)) = (wal.first_index(g), wal.last_index(g)) else {
             return Vec::new();
         };
-        wal.entries(g, lo, hi.next())
-            .expect("entries")
-            .iter()
-            .map(|e| (e.index.0, e.term.0))
-            .collect()
+        wal.entries(g, lo, hi.next()).expect("entries").iter().map(|e| (e.index.0, e.term.0)).collect()
     }
 
     #[test]
@@ -669,50 +590,28 @@ mod tests {
         let disk = SimDisk::new(0);
         let mut wal = open(&disk, 1 << 20);
         let err = wal.append(&[entry(2, 1)]).expect_err("hole");
-        assert!(matches!(
-            err,
-            WalError::OutOfOrder {
-                lo: LogIndex(1),
-                hi: LogIndex(1),
-                ..
-            }
-        ));
+        assert!(matches!(err, WalError::OutOfOrder { lo: LogIndex(1), hi: LogIndex(1), .. }));
         let err = wal.append(&[entry(0, 1)]).expect_err("index 0");
         assert!(matches!(err, WalError::OutOfOrder { .. }));
         // The bad record comes last: the good ones before it are not written either.
-        let err = wal
-            .append(&[entry(1, 1), entry(2, 1), entry(4, 1)])
-            .expect_err("hole in batch");
+        let err = wal.append(&[entry(1, 1), entry(2, 1), entry(4, 1)]).expect_err("hole in batch");
         assert!(matches!(
             err,
-            WalError::OutOfOrder {
-                index: LogIndex(4),
-                lo: LogIndex(1),
-                hi: LogIndex(3),
-                ..
-            }
+            WalError::OutOfOrder { index: LogIndex(4), lo: LogIndex(1), hi: LogIndex(3), .. }
         ));
         assert_eq!(wal.last_index(G), None);
         assert!(!wal.is_poisoned());
 
-        wal.append(&[entry(1, 1), entry(2, 1), Record::compact_to(G, LogIndex(2))])
-            .expect("append");
+        wal.append(&[entry(1, 1), entry(2, 1), Record::compact_to(G, LogIndex(2))]).expect("append");
         let err = wal.append(&[entry(1, 2)]).expect_err("below mark");
-        assert!(matches!(
-            err,
-            WalError::OutOfOrder {
-                lo: LogIndex(2),
-                ..
-            }
-        ));
+        assert!(matches!(err, WalError::OutOfOrder { lo: LogIndex(2), .. }));
     }
 
     #[test]
     fn conflicting_append_replaces_the_suffix_in_memory_and_after_reopen() {
         let disk = SimDisk::new(0);
         let mut wal = open(&disk, 1 << 20);
-        wal.append(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>())
-            .expect("append");
+        wal.append(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>()).expect("append");
         wal.append(&[entry(3, 2), entry(4, 2)]).expect("overwrite");
         wal.sync().expect("sync");
         let expect = vec![(1, 1), (2, 1), (3, 2), (4, 2)];
@@ -731,40 +630,19 @@ mod tests {
     fn range_errors() {
         let disk = SimDisk::new(0);
         let mut wal = open(&disk, 1 << 20);
-        wal.append(&[entry(1, 1), entry(2, 1), entry(3, 1)])
-            .expect("append");
-        wal.append(&[Record::compact_to(G, LogIndex(2))])
-            .expect("compact");
+        wal.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]).expect("append");
+        wal.append(&[Record::compact_to(G, LogIndex(2))]).expect("compact");
         assert!(matches!(
             wal.entries(G, LogIndex(1), LogIndex(3)),
-            Err(WalError::Compacted {
-                first: LogIndex(2),
-                ..
-            })
+            Err(WalError::Compacted { first: LogIndex(2), .. })
         ));
         assert!(matches!(
             wal.entries(G, LogIndex(2), LogIndex(5)),
-            Err(WalError::Unavailable {
-                next: LogIndex(4),
-                ..
-            })
+            Err(WalError::Unavailable { next: LogIndex(4), .. })
         ));
-        assert!(matches!(
-            wal.entries(G, LogIndex(3), LogIndex(2)),
-            Err(WalError::BadRange { .. })
-        ));
-        assert_eq!(
-            wal.entries(G, LogIndex(4), LogIndex(4))
-                .expect("empty")
-                .len(),
-            0
-        );
-        assert_eq!(
-            wal.entries(GroupId(9), LogIndex(1), LogIndex(1))
-                .expect("empty")
-                .len(),
-            0
-        );
+        assert!(matches!(wal.entries(G, LogIndex(3), LogIndex(2)), Err(WalError::BadRange { .. })));
+        assert_eq!(wal.entries(G, LogIndex(4), LogIndex(4)).expect("empty").len(), 0);
+        assert_eq!(wal.entries(GroupId(9), LogIndex(1), LogIndex(1)).expect("empty").len(), 0);
     }
 
     #[test]
@@ -772,8 +650,7 @@ mod tests {
         let disk = SimDisk::new(0);
         let mut wal = open(&disk, 1 << 20);
         wal.append(&[entry(1, 1), entry(2, 1)]).expect("append");
-        wal.append(&[Record::compact_to(G, LogIndex(10))])
-            .expect("snapshot-like mark");
+        wal.append(&[Record::compact_to(G, LogIndex(10))]).expect("snapshot-like mark");
         assert_eq!(wal.first_index(G), None);
         assert_eq!(wal.next_index(G), LogIndex(10));
         assert!(wal.append(&[entry(3, 1)]).is_err());
@@ -794,22 +671,13 @@ mod tests {
         disk.fail_next_sync();
         assert!(wal.sync().is_err());
         assert!(wal.is_poisoned());
-        assert!(matches!(
-            wal.append(&[entry(3, 1)]),
-            Err(WalError::Poisoned)
-        ));
+        assert!(matches!(wal.append(&[entry(3, 1)]), Err(WalError::Poisoned)));
         assert!(matches!(wal.sync(), Err(WalError::Poisoned)));
-        assert!(matches!(
-            wal.entries(G, LogIndex(1), LogIndex(2)),
-            Err(WalError::Poisoned)
-        ));
+        assert!(matches!(wal.entries(G, LogIndex(1), LogIndex(2)), Err(WalError::Poisoned)));
         drop(wal);
         disk.crash();
         let wal = open(&disk, 1 << 20);
-        assert!(matches!(
-            terms(&wal, G).as_slice(),
-            [(1, 1)] | [(1, 1), (2, 1)]
-        ));
+        assert!(matches!(terms(&wal, G).as_slice(), [(1, 1)] | [(1, 1), (2, 1)]));
     }
 
     #[test]
@@ -826,11 +694,7 @@ mod tests {
         let disk = SimDisk::new(0);
         let other = GroupId(2);
         let mut wal = open(&disk, 400);
-        let hs = HardState {
-            term: Term(3),
-            vote: NodeId(2),
-            commit: LogIndex(1),
-        };
+        let hs = HardState { term: Term(3), vote: NodeId(2), commit: LogIndex(1) };
         // The other group writes its hard state and one entry, then compacts it away.
         wal.append(&[
             Record::hard_state(other, hs),
@@ -844,8 +708,7 @@ mod tests {
         wal.sync().expect("sync");
         let before = wal.segment_ids();
         assert!(before.len() > 5, "{before:?}");
-        wal.append(&[Record::compact_to(G, LogIndex(55))])
-            .expect("compact");
+        wal.append(&[Record::compact_to(G, LogIndex(55))]).expect("compact");
         wal.sync().expect("sync");
         let after = wal.segment_ids();
         assert!(after.len() <= 3, "{after:?}");
@@ -861,28 +724,18 @@ mod tests {
         assert_eq!(wal.hard_state(other), Some(hs));
         assert_eq!(wal.compacted_below(other), LogIndex(2));
         assert_eq!(wal.next_index(other), LogIndex(2));
-        assert_eq!(
-            terms(&wal, G),
-            (55..=60).map(|i| (i, 1)).collect::<Vec<_>>()
-        );
+        assert_eq!(terms(&wal, G), (55..=60).map(|i| (i, 1)).collect::<Vec<_>>());
     }
 
     #[test]
     fn a_group_that_does_not_compact_keeps_segments_alive() {
         let disk = SimDisk::new(0);
         let mut wal = open(&disk, 300);
-        wal.append(&[Record::entry(
-            GroupId(2),
-            LogIndex(1),
-            Term(1),
-            Bytes::new(),
-        )])
-        .expect("append");
+        wal.append(&[Record::entry(GroupId(2), LogIndex(1), Term(1), Bytes::new())]).expect("append");
         for i in 1..=40 {
             wal.append(&[entry(i, 1)]).expect("append");
         }
-        wal.append(&[Record::compact_to(G, LogIndex(41))])
-            .expect("compact");
+        wal.append(&[Record::compact_to(G, LogIndex(41))]).expect("compact");
         wal.sync().expect("sync");
         assert_eq!(wal.segment_ids()[0], SegmentId(1));
     }

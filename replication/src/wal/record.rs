@@ -114,9 +114,7 @@ pub struct Record {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EncodeError {
     /// the payload is larger than PAYLOAD_BYTES_MAX
-    #[error(
-        "record payload of {payload_bytes} bytes exceeds the limit of {PAYLOAD_BYTES_MAX} bytes"
-    )]
+    #[error("record payload of {payload_bytes} bytes exceeds the limit of {PAYLOAD_BYTES_MAX} bytes")]
     TooLarge { payload_bytes: usize },
 }
 
@@ -137,22 +135,15 @@ impl fmt::Display for Corruption {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Corruption::LengthTooLarge { payload_bytes } => {
-                write!(
-                    f,
-                    "length field {payload_bytes} exceeds {PAYLOAD_BYTES_MAX}"
-                )
+                write!(f, "length field {payload_bytes} exceeds {PAYLOAD_BYTES_MAX}")
             }
             Corruption::Checksum { stored, computed } => {
-                write!(
-                    f,
-                    "crc mismatch: stored {stored:#010x}, computed {computed:#010x}"
-                )
+                write!(f, "crc mismatch: stored {stored:#010x}, computed {computed:#010x}")
             }
             Corruption::UnknownKind { kind } => write!(f, "unknown record kind {kind}"),
-            Corruption::BadPayloadLength {
-                kind,
-                payload_bytes,
-            } => write!(f, "kind {kind} with a payload of {payload_bytes} bytes"),
+            Corruption::BadPayloadLength { kind, payload_bytes } => {
+                write!(f, "kind {kind} with a payload of {payload_bytes} bytes")
+            }
         }
     }
 }
@@ -170,24 +161,15 @@ pub enum Decoded {
 
 impl Record {
     pub fn entry(group: GroupId, index: LogIndex, term: Term, data: Bytes) -> Record {
-        Record {
-            group,
-            payload: Payload::Entry(Entry { index, term, data }),
-        }
+        Record { group, payload: Payload::Entry(Entry { index, term, data }) }
     }
 
     pub fn hard_state(group: GroupId, hard_state: HardState) -> Record {
-        Record {
-            group,
-            payload: Payload::HardState(hard_state),
-        }
+        Record { group, payload: Payload::HardState(hard_state) }
     }
 
     pub fn compact_to(group: GroupId, index: LogIndex) -> Record {
-        Record {
-            group,
-            payload: Payload::CompactTo(index),
-        }
+        Record { group, payload: Payload::CompactTo(index) }
     }
 
     fn payload_bytes(&self) -> usize {
@@ -209,8 +191,7 @@ impl Record {
         if payload_bytes > PAYLOAD_BYTES_MAX {
             return Err(EncodeError::TooLarge { payload_bytes });
         }
-        let len =
-            u32::try_from(payload_bytes).map_err(|_| EncodeError::TooLarge { payload_bytes })?;
+        let len = u32::try_from(payload_bytes).map_err(|_| EncodeError::TooLarge { payload_bytes })?;
         let start = out.len();
         out.reserve(HEADER_BYTES + payload_bytes);
         out.extend_from_slice(&len.to_le_bytes());
@@ -268,9 +249,7 @@ pub fn decode(buf: &[u8]) -> Decoded {
     let payload_len = u32_at(buf, 0);
     let payload_bytes = payload_len as usize;
     if payload_bytes > PAYLOAD_BYTES_MAX {
-        return Decoded::Corrupt(Corruption::LengthTooLarge {
-            payload_bytes: payload_len,
-        });
+        return Decoded::Corrupt(Corruption::LengthTooLarge { payload_bytes: payload_len });
     }
     let total = HEADER_BYTES + payload_bytes;
     if buf.len() < total {
@@ -285,10 +264,7 @@ pub fn decode(buf: &[u8]) -> Decoded {
     let group = GroupId(u64_at(record, 8));
     let kind = record[16];
     let p = &record[HEADER_BYTES..];
-    let bad_length = Decoded::Corrupt(Corruption::BadPayloadLength {
-        kind,
-        payload_bytes: payload_len,
-    });
+    let bad_length = Decoded::Corrupt(Corruption::BadPayloadLength { kind, payload_bytes: payload_len });
     let payload = match kind {
         KIND_ENTRY => {
             if p.len() < ENTRY_FIXED_BYTES {
@@ -327,21 +303,9 @@ mod tests {
 
     fn samples() -> Vec<Record> {
         vec![
-            Record::entry(
-                GroupId(7),
-                LogIndex(1),
-                Term(1),
-                Bytes::from_static(b"hello"),
-            ),
+            Record::entry(GroupId(7), LogIndex(1), Term(1), Bytes::from_static(b"hello")),
             Record::entry(GroupId(u64::MAX), LogIndex(u64::MAX), Term(3), Bytes::new()),
-            Record::hard_state(
-                GroupId(7),
-                HardState {
-                    term: Term(5),
-                    vote: NodeId(2),
-                    commit: LogIndex(9),
-                },
-            ),
+            Record::hard_state(GroupId(7), HardState { term: Term(5), vote: NodeId(2), commit: LogIndex(9) }),
             Record::compact_to(GroupId(0), LogIndex(42)),
         ]
     }
@@ -389,11 +353,7 @@ mod tests {
         for r in samples() {
             let buf = encoded(&r);
             for cut in 0..buf.len() {
-                assert_eq!(
-                    decode(&buf[..cut]),
-                    Decoded::Incomplete,
-                    "cut at {cut} of {r:?}"
-                );
+                assert_eq!(decode(&buf[..cut]), Decoded::Incomplete, "cut at {cut} of {r:?}");
             }
         }
     }
@@ -423,19 +383,13 @@ mod tests {
         for byte in 4..buf.len() {
             let mut bad = buf.clone();
             bad[byte] ^= 0x40;
-            assert!(
-                matches!(decode(&bad), Decoded::Corrupt(Corruption::Checksum { .. })),
-                "byte {byte}"
-            );
+            assert!(matches!(decode(&bad), Decoded::Corrupt(Corruption::Checksum { .. })), "byte {byte}");
         }
     }
 
     #[test]
     fn zeroed_header_is_corrupt_not_an_empty_record() {
-        assert!(matches!(
-            decode(&[0u8; 64]),
-            Decoded::Corrupt(Corruption::Checksum { .. })
-        ));
+        assert!(matches!(decode(&[0u8; 64]), Decoded::Corrupt(Corruption::Checksum { .. })));
     }
 
     #[test]
@@ -444,9 +398,7 @@ mod tests {
         buf[..4].copy_from_slice(&(PAYLOAD_BYTES_MAX as u32 + 1).to_le_bytes());
         assert_eq!(
             decode(&buf),
-            Decoded::Corrupt(Corruption::LengthTooLarge {
-                payload_bytes: PAYLOAD_BYTES_MAX as u32 + 1
-            })
+            Decoded::Corrupt(Corruption::LengthTooLarge { payload_bytes: PAYLOAD_BYTES_MAX as u32 + 1 })
         );
     }
 
@@ -455,10 +407,7 @@ mod tests {
         let mut buf = encoded(&samples()[3]);
         buf[16] = 99;
         reseal(&mut buf);
-        assert_eq!(
-            decode(&buf),
-            Decoded::Corrupt(Corruption::UnknownKind { kind: 99 })
-        );
+        assert_eq!(decode(&buf), Decoded::Corrupt(Corruption::UnknownKind { kind: 99 }));
     }
 
     #[test]
@@ -470,10 +419,7 @@ mod tests {
         reseal(&mut buf);
         assert_eq!(
             decode(&buf),
-            Decoded::Corrupt(Corruption::BadPayloadLength {
-                kind: KIND_COMPACT_TO,
-                payload_bytes: 9
-            })
+            Decoded::Corrupt(Corruption::BadPayloadLength { kind: KIND_COMPACT_TO, payload_bytes: 9 })
         );
         // An entry too short to hold index and term.
         let mut buf = encoded(&samples()[1]);
@@ -482,10 +428,7 @@ mod tests {
         reseal(&mut buf);
         assert!(matches!(
             decode(&buf),
-            Decoded::Corrupt(Corruption::BadPayloadLength {
-                kind: KIND_ENTRY,
-                ..
-            })
+            Decoded::Corrupt(Corruption::BadPayloadLength { kind: KIND_ENTRY, .. })
         ));
         // A hard state with a short payload.
         let mut buf = encoded(&samples()[2]);
@@ -494,26 +437,15 @@ mod tests {
         reseal(&mut buf);
         assert!(matches!(
             decode(&buf),
-            Decoded::Corrupt(Corruption::BadPayloadLength {
-                kind: KIND_HARD_STATE,
-                ..
-            })
+            Decoded::Corrupt(Corruption::BadPayloadLength { kind: KIND_HARD_STATE, .. })
         ));
     }
 
     #[test]
     fn oversized_payload_is_refused_and_leaves_output_unchanged() {
-        let r = Record::entry(
-            GroupId(1),
-            LogIndex(1),
-            Term(1),
-            Bytes::from(vec![0u8; PAYLOAD_BYTES_MAX]),
-        );
+        let r = Record::entry(GroupId(1), LogIndex(1), Term(1), Bytes::from(vec![0u8; PAYLOAD_BYTES_MAX]));
         let mut out = vec![1, 2, 3];
-        assert!(matches!(
-            r.encode(&mut out),
-            Err(EncodeError::TooLarge { .. })
-        ));
+        assert!(matches!(r.encode(&mut out), Err(EncodeError::TooLarge { .. })));
         assert_eq!(out, vec![1, 2, 3]);
     }
 }

@@ -62,18 +62,10 @@ pub enum SegmentError {
     UnsupportedVersion { segment: SegmentId, version: u32 },
     /// segment ids are not contiguous: a file in the middle of the log is missing
     #[error("segment {missing} is missing (found {before} and {after})")]
-    Missing {
-        missing: SegmentId,
-        before: SegmentId,
-        after: SegmentId,
-    },
+    Missing { missing: SegmentId, before: SegmentId, after: SegmentId },
     /// reading a record back at a known location did not give a valid record
     #[error("segment {segment} offset {offset}: no valid record where one was written ({detail})")]
-    BadRead {
-        segment: SegmentId,
-        offset: u64,
-        detail: String,
-    },
+    BadRead { segment: SegmentId, offset: u64, detail: String },
 }
 
 /// Where a record lives.
@@ -134,11 +126,7 @@ impl<F: WalFile> Segment<F> {
     pub fn create<D: WalDisk<File = F>>(disk: &D, id: SegmentId) -> Result<Self, SegmentError> {
         let mut file = disk.create(&id.file_name())?;
         file.append(&header(id))?;
-        Ok(Segment {
-            id,
-            file,
-            len_bytes: SEGMENT_HEADER_BYTES,
-        })
+        Ok(Segment { id, file, len_bytes: SEGMENT_HEADER_BYTES })
     }
 
     pub fn id(&self) -> SegmentId {
@@ -229,12 +217,7 @@ where
     ids.sort();
     for w in ids.windows(2) {
         if w[1] != w[0].next() {
-            return Err(SegmentError::Missing {
-                missing: w[0].next(),
-                before: w[0],
-                after: w[1],
-            }
-            .into());
+            return Err(SegmentError::Missing { missing: w[0].next(), before: w[0], after: w[1] }.into());
         }
     }
 
@@ -248,11 +231,7 @@ where
 
         let damage_at = match check_header(id, &bytes) {
             HeaderCheck::UnsupportedVersion(version) => {
-                return Err(SegmentError::UnsupportedVersion {
-                    segment: id,
-                    version,
-                }
-                .into())
+                return Err(SegmentError::UnsupportedVersion { segment: id, version }.into())
             }
             HeaderCheck::Damaged => Some((0, Damage::BadHeader)),
             HeaderCheck::Ok => {
@@ -278,11 +257,7 @@ where
         };
 
         let Some((kept_bytes, damage)) = damage_at else {
-            segments.push(Segment {
-                id,
-                file,
-                len_bytes,
-            });
+            segments.push(Segment { id, file, len_bytes });
             continue;
         };
 
@@ -294,15 +269,10 @@ where
             let mut file = file;
             file.truncate(kept_bytes).map_err(SegmentError::from)?;
             file.sync().map_err(SegmentError::from)?;
-            segments.push(Segment {
-                id,
-                file,
-                len_bytes: kept_bytes,
-            });
+            segments.push(Segment { id, file, len_bytes: kept_bytes });
         }
         for later in &dropped_segments {
-            disk.remove(&later.file_name())
-                .map_err(SegmentError::from)?;
+            disk.remove(&later.file_name()).map_err(SegmentError::from)?;
         }
         let t = Truncation {
             segment: id,
@@ -320,10 +290,7 @@ where
         truncation = Some(t);
         break;
     }
-    Ok(Recovered {
-        segments,
-        truncation,
-    })
+    Ok(Recovered { segments, truncation })
 }
 
 #[cfg(test)]
@@ -336,9 +303,7 @@ mod tests {
         let mut seg = Segment::create(disk, SegmentId(id)).expect("create");
         let mut buf = Vec::new();
         for &m in marks {
-            Record::compact_to(GroupId(1), LogIndex(m))
-                .encode(&mut buf)
-                .expect("encode");
+            Record::compact_to(GroupId(1), LogIndex(m)).encode(&mut buf).expect("encode");
         }
         seg.append(&buf).expect("append");
         seg.sync().expect("sync");
@@ -393,10 +358,7 @@ mod tests {
         assert!(t.in_last_segment);
         assert_eq!(t.kept_bytes, full - 25);
         assert_eq!(t.kept_bytes + t.dropped_bytes, full - 3);
-        assert_eq!(
-            disk.file_bytes(&name).expect("file").len() as u64,
-            t.kept_bytes
-        );
+        assert_eq!(disk.file_bytes(&name).expect("file").len() as u64, t.kept_bytes);
     }
 
     #[test]
@@ -413,10 +375,7 @@ mod tests {
         let (seen, rec) = scan(&disk);
         assert_eq!(seen, vec![1, 2]);
         let t = rec.truncation.expect("truncated");
-        assert!(matches!(
-            t.damage,
-            Damage::Corrupt(Corruption::Checksum { .. })
-        ));
+        assert!(matches!(t.damage, Damage::Corrupt(Corruption::Checksum { .. })));
         assert!(!t.in_last_segment);
         assert_eq!(t.dropped_segments, vec![SegmentId(3)]);
         assert_eq!(rec.segments.len(), 2);
@@ -443,10 +402,7 @@ mod tests {
         h[20..24].copy_from_slice(&crc.to_le_bytes());
         disk.set_file_bytes(&SegmentId(1).file_name(), h.to_vec());
         let err = recover::<_, SegmentError>(&disk, |_, _| Ok(())).expect_err("version");
-        assert!(matches!(
-            err,
-            SegmentError::UnsupportedVersion { version: 2, .. }
-        ));
+        assert!(matches!(err, SegmentError::UnsupportedVersion { version: 2, .. }));
         assert!(disk.file_bytes(&SegmentId(1).file_name()).is_some());
     }
 
@@ -456,12 +412,6 @@ mod tests {
         write_segment(&disk, 1, &[1]);
         write_segment(&disk, 3, &[2]);
         let err = recover::<_, SegmentError>(&disk, |_, _| Ok(())).expect_err("gap");
-        assert!(matches!(
-            err,
-            SegmentError::Missing {
-                missing: SegmentId(2),
-                ..
-            }
-        ));
+        assert!(matches!(err, SegmentError::Missing { missing: SegmentId(2), .. }));
     }
 }

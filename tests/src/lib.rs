@@ -49,10 +49,7 @@ pub fn bin_dir() -> PathBuf {
 
 /// The workspace root (the directory above this crate).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
 /// Builds the daemon binaries once per test process and returns (raftblkd, raftblk).
@@ -72,25 +69,15 @@ pub fn binaries() -> (PathBuf, PathBuf) {
             .status()
             .map_err(|e| format!("cannot run cargo: {e}"))?;
         if !status.success() {
-            return Err(format!(
-                "`cargo build -p raftblk-daemon --bins` failed: {status}"
-            ));
+            return Err(format!("`cargo build -p raftblk-daemon --bins` failed: {status}"));
         }
         Ok(())
     });
     if let Err(e) = result {
         panic!("{e}");
     }
-    assert!(
-        daemon.exists(),
-        "{} does not exist after the build",
-        daemon.display()
-    );
-    assert!(
-        cli.exists(),
-        "{} does not exist after the build",
-        cli.display()
-    );
+    assert!(daemon.exists(), "{} does not exist after the build", daemon.display());
+    assert!(cli.exists(), "{} does not exist after the build", cli.display());
     (daemon, cli)
 }
 
@@ -132,10 +119,7 @@ pub fn require_python_nbd(test: &str) -> bool {
     if python_nbd().is_some() {
         return true;
     }
-    skip_or_fail(
-        test,
-        "no python3 with the `nbd` module (Debian package python3-libnbd)",
-    )
+    skip_or_fail(test, "no python3 with the `nbd` module (Debian package python3-libnbd)")
 }
 
 fn skip_or_fail(test: &str, why: &str) -> bool {
@@ -155,17 +139,14 @@ pub fn python_nbd() -> Option<PathBuf> {
     static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
     FOUND
         .get_or_init(|| {
-            ["/usr/bin/python3", "python3"]
-                .into_iter()
-                .map(PathBuf::from)
-                .find(|p| {
-                    Command::new(p)
-                        .args(["-c", "import nbd"])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .is_ok_and(|s| s.success())
-                })
+            ["/usr/bin/python3", "python3"].into_iter().map(PathBuf::from).find(|p| {
+                Command::new(p)
+                    .args(["-c", "import nbd"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
         })
         .clone()
 }
@@ -229,12 +210,8 @@ impl std::fmt::Display for Out {
 /// Runs `cmd` with stdin closed, capturing output; kills it after `timeout`.
 pub fn run_cmd(mut cmd: Command, timeout: Duration) -> Out {
     let cmdline = format!("{cmd:?}");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmdline}: {e}"));
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {cmdline}: {e}"));
     let mut so = child.stdout.take().expect("stdout piped");
     let mut se = child.stderr.take().expect("stderr piped");
     let t_out = std::thread::spawn(move || {
@@ -263,12 +240,7 @@ pub fn run_cmd(mut cmd: Command, timeout: Duration) -> Out {
     };
     let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
-    Out {
-        cmdline,
-        status,
-        stdout,
-        stderr,
-    }
+    Out { cmdline, status, stdout, stderr }
 }
 
 /// Runs `program args...` with [`TOOL_TIMEOUT`].
@@ -319,43 +291,26 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
 
 /// A free loopback TCP port (bound and released; [`Daemon::start`] retries on a race).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local_addr")
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local_addr").port()
 }
 
 /// `GET path` over plain HTTP/1.1; returns (status code, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
-    )?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n\r\n")?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let bad =
-        |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{m}: {text:?}"));
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| bad("no header end"))?;
-    let code: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| bad("no status code"))?;
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{m}: {text:?}"));
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no header end"))?;
+    let code: u16 =
+        head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| bad("no status code"))?;
     let chunked = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    let body = if chunked {
-        dechunk(body).ok_or_else(|| bad("bad chunked body"))?
-    } else {
-        body.to_string()
-    };
+    let body = if chunked { dechunk(body).ok_or_else(|| bad("bad chunked body"))? } else { body.to_string() };
     Ok((code, body))
 }
 
@@ -393,10 +348,7 @@ impl Daemon {
     /// Starts a daemon on a fresh temporary data directory and free ports.
     pub fn start() -> Daemon {
         let (daemon_bin, cli_bin) = binaries();
-        let mut dir = tempfile::Builder::new()
-            .prefix("raftblk-test.")
-            .tempdir()
-            .expect("tempdir");
+        let mut dir = tempfile::Builder::new().prefix("raftblk-test.").tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
         let mut last_log = String::new();
         for _attempt in 0..5 {
@@ -487,16 +439,11 @@ impl Daemon {
             .arg("--nbd-socket")
             .arg(&self.socket)
             .args(["--bootstrap-volumes", "none"])
-            .env(
-                "RUST_LOG",
-                std::env::var("RAFTBLK_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("RAFTBLK_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log);
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot spawn {}: {e}", self.daemon_bin.display()))?;
+        let child = cmd.spawn().map_err(|e| format!("cannot spawn {}: {e}", self.daemon_bin.display()))?;
         self.child = Some(child);
         let started = Instant::now();
         loop {
@@ -508,10 +455,7 @@ impl Daemon {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
-                    return Err(format!(
-                        "raftblkd exited during start ({status}); log:\n{}",
-                        new_log(self)
-                    ));
+                    return Err(format!("raftblkd exited during start ({status}); log:\n{}", new_log(self)));
                 }
             }
             if started.elapsed() > START_TIMEOUT {
@@ -549,10 +493,7 @@ impl Daemon {
     pub fn sigterm(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("daemon is running");
         let pid = child.id().to_string();
-        let st = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
+        let st = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
         assert!(st.success(), "kill -TERM {pid} failed");
         let started = Instant::now();
         loop {
@@ -562,10 +503,7 @@ impl Daemon {
             if started.elapsed() > timeout {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "raftblkd did not exit within {timeout:?} of SIGTERM; log:\n{}",
-                    self.log()
-                );
+                panic!("raftblkd did not exit within {timeout:?} of SIGTERM; log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -574,10 +512,7 @@ impl Daemon {
     /// Starts the daemon again on the same data directory and ports
     /// (after [`kill9`](Self::kill9) or [`sigterm`](Self::sigterm)).
     pub fn restart(&mut self) {
-        assert!(
-            self.child.is_none(),
-            "restart() needs the daemon stopped first"
-        );
+        assert!(self.child.is_none(), "restart() needs the daemon stopped first");
         let mut last = String::new();
         for _ in 0..20 {
             match self.spawn_and_wait() {
@@ -603,10 +538,7 @@ impl Daemon {
     /// Runs `raftblk --api http://ADDR args...`.
     pub fn cli(&self, args: &[&str]) -> Out {
         let mut cmd = Command::new(&self.cli_bin);
-        cmd.env_remove("RAFTBLK_API")
-            .arg("--api")
-            .arg(format!("http://{}", self.api_addr))
-            .args(args);
+        cmd.env_remove("RAFTBLK_API").arg("--api").arg(format!("http://{}", self.api_addr)).args(args);
         run_cmd(cmd, Duration::from_secs(60))
     }
 
@@ -627,8 +559,7 @@ impl Daemon {
     /// `GET path` on the API.
     #[track_caller]
     pub fn get(&self, path: &str) -> (u16, String) {
-        http_get(self.api_addr, path)
-            .unwrap_or_else(|e| panic!("GET {path}: {e}\nlog:\n{}", self.log()))
+        http_get(self.api_addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}\nlog:\n{}", self.log()))
     }
 }
 
@@ -735,9 +666,7 @@ impl RawNbd {
             match rtype {
                 1 => break, // ACK
                 3 if payload.len() >= 12 && payload[..2] == [0, 0] => {
-                    size = Some(u64::from_be_bytes(
-                        payload[2..10].try_into().expect("8 bytes"),
-                    ));
+                    size = Some(u64::from_be_bytes(payload[2..10].try_into().expect("8 bytes")));
                     flags = u16::from_be_bytes([payload[10], payload[11]]);
                 }
                 3 => {}
@@ -750,14 +679,8 @@ impl RawNbd {
                 t => return Err(invalid(format!("unexpected option reply type {t:#x}"))),
             }
         }
-        let size =
-            size.ok_or_else(|| invalid("NBD_OPT_GO acked without NBD_INFO_EXPORT".into()))?;
-        Ok(RawNbd {
-            s,
-            size,
-            flags,
-            cookie: 0,
-        })
+        let size = size.ok_or_else(|| invalid("NBD_OPT_GO acked without NBD_INFO_EXPORT".into()))?;
+        Ok(RawNbd { s, size, flags, cookie: 0 })
     }
 
     /// Sends one request header (and `payload`, for writes) without reading the reply.
@@ -814,10 +737,7 @@ impl RawNbd {
             return Err(invalid(format!("bad simple reply magic {r:02x?}")));
         }
         let error = u32::from_be_bytes(r[4..8].try_into().expect("4 bytes"));
-        Ok((
-            u64::from_be_bytes(r[8..16].try_into().expect("8 bytes")),
-            error,
-        ))
+        Ok((u64::from_be_bytes(r[8..16].try_into().expect("8 bytes")), error))
     }
 
     /// Reads `len` bytes at `offset`.
@@ -842,10 +762,7 @@ impl RawNbd {
         match self.s.read(&mut b) {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) => !matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ),
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
         }
     }
 

@@ -29,34 +29,16 @@ fn volume_lifecycle_json_and_tables() {
     assert_eq!(v["connections"], 0, "{v}");
     let uuid = v["uuid"].as_str().expect("uuid").to_string();
     assert_eq!(uuid.len(), 36, "uuid looks like a UUID: {v}");
-    assert!(
-        v["allocated_bytes"].as_u64().expect("allocated_bytes") < MIB,
-        "thin volume: {v}"
-    );
-    assert!(
-        v["created_unix_s"].as_u64().expect("created_unix_s") > 1_600_000_000,
-        "{v}"
-    );
+    assert!(v["allocated_bytes"].as_u64().expect("allocated_bytes") < MIB, "thin volume: {v}");
+    assert!(v["created_unix_s"].as_u64().expect("created_unix_s") > 1_600_000_000, "{v}");
 
     // create, human output
     let out = d.cli(&["volume", "create", "logs", "--size", "64MiB", "--read-only"]);
     let text = out.ok();
     assert!(text.contains("created volume logs"), "{out}");
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("size") && l.contains("64.0 MiB (67108864 bytes)")),
-        "{out}"
-    );
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("read-only") && l.trim_end().ends_with("true")),
-        "{out}"
-    );
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("export") && l.contains("/logs")),
-        "{out}"
-    );
+    assert!(text.lines().any(|l| l.starts_with("size") && l.contains("64.0 MiB (67108864 bytes)")), "{out}");
+    assert!(text.lines().any(|l| l.starts_with("read-only") && l.trim_end().ends_with("true")), "{out}");
+    assert!(text.lines().any(|l| l.starts_with("export") && l.contains("/logs")), "{out}");
 
     // list --json, sorted by name
     let list = d.cli_json(&["volume", "list"]);
@@ -69,11 +51,7 @@ fn volume_lifecycle_json_and_tables() {
     let lines: Vec<&str> = out.ok().lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
     let header: Vec<&str> = lines[0].split_whitespace().collect();
-    assert_eq!(
-        header,
-        ["NAME", "SIZE", "ALLOCATED", "MODE", "CONNECTIONS"],
-        "{out}"
-    );
+    assert_eq!(header, ["NAME", "SIZE", "ALLOCATED", "MODE", "CONNECTIONS"], "{out}");
     let row: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(row[0], "db-1", "{out}");
     assert_eq!(&row[1..3], ["256.0", "MiB"], "{out}");
@@ -84,18 +62,8 @@ fn volume_lifecycle_json_and_tables() {
     // columns line up: every row's second column starts where SIZE does
     let col = lines[0].find("SIZE").expect("SIZE column");
     for l in &lines[1..] {
-        assert_ne!(
-            l.as_bytes()[col],
-            b' ',
-            "misaligned table:\n{}",
-            lines.join("\n")
-        );
-        assert_eq!(
-            l.as_bytes()[col - 1],
-            b' ',
-            "misaligned table:\n{}",
-            lines.join("\n")
-        );
+        assert_ne!(l.as_bytes()[col], b' ', "misaligned table:\n{}", lines.join("\n"));
+        assert_eq!(l.as_bytes()[col - 1], b' ', "misaligned table:\n{}", lines.join("\n"));
     }
 
     // inspect
@@ -108,10 +76,7 @@ fn volume_lifecycle_json_and_tables() {
     // resize (grow), same size is a no-op, the `grow` alias
     let v = d.cli_json(&["volume", "resize", "db-1", "512M"]);
     assert_eq!(v["size_bytes"], 512 * MIB, "{v}");
-    assert_eq!(
-        d.cli_json(&["volume", "inspect", "db-1"])["size_bytes"],
-        512 * MIB
-    );
+    assert_eq!(d.cli_json(&["volume", "inspect", "db-1"])["size_bytes"], 512 * MIB);
     let v = d.cli_json(&["volume", "resize", "db-1", "512M"]);
     assert_eq!(v["size_bytes"], 512 * MIB, "{v}");
     let out = d.cli(&["volume", "grow", "db-1", "1G"]);
@@ -170,56 +135,24 @@ fn refusals_say_what_to_fix() {
     let long = "a".repeat(64);
     for bad in ["bad name", ".hidden", "a/b", "-dash", "ünï", long.as_str()] {
         // `--` so that "-dash" reaches the daemon as a name, not a flag
-        refused(
-            &d,
-            &["volume", "create", "--size", "1M", "--", bad],
-            &["volume name", "letters, digits"],
-        );
+        refused(&d, &["volume", "create", "--size", "1M", "--", bad], &["volume name", "letters, digits"]);
     }
-    refused(
-        &d,
-        &["volume", "create", "", "--size", "1M"],
-        &["volume name"],
-    );
+    refused(&d, &["volume", "create", "", "--size", "1M"], &["volume name"]);
     refused(&d, &["volume", "inspect", "a/b"], &["not allowed"]);
     refused(&d, &["volume", "delete", "../vol"], &["not allowed"]);
     // 63 characters is fine
     d.create_volume(&"b".repeat(63), "4K");
 
     // bad sizes
-    refused(
-        &d,
-        &["volume", "create", "x1", "--size", "10X"],
-        &["10X", "unknown unit", "K, M, G"],
-    );
-    refused(
-        &d,
-        &["volume", "create", "x2", "--size", "0"],
-        &["larger than 0"],
-    );
-    refused(
-        &d,
-        &["volume", "create", "x3", "--size", "4097"],
-        &["not a multiple of 4096", "8192"],
-    );
-    refused(
-        &d,
-        &["volume", "create", "x4", "--size", "1.5G"],
-        &["unknown unit"],
-    );
-    refused(
-        &d,
-        &["volume", "create", "x5", "--size", "17T"],
-        &["maximum"],
-    );
+    refused(&d, &["volume", "create", "x1", "--size", "10X"], &["10X", "unknown unit", "K, M, G"]);
+    refused(&d, &["volume", "create", "x2", "--size", "0"], &["larger than 0"]);
+    refused(&d, &["volume", "create", "x3", "--size", "4097"], &["not a multiple of 4096", "8192"]);
+    refused(&d, &["volume", "create", "x4", "--size", "1.5G"], &["unknown unit"]);
+    refused(&d, &["volume", "create", "x5", "--size", "17T"], &["maximum"]);
     refused(&d, &["volume", "create", "x6", "--size", ""], &["empty"]);
 
     // duplicate
-    refused(
-        &d,
-        &["volume", "create", "vol", "--size", "32M"],
-        &["\"vol\" already exists"],
-    );
+    refused(&d, &["volume", "create", "vol", "--size", "32M"], &["\"vol\" already exists"]);
     assert_eq!(
         d.cli_json(&["volume", "inspect", "vol"])["size_bytes"],
         16 * MIB,
@@ -227,43 +160,16 @@ fn refusals_say_what_to_fix() {
     );
 
     // shrink, and bad resize sizes
-    refused(
-        &d,
-        &["volume", "resize", "vol", "8M"],
-        &["shrinking is not supported", "16777216"],
-    );
+    refused(&d, &["volume", "resize", "vol", "8M"], &["shrinking is not supported", "16777216"]);
     refused(&d, &["volume", "resize", "vol", "16M+1"], &["unknown unit"]);
-    refused(
-        &d,
-        &["volume", "resize", "vol", "16781313"],
-        &["not a multiple of 4096"],
-    );
-    assert_eq!(
-        d.cli_json(&["volume", "inspect", "vol"])["size_bytes"],
-        16 * MIB
-    );
+    refused(&d, &["volume", "resize", "vol", "16781313"], &["not a multiple of 4096"]);
+    assert_eq!(d.cli_json(&["volume", "inspect", "vol"])["size_bytes"], 16 * MIB);
 
     // unknown volume
-    refused(
-        &d,
-        &["volume", "inspect", "nosuch"],
-        &["no volume named \"nosuch\"", "volume list"],
-    );
-    refused(
-        &d,
-        &["volume", "resize", "nosuch", "1G"],
-        &["no volume named \"nosuch\""],
-    );
-    refused(
-        &d,
-        &["volume", "delete", "nosuch"],
-        &["no volume named \"nosuch\""],
-    );
-    refused(
-        &d,
-        &["volume", "delete", "nosuch", "--force"],
-        &["no volume named \"nosuch\""],
-    );
+    refused(&d, &["volume", "inspect", "nosuch"], &["no volume named \"nosuch\"", "volume list"]);
+    refused(&d, &["volume", "resize", "nosuch", "1G"], &["no volume named \"nosuch\""]);
+    refused(&d, &["volume", "delete", "nosuch"], &["no volume named \"nosuch\""]);
+    refused(&d, &["volume", "delete", "nosuch", "--force"], &["no volume named \"nosuch\""]);
 
     // nothing above left a volume behind
     let list = d.cli_json(&["volume", "list"]);
@@ -273,23 +179,14 @@ fn refusals_say_what_to_fix() {
     let (code, body) = d.get("/v1/volumes/nosuch");
     assert_eq!(code, 404, "{body}");
     let v: Value = serde_json::from_str(&body).expect("error body is JSON");
-    assert!(
-        v["error"]
-            .as_str()
-            .expect("error")
-            .contains("no volume named"),
-        "{body}"
-    );
+    assert!(v["error"].as_str().expect("error").contains("no volume named"), "{body}");
     let (code, body) = d.get("/v2/whatever");
     assert_eq!(code, 404, "{body}");
     assert!(body.contains("/v1/volumes"), "{body}");
 
     // an unreachable daemon: a hint, not a stack trace
     let out = raftblk_tests::run(
-        raftblk_tests::bin_dir()
-            .join("raftblk")
-            .to_str()
-            .expect("utf-8 path"),
+        raftblk_tests::bin_dir().join("raftblk").to_str().expect("utf-8 path"),
         &["--api", "http://127.0.0.1:1", "volume", "list"],
     );
     assert_eq!(out.code(), 1, "{out}");
@@ -307,32 +204,18 @@ fn delete_is_refused_while_a_client_is_connected_and_forced_delete_cuts_it_off()
     let pattern = vec![0x5au8; 4096];
     assert_eq!(c.write(4096, &pattern).expect("write").error, 0);
     assert_eq!(d.cli_json(&["volume", "inspect", "busy"])["connections"], 1);
-    assert_eq!(
-        d.cli_json(&["volume", "inspect", "other"])["connections"],
-        0
-    );
+    assert_eq!(d.cli_json(&["volume", "inspect", "other"])["connections"], 0);
 
-    refused(
-        &d,
-        &["volume", "delete", "busy"],
-        &["1 open NBD connection", "--force"],
-    );
+    refused(&d, &["volume", "delete", "busy"], &["1 open NBD connection", "--force"]);
     // still there, still served
-    assert_eq!(
-        d.cli_json(&["volume", "inspect", "busy"])["size_bytes"],
-        8 * MIB
-    );
+    assert_eq!(d.cli_json(&["volume", "inspect", "busy"])["size_bytes"], 8 * MIB);
     let r = c.read(4096, 4096).expect("read after refused delete");
     assert_eq!(r.error, 0);
     assert_eq!(r.data, pattern);
 
     // a second connection counts too
     let c2 = RawNbd::connect(d.nbd_addr, "busy").expect("second NBD connect");
-    refused(
-        &d,
-        &["volume", "delete", "busy"],
-        &["2 open NBD connection"],
-    );
+    refused(&d, &["volume", "delete", "busy"], &["2 open NBD connection"]);
     c2.disconnect();
 
     // --force deletes; the held connection's I/O now fails (or it is closed)
@@ -353,10 +236,7 @@ fn delete_is_refused_while_a_client_is_connected_and_forced_delete_cuts_it_off()
     let mut c = RawNbd::connect(d.nbd_addr, "busy").expect("NBD connect to recreated volume");
     let r = c.read(4096, 4096).expect("read");
     assert_eq!(r.error, 0);
-    assert!(
-        r.data.iter().all(|&b| b == 0),
-        "recreated volume shows old data"
-    );
+    assert!(r.data.iter().all(|&b| b == 0), "recreated volume shows old data");
     c.disconnect();
 
     // after clients leave, plain delete works again (connection count drops)

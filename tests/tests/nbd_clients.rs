@@ -23,23 +23,16 @@ fn nbdinfo_lists_every_volume_and_reports_size_and_flags() {
     let d = Daemon::start();
     d.create_volume("alpha", "256M");
     d.create_volume("beta", "64M");
-    d.cli(&["volume", "create", "gamma", "--size", "16M", "--read-only"])
-        .ok();
+    d.cli(&["volume", "create", "gamma", "--size", "16M", "--read-only"]).ok();
 
     // --list, text and JSON
     let out = run("nbdinfo", &["--list", &format!("nbd://{}", d.nbd_addr)]);
     let text = out.ok();
     for name in ["alpha", "beta", "gamma"] {
-        assert!(
-            text.contains(&format!("export=\"{name}\":")),
-            "{name} not listed: {out}"
-        );
+        assert!(text.contains(&format!("export=\"{name}\":")), "{name} not listed: {out}");
     }
     assert!(text.contains("268435456"), "{out}");
-    let out = run(
-        "nbdinfo",
-        &["--list", "--json", &format!("nbd://{}", d.nbd_addr)],
-    );
+    let out = run("nbdinfo", &["--list", "--json", &format!("nbd://{}", d.nbd_addr)]);
     let info = out.json();
     let mut names: Vec<&str> = info["exports"]
         .as_array()
@@ -57,26 +50,15 @@ fn nbdinfo_lists_every_volume_and_reports_size_and_flags() {
     let e = only_export(&info);
     assert_eq!(e["export-name"], "alpha", "{e}");
     assert_eq!(e["export-size"], 256 * MIB, "{e}");
-    for flag in [
-        "can_multi_conn",
-        "can_trim",
-        "can_zero",
-        "can_fua",
-        "can_flush",
-        "can_cache",
-    ] {
+    for flag in ["can_multi_conn", "can_trim", "can_zero", "can_fua", "can_flush", "can_cache"] {
         assert_eq!(e[flag], true, "{flag}: {e}");
     }
     assert_eq!(e["is_read_only"], false, "{e}");
     assert_eq!(e["block_size_minimum"], 512, "{e}");
     assert_eq!(e["block_size_preferred"], 4096, "{e}");
     assert_eq!(e["block_size_maximum"], 33_554_432, "{e}");
-    let contexts: Vec<&str> = e["contexts"]
-        .as_array()
-        .expect("contexts")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let contexts: Vec<&str> =
+        e["contexts"].as_array().expect("contexts").iter().filter_map(Value::as_str).collect();
     assert!(contexts.contains(&"base:allocation"), "{e}");
 
     // the same over the unix socket
@@ -100,23 +82,13 @@ fn read_only_volume_refuses_writes() {
         return;
     }
     let d = Daemon::start();
-    d.cli(&["volume", "create", "ro", "--size", "16M", "--read-only"])
-        .ok();
+    d.cli(&["volume", "create", "ro", "--size", "16M", "--read-only"]).ok();
     let uri = d.nbd_uri("ro");
 
     // qemu-io refuses to open it read-write; read-only opens read zeroes
     let out = qemu_io(&uri, &["write -P 0xab 0 64k"]);
-    assert!(
-        !out.success(),
-        "write to a read-only export succeeded: {out}"
-    );
-    let mut args = vec![
-        "-r".to_string(),
-        "-f".into(),
-        "raw".into(),
-        "-c".into(),
-        "read -P 0 0 1M".into(),
-    ];
+    assert!(!out.success(), "write to a read-only export succeeded: {out}");
+    let mut args = vec!["-r".to_string(), "-f".into(), "raw".into(), "-c".into(), "read -P 0 0 1M".into()];
     args.push(uri.clone());
     run("qemu-io", &args).ok();
 
@@ -169,10 +141,7 @@ fn assert_range(extents: &[(u64, u64, u64)], start: u64, end: u64, want: u64) {
     for &(off, len, ty) in extents {
         let (a, b) = (off.max(start), (off + len).min(end));
         if a < b {
-            assert_eq!(
-                ty, want,
-                "bytes [{a}, {b}) have type {ty}, expected {want}; map: {extents:?}"
-            );
+            assert_eq!(ty, want, "bytes [{a}, {b}) have type {ty}, expected {want}; map: {extents:?}");
         }
     }
 }
@@ -191,16 +160,7 @@ fn nbdinfo_map_shows_data_and_holes_after_writes_and_trim() {
     assert_eq!(m.iter().map(|e| e.1).sum::<u64>(), 64 * MIB, "{m:?}");
     assert_range(&m, 0, 64 * MIB, 3);
 
-    qemu_io(
-        &uri,
-        &[
-            "write -P 0xab 0 2M",
-            "write -P 0xcd 8M 1M",
-            "write -P 0xef 60M 4k",
-            "flush",
-        ],
-    )
-    .ok();
+    qemu_io(&uri, &["write -P 0xab 0 2M", "write -P 0xcd 8M 1M", "write -P 0xef 60M 4k", "flush"]).ok();
     let m = map(&uri);
     assert_eq!(m.iter().map(|e| e.1).sum::<u64>(), 64 * MIB, "{m:?}");
     assert_range(&m, 0, 2 * MIB, 0);
@@ -216,19 +176,12 @@ fn nbdinfo_map_shows_data_and_holes_after_writes_and_trim() {
     assert_range(&m, 0, MIB, 3);
     assert_range(&m, MIB, 2 * MIB, 0);
     assert_range(&m, 8 * MIB, 9 * MIB, 0);
-    qemu_io(
-        &uri,
-        &["read -P 0 0 1M", "read -P 0xab 1M 1M", "read -P 0xcd 8M 1M"],
-    )
-    .ok();
+    qemu_io(&uri, &["read -P 0 0 1M", "read -P 0xab 1M 1M", "read -P 0xcd 8M 1M"]).ok();
 
     // allocated_bytes in the API follows the data (about 2 MiB + 4 KiB now)
     let v = d.cli_json(&["volume", "inspect", "thin"]);
     let allocated = v["allocated_bytes"].as_u64().expect("allocated_bytes");
-    assert!(
-        (2 * MIB..=3 * MIB).contains(&allocated),
-        "allocated {allocated}: {v}"
-    );
+    assert!((2 * MIB..=3 * MIB).contains(&allocated), "allocated {allocated}: {v}");
 }
 
 #[test]
@@ -242,10 +195,7 @@ fn qemu_io_patterns_trim_and_write_zeroes_over_tcp_and_unix() {
     let unix = d.unix_uri("qio");
 
     let out = qemu_io(&tcp, &["write -P 0xab 0 1M", "read -P 0xab 0 1M"]);
-    assert!(
-        out.ok().contains("read 1048576/1048576 bytes at offset 0"),
-        "{out}"
-    );
+    assert!(out.ok().contains("read 1048576/1048576 bytes at offset 0"), "{out}");
 
     // the check can fail: a wrong pattern is reported and the exit status is 1
     let out = qemu_io(&tcp, &["read -P 0xcd 0 1M"]);
@@ -270,54 +220,24 @@ fn qemu_io_patterns_trim_and_write_zeroes_over_tcp_and_unix() {
     .ok();
     // past the end is refused
     let out = qemu_io(&tcp, &["read 268431360 8192"]);
-    assert!(
-        !out.success() || out.stdout.contains("failed"),
-        "read past the end succeeded: {out}"
-    );
+    assert!(!out.success() || out.stdout.contains("failed"), "read past the end succeeded: {out}");
 
     // discard: the first half reads zeroes, the second keeps its data
-    qemu_io(
-        &tcp,
-        &[
-            "discard 0 512k",
-            "read -P 0 0 512k",
-            "read -P 0xab 512k 512k",
-        ],
-    )
-    .ok();
+    qemu_io(&tcp, &["discard 0 512k", "read -P 0 0 512k", "read -P 0xab 512k 512k"]).ok();
 
     // write zeroes, with and without unmap
-    qemu_io(
-        &tcp,
-        &[
-            "write -P 0xee 4M 1M",
-            "write -z 4M 512k",
-            "write -z -u 4608k 512k",
-        ],
-    )
-    .ok();
+    qemu_io(&tcp, &["write -P 0xee 4M 1M", "write -z 4M 512k", "write -z -u 4608k 512k"]).ok();
     qemu_io(&tcp, &["read -P 0 4M 1M"]).ok();
 
     // never-written areas read as zeroes
     qemu_io(&tcp, &["read -P 0 100M 1M", "read -P 0 200M 4k"]).ok();
 
     // the unix socket serves the same volume
-    let out = qemu_io(
-        &unix,
-        &[
-            "read -P 0xab 512k 512k",
-            "read -P 0 4M 1M",
-            "write -P 0x77 10M 128k",
-        ],
-    );
+    let out = qemu_io(&unix, &["read -P 0xab 512k 512k", "read -P 0 4M 1M", "write -P 0x77 10M 128k"]);
     out.ok();
     qemu_io(&tcp, &["read -P 0x77 10M 128k"]).ok();
     let out = qemu_io(&unix, &["read -P 0x78 10M 128k"]);
-    assert_eq!(
-        out.code(),
-        1,
-        "wrong pattern over the unix socket not detected: {out}"
-    );
+    assert_eq!(out.code(), 1, "wrong pattern over the unix socket not detected: {out}");
 }
 
 #[test]
@@ -347,15 +267,9 @@ fn qemu_img_convert_from_qcow2_and_compare() {
     // put junk where the image has zeroes, so the convert must overwrite it
     qemu_io(&uri, &["write -P 0x99 20M 1M"]).ok();
 
-    let out = run(
-        "qemu-img",
-        &["convert", "-n", "-f", "qcow2", "-O", "raw", qcow2, &uri],
-    );
+    let out = run("qemu-img", &["convert", "-n", "-f", "qcow2", "-O", "raw", qcow2, &uri]);
     out.ok();
-    let out = run(
-        "qemu-img",
-        &["compare", "-f", "qcow2", "-F", "raw", qcow2, &uri],
-    );
+    let out = run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", qcow2, &uri]);
     assert!(out.ok().contains("Images are identical"), "{out}");
 
     let out = run("qemu-img", &["info", "--output=json", &uri]);
@@ -363,15 +277,9 @@ fn qemu_img_convert_from_qcow2_and_compare() {
 
     // one modified sector through NBD: compare now fails and names the offset
     qemu_io(&uri, &["write -P 0x99 5246976 512"]).ok();
-    let out = run(
-        "qemu-img",
-        &["compare", "-f", "qcow2", "-F", "raw", qcow2, &uri],
-    );
+    let out = run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", qcow2, &uri]);
     assert_eq!(out.code(), 1, "{out}");
-    assert!(
-        out.stdout.contains("Content mismatch at offset 5246976"),
-        "{out}"
-    );
+    assert!(out.stdout.contains("Content mismatch at offset 5246976"), "{out}");
 }
 
 #[test]
@@ -399,35 +307,19 @@ fn nbdcopy_file_to_volume_to_file_is_byte_identical() {
     let back = std::fs::read(&dst).expect("read dst");
     assert_eq!(back.len(), data.len());
     if let Some(i) = back.iter().zip(&data).position(|(a, b)| a != b) {
-        panic!(
-            "first difference at byte {i}: {:#x} != {:#x}",
-            back[i], data[i]
-        );
+        panic!("first difference at byte {i}: {:#x} != {:#x}", back[i], data[i]);
     }
     // and over the unix socket, single connection, synchronous
     std::fs::remove_file(&dst).expect("rm dst");
-    run(
-        "nbdcopy",
-        &[
-            "--connections=1",
-            "--synchronous",
-            &d.unix_uri("copy"),
-            dst.to_str().expect("path"),
-        ],
-    )
-    .ok();
-    assert!(
-        std::fs::read(&dst).expect("read dst") == data,
-        "unix-socket copy differs"
-    );
+    run("nbdcopy", &["--connections=1", "--synchronous", &d.unix_uri("copy"), dst.to_str().expect("path")])
+        .ok();
+    assert!(std::fs::read(&dst).expect("read dst") == data, "unix-socket copy differs");
 }
 
 fn fio_json(out: &raftblk_tests::Out) -> Value {
     let text = out.ok();
     // fio's nbd engine prints "fio: connected to NBD server" lines before the JSON
-    let start = text
-        .find("{\n")
-        .unwrap_or_else(|| panic!("no JSON in fio output: {out}"));
+    let start = text.find("{\n").unwrap_or_else(|| panic!("no JSON in fio output: {out}"));
     serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("fio JSON: {e}: {out}"))
 }
 
@@ -479,10 +371,7 @@ fn fio_nbd_engine_randwrite_then_crc32c_verify_four_jobs() {
     if raftblk_tests::have_tool("qemu-io") {
         qemu_io(&d.nbd_uri("fio"), &["write -P 0x00 0 4k"]).ok();
         let out = run("fio", &args);
-        assert!(
-            !out.success(),
-            "fio verify did not notice a clobbered block: {out}"
-        );
+        assert!(!out.success(), "fio verify did not notice a clobbered block: {out}");
     }
 }
 
@@ -490,10 +379,7 @@ fn fio_nbd_engine_randwrite_then_crc32c_verify_four_jobs() {
 fn sample(metrics: &str, prefix: &str) -> Option<f64> {
     metrics
         .lines()
-        .find_map(|l| {
-            l.strip_prefix(prefix)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
+        .find_map(|l| l.strip_prefix(prefix).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
 }
 
@@ -507,55 +393,23 @@ fn metrics_count_client_io_and_healthz_is_ok() {
     d.create_volume("met", "32M");
     d.create_volume("idle", "32M");
     let uri = d.nbd_uri("met");
-    qemu_io(
-        &uri,
-        &[
-            "write -P 1 0 1M",
-            "write -P 2 1M 1M",
-            "write -P 3 4M 1M",
-            "read -P 2 1M 1M",
-            "flush",
-        ],
-    )
-    .ok();
+    qemu_io(&uri, &["write -P 1 0 1M", "write -P 2 1M 1M", "write -P 3 4M 1M", "read -P 2 1M 1M", "flush"])
+        .ok();
 
     let (code, text) = d.get("/metrics");
     assert_eq!(code, 200, "{text}");
-    let written = sample(
-        &text,
-        r#"raftblk_volume_bytes_total{op="write",volume="met"}"#,
-    )
-    .unwrap_or_else(|| panic!("no write byte counter for met:\n{text}"));
-    assert!(
-        written >= 3.0 * MIB as f64,
-        "write bytes {written} < 3 MiB:\n{text}"
-    );
-    let read = sample(
-        &text,
-        r#"raftblk_volume_bytes_total{op="read",volume="met"}"#,
-    )
-    .expect("read counter");
+    let written = sample(&text, r#"raftblk_volume_bytes_total{op="write",volume="met"}"#)
+        .unwrap_or_else(|| panic!("no write byte counter for met:\n{text}"));
+    assert!(written >= 3.0 * MIB as f64, "write bytes {written} < 3 MiB:\n{text}");
+    let read = sample(&text, r#"raftblk_volume_bytes_total{op="read",volume="met"}"#).expect("read counter");
     assert!(read >= MIB as f64, "read bytes {read}:\n{text}");
-    let writes = sample(
-        &text,
-        r#"raftblk_volume_operations_total{op="write",volume="met"}"#,
-    )
-    .expect("op counter");
+    let writes =
+        sample(&text, r#"raftblk_volume_operations_total{op="write",volume="met"}"#).expect("op counter");
     assert!(writes >= 3.0, "{text}");
-    let flushes = sample(
-        &text,
-        r#"raftblk_volume_operations_total{op="flush",volume="met"}"#,
-    )
-    .expect("flush counter");
+    let flushes =
+        sample(&text, r#"raftblk_volume_operations_total{op="flush",volume="met"}"#).expect("flush counter");
     assert!(flushes >= 1.0, "{text}");
-    assert_eq!(
-        sample(
-            &text,
-            r#"raftblk_volume_bytes_total{op="write",volume="idle"}"#
-        ),
-        Some(0.0),
-        "{text}"
-    );
+    assert_eq!(sample(&text, r#"raftblk_volume_bytes_total{op="write",volume="idle"}"#), Some(0.0), "{text}");
     assert_eq!(sample(&text, "raftblk_volumes"), Some(2.0), "{text}");
     assert_eq!(
         sample(&text, r#"raftblk_volume_size_bytes{volume="met"}"#),
@@ -565,10 +419,7 @@ fn metrics_count_client_io_and_healthz_is_ok() {
     let allocated =
         sample(&text, r#"raftblk_volume_allocated_bytes{volume="met"}"#).expect("allocated gauge");
     assert!(allocated >= 3.0 * MIB as f64, "{text}");
-    assert!(
-        text.contains("# TYPE raftblk_volume_operation_duration_seconds histogram"),
-        "{text}"
-    );
+    assert!(text.contains("# TYPE raftblk_volume_operation_duration_seconds histogram"), "{text}");
 
     // a deleted volume's series disappear
     d.cli(&["volume", "delete", "idle"]).ok();

@@ -132,12 +132,7 @@ fn raw_protocol_abuse_unknown_commands_and_oversized_writes() {
     assert_eq!(c.size, 16 * MIB);
     // HAS_FLAGS | SEND_FLUSH | SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | CAN_MULTI_CONN
     for bit in [0, 2, 3, 5, 6, 8] {
-        assert_ne!(
-            c.flags & (1 << bit),
-            0,
-            "transmission flag bit {bit} missing: {:#x}",
-            c.flags
-        );
+        assert_ne!(c.flags & (1 << bit), 0, "transmission flag bit {bit} missing: {:#x}", c.flags);
     }
     assert_eq!(c.flags & 2, 0, "read-only flag set on a read-write volume");
     let data = vec![0x42u8; 4096];
@@ -145,9 +140,7 @@ fn raw_protocol_abuse_unknown_commands_and_oversized_writes() {
 
     // unknown command types: EINVAL, connection usable
     for cmd in [8u16, 99, 0xffff] {
-        let r = c
-            .request(cmd, 0, 0, 4096, &[])
-            .expect("reply to an unknown command");
+        let r = c.request(cmd, 0, 0, 4096, &[]).expect("reply to an unknown command");
         assert_eq!(r.error, wire::EINVAL, "command type {cmd}");
         assert_eq!(c.read(0, 4096).expect("read").data, data);
     }
@@ -160,9 +153,7 @@ fn raw_protocol_abuse_unknown_commands_and_oversized_writes() {
     assert_eq!(c.read(0, 4096).expect("read").data, data);
     // DF on a connection without structured replies
     // (EINVAL, or ignored by a lenient server; the stream must stay in sync)
-    let r = c
-        .request(wire::CMD_READ, 1 << 2, 0, 4096, &[])
-        .expect("reply");
+    let r = c.request(wire::CMD_READ, 1 << 2, 0, 4096, &[]).expect("reply");
     assert!(
         r.error == wire::EINVAL || (r.error == 0 && r.data == data),
         "DF without structured replies: {r:?}"
@@ -171,18 +162,12 @@ fn raw_protocol_abuse_unknown_commands_and_oversized_writes() {
     // pipelined requests are all answered, each cookie once
     let mut cookies = std::collections::BTreeSet::new();
     for i in 0..32u64 {
-        cookies.insert(
-            c.send(wire::CMD_WRITE, 0, (64 + i) * 4096, 4096, &data)
-                .expect("send"),
-        );
+        cookies.insert(c.send(wire::CMD_WRITE, 0, (64 + i) * 4096, 4096, &data).expect("send"));
     }
     for _ in 0..32 {
         let (cookie, error) = c.recv_simple_reply_header().expect("reply");
         assert_eq!(error, 0);
-        assert!(
-            cookies.remove(&cookie),
-            "unexpected or repeated cookie {cookie}"
-        );
+        assert!(cookies.remove(&cookie), "unexpected or repeated cookie {cookie}");
     }
     assert_eq!(c.read(64 * 4096, 4096).expect("read").data, data);
     drop(c);

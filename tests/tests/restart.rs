@@ -16,12 +16,8 @@ fn kill9_then_restart_keeps_flushed_data_and_the_catalog() {
     d.create_volume("keep", "256M");
     d.create_volume("grown", "16M");
     d.cli(&["volume", "resize", "grown", "32M"]).ok();
-    d.cli(&["volume", "create", "ro", "--size", "4M", "--read-only"])
-        .ok();
-    let uuid = d.cli_json(&["volume", "inspect", "keep"])["uuid"]
-        .as_str()
-        .expect("uuid")
-        .to_string();
+    d.cli(&["volume", "create", "ro", "--size", "4M", "--read-only"]).ok();
+    let uuid = d.cli_json(&["volume", "inspect", "keep"])["uuid"].as_str().expect("uuid").to_string();
     let uri = d.nbd_uri("keep");
     qemu_io(
         &uri,
@@ -40,10 +36,7 @@ fn kill9_then_restart_keeps_flushed_data_and_the_catalog() {
     qemu_io(&d.nbd_uri("grown"), &["write -P 0x12 31M 1M", "flush"]).ok();
 
     d.kill9();
-    assert!(
-        std::net::TcpStream::connect(d.api_addr).is_err(),
-        "API still answers after kill -9"
-    );
+    assert!(std::net::TcpStream::connect(d.api_addr).is_err(), "API still answers after kill -9");
     d.restart();
 
     let list = d.cli_json(&["volume", "list"]);
@@ -68,10 +61,7 @@ fn kill9_then_restart_keeps_flushed_data_and_the_catalog() {
         ],
         "{list}"
     );
-    assert_eq!(
-        d.cli_json(&["volume", "inspect", "keep"])["uuid"],
-        uuid.as_str()
-    );
+    assert_eq!(d.cli_json(&["volume", "inspect", "keep"])["uuid"], uuid.as_str());
 
     qemu_io(
         &uri,
@@ -89,36 +79,16 @@ fn kill9_then_restart_keeps_flushed_data_and_the_catalog() {
     // the check can fail
     assert_eq!(qemu_io(&uri, &["read -P 0x5b 0 1M"]).code(), 1);
     // and the restarted daemon takes writes again, over the restarted unix socket too
-    qemu_io(
-        &d.unix_uri("keep"),
-        &["write -P 0x99 2M 64k", "read -P 0x99 2M 64k"],
-    )
-    .ok();
+    qemu_io(&d.unix_uri("keep"), &["write -P 0x99 2M 64k", "read -P 0x99 2M 64k"]).ok();
 
     // twice in a row, with a client connected at the moment of the kill
     let mut c = RawNbd::connect(d.nbd_addr, "keep").expect("connect");
     assert_eq!(c.write(3 * MIB, &[0xc3; 4096]).expect("write").error, 0);
-    assert_eq!(
-        c.request(raftblk_tests::wire::CMD_FLUSH, 0, 0, 0, &[])
-            .expect("flush")
-            .error,
-        0
-    );
+    assert_eq!(c.request(raftblk_tests::wire::CMD_FLUSH, 0, 0, 0, &[]).expect("flush").error, 0);
     d.kill9();
-    assert!(
-        c.closed_by_server(Duration::from_secs(5)),
-        "client connection survived kill -9"
-    );
+    assert!(c.closed_by_server(Duration::from_secs(5)), "client connection survived kill -9");
     d.restart();
-    qemu_io(
-        &uri,
-        &[
-            "read -P 0xc3 3M 4k",
-            "read -P 0x99 2M 64k",
-            "read -P 0x5a 0 1M",
-        ],
-    )
-    .ok();
+    qemu_io(&uri, &["read -P 0xc3 3M 4k", "read -P 0x99 2M 64k", "read -P 0x5a 0 1M"]).ok();
 }
 
 #[test]
@@ -135,27 +105,11 @@ fn sigterm_with_a_client_connected_exits_zero_and_keeps_data() {
     let t = Instant::now();
     let status = d.sigterm(Duration::from_secs(10));
     let took = t.elapsed();
-    assert!(
-        status.success(),
-        "raftblkd exited with {status} on SIGTERM; log:\n{}",
-        d.log()
-    );
-    assert!(
-        took < Duration::from_secs(5),
-        "SIGTERM took {took:?} with an idle client connected"
-    );
-    assert!(
-        c.closed_by_server(Duration::from_secs(2)),
-        "client still connected after exit"
-    );
-    assert!(
-        idle.closed_by_server(Duration::from_secs(2)),
-        "idle client still connected after exit"
-    );
-    assert!(
-        !d.socket.exists(),
-        "unix socket left behind after a clean exit"
-    );
+    assert!(status.success(), "raftblkd exited with {status} on SIGTERM; log:\n{}", d.log());
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?} with an idle client connected");
+    assert!(c.closed_by_server(Duration::from_secs(2)), "client still connected after exit");
+    assert!(idle.closed_by_server(Duration::from_secs(2)), "idle client still connected after exit");
+    assert!(!d.socket.exists(), "unix socket left behind after a clean exit");
     assert!(
         d.log().contains("bye") || d.log().contains("flushed"),
         "no clean-shutdown line in the log:\n{}",
@@ -168,20 +122,13 @@ fn sigterm_with_a_client_connected_exits_zero_and_keeps_data() {
     assert_eq!(r.error, 0);
     assert!(r.data == pattern, "data at 1 MiB lost over SIGTERM");
     let r = c.read(31 * MIB, 8192).expect("read");
-    assert!(
-        r.error == 0 && r.data == pattern,
-        "data at 31 MiB lost over SIGTERM"
-    );
+    assert!(r.error == 0 && r.data == pattern, "data at 31 MiB lost over SIGTERM");
     c.disconnect();
 
     // SIGTERM with nobody connected is quick too
     let t = Instant::now();
     assert!(d.sigterm(Duration::from_secs(10)).success());
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "idle SIGTERM took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(3), "idle SIGTERM took {:?}", t.elapsed());
 }
 
 #[test]
@@ -213,10 +160,7 @@ fn sigterm_during_a_stream_of_writes_loses_no_acknowledged_write() {
         let r = c.read(i * 4096, 4096).expect("read");
         assert_eq!(r.error, 0);
         let want = (i % 255 + 1) as u8;
-        assert!(
-            r.data.iter().all(|&b| b == want),
-            "acknowledged block {i} of {acked} lost over SIGTERM"
-        );
+        assert!(r.data.iter().all(|&b| b == want), "acknowledged block {i} of {acked} lost over SIGTERM");
     }
     c.disconnect();
 }

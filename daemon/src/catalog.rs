@@ -57,7 +57,7 @@ pub fn validate_size(size_bytes: u64) -> Result<(), String> {
     if size_bytes == 0 {
         return Err("size must be larger than 0; e.g. --size 10G".into());
     }
-    if size_bytes % VOLUME_SIZE_ALIGN_BYTES != 0 {
+    if !size_bytes.is_multiple_of(VOLUME_SIZE_ALIGN_BYTES) {
         let up = size_bytes.div_ceil(VOLUME_SIZE_ALIGN_BYTES) * VOLUME_SIZE_ALIGN_BYTES;
         return Err(format!(
             "size {size_bytes} is not a multiple of {VOLUME_SIZE_ALIGN_BYTES} bytes; use {up} (or a size in K, M, G)"

@@ -75,6 +75,14 @@ pub struct StorageConfig {
     pub ring_threads: usize,
 }
 
+/// Async runtime settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads; 0 = CPU cores minus ring threads, at least 1.
+    pub worker_threads: usize,
+}
+
 /// Logging settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +115,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Block store.
     pub storage: StorageConfig,
+    /// Async runtime.
+    pub runtime: RuntimeConfig,
     /// Logging.
     pub log: LogConfig,
     /// Volumes made on first start.
@@ -135,6 +145,9 @@ pub struct Overrides {
     /// Number of io_uring threads [env: RAFTBLK_RING_THREADS]
     #[arg(long, env = "RAFTBLK_RING_THREADS")]
     pub ring_threads: Option<usize>,
+    /// Async worker threads, 0 = cores minus ring threads [env: RAFTBLK_WORKER_THREADS]
+    #[arg(long, env = "RAFTBLK_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Log format [env: RAFTBLK_LOG_FORMAT]
     #[arg(long, env = "RAFTBLK_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -185,6 +198,9 @@ impl Config {
         if let Some(v) = o.ring_threads {
             self.storage.ring_threads = v;
         }
+        if let Some(v) = o.worker_threads {
+            self.runtime.worker_threads = v;
+        }
         if let Some(v) = o.log_format {
             self.log.format = v;
         }
@@ -204,6 +220,12 @@ impl Config {
                 message: format!("{} is out of range; use 1 to 16", self.storage.ring_threads),
             });
         }
+        if self.runtime.worker_threads > 256 {
+            return Err(ConfigError::Invalid {
+                key: "runtime.worker_threads",
+                message: format!("{} is out of range; use 0 (automatic) to 256", self.runtime.worker_threads),
+            });
+        }
         for v in &self.bootstrap_volumes {
             parse_size(&v.size).map_err(|e| ConfigError::Invalid {
                 key: "bootstrap_volumes.size",
@@ -211,6 +233,14 @@ impl Config {
             })?;
         }
         Ok(())
+    }
+
+    /// Worker threads to start, with the automatic default (0) resolved for `cores`.
+    pub fn worker_threads(&self, cores: usize) -> usize {
+        match self.runtime.worker_threads {
+            0 => cores.saturating_sub(self.storage.ring_threads).max(1),
+            n => n,
+        }
     }
 
     /// The unix socket path, with the empty default resolved.
@@ -295,6 +325,16 @@ mod tests {
         let o = Overrides { bootstrap_volumes: Some(vec!["vol0".into()]), ..Default::default() };
         let e = Config::load(None, &o).unwrap_err().to_string();
         assert!(e.contains("NAME:SIZE"), "{e}");
+    }
+
+    #[test]
+    fn automatic_worker_threads_leave_cores_to_the_rings() {
+        let mut c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.worker_threads(2), 1);
+        assert_eq!(c.worker_threads(8), 7);
+        assert_eq!(c.worker_threads(1), 1);
+        c.runtime.worker_threads = 3;
+        assert_eq!(c.worker_threads(2), 3);
     }
 
     #[test]

@@ -41,7 +41,9 @@ fn main() -> Result<()> {
     }
     let config = Config::load(args.config.as_deref(), &args.overrides)?;
     init_logging(&config)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads(cores))
         .enable_all()
         .thread_name("raftblkd")
         .build()

@@ -18,6 +18,7 @@ fuzz_seconds=${FUZZ_SECONDS:-20}
 
 summary=()
 current=""
+test_log=$(mktemp "${TMPDIR:-/tmp}/raftblk-cargo-test.XXXXXX")
 started=$SECONDS
 
 finish() {
@@ -35,6 +36,13 @@ finish() {
     echo "  total $((SECONDS - started))s"
     echo "steps: $passed passed, $failed failed"
     if ((rc != 0)); then echo "RESULT: FAIL"; else echo "RESULT: PASS"; fi
+    # Last line: the cargo tests summed over every test binary; a failed step counts as a failure.
+    local tp tf
+    tp=$(grep -oE 'test result: [a-zA-Z]+\. [0-9]+ passed' "$test_log" | awk '{s += $4} END {print s + 0}')
+    tf=$(grep 'test result:' "$test_log" | grep -oE '[0-9]+ failed' | awk '{s += $1} END {print s + 0}')
+    rm -f "$test_log"
+    if ((rc != 0)); then tf=$((tf + 1)); fi
+    echo "tests: $tp passed, $tf failed"
 }
 trap finish EXIT
 
@@ -90,7 +98,11 @@ step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets -- -D warnings
 step "cargo build --all-targets" cargo build --workspace --all-targets
 # The build above made target/debug/raftblkd and raftblk; the integration tests use them as they are.
-step "cargo test" env RAFTBLK_TESTS_NO_BUILD=1 cargo test --workspace
+cargo_test() {
+    set -o pipefail
+    env RAFTBLK_TESTS_NO_BUILD=1 cargo test --workspace 2>&1 | tee "$test_log"
+}
+step "cargo test" cargo_test
 
 if [[ ${SKIP_FUZZ:-} == 1 ]] && ! in_ci; then
     note "fuzz" "SKIP_FUZZ=1"

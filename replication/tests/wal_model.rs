@@ -1,5 +1,6 @@
 //! Property test: random appends, syncs, crashes, failed syncs and reopens of a [`Wal`] on a
-//! [`SimDisk`], checked against a model (a `BTreeMap` per group).
+//! [`SimDisk`], checked against a model (a `BTreeMap` per group), including group metadata
+//! records that reset the log.
 //!
 //! After a crash the recovered state must equal the model after *some prefix* of the records
 //! appended since the last successful sync: everything synced survives, nothing after a
@@ -19,6 +20,7 @@ struct GroupModel {
     entries: BTreeMap<u64, (u64, Bytes)>,
     hard_state: Option<HardState>,
     mark: u64,
+    meta: Option<Bytes>,
 }
 
 impl GroupModel {
@@ -31,7 +33,7 @@ impl GroupModel {
     }
 
     fn is_blank(&self) -> bool {
-        self.entries.is_empty() && self.hard_state.is_none() && self.mark == 0
+        self.entries.is_empty() && self.hard_state.is_none() && self.mark == 0 && self.meta.is_none()
     }
 }
 
@@ -51,6 +53,13 @@ fn apply(model: &mut Model, r: &Record) {
                 g.entries = g.entries.split_off(&m.0);
             }
         }
+        Payload::GroupMeta(m) => {
+            if let Some(to) = m.reset_to {
+                g.entries.clear();
+                g.mark = g.mark.max(to.0);
+            }
+            g.meta = Some(m.data.clone());
+        }
     }
 }
 
@@ -66,6 +75,7 @@ fn observe(wal: &Wal<SimDisk>) -> Model {
         let mut g = GroupModel {
             hard_state: wal.hard_state(group),
             mark: wal.compacted_below(group).0,
+            meta: wal.group_meta(group).cloned(),
             ..GroupModel::default()
         };
         if let (Some(lo), Some(hi)) = (wal.first_index(group), wal.last_index(group)) {
@@ -110,9 +120,15 @@ impl RawRecord {
                 group,
                 HardState { term: Term(a), vote: NodeId(b % 3), commit: LogIndex(a + b) },
             ),
-            _ => {
+            8 | 9 => {
                 let len = g.next() - g.first();
                 Record::compact_to(group, LogIndex(g.first() + a % (len + 3)))
+            }
+            10 => Record::group_meta(group, None, Bytes::from(vec![self.a; (b % 5) as usize])),
+            _ => {
+                let len = g.next() - g.first();
+                let to = LogIndex(g.first() + a % (len + 3));
+                Record::group_meta(group, Some(to), Bytes::from(vec![self.b; (a % 5) as usize]))
             }
         }
     }
@@ -131,7 +147,7 @@ enum Op {
 }
 
 fn raw_record() -> impl Strategy<Value = RawRecord> {
-    (0u64..3, 0u8..10, any::<u8>(), any::<u8>()).prop_map(|(group, kind, a, b)| RawRecord {
+    (0u64..3, 0u8..12, any::<u8>(), any::<u8>()).prop_map(|(group, kind, a, b)| RawRecord {
         group,
         kind,
         a,

@@ -24,12 +24,15 @@
 //!   forward. A mark past the end empties the log, and the next entry must then have index
 //!   `n` (the shape of installing a snapshot at `n - 1`).
 //! * A new group's first entry has index 1 (or, after a compaction mark, the mark).
+//! * `GroupMeta` replaces the group's opaque metadata. With `reset_to: Some(n)` it also drops
+//!   every entry and moves the mark to `n` (which must not be below the current start), so the
+//!   next entry must have index `n`: installing a snapshot at `n - 1`, in one record.
 //!
 //! # Segments and compaction
 //!
 //! Records go to the active segment; once it reaches [`WalOptions::segment_target_bytes`] it
 //! is synced and closed, and a new one starts with a *checkpoint*: the hard state and
-//! compaction mark of every group, copied forward. Hence the records in any segment, replayed
+//! compaction mark and metadata of every group, copied forward. Hence the records in any segment, replayed
 //! after the checkpoint at the start of some later segment, add nothing that segment's
 //! checkpoint does not already say, except the entries.
 //!
@@ -65,7 +68,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use self::disk::WalDisk;
 use self::record::{
-    EncodeError, Entry, GroupId, HardState, LogIndex, Payload, Record, Term, HEADER_BYTES, PAYLOAD_BYTES_MAX,
+    EncodeError, Entry, GroupId, GroupMeta, HardState, LogIndex, Payload, Record, Term, HEADER_BYTES,
+    PAYLOAD_BYTES_MAX,
 };
 use self::segment::{RecordLoc, Segment, SegmentError, SegmentId, Truncation, SEGMENT_TARGET_BYTES_DEFAULT};
 
@@ -98,6 +102,9 @@ pub enum WalError {
     /// an entry would leave a hole in (or reach below the start of) its group's log
     #[error("group {group}: entry index {index} rejected, the next entry must be in {lo}..={hi}")]
     OutOfOrder { group: GroupId, index: LogIndex, lo: LogIndex, hi: LogIndex },
+    /// a log reset would move the start of the log backwards
+    #[error("group {group}: reset to {index} rejected, the log starts at {first}")]
+    ResetBelowStart { group: GroupId, index: LogIndex, first: LogIndex },
     /// the requested entries are below the compaction point
     #[error("group {group}: entry {lo} is compacted (the log starts at {first})")]
     Compacted { group: GroupId, lo: LogIndex, first: LogIndex },
@@ -140,6 +147,7 @@ struct GroupIndex {
     entries: VecDeque<EntryMeta>,
     compacted_below: LogIndex,
     hard_state: Option<HardState>,
+    meta: Option<bytes::Bytes>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +165,7 @@ impl GroupIndex {
             entries: VecDeque::new(),
             compacted_below: LogIndex(0),
             hard_state: None,
+            meta: None,
         }
     }
 
@@ -187,6 +196,13 @@ impl GroupIndex {
         }
         self.entries.push_back(meta);
         Ok(())
+    }
+
+    /// Drops every entry; the next one must have index `to` (see `validate`).
+    fn apply_reset(&mut self, to: LogIndex) {
+        self.entries.clear();
+        self.compacted_below = self.compacted_below.max(to);
+        self.first = self.compacted_below.max(LogIndex(1));
     }
 
     fn apply_compact(&mut self, mark: LogIndex) {
@@ -227,6 +243,12 @@ fn apply_record(
         }
         Payload::HardState(hs) => g.hard_state = Some(*hs),
         Payload::CompactTo(mark) => g.apply_compact(*mark),
+        Payload::GroupMeta(GroupMeta { reset_to, data }) => {
+            if let Some(to) = reset_to {
+                g.apply_reset(*to);
+            }
+            g.meta = Some(data.clone());
+        }
     }
     Ok(())
 }
@@ -342,7 +364,14 @@ impl<D: WalDisk> Wal<D> {
                         *next = (*next).max(*mark);
                     }
                 }
-                Payload::HardState(_) => {}
+                Payload::GroupMeta(GroupMeta { reset_to: Some(to), .. }) => {
+                    if *to < *first {
+                        return Err(WalError::ResetBelowStart { group: r.group, index: *to, first: *first });
+                    }
+                    *first = *to;
+                    *next = *to;
+                }
+                Payload::HardState(_) | Payload::GroupMeta(GroupMeta { reset_to: None, .. }) => {}
             }
         }
         Ok(())
@@ -404,6 +433,9 @@ impl<D: WalDisk> Wal<D> {
             }
             if g.compacted_below > LogIndex(0) {
                 Record::compact_to(group, g.compacted_below).encode(&mut checkpoint)?;
+            }
+            if let Some(meta) = &g.meta {
+                Record::group_meta(group, None, meta.clone()).encode(&mut checkpoint)?;
             }
         }
         next.append(&checkpoint)?;
@@ -531,6 +563,11 @@ impl<D: WalDisk> Wal<D> {
     /// mark, or 1). A Raft storage reports `next_index - 1` as its last index.
     pub fn next_index(&self, group: GroupId) -> LogIndex {
         self.groups.get(&group).map_or(LogIndex(1), GroupIndex::next_index)
+    }
+
+    /// The group's latest metadata (see [`Payload::GroupMeta`]).
+    pub fn group_meta(&self, group: GroupId) -> Option<&bytes::Bytes> {
+        self.groups.get(&group).and_then(|g| g.meta.as_ref())
     }
 
     /// The group's compaction mark: entries below it are gone (0 if never compacted).
@@ -725,6 +762,55 @@ mod tests {
         assert_eq!(wal.compacted_below(other), LogIndex(2));
         assert_eq!(wal.next_index(other), LogIndex(2));
         assert_eq!(terms(&wal, G), (55..=60).map(|i| (i, 1)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn group_meta_reset_drops_the_log_atomically_and_survives_rotation_and_reopen() {
+        let disk = SimDisk::new(0);
+        let mut wal = open(&disk, 300);
+        wal.append(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>()).expect("append");
+        wal.append(&[Record::group_meta(G, None, Bytes::from_static(b"m1"))]).expect("meta");
+        assert_eq!(terms(&wal, G).len(), 5);
+        assert_eq!(wal.group_meta(G), Some(&Bytes::from_static(b"m1")));
+        // A reset below the start is refused and writes nothing.
+        wal.append(&[Record::compact_to(G, LogIndex(3))]).expect("compact");
+        let err = wal.append(&[Record::group_meta(G, Some(LogIndex(2)), Bytes::new())]).expect_err("below");
+        assert!(matches!(err, WalError::ResetBelowStart { index: LogIndex(2), first: LogIndex(3), .. }));
+        // A reset inside the log drops the entries above it too (a snapshot replaces the log).
+        wal.append(&[Record::group_meta(G, Some(LogIndex(4)), Bytes::from_static(b"m2")), entry(4, 3)])
+            .expect("reset");
+        assert_eq!(terms(&wal, G), vec![(4, 3)]);
+        assert_eq!(wal.compacted_below(G), LogIndex(4));
+        // Past the end, entries continue from the reset index.
+        wal.append(&[Record::group_meta(G, Some(LogIndex(20)), Bytes::from_static(b"m3"))]).expect("reset");
+        assert_eq!(wal.next_index(G), LogIndex(20));
+        assert!(wal.append(&[entry(5, 3)]).is_err());
+        for i in 20..40 {
+            wal.append(&[entry(i, 4)]).expect("append");
+        }
+        wal.sync().expect("sync");
+        assert!(wal.segment_ids().len() > 2);
+        drop(wal);
+        let wal = open(&disk, 300);
+        assert_eq!(terms(&wal, G), (20..40).map(|i| (i, 4)).collect::<Vec<_>>());
+        assert_eq!(wal.group_meta(G), Some(&Bytes::from_static(b"m3")));
+        assert_eq!(wal.compacted_below(G), LogIndex(20));
+    }
+
+    #[test]
+    fn group_meta_survives_when_its_segment_is_deleted() {
+        let disk = SimDisk::new(0);
+        let mut wal = open(&disk, 300);
+        wal.append(&[Record::group_meta(G, None, Bytes::from_static(b"conf"))]).expect("meta");
+        for i in 1..=40 {
+            wal.append(&[entry(i, 1)]).expect("append");
+        }
+        wal.append(&[Record::compact_to(G, LogIndex(41))]).expect("compact");
+        wal.sync().expect("sync");
+        assert!(wal.segment_ids()[0] > SegmentId(1));
+        drop(wal);
+        let wal = open(&disk, 300);
+        assert_eq!(wal.group_meta(G), Some(&Bytes::from_static(b"conf")));
     }
 
     #[test]

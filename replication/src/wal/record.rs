@@ -14,6 +14,7 @@
 //! | 1 `Entry` | index u64, term u64, data (the rest) |
 //! | 2 `HardState` | term u64, vote u64, commit u64 |
 //! | 3 `CompactTo` | index u64: entries below it are applied and may be dropped |
+//! | 4 `GroupMeta` | reset_to u64 (0: no reset), data (the rest): opaque state of the layer above |
 //!
 //! [`decode`] tells a complete record apart from a short buffer ([`Decoded::Incomplete`], what a
 //! torn tail looks like) and from bytes that fail the checks ([`Decoded::Corrupt`]). A torn
@@ -68,10 +69,12 @@ pub const PAYLOAD_BYTES_MAX: usize = 32 << 20;
 const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
 const KIND_COMPACT_TO: u8 = 3;
+const KIND_GROUP_META: u8 = 4;
 
 const ENTRY_FIXED_BYTES: usize = 16;
 const HARD_STATE_BYTES: usize = 24;
 const COMPACT_TO_BYTES: usize = 8;
+const GROUP_META_FIXED_BYTES: usize = 8;
 
 /// One Raft log entry. `data` is opaque to the WAL: the Raft storage layer (issue 2/3) decides
 /// what goes in it (for raft-rs, the encoded entry with its type and context).
@@ -101,6 +104,24 @@ pub enum Payload {
     /// Entries below this index are applied (or covered by a snapshot) and may be dropped.
     /// Marks only move forward; a lower mark than the current one changes nothing.
     CompactTo(LogIndex),
+    /// State the layer above keeps per group (the Raft storage: membership and the index and
+    /// term of the last compacted or snapshotted entry); replaces any earlier one and is copied
+    /// forward in checkpoints. With `reset_to` it also drops the whole log in the same record
+    /// (installing a snapshot): see [`GroupMeta`].
+    GroupMeta(GroupMeta),
+}
+
+/// Payload of [`Payload::GroupMeta`].
+///
+/// One record, so that a crash keeps either the old log and the old metadata or the reset log
+/// and the new metadata, never a mix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMeta {
+    /// When set (never `LogIndex(0)`, which encodes "none"): every entry is dropped, the
+    /// compaction mark becomes at least this index and the next entry must have it.
+    pub reset_to: Option<LogIndex>,
+    /// Opaque to the WAL.
+    pub data: Bytes,
 }
 
 /// One WAL record: a payload for one Raft group.
@@ -172,11 +193,17 @@ impl Record {
         Record { group, payload: Payload::CompactTo(index) }
     }
 
+    /// Opaque group metadata, optionally resetting the log (see [`GroupMeta`]).
+    pub fn group_meta(group: GroupId, reset_to: Option<LogIndex>, data: Bytes) -> Record {
+        Record { group, payload: Payload::GroupMeta(GroupMeta { reset_to, data }) }
+    }
+
     fn payload_bytes(&self) -> usize {
         match &self.payload {
             Payload::Entry(e) => ENTRY_FIXED_BYTES + e.data.len(),
             Payload::HardState(_) => HARD_STATE_BYTES,
             Payload::CompactTo(_) => COMPACT_TO_BYTES,
+            Payload::GroupMeta(m) => GROUP_META_FIXED_BYTES + m.data.len(),
         }
     }
 
@@ -213,6 +240,11 @@ impl Record {
             Payload::CompactTo(index) => {
                 out.push(KIND_COMPACT_TO);
                 out.extend_from_slice(&index.0.to_le_bytes());
+            }
+            Payload::GroupMeta(m) => {
+                out.push(KIND_GROUP_META);
+                out.extend_from_slice(&m.reset_to.map_or(0, |i| i.0).to_le_bytes());
+                out.extend_from_slice(&m.data);
             }
         }
         let crc = checksum(&out[start..]);
@@ -292,6 +324,16 @@ pub fn decode(buf: &[u8]) -> Decoded {
             }
             Payload::CompactTo(LogIndex(u64_at(p, 0)))
         }
+        KIND_GROUP_META => {
+            if p.len() < GROUP_META_FIXED_BYTES {
+                return bad_length;
+            }
+            let reset = u64_at(p, 0);
+            Payload::GroupMeta(GroupMeta {
+                reset_to: (reset != 0).then_some(LogIndex(reset)),
+                data: Bytes::copy_from_slice(&p[GROUP_META_FIXED_BYTES..]),
+            })
+        }
         kind => return Decoded::Corrupt(Corruption::UnknownKind { kind }),
     };
     Decoded::Complete(Record { group, payload }, total)
@@ -307,6 +349,8 @@ mod tests {
             Record::entry(GroupId(u64::MAX), LogIndex(u64::MAX), Term(3), Bytes::new()),
             Record::hard_state(GroupId(7), HardState { term: Term(5), vote: NodeId(2), commit: LogIndex(9) }),
             Record::compact_to(GroupId(0), LogIndex(42)),
+            Record::group_meta(GroupId(3), None, Bytes::from_static(b"conf")),
+            Record::group_meta(GroupId(3), Some(LogIndex(11)), Bytes::new()),
         ]
     }
 

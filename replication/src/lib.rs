@@ -27,4 +27,5 @@
 
 #![forbid(unsafe_code)]
 
+pub mod transport;
 pub mod wal;

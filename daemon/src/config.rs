@@ -65,6 +65,56 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
 }
 
+/// One other node of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSetting {
+    /// Its node id.
+    pub id: u64,
+    /// Its `cluster.peer_listen` address.
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for PeerSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (id, addr) = s
+            .split_once('@')
+            .ok_or_else(|| format!("peer {s:?} is not ID@HOST:PORT, e.g. 2@127.0.0.1:10821"))?;
+        let id: u64 = id.parse().map_err(|_| format!("peer {s:?}: node id {id:?} is not a number"))?;
+        let addr =
+            addr.parse().map_err(|_| format!("peer {s:?}: {addr:?} is not HOST:PORT with an IP address"))?;
+        Ok(PeerSetting { id, addr })
+    }
+}
+
+/// Cluster membership and Raft timing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id.
+    pub node_id: u64,
+    /// Node-to-node listen address.
+    pub peer_listen: SocketAddr,
+    /// Other nodes, "ID@HOST:PORT".
+    pub peers: Vec<String>,
+    /// Raft tick length.
+    pub tick_ms: u64,
+    /// Election timeout in ticks.
+    pub election_ticks: usize,
+    /// Heartbeat interval in ticks.
+    pub heartbeat_ticks: usize,
+    /// Longest wait for a leader before a client request fails.
+    pub io_timeout_ms: u64,
+}
+
+impl ClusterConfig {
+    /// The parsed peer list (validated at load).
+    pub fn peer_list(&self) -> Vec<PeerSetting> {
+        self.peers.iter().filter_map(|p| p.parse().ok()).collect()
+    }
+}
+
 /// Block store settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,6 +163,8 @@ pub struct Config {
     pub nbd: NbdConfig,
     /// HTTP API.
     pub api: ApiConfig,
+    /// Cluster membership and Raft timing.
+    pub cluster: ClusterConfig,
     /// Block store.
     pub storage: StorageConfig,
     /// Async runtime.
@@ -139,6 +191,21 @@ pub struct Overrides {
     /// HTTP API listen address [env: RAFTBLK_API_LISTEN]
     #[arg(long, env = "RAFTBLK_API_LISTEN")]
     pub api_listen: Option<SocketAddr>,
+    /// This node's id [env: RAFTBLK_NODE_ID]
+    #[arg(long, env = "RAFTBLK_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Node-to-node listen address [env: RAFTBLK_PEER_LISTEN]
+    #[arg(long, env = "RAFTBLK_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// Other nodes, ID@HOST:PORT, comma-separated [env: RAFTBLK_PEERS]
+    #[arg(long, env = "RAFTBLK_PEERS", value_delimiter = ',')]
+    pub peers: Option<Vec<String>>,
+    /// Longest wait for a leader before a request fails with EIO, ms [env: RAFTBLK_IO_TIMEOUT_MS]
+    #[arg(long, env = "RAFTBLK_IO_TIMEOUT_MS")]
+    pub io_timeout_ms: Option<u64>,
+    /// Raft tick length in ms [env: RAFTBLK_TICK_MS]
+    #[arg(long, env = "RAFTBLK_TICK_MS")]
+    pub tick_ms: Option<u64>,
     /// I/O engine [env: RAFTBLK_IO_ENGINE]
     #[arg(long, env = "RAFTBLK_IO_ENGINE", value_enum)]
     pub io_engine: Option<IoEngineSetting>,
@@ -192,6 +259,21 @@ impl Config {
         if let Some(v) = o.api_listen {
             self.api.listen = v;
         }
+        if let Some(v) = o.node_id {
+            self.cluster.node_id = v;
+        }
+        if let Some(v) = o.peer_listen {
+            self.cluster.peer_listen = v;
+        }
+        if let Some(v) = &o.peers {
+            self.cluster.peers = v.iter().filter(|p| !p.is_empty()).cloned().collect();
+        }
+        if let Some(v) = o.io_timeout_ms {
+            self.cluster.io_timeout_ms = v;
+        }
+        if let Some(v) = o.tick_ms {
+            self.cluster.tick_ms = v;
+        }
         if let Some(v) = o.io_engine {
             self.storage.io_engine = v;
         }
@@ -218,6 +300,40 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "storage.ring_threads",
                 message: format!("{} is out of range; use 1 to 16", self.storage.ring_threads),
+            });
+        }
+        let c = &self.cluster;
+        if c.node_id == 0 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.node_id",
+                message: "0 is reserved; use 1 or more".into(),
+            });
+        }
+        let mut ids = vec![c.node_id];
+        for p in &c.peers {
+            let peer: PeerSetting =
+                p.parse().map_err(|message| ConfigError::Invalid { key: "cluster.peers", message })?;
+            if ids.contains(&peer.id) {
+                return Err(ConfigError::Invalid {
+                    key: "cluster.peers",
+                    message: format!(
+                        "node id {} appears twice (this node is {}); every node needs its own id",
+                        peer.id, c.node_id
+                    ),
+                });
+            }
+            ids.push(peer.id);
+        }
+        if c.tick_ms == 0 || c.heartbeat_ticks == 0 || c.election_ticks <= c.heartbeat_ticks {
+            return Err(ConfigError::Invalid {
+                key: "cluster.tick_ms/election_ticks/heartbeat_ticks",
+                message: "tick_ms and heartbeat_ticks must be at least 1 and election_ticks larger than heartbeat_ticks".into(),
+            });
+        }
+        if c.io_timeout_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.io_timeout_ms",
+                message: "must be at least 1".into(),
             });
         }
         if self.runtime.worker_threads > 256 {
@@ -335,6 +451,29 @@ mod tests {
         assert_eq!(c.worker_threads(1), 1);
         c.runtime.worker_threads = 3;
         assert_eq!(c.worker_threads(2), 3);
+    }
+
+    #[test]
+    fn peers_parse_and_bad_peers_say_what_to_write() {
+        let o = Overrides {
+            node_id: Some(2),
+            peers: Some(vec!["1@127.0.0.1:10811".into(), "3@127.0.0.1:10831".into()]),
+            ..Default::default()
+        };
+        let c = Config::load(None, &o).unwrap();
+        assert_eq!(c.cluster.peer_list().len(), 2);
+        assert_eq!(c.cluster.peer_list()[1].id, 3);
+        for (bad, hint) in
+            [("127.0.0.1:1", "ID@HOST:PORT"), ("x@127.0.0.1:1", "not a number"), ("2@nowhere", "HOST:PORT")]
+        {
+            let o = Overrides { peers: Some(vec![bad.into()]), ..Default::default() };
+            let e = Config::load(None, &o).unwrap_err().to_string();
+            assert!(e.contains(hint), "{bad}: {e}");
+        }
+        let o = Overrides { peers: Some(vec!["1@127.0.0.1:1".into()]), ..Default::default() };
+        assert!(Config::load(None, &o).unwrap_err().to_string().contains("appears twice"));
+        let o = Overrides { node_id: Some(0), ..Default::default() };
+        assert!(Config::load(None, &o).unwrap_err().to_string().contains("node_id"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod catalog;
 pub mod config;
+pub mod devcluster;
 pub mod metrics;
 pub mod size;
 pub mod volumes;

@@ -28,6 +28,21 @@ enum Command {
     Volume(VolumeCommand),
     /// Show this node and its volumes at a glance
     Status,
+    /// Run a local cluster of raftblkd processes on loopback until Ctrl-C
+    DevCluster {
+        /// Number of nodes
+        #[arg(long, default_value_t = 3)]
+        nodes: u16,
+        /// Parent of the nodes' data directories (node1, node2, ...)
+        #[arg(long, default_value = "/var/lib/raftblk/dev-cluster")]
+        base_dir: std::path::PathBuf,
+        /// Node i listens on BASE+10(i-1) (NBD), +1 (API), +2 (peers)
+        #[arg(long, default_value_t = 10809)]
+        base_port: u16,
+        /// Size of the volume "vol0" created on the first start ("0" for none)
+        #[arg(long, default_value = "1G")]
+        volume_size: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,8 +155,68 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Volume(cmd) => volume(cli, &client, cmd)?,
+        Command::DevCluster { nodes, base_dir, base_port, volume_size } => {
+            dev_cluster(*nodes, base_dir, *base_port, volume_size)?
+        }
     }
     Ok(())
+}
+
+fn dev_cluster(n: u16, base_dir: &std::path::Path, base_port: u16, volume_size: &str) -> Result<()> {
+    use raftblk_daemon::devcluster::{layout, DevCluster};
+    let size = parse_size(volume_size).map_err(|e| anyhow!("--volume-size: {e}"))?;
+    let exe = std::env::current_exe().context("locating the raftblk executable")?;
+    let daemon = exe.with_file_name("raftblkd");
+    if !daemon.exists() {
+        bail!(
+            "raftblkd not found next to raftblk ({}); build both with `cargo build --release`",
+            daemon.display()
+        );
+    }
+    let nodes = layout(n, base_dir, base_port)?;
+    let mut cluster = DevCluster::start(&daemon, nodes)?;
+    let first = &cluster.nodes[0];
+    let client = Client::new(&format!("127.0.0.1:{}", first.api_port));
+    if size > 0 && client.call("GET", "/v1/volumes/vol0", None).is_err() {
+        let replicas = (n - 1).min(2);
+        client.call(
+            "POST",
+            "/v1/volumes",
+            Some(json!({"name": "vol0", "size": size, "replicas": replicas})),
+        )?;
+        println!("created volume vol0 ({}, replicas={replicas})", format_size(size));
+    }
+    println!("{:<5} {:<24} {:<24} {:<16} DATA", "NODE", "NBD", "API", "PEER");
+    for node in &cluster.nodes {
+        println!(
+            "{:<5} {:<24} {:<24} {:<16} {}",
+            node.id,
+            format!("nbd://127.0.0.1:{}/", node.nbd_port),
+            format!("http://127.0.0.1:{}", node.api_port),
+            format!("127.0.0.1:{}", node.peer_port),
+            node.data_dir.display()
+        );
+    }
+    println!("every node serves every volume; e.g. nbdinfo nbd://127.0.0.1:{}/vol0", first.nbd_port);
+    println!("logs: <data dir>/raftblkd.log; Ctrl-C stops the cluster");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        signal_hook_flag(sig, stop.clone())?;
+    }
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        for (id, status) in cluster.exited() {
+            eprintln!("node {id} exited ({status}); the others keep running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    println!("stopping the cluster");
+    cluster.stop(std::time::Duration::from_secs(30));
+    Ok(())
+}
+
+/// Sets `flag` when `sig` arrives.
+fn signal_hook_flag(sig: libc::c_int, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    signal_hook::flag::register(sig, flag).map(|_| ()).context("installing a signal handler")
 }
 
 fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {

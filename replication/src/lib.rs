@@ -27,5 +27,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod storage;
 pub mod transport;
 pub mod wal;

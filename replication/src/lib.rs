@@ -1,32 +1,45 @@
 //! Replication for raftblk volumes.
 //!
-//! Every volume will be one Raft group (raft-rs), and every node runs many groups. This crate
-//! holds what they share on a node. Today that is the write-ahead log ([`wal`]); the Raft
-//! storage over it, the transport between nodes and snapshots come with issue 2/3. Until then
-//! volumes are served by a single local `raftblk_blockdev::store::FileBackend`.
+//! Every volume is one Raft group (raft-rs), and every node runs many groups over one
+//! write-ahead log ([`wal`]). [`storage::GroupStorage`] is a group's `raft::Storage` on that
+//! WAL; [`volume::group::GroupDriver`] drives a group's `RawNode` sans-IO; [`volume::command`]
+//! is what the entries carry; [`volume::apply_commands`] applies them to any
+//! `raftblk_blockdev::BlockBackend`. [`transport`] carries Raft messages between nodes. A
+//! deterministic simulator (`sim`, tests only) runs 3 or 5 nodes with crashes, torn disks and
+//! a faulty network and checks the guarantees below.
 //!
-//! How data will flow:
+//! How one write flows:
 //!
 //! ```text
-//! replicated volume (a BlockBackend)
-//!   │ write request ─▶ propose on the volume's Raft group
-//!   ▼
-//! Raft driver, one per node (issue 2/3): polls every group's Ready
-//!   │ entries + hard states of many groups ─▶ Wal::append (one batch)
-//!   │ one Wal::sync (group commit: one fdatasync for all of them)
-//!   │ then send messages, apply committed entries to the volume's store
-//!   │ applied index ─▶ CompactTo record ─▶ segments nobody needs are deleted
+//! client write ─▶ GroupDriver::propose (leader only; else NotLeader → client retries)
+//!   │
+//! node runner, per round, over all groups:
+//!   │ GroupDriver::collect: entries + hard state ─▶ Wal::append (not durable yet)
+//!   │                       leader's append messages ─▶ transport (safe before the sync)
+//!   │ Wal::sync: one fdatasync for every group (group commit)
+//!   │ GroupDriver::on_synced: votes and append acks ─▶ transport; newly committed entries
+//!   │ apply committed entries, in order ─▶ BlockBackend (the volume's local store)
+//!   │ GroupDriver::applied(index) ─▶ acknowledged writes (committed = in a majority's
+//!   │                                 synced WAL, and applied here), reads that may proceed
 //!   ▼
 //! wal::Wal ─▶ wal::segment (files <id>.wal, framed records) ─▶ wal::disk::WalDisk
 //!                                                              (StdDisk, SimDisk, later io_uring)
 //! ```
 //!
-//! The WAL is synchronous and single-owner: the driver thread holds it. Everything that
-//! touches the file system goes through [`wal::disk::WalDisk`], so the same code runs in
-//! production and against the simulated disk in tests.
+//! Reads go through ReadIndex: the leader confirms it still leads with a heartbeat round, and
+//! the read runs on the local store once it has applied up to the leader's commit index, so
+//! no read returns data older than a write acknowledged before it began. FLUSH and FUA need no
+//! work of their own (see [`volume`]).
+//!
+//! The WAL is synchronous and single-owner per node (shared by the groups behind a mutex).
+//! Everything that touches the file system goes through [`wal::disk::WalDisk`], so the same
+//! code runs in production and against the simulated disk in tests.
 
 #![forbid(unsafe_code)]
 
+#[cfg(test)]
+mod sim;
 pub mod storage;
 pub mod transport;
+pub mod volume;
 pub mod wal;

@@ -1,0 +1,604 @@
+//! Deterministic simulation of one replicated volume on 3 or 5 nodes.
+//!
+//! Everything comes from one seed: message drops, delays, duplicates and reordering,
+//! partitions, node crashes (the [`SimDisk`] loses or tears unsynced writes, memory is lost,
+//! the node restarts from its WAL and re-applies the committed log into an empty
+//! [`MemBackend`]) and a client issuing writes, trims and linearizable reads against whoever
+//! is leader, retrying on timeouts. Checked on every run:
+//!
+//! * every read (ReadIndex on a node) returns a value the model allows: after a write to a
+//!   block is acknowledged, only that value or later ones; never anything older;
+//! * once healed, every replica applies the same log and their stores are byte-identical;
+//! * every acknowledged write is read back with its data at the end.
+//!
+//! Replay a failure with `SEED=<n> cargo test -p raftblk-replication sim_ -- --nocapture`.
+
+#![allow(clippy::field_reassign_with_default)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use bytes::Bytes;
+use raft::eraftpb::{ConfState, Message};
+use raftblk_blockdev::backend::BlockBackend;
+use raftblk_blockdev::store::MemBackend;
+
+use crate::storage::GroupStorage;
+use crate::volume::command::Command;
+use crate::volume::group::{GroupConfig, GroupDriver, RequestId};
+use crate::volume::{apply_commands, ApplyOutcome};
+use crate::wal::disk::SimDisk;
+use crate::wal::record::GroupId;
+use crate::wal::{Wal, WalOptions};
+
+const GROUP: GroupId = GroupId(1);
+const BLOCK_BYTES: u64 = 4096;
+const BLOCKS: u64 = 8;
+const OP_TIMEOUT_TICKS: u64 = 40;
+
+struct NoopWake;
+impl Wake for NoopWake {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// Runs a future that completes without waiting (the in-memory store never waits).
+fn now<F: Future>(f: F) -> F::Output {
+    let waker = Waker::from(Arc::new(NoopWake));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut cx) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("in-memory store future did not complete at once"),
+    }
+}
+
+/// xorshift64*; the whole simulation draws from one.
+pub struct Rng(u64);
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn block_data(value: u64) -> Bytes {
+    if value == 0 {
+        return Bytes::from(vec![0u8; BLOCK_BYTES as usize]);
+    }
+    let mut v = vec![(value % 251) as u8 + 1; BLOCK_BYTES as usize];
+    v[..8].copy_from_slice(&value.to_le_bytes());
+    Bytes::from(v)
+}
+
+fn value_of(data: &[u8]) -> Option<u64> {
+    if data.iter().all(|&b| b == 0) {
+        return Some(0);
+    }
+    let mut b = [0; 8];
+    b.copy_from_slice(&data[..8]);
+    let v = u64::from_le_bytes(b);
+    (block_data(v) == data).then_some(v)
+}
+
+struct Node {
+    disk: SimDisk,
+    driver: Option<GroupDriver<SimDisk>>,
+    store: MemBackend,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum OpKind {
+    Write(u64),
+    Read,
+}
+
+#[derive(Clone, Debug)]
+struct Op {
+    block: u64,
+    kind: OpKind,
+    node: usize,
+    sent_at: u64,
+}
+
+/// Knobs of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct SimOptions {
+    pub nodes: usize,
+    pub ticks: u64,
+    pub ops: u64,
+    /// Test hook: acknowledge writes as soon as they are proposed (a bug the run must catch).
+    pub ack_before_commit: bool,
+}
+
+struct Sim {
+    rng: Rng,
+    opts: SimOptions,
+    nodes: Vec<Node>,
+    /// (deliver_at, seq, from, to, message)
+    net: Vec<(u64, u64, usize, usize, Message)>,
+    seq: u64,
+    now: u64,
+    partition: Option<Vec<bool>>,
+    faults: bool,
+    /// Per block: values a read may return, oldest first.
+    possible: Vec<Vec<u64>>,
+    busy: Vec<bool>,
+    ops: BTreeMap<u64, Op>,
+    next_req: u64,
+    next_value: u64,
+    issued: u64,
+    acked_writes: u64,
+    reads_ok: u64,
+    crashes: u64,
+}
+
+fn fail(seed: u64, what: String) -> ! {
+    panic!(
+        "simulation seed {seed} failed: {what}\n  replay: SEED={seed} cargo test -p raftblk-replication sim_ -- --nocapture"
+    )
+}
+
+impl Sim {
+    fn new(seed: u64, opts: SimOptions) -> Sim {
+        let mut rng = Rng::new(seed);
+        let mut nodes = Vec::new();
+        for _ in 0..opts.nodes {
+            let disk = SimDisk::new(rng.next());
+            let wal = Wal::open(disk.clone(), WalOptions { segment_target_bytes: 64 << 10 }).expect("open");
+            let wal = Arc::new(Mutex::new(wal));
+            let mut st = GroupStorage::open(wal.clone(), GROUP).expect("storage");
+            let mut cs = ConfState::default();
+            cs.voters = (1..=opts.nodes as u64).collect();
+            st.initialize(cs).expect("init");
+            wal.lock().expect("lock").sync().expect("sync");
+            drop(st);
+            nodes.push(Node { disk, driver: None, store: MemBackend::new(BLOCKS * BLOCK_BYTES) });
+        }
+        let mut sim = Sim {
+            rng,
+            opts,
+            nodes,
+            net: Vec::new(),
+            seq: 0,
+            now: 0,
+            partition: None,
+            faults: true,
+            possible: vec![vec![0]; BLOCKS as usize],
+            busy: vec![false; BLOCKS as usize],
+            ops: BTreeMap::new(),
+            next_req: 1,
+            next_value: 1,
+            issued: 0,
+            acked_writes: 0,
+            reads_ok: 0,
+            crashes: 0,
+        };
+        for i in 0..sim.nodes.len() {
+            sim.start(i);
+        }
+        sim
+    }
+
+    fn seed_fail(&self, what: String) -> ! {
+        fail(self.rng_seed(), what)
+    }
+
+    fn rng_seed(&self) -> u64 {
+        SEED.with(|s| *s.borrow())
+    }
+
+    /// (Re)starts node `i` from its WAL with an empty store.
+    fn start(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let wal = Wal::open(n.disk.clone(), WalOptions { segment_target_bytes: 64 << 10 }).expect("reopen");
+        let st = GroupStorage::open(Arc::new(Mutex::new(wal)), GROUP).expect("storage");
+        let cfg = GroupConfig {
+            node_id: i as u64 + 1,
+            group: GROUP,
+            election_tick: 10 + self.rng.below(10) as usize,
+            heartbeat_tick: 3,
+            applied: 0,
+        };
+        n.store = MemBackend::new(BLOCKS * BLOCK_BYTES);
+        n.driver = Some(GroupDriver::new(&cfg, st).expect("driver"));
+    }
+
+    fn crash(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.driver = None;
+        n.disk.crash();
+        self.crashes += 1;
+    }
+
+    fn send(&mut self, from: usize, msgs: Vec<Message>) {
+        for m in msgs {
+            let to = m.to as usize - 1;
+            if self.faults && self.rng.chance(5) {
+                continue;
+            }
+            let copies = if self.faults && self.rng.chance(3) { 2 } else { 1 };
+            for _ in 0..copies {
+                let delay = 1 + self.rng.below(if self.faults { 4 } else { 1 });
+                self.seq += 1;
+                self.net.push((self.now + delay, self.seq, from, to, m.clone()));
+            }
+        }
+    }
+
+    fn deliver(&mut self) {
+        let mut due = Vec::new();
+        let mut keep = Vec::new();
+        for m in self.net.drain(..) {
+            if m.0 <= self.now {
+                due.push(m)
+            } else {
+                keep.push(m)
+            }
+        }
+        self.net = keep;
+        // Reorder what arrives in the same tick.
+        for k in (1..due.len()).rev() {
+            let j = self.rng.below(k as u64 + 1) as usize;
+            due.swap(k, j);
+        }
+        for (_, _, from, to, m) in due {
+            if let Some(p) = &self.partition {
+                if p[from] != p[to] {
+                    continue;
+                }
+            }
+            if let Some(d) = self.nodes[to].driver.as_mut() {
+                d.step(m).expect("step");
+            }
+        }
+    }
+
+    /// One Ready round of node `i`: collect, sync (or crash before it), send, apply.
+    fn ready(&mut self, i: usize) {
+        let Some(d) = self.nodes[i].driver.as_mut() else { return };
+        let Some(a) = d.collect().expect("collect") else { return };
+        let mut committed = a.committed;
+        self.send(i, a.messages);
+        if self.faults && self.rng.chance(1) {
+            // Power loss between appending and syncing.
+            self.crash(i);
+            return;
+        }
+        let d = self.nodes[i].driver.as_mut().expect("driver");
+        d.storage().wal().lock().expect("lock").sync().expect("sync");
+        let b = d.on_synced().expect("on_synced");
+        committed.extend(b.committed);
+        self.send(i, b.messages);
+        let n = &mut self.nodes[i];
+        let mut last = None;
+        for e in &committed {
+            let store = &n.store;
+            let out = now(apply_commands(store, &e.commands, &|size| {
+                store.grow(size);
+                Ok(())
+            }))
+            .expect("apply");
+            assert!(out.iter().all(|o| *o == ApplyOutcome::Done));
+            last = Some(e.index);
+        }
+        let d = n.driver.as_mut().expect("driver");
+        let done = d.applied(last.unwrap_or(0));
+        for id in done.writes {
+            self.complete(id.0, None);
+        }
+        for id in done.failed {
+            self.retry(id.0);
+        }
+        for id in done.reads {
+            let Some(op) = self.ops.get(&id.0) else { continue };
+            if op.node != i {
+                continue;
+            }
+            let data =
+                now(self.nodes[i].store.read(op.block * BLOCK_BYTES, BLOCK_BYTES as u32)).expect("read");
+            self.complete(id.0, Some(data));
+        }
+    }
+
+    fn complete(&mut self, id: u64, read: Option<Bytes>) {
+        let Some(op) = self.ops.remove(&id) else { return };
+        let b = op.block as usize;
+        self.busy[b] = false;
+        match (op.kind, read) {
+            (OpKind::Write(v), _) => {
+                self.possible[b] = vec![v];
+                self.acked_writes += 1;
+            }
+            (OpKind::Read, Some(data)) => {
+                let got = value_of(&data);
+                let pos = got.and_then(|v| self.possible[b].iter().position(|&p| p == v));
+                match pos {
+                    Some(k) => {
+                        self.possible[b].drain(..k);
+                        self.reads_ok += 1;
+                    }
+                    None => self.seed_fail(format!(
+                        "tick {}: read of block {b} on node {} returned {got:?}, allowed {:?}",
+                        self.now,
+                        op.node + 1,
+                        self.possible[b]
+                    )),
+                }
+            }
+            (OpKind::Read, None) => {}
+        }
+    }
+
+    /// The request failed or timed out: send it again (as a new request) to the leader.
+    fn retry(&mut self, id: u64) {
+        let Some(op) = self.ops.remove(&id) else { return };
+        self.submit(op.block, op.kind);
+    }
+
+    fn pick_node(&mut self) -> usize {
+        let up: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].driver.is_some()).collect();
+        if let Some(&l) = up.iter().find(|&&i| self.nodes[i].driver.as_ref().is_some_and(|d| d.is_leader())) {
+            return l;
+        }
+        if up.is_empty() {
+            return 0;
+        }
+        up[self.rng.below(up.len() as u64) as usize]
+    }
+
+    fn submit(&mut self, block: u64, kind: OpKind) {
+        let id = self.next_req;
+        self.next_req += 1;
+        let node = self.pick_node();
+        self.busy[block as usize] = true;
+        self.ops.insert(id, Op { block, kind, node, sent_at: self.now });
+        let ack_early = self.opts.ack_before_commit;
+        let Some(d) = self.nodes[node].driver.as_mut() else { return };
+        match kind {
+            OpKind::Write(v) => {
+                let cmd = if v == 0 {
+                    Command::Trim { offset: block * BLOCK_BYTES, len: BLOCK_BYTES }
+                } else {
+                    Command::Write { offset: block * BLOCK_BYTES, data: block_data(v) }
+                };
+                if d.propose(&[cmd], vec![RequestId(id)]).is_ok() && ack_early {
+                    self.complete(id, None);
+                }
+            }
+            OpKind::Read => d.read_index(RequestId(id)),
+        }
+    }
+
+    fn client(&mut self) {
+        // Time out stuck requests and retry them.
+        let stale: Vec<u64> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| self.now - o.sent_at > OP_TIMEOUT_TICKS)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            self.retry(id);
+        }
+        if self.issued >= self.opts.ops || !self.rng.chance(40) {
+            return;
+        }
+        let block = self.rng.below(BLOCKS);
+        if self.busy[block as usize] {
+            return;
+        }
+        self.issued += 1;
+        let kind = if self.rng.chance(50) {
+            let v = if self.rng.chance(10) { 0 } else { self.next_value };
+            self.next_value += 1;
+            self.possible[block as usize].push(v);
+            OpKind::Write(v)
+        } else {
+            OpKind::Read
+        };
+        self.submit(block, kind);
+    }
+
+    fn faults(&mut self) {
+        let n = self.nodes.len();
+        let down = self.nodes.iter().filter(|x| x.driver.is_none()).count();
+        if down < n / 2 && self.rng.chance(2) {
+            let i = self.rng.below(n as u64) as usize;
+            if self.nodes[i].driver.is_some() {
+                self.crash(i);
+            }
+        }
+        for i in 0..n {
+            if self.nodes[i].driver.is_none() && self.rng.chance(5) {
+                self.start(i);
+            }
+        }
+        if self.partition.is_none() && self.rng.chance(2) {
+            self.partition = Some((0..n).map(|_| self.rng.chance(50)).collect());
+        } else if self.partition.is_some() && self.rng.chance(5) {
+            self.partition = None;
+        }
+    }
+
+    fn step(&mut self) {
+        self.now += 1;
+        if self.faults {
+            self.faults();
+        }
+        for i in 0..self.nodes.len() {
+            if let Some(d) = self.nodes[i].driver.as_mut() {
+                if !self.faults || self.rng.chance(90) {
+                    d.tick();
+                }
+            }
+        }
+        self.deliver();
+        self.client();
+        for i in 0..self.nodes.len() {
+            // Drain: a round can produce more work (e.g. light-ready commits).
+            for _ in 0..4 {
+                self.ready(i);
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.faults = false;
+        self.partition = None;
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].driver.is_none() {
+                self.start(i);
+            }
+        }
+    }
+
+    fn run(&mut self) {
+        for _ in 0..self.opts.ticks {
+            self.step();
+        }
+        self.heal();
+        // Let outstanding requests finish (retries included), then converge.
+        let mut budget = 2000;
+        while !self.ops.is_empty() && budget > 0 {
+            self.step();
+            budget -= 1;
+        }
+        if !self.ops.is_empty() {
+            self.seed_fail(format!(
+                "{} requests never completed after healing: {:?}",
+                self.ops.len(),
+                self.ops
+            ));
+        }
+        // Read every block through the leader: acknowledged writes must be there.
+        for b in 0..BLOCKS {
+            self.submit(b, OpKind::Read);
+        }
+        let mut budget = 2000;
+        while !self.ops.is_empty() && budget > 0 {
+            self.step();
+            budget -= 1;
+        }
+        if !self.ops.is_empty() {
+            self.seed_fail("final reads never completed".into());
+        }
+        let state = |sim: &Sim| -> Vec<(u64, u64)> {
+            sim.nodes
+                .iter()
+                .map(|n| n.driver.as_ref().map_or((0, 0), |d| (d.commit_index(), d.applied_index())))
+                .collect()
+        };
+        let converged = |c: &[(u64, u64)]| c.iter().all(|x| *x == c[0] && x.0 == x.1);
+        let mut budget = 1000;
+        while !converged(&state(self)) && budget > 0 {
+            self.step();
+            budget -= 1;
+        }
+        let commits = state(self);
+        if !converged(&commits) {
+            let leaders: Vec<String> = self.nodes.iter().map(|n| format!("{:?}", n.driver)).collect();
+            self.seed_fail(format!("replicas did not converge: (commit, applied) {commits:?} {leaders:?}"));
+        }
+        let images: Vec<Bytes> = self
+            .nodes
+            .iter()
+            .map(|n| now(n.store.read(0, (BLOCKS * BLOCK_BYTES) as u32)).expect("read"))
+            .collect();
+        for (i, img) in images.iter().enumerate() {
+            if *img != images[0] {
+                self.seed_fail(format!("replica {} differs from replica 1 after healing", i + 1));
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SEED: std::cell::RefCell<u64> = const { std::cell::RefCell::new(0) };
+}
+
+/// Summary of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimReport {
+    pub acked_writes: u64,
+    pub reads_ok: u64,
+    pub crashes: u64,
+    pub commit_index: u64,
+}
+
+/// Runs one seed; panics with the seed and the replay command if an invariant breaks.
+pub fn run_seed(seed: u64, opts: SimOptions) -> SimReport {
+    SEED.with(|s| *s.borrow_mut() = seed);
+    let mut sim = Sim::new(seed, opts);
+    sim.run();
+    SimReport {
+        acked_writes: sim.acked_writes,
+        reads_ok: sim.reads_ok,
+        crashes: sim.crashes,
+        commit_index: sim.nodes[0].driver.as_ref().map_or(0, |d| d.commit_index()),
+    }
+}
+
+/// Options for seed `seed`: 3 or 5 nodes.
+pub fn options_for(seed: u64) -> SimOptions {
+    SimOptions { nodes: if seed % 4 == 3 { 5 } else { 3 }, ticks: 300, ops: 60, ack_before_commit: false }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_u64(name: &str) -> Option<u64> {
+        std::env::var(name).ok().and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn sim_seeds() {
+        let seeds: Vec<u64> = match env_u64("SEED") {
+            Some(s) => vec![s],
+            None => (0..env_u64("SIM_SEEDS").unwrap_or(500)).collect(),
+        };
+        let start = std::time::Instant::now();
+        let mut total = SimReport { acked_writes: 0, reads_ok: 0, crashes: 0, commit_index: 0 };
+        for &seed in &seeds {
+            let r = run_seed(seed, options_for(seed));
+            if seeds.len() == 1 {
+                println!("seed {seed}: {r:?}");
+            }
+            total.acked_writes += r.acked_writes;
+            total.reads_ok += r.reads_ok;
+            total.crashes += r.crashes;
+            total.commit_index += r.commit_index;
+        }
+        println!("{} seeds in {:?}: {total:?}", seeds.len(), start.elapsed());
+        assert!(total.acked_writes > 0 && total.reads_ok > 0);
+    }
+
+    #[test]
+    fn sim_is_deterministic() {
+        assert_eq!(run_seed(7, options_for(7)), run_seed(7, options_for(7)));
+    }
+
+    #[test]
+    fn sim_catches_acks_before_commit() {
+        // Acknowledging a write when it is proposed (before it is committed) loses it when the
+        // leader crashes or is cut off; some seed out of a few dozen must notice.
+        let caught = (0..100u64).any(|seed| {
+            let opts = SimOptions { ack_before_commit: true, ..options_for(seed) };
+            std::panic::catch_unwind(|| run_seed(seed, opts)).is_err()
+        });
+        assert!(caught, "the simulator did not catch writes acknowledged before commit");
+    }
+}

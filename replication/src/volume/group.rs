@@ -1,0 +1,359 @@
+//! The driver of one volume's Raft group: a sans-IO wrapper around [`raft::RawNode`].
+//!
+//! Inputs: [`GroupDriver::propose`], [`GroupDriver::step`], [`GroupDriver::tick`],
+//! [`GroupDriver::read_index`]. Outputs come in two phases so that the node runner can cover
+//! many groups with **one** WAL sync (group commit):
+//!
+//! ```text
+//! for every group with work:  a = group.collect()?      // entries + hard state appended to
+//!                                                       // the WAL (not yet durable)
+//!                             send a.messages now       // leader appends: safe before sync
+//! wal.sync()?                                           // one fdatasync for all groups
+//! for every group collected:  b = group.on_synced()?    // raft-rs `advance`
+//!                             send b.messages           // votes, append acks: need the sync
+//! apply a.committed then b.committed to the volume's store, in order
+//!                             c = group.applied(last applied index)
+//!                             acknowledge c.writes, serve c.reads, fail c.failed
+//! ```
+//!
+//! This follows the raft-rs `Ready` contract: `messages` may go out before the local log is
+//! durable, `persisted_messages` only after. A write is acknowledged once its entry is
+//! committed (durable in a majority's WAL) **and** applied to the local store, so a read on
+//! this node afterwards sees it. Proposals are matched to entries by (index, term): an entry
+//! is unique by that pair, so a proposal whose slot commits with another term was lost (a
+//! leader change) and is reported in [`Applied::failed`] for the client to retry.
+
+// The protobuf structs of raft-rs carry hidden fields, so they are built by assignment.
+#![allow(clippy::field_reassign_with_default)]
+
+use std::collections::BTreeMap;
+
+use raft::eraftpb::{ConfChange, ConfChangeV2, EntryType, Message};
+use raft::{RawNode, StateRole};
+
+use super::command::{decode_batch, encode_batch, Command, CommandError};
+use crate::storage::{GroupStorage, StorageError};
+use crate::wal::disk::WalDisk;
+use crate::wal::record::GroupId;
+
+/// A client request, chosen by the caller; echoed back when it completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// Errors of the group driver.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// this node is not the leader; `leader` is the one it knows of (0: none)
+    #[error("not the leader (leader hint: {leader})")]
+    NotLeader { leader: u64 },
+    /// raft-rs refused the input
+    #[error(transparent)]
+    Raft(#[from] raft::Error),
+    /// the Raft storage failed
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// a committed entry does not decode: the replica must stop
+    #[error("committed entry {index} is malformed: {source}")]
+    BadEntry { index: u64, source: CommandError },
+    /// `collect` and `on_synced` were called out of order
+    #[error("on_synced called without a collected Ready")]
+    NothingCollected,
+}
+
+/// Settings of one group on one node.
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    /// This node's id in the group (non-zero).
+    pub node_id: u64,
+    /// The group (volume).
+    pub group: GroupId,
+    /// Ticks without a leader before campaigning. The timeout is exactly this many ticks:
+    /// raft-rs would otherwise draw it from a thread-local RNG, which the simulator cannot
+    /// seed, so the caller spreads timeouts between nodes instead.
+    pub election_tick: usize,
+    /// Ticks between heartbeats.
+    pub heartbeat_tick: usize,
+    /// Index already applied to the local store (raft-rs re-delivers what follows).
+    pub applied: u64,
+}
+
+/// A committed entry to apply to the volume's store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedEntry {
+    /// Log index.
+    pub index: u64,
+    /// Commands to apply, in order (empty for a leader's no-op or a membership change).
+    pub commands: Vec<Command>,
+}
+
+/// Output of [`GroupDriver::collect`] and [`GroupDriver::on_synced`].
+#[derive(Debug, Default)]
+pub struct Actions {
+    /// Messages to send now.
+    pub messages: Vec<Message>,
+    /// Entries to apply, in log order.
+    pub committed: Vec<CommittedEntry>,
+    /// The leader this node now knows of, if it changed (0: none).
+    pub leader_changed: Option<u64>,
+}
+
+/// Output of [`GroupDriver::applied`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Writes committed and applied here: acknowledge them.
+    pub writes: Vec<RequestId>,
+    /// Writes whose entry was replaced (leader change): fail them, the client retries.
+    pub failed: Vec<RequestId>,
+    /// Linearizable reads that may now read the local store.
+    pub reads: Vec<RequestId>,
+}
+
+/// One group's Raft state machine driver. See the module docs for the calling protocol.
+pub struct GroupDriver<D: WalDisk> {
+    raw: RawNode<GroupStorage<D>>,
+    /// Proposals by log index: (term, requests).
+    proposals: BTreeMap<u64, (u64, Vec<RequestId>)>,
+    /// Proposals whose entry was handed out as committed, waiting for `applied`.
+    committed_proposals: BTreeMap<u64, Vec<RequestId>>,
+    /// Failures found while handing out committed entries.
+    failed: Vec<RequestId>,
+    /// Reads that have a read index, waiting for `applied` to reach it.
+    reads: Vec<(u64, RequestId)>,
+    /// The Ready between `collect` and `on_synced`, and its persisted messages.
+    in_flight: Option<raft::Ready>,
+    leader: u64,
+    /// Highest index handed out in `committed`.
+    handed_out: u64,
+    applied: u64,
+}
+
+impl<D: WalDisk> std::fmt::Debug for GroupDriver<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupDriver")
+            .field("id", &self.raw.raft.id)
+            .field("leader", &self.leader)
+            .field("applied", &self.applied)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: WalDisk> GroupDriver<D> {
+    /// Starts the group on `storage` (which must be initialized with a membership).
+    pub fn new(config: &GroupConfig, storage: GroupStorage<D>) -> Result<GroupDriver<D>, GroupError> {
+        let cfg = raft::Config {
+            id: config.node_id,
+            election_tick: config.election_tick,
+            min_election_tick: config.election_tick,
+            max_election_tick: config.election_tick + 1,
+            heartbeat_tick: config.heartbeat_tick,
+            applied: config.applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&cfg, storage, &logger)?;
+        Ok(GroupDriver {
+            raw,
+            proposals: BTreeMap::new(),
+            committed_proposals: BTreeMap::new(),
+            failed: Vec::new(),
+            reads: Vec::new(),
+            in_flight: None,
+            leader: 0,
+            handed_out: config.applied,
+            applied: config.applied,
+        })
+    }
+
+    /// Whether this node is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The leader this node knows of (0: none).
+    pub fn leader(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    /// Index applied to the local store, as reported to [`GroupDriver::applied`].
+    pub fn applied_index(&self) -> u64 {
+        self.applied
+    }
+
+    /// The commit index.
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    /// The storage (for its WAL handle and metadata).
+    pub fn storage(&self) -> &GroupStorage<D> {
+        self.raw.store()
+    }
+
+    /// Proposes a batch of commands as one entry; `requests` complete when it is applied.
+    pub fn propose(&mut self, commands: &[Command], requests: Vec<RequestId>) -> Result<(), GroupError> {
+        if !self.is_leader() {
+            return Err(GroupError::NotLeader { leader: self.leader() });
+        }
+        self.raw.propose(Vec::new(), encode_batch(commands).to_vec())?;
+        let index = self.raw.raft.raft_log.last_index();
+        self.proposals.insert(index, (self.raw.raft.term, requests));
+        Ok(())
+    }
+
+    /// Feeds a message from a peer. Messages from unknown peers or stale terms are dropped
+    /// by raft-rs; only storage failures are errors worth stopping for.
+    pub fn step(&mut self, message: Message) -> Result<(), GroupError> {
+        match self.raw.step(message) {
+            Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Advances the logical clock by one tick.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// Asks for a linearizable read; it shows up in [`Applied::reads`] once the local store
+    /// has applied everything committed when the leader confirmed its leadership. A read lost
+    /// to a leader change never shows up: the caller times out and retries.
+    pub fn read_index(&mut self, request: RequestId) {
+        self.raw.read_index(request.0.to_le_bytes().to_vec());
+    }
+
+    /// Whether [`GroupDriver::collect`] has anything to do.
+    pub fn has_ready(&self) -> bool {
+        self.in_flight.is_none() && self.raw.has_ready()
+    }
+
+    fn hand_out(
+        &mut self,
+        entries: Vec<raft::eraftpb::Entry>,
+        out: &mut Vec<CommittedEntry>,
+    ) -> Result<(), GroupError> {
+        for e in entries {
+            // Proposals at or below this index that are still open were replaced.
+            while let Some((&i, _)) = self.proposals.first_key_value() {
+                if i >= e.index {
+                    break;
+                }
+                if let Some((_, (_, ids))) = self.proposals.pop_first() {
+                    self.failed.extend(ids);
+                }
+            }
+            if let Some((term, ids)) = self.proposals.remove(&e.index) {
+                if term == e.term {
+                    self.committed_proposals.insert(e.index, ids);
+                } else {
+                    self.failed.extend(ids);
+                }
+            }
+            let commands = match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => Vec::new(),
+                EntryType::EntryNormal => {
+                    decode_batch(&e.data).map_err(|source| GroupError::BadEntry { index: e.index, source })?
+                }
+                EntryType::EntryConfChange => {
+                    let mut cc = ConfChange::default();
+                    protobuf::Message::merge_from_bytes(&mut cc, &e.data).map_err(raft::Error::from)?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    self.raw.mut_store().set_conf_state(cs)?;
+                    Vec::new()
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let mut cc = ConfChangeV2::default();
+                    protobuf::Message::merge_from_bytes(&mut cc, &e.data).map_err(raft::Error::from)?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    self.raw.mut_store().set_conf_state(cs)?;
+                    Vec::new()
+                }
+            };
+            self.handed_out = e.index;
+            out.push(CommittedEntry { index: e.index, commands });
+        }
+        Ok(())
+    }
+
+    /// Phase 1: takes raft-rs's Ready, appends its entries and hard state to the WAL (not
+    /// synced), and returns what may be done before the sync. `None` if there is nothing to
+    /// do. The caller must sync the WAL and then call [`GroupDriver::on_synced`] before
+    /// collecting again.
+    pub fn collect(&mut self) -> Result<Option<Actions>, GroupError> {
+        if !self.has_ready() {
+            return Ok(None);
+        }
+        let mut rd = self.raw.ready();
+        let mut out = Actions { messages: rd.take_messages(), ..Actions::default() };
+        if let Some(ss) = rd.ss() {
+            if ss.leader_id != self.leader {
+                self.leader = ss.leader_id;
+                out.leader_changed = Some(ss.leader_id);
+            }
+        }
+        if !rd.snapshot().is_empty() {
+            // Never produced today (GroupStorage::snapshot is always unavailable).
+            self.raw.mut_store().apply_snapshot(rd.snapshot().get_metadata())?;
+        }
+        for rs in rd.take_read_states() {
+            if let Ok(b) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) {
+                self.reads.push((rs.index, RequestId(u64::from_le_bytes(b))));
+            }
+        }
+        let committed = rd.take_committed_entries();
+        self.hand_out(committed, &mut out.committed)?;
+        self.raw.mut_store().append(rd.entries())?;
+        if let Some(hs) = rd.hs() {
+            self.raw.mut_store().set_hard_state(hs)?;
+        }
+        self.in_flight = Some(rd);
+        Ok(Some(out))
+    }
+
+    /// Phase 2, after the WAL sync that covers the last [`GroupDriver::collect`]: tells
+    /// raft-rs the Ready is persisted and returns the messages that waited for it, plus newly
+    /// committed entries.
+    pub fn on_synced(&mut self) -> Result<Actions, GroupError> {
+        let mut rd = self.in_flight.take().ok_or(GroupError::NothingCollected)?;
+        let mut out = Actions { messages: rd.take_persisted_messages(), ..Actions::default() };
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            // Not needed for safety (the commit index can be recovered), so no sync of its own.
+            self.raw.mut_store().set_commit(commit)?;
+        }
+        out.messages.extend(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.hand_out(committed, &mut out.committed)?;
+        Ok(out)
+    }
+
+    /// Reports that every handed-out entry up to `index` is applied to the local store;
+    /// returns the requests that completed.
+    pub fn applied(&mut self, index: u64) -> Applied {
+        let index = index.min(self.handed_out);
+        if index > self.applied {
+            self.applied = index;
+            self.raw.advance_apply_to(index);
+        }
+        let mut out = Applied { failed: std::mem::take(&mut self.failed), ..Applied::default() };
+        while let Some(entry) = self.committed_proposals.first_entry() {
+            if *entry.key() > self.applied {
+                break;
+            }
+            out.writes.extend(entry.remove());
+        }
+        let applied = self.applied;
+        self.reads.retain(|&(i, id)| {
+            if i <= applied {
+                out.reads.push(id);
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+}

@@ -1,6 +1,6 @@
 //! The outbound side of a peer link: a bounded queue and one writer task per peer.
 //!
-//! [`PeerQueue`] is filled by `Transport::send*` (synchronous, never blocks: one short mutex
+//! The `PeerQueue` is filled by `Transport::send*` (synchronous, never blocks: one short mutex
 //! hold) and drained by the peer's writer task, which owns the one outbound TCP connection
 //! to that peer:
 //!

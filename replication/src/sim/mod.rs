@@ -362,7 +362,12 @@ impl Sim {
     fn submit(&mut self, block: u64, kind: OpKind) {
         let id = self.next_req;
         self.next_req += 1;
-        let node = self.pick_node();
+        // Reads sometimes go to a follower: ReadIndex is forwarded to the leader and the read
+        // waits for the follower to apply up to the returned index.
+        let node = match kind {
+            OpKind::Read if self.rng.chance(30) => self.rng.below(self.nodes.len() as u64) as usize,
+            _ => self.pick_node(),
+        };
         self.busy[block as usize] = true;
         self.ops.insert(id, Op { block, kind, node, sent_at: self.now });
         let ack_early = self.opts.ack_before_commit;

@@ -37,6 +37,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod node;
 #[cfg(test)]
 mod sim;
 pub mod storage;

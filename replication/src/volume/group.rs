@@ -168,6 +168,25 @@ impl<D: WalDisk> GroupDriver<D> {
         })
     }
 
+    /// Asks raft-rs to hand leadership to `to` (only acts on the leader).
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+    }
+
+    /// Term, voters and (on the leader) each peer's matched index.
+    pub fn raft_status(&self) -> (u64, Vec<u64>, Vec<(u64, u64)>) {
+        let raft = &self.raw.raft;
+        let mut voters: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
+        voters.sort_unstable();
+        let mut progress: Vec<(u64, u64)> = if self.is_leader() {
+            raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect()
+        } else {
+            Vec::new()
+        };
+        progress.sort_unstable();
+        (raft.term, voters, progress)
+    }
+
     /// Whether this node is the leader.
     pub fn is_leader(&self) -> bool {
         self.raw.raft.state == StateRole::Leader

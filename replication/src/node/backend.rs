@@ -1,0 +1,225 @@
+//! [`ReplicatedBackend`]: a replicated volume as a [`BlockBackend`], usable by any
+//! front end on any node. Requests go to the local replica when it leads, and are
+//! forwarded to the leader otherwise; on a leader change they are retried until a
+//! leader answers or the I/O timeout passes (then the client sees EIO).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use raftblk_blockdev::backend::{check_range, BackendError, BackendResult, BlockBackend, Extent, ExtentKind};
+
+use super::forward::{ForwardOp, ForwardRequest, ForwardStatus};
+use super::{NodeError, ReplicationNode};
+use crate::volume::command::Command;
+use crate::wal::record::GroupId;
+
+/// Longest one attempt may take before it is retried elsewhere: a deposed leader's
+/// proposals only fail once a new leader commits over them.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Pause between attempts while no leader is known, doubling up to the maximum.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(200);
+
+/// One replicated volume as seen from one node.
+pub struct ReplicatedBackend {
+    node: ReplicationNode,
+    group: GroupId,
+    voters: Vec<u64>,
+    size_bytes: Arc<AtomicU64>,
+    local: Option<Arc<dyn BlockBackend>>,
+}
+
+enum Outcome {
+    Done(Bytes),
+    OutOfRange,
+    Retry { leader_hint: u64 },
+}
+
+impl ReplicatedBackend {
+    /// Grows the volume on every replica through the log.
+    pub async fn resize(&self, size_bytes: u64) -> BackendResult<()> {
+        self.execute(ForwardOp::Resize { size: size_bytes }).await.map(|_| ())
+    }
+
+    /// A volume of `size_bytes` replicated by `voters`; `local` is this node's replica, if any.
+    pub fn new(
+        node: ReplicationNode,
+        group: GroupId,
+        voters: Vec<u64>,
+        size_bytes: Arc<AtomicU64>,
+        local: Option<Arc<dyn BlockBackend>>,
+    ) -> Self {
+        ReplicatedBackend { node, group, voters, size_bytes, local }
+    }
+
+    fn is_member(&self) -> bool {
+        self.voters.contains(&self.node.node_id().0)
+    }
+
+    async fn attempt(&self, target: u64, op: &ForwardOp) -> Outcome {
+        let me = self.node.node_id().0;
+        let result = if target == me {
+            let local = async {
+                match op.clone() {
+                    ForwardOp::Read { offset, len } => self.node.local_read(self.group, offset, len).await,
+                    ForwardOp::Write { offset, data } => self
+                        .node
+                        .local_write(self.group, vec![Command::Write { offset, data }])
+                        .await
+                        .map(|()| Bytes::new()),
+                    ForwardOp::Trim { offset, len } => self
+                        .node
+                        .local_write(self.group, vec![Command::Trim { offset, len }])
+                        .await
+                        .map(|()| Bytes::new()),
+                    ForwardOp::WriteZeroes { offset, len } => self
+                        .node
+                        .local_write(self.group, vec![Command::WriteZeroes { offset, len }])
+                        .await
+                        .map(|()| Bytes::new()),
+                    ForwardOp::Resize { size } => self
+                        .node
+                        .local_write(self.group, vec![Command::Resize { size }])
+                        .await
+                        .map(|()| Bytes::new()),
+                    ForwardOp::Control { .. } => {
+                        Err(NodeError::Internal("control messages are not volume I/O".into()))
+                    }
+                }
+            };
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, local).await {
+                Ok(r) => r.map(ForwardStatus::Ok),
+                Err(_) => Err(NodeError::Timeout),
+            }
+        } else {
+            let request = ForwardRequest { group: self.group, op: op.clone() };
+            self.node.forward(target, request, ATTEMPT_TIMEOUT).await
+        };
+        match result {
+            Ok(ForwardStatus::Ok(data)) => Outcome::Done(data),
+            Ok(ForwardStatus::OutOfRange) | Err(NodeError::OutOfRange) => Outcome::OutOfRange,
+            Ok(ForwardStatus::NotLeader(leader)) | Err(NodeError::NotLeader { leader }) => {
+                Outcome::Retry { leader_hint: leader }
+            }
+            Ok(ForwardStatus::NotMember) | Ok(ForwardStatus::Failed) | Err(_) => {
+                Outcome::Retry { leader_hint: 0 }
+            }
+        }
+    }
+
+    /// Runs `op` at the leader, retrying through leader changes until the I/O timeout.
+    async fn execute(&self, op: ForwardOp) -> BackendResult<Bytes> {
+        let deadline = Instant::now() + self.node.io_timeout();
+        let me = self.node.node_id().0;
+        let mut rotation = 0usize;
+        let mut backoff = RETRY_BACKOFF_MIN;
+        let mut target = match self.node.leader(self.group) {
+            0 if self.is_member() => me,
+            0 => self.voters.first().copied().unwrap_or(me),
+            l => l,
+        };
+        loop {
+            match self.attempt(target, &op).await {
+                Outcome::Done(data) => return Ok(data),
+                Outcome::OutOfRange => {
+                    return Err(BackendError::OutOfRange { offset: 0, len: 0, size: self.size_bytes() })
+                }
+                Outcome::Retry { leader_hint } => {
+                    if Instant::now() >= deadline {
+                        tracing::warn!(group = %self.group, timeout = ?self.node.io_timeout(), "no leader answered in time; failing the request");
+                        return Err(BackendError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no leader within the I/O timeout",
+                        )));
+                    }
+                    let known = self.node.leader(self.group);
+                    target = if leader_hint != 0 && leader_hint != target {
+                        leader_hint
+                    } else if known != 0 && known != target {
+                        known
+                    } else {
+                        // No better idea: wait a little, then try the next voter.
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                        rotation += 1;
+                        match self.voters.len() {
+                            0 => me,
+                            n => self.voters[rotation % n],
+                        }
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BlockBackend for ReplicatedBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(Ordering::SeqCst)
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> BackendResult<Bytes> {
+        check_range(offset, len as u64, self.size_bytes())?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        self.execute(ForwardOp::Read { offset, len }).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BackendResult<()> {
+        // FUA needs nothing more: an acknowledged write is committed, i.e. fdatasynced
+        // in the WAL of a majority of the volume's replicas.
+        check_range(offset, data.len() as u64, self.size_bytes())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.execute(ForwardOp::Write { offset, data }).await.map(|_| ())
+    }
+
+    async fn flush(&self) -> BackendResult<()> {
+        // Every acknowledged write is already durable on a majority (see `write`).
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> BackendResult<()> {
+        check_range(offset, len, self.size_bytes())?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.execute(ForwardOp::Trim { offset, len }).await.map(|_| ())
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        _fast_only: bool,
+    ) -> BackendResult<()> {
+        check_range(offset, len, self.size_bytes())?;
+        if len == 0 {
+            return Ok(());
+        }
+        // Both are fallocate calls on every replica, so the fast path always holds.
+        let op =
+            if may_trim { ForwardOp::Trim { offset, len } } else { ForwardOp::WriteZeroes { offset, len } };
+        self.execute(op).await.map(|_| ())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> BackendResult<Vec<Extent>> {
+        let size = self.size_bytes();
+        check_range(offset, len, size)?;
+        // Only the leader's replica has applied every acknowledged write; anywhere else a
+        // hole could be stale, and a client may skip copying holes, so report data.
+        match &self.local {
+            Some(local) if self.node.leader(self.group) == self.node.node_id().0 => {
+                local.block_status(offset, len).await
+            }
+            _ => Ok(vec![Extent { len_bytes: len.max(1).min(size - offset), kind: ExtentKind::Data }]),
+        }
+    }
+}

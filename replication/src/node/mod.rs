@@ -1,0 +1,406 @@
+//! The multi-Raft node: every replicated volume on this node is one Raft group,
+//! and all groups share one WAL and one [`Transport`].
+//!
+//! ```text
+//! ReplicatedBackend (per volume, async) ──Event──▶ runner thread (runner.rs, owns every GroupDriver)
+//!   │ not leader? forward to the leader       │  drain events → propose (one entry per group per round)
+//!   │ over the transport (forward.rs)         │  collect Readies of all groups → send leader appends
+//!   ▼                                         │  one WAL fdatasync for all groups (group commit)
+//! leader's node: same path, locally           │  on_synced → send votes/acks → apply committed entries
+//!                                             ▼  to each volume's store → acknowledge writes, serve reads
+//! ```
+//!
+//! The runner is a dedicated thread: it blocks on the WAL sync and drives the
+//! block store's async API with `block_on`, so no tokio worker ever waits on a disk.
+
+pub mod backend;
+pub mod forward;
+mod runner;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use raftblk_blockdev::backend::{BackendError, BlockBackend};
+use tokio::sync::{mpsc, oneshot};
+
+use self::forward::{ForwardOp, ForwardRequest, ForwardStatus};
+use self::runner::{Event, Runner};
+use crate::transport::{ClusterId, FaultController, Inbound, RequestId, Transport, TransportError};
+use crate::volume::command::Command;
+use crate::wal::disk::StdDisk;
+use crate::wal::record::{GroupId, NodeId};
+use crate::wal::{Wal, WalOptions};
+
+pub use self::backend::ReplicatedBackend;
+
+/// Most inbound messages queued from the transport before it waits.
+const INBOUND_QUEUE_MAX: usize = 4096;
+
+/// Settings of the replication node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node.
+    pub node_id: NodeId,
+    /// Cluster identity (connections from other clusters are refused).
+    pub cluster: ClusterId,
+    /// Where peers connect.
+    pub peer_listen: SocketAddr,
+    /// The other nodes.
+    pub peers: HashMap<NodeId, SocketAddr>,
+    /// The WAL directory.
+    pub wal_dir: PathBuf,
+    /// Raft tick.
+    pub tick: Duration,
+    /// Election timeout in ticks (each group draws its own in `[n, 2n)`).
+    pub election_ticks: usize,
+    /// Heartbeat interval in ticks.
+    pub heartbeat_ticks: usize,
+    /// Longest a request waits for a leader before failing.
+    pub io_timeout: Duration,
+}
+
+/// Why a replication call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// This node is not the group's leader; `leader` is its hint (0: unknown).
+    #[error("not the leader (leader hint: node {leader})")]
+    NotLeader { leader: u64 },
+    /// This node has no replica of the group.
+    #[error("no replica of group {0} on this node")]
+    NotMember(GroupId),
+    /// The request reached past the volume's end.
+    #[error("request past the end of the volume")]
+    OutOfRange,
+    /// The write's entry was replaced by a new leader; retry.
+    #[error("proposal dropped by a leader change; retry")]
+    Dropped,
+    /// The node is stopping.
+    #[error("replication node is shutting down")]
+    ShuttingDown,
+    /// No leader answered within the I/O timeout.
+    #[error("no leader within the I/O timeout")]
+    Timeout,
+    /// The WAL, Raft or the store failed.
+    #[error("replication failure: {0}")]
+    Internal(String),
+    /// The transport refused.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// What a volume's replica applies committed entries to.
+#[derive(Clone)]
+pub struct ReplicaStore {
+    /// The local copy of the volume.
+    pub backend: Arc<dyn BlockBackend>,
+    /// Grows the local copy (a replicated resize).
+    pub grow: Arc<dyn Fn(u64) -> Result<(), BackendError> + Send + Sync>,
+    /// File that records the index applied *and flushed* to `backend`.
+    pub applied_path: PathBuf,
+}
+
+/// A group's state as the node sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// The leader this node knows of (0: none).
+    pub leader: u64,
+    /// Whether this node is the leader.
+    pub is_leader: bool,
+    /// Raft term.
+    pub term: u64,
+    /// Highest committed index known here.
+    pub commit_index: u64,
+    /// Highest index applied to the local store.
+    pub applied_index: u64,
+    /// Voters.
+    pub voters: Vec<u64>,
+    /// Matched index of every peer (leader only).
+    pub progress: Vec<(u64, u64)>,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Leader hints per group, updated by the runner.
+    leaders: RwLock<HashMap<GroupId, u64>>,
+    /// Status snapshots per group, refreshed by the runner every round.
+    status: RwLock<HashMap<GroupId, GroupStatus>>,
+    /// Forwarded requests waiting for their response.
+    pending: Mutex<HashMap<RequestId, oneshot::Sender<Bytes>>>,
+    next_request: AtomicU64,
+}
+
+/// Handle to the node's replication engine (cheap to clone).
+#[derive(Clone)]
+pub struct ReplicationNode {
+    inner: Arc<Inner>,
+}
+
+/// Answers control-plane messages from other nodes (see [`ReplicationNode::set_control_handler`]).
+pub type ControlHandler =
+    Arc<dyn Fn(Bytes) -> std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + Send>> + Send + Sync>;
+
+struct Inner {
+    config: NodeConfig,
+    control: RwLock<Option<ControlHandler>>,
+    events: std::sync::mpsc::Sender<Event>,
+    transport: Arc<Transport>,
+    shared: Arc<Shared>,
+    runner: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a single map operation: a poisoned lock holds consistent data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ReplicationNode {
+    /// Opens the WAL, starts the transport and the runner thread. Call inside a tokio runtime.
+    pub async fn start(config: NodeConfig) -> Result<ReplicationNode, NodeError> {
+        let disk =
+            StdDisk::open(&config.wal_dir).map_err(|e| NodeError::Internal(format!("WAL directory: {e}")))?;
+        let wal = tokio::task::spawn_blocking(move || Wal::open(disk, WalOptions::default()))
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?
+            .map_err(|e| NodeError::Internal(format!("opening the WAL: {e}")))?;
+        if let Some(cut) = &wal.recovery_report().truncation {
+            tracing::warn!(
+                ?cut,
+                "WAL recovery found a damaged tail and cut it; peers resend what is missing"
+            );
+        }
+        let (inbound_tx, mut inbound_rx) = mpsc::channel(INBOUND_QUEUE_MAX);
+        let transport = Transport::start(
+            config.node_id,
+            config.cluster,
+            config.peer_listen,
+            config.peers.clone(),
+            inbound_tx,
+        )
+        .await?;
+        let transport = Arc::new(transport);
+        let (events, events_rx) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared::default());
+        let runner = Runner::new(
+            config.clone(),
+            wal,
+            events_rx,
+            shared.clone(),
+            transport.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let thread = std::thread::Builder::new()
+            .name("raftblk-raft".into())
+            .spawn(move || runner.run())
+            .map_err(|e| NodeError::Internal(format!("starting the Raft thread: {e}")))?;
+        let node = ReplicationNode {
+            inner: Arc::new(Inner {
+                config,
+                control: RwLock::new(None),
+                events,
+                transport,
+                shared,
+                runner: Mutex::new(Some(thread)),
+            }),
+        };
+        let n = node.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound_rx.recv().await {
+                n.on_inbound(msg);
+            }
+        });
+        Ok(node)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.config.node_id
+    }
+
+    /// The I/O timeout.
+    pub fn io_timeout(&self) -> Duration {
+        self.inner.config.io_timeout
+    }
+
+    /// Installs the daemon's answerer of control messages from other nodes.
+    pub fn set_control_handler(&self, handler: ControlHandler) {
+        if let Ok(mut h) = self.inner.control.write() {
+            *h = Some(handler);
+        }
+    }
+
+    /// Sends a control message to node `to` and returns its answer.
+    pub async fn control(&self, to: u64, payload: Bytes, timeout: Duration) -> Result<Bytes, NodeError> {
+        let request = ForwardRequest { group: GroupId(0), op: ForwardOp::Control { payload } };
+        match self.forward(to, request, timeout).await? {
+            ForwardStatus::Ok(answer) => Ok(answer),
+            other => Err(NodeError::Internal(format!("node {to} refused a control message: {other:?}"))),
+        }
+    }
+
+    /// Every other node's id.
+    pub fn peer_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.inner.config.peers.keys().map(|n| n.0).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The transport's fault injector (for tests).
+    pub fn faults(&self) -> FaultController {
+        self.inner.transport.faults()
+    }
+
+    /// Starts (or restarts) this node's replica of `group` with membership `voters`
+    /// (used only when the group is new on this node).
+    pub async fn open_group(
+        &self,
+        group: GroupId,
+        voters: Vec<u64>,
+        store: ReplicaStore,
+    ) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Open { group, voters, store, done: tx })?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
+    }
+
+    /// Stops this node's replica of `group` (after flushing its store).
+    pub async fn close_group(&self, group: GroupId) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Close { group, done: tx })?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
+    }
+
+    /// Asks the group's leader (if this node is it) to hand leadership to `to`.
+    pub fn transfer_leader(&self, group: GroupId, to: u64) -> Result<(), NodeError> {
+        self.send(Event::TransferLeader { group, to })
+    }
+
+    /// The leader this node knows of (0: none).
+    pub fn leader(&self, group: GroupId) -> u64 {
+        self.inner.shared.leaders.read().map(|m| m.get(&group).copied().unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// The group's status as this node sees it (`None`: no replica here).
+    pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
+        self.inner.shared.status.read().ok().and_then(|m| m.get(&group).cloned())
+    }
+
+    fn send(&self, event: Event) -> Result<(), NodeError> {
+        self.inner.events.send(event).map_err(|_| NodeError::ShuttingDown)
+    }
+
+    /// Replicates `commands` through the local replica, which must be the leader.
+    pub async fn local_write(&self, group: GroupId, commands: Vec<Command>) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Write { group, commands, done: tx })?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
+    }
+
+    /// Linearizable read through the local replica, which must be the leader.
+    pub async fn local_read(&self, group: GroupId, offset: u64, len: u32) -> Result<Bytes, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Read { group, offset, len, done: tx })?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
+    }
+
+    /// Sends `request` to node `to` and waits for its answer (up to `timeout`).
+    pub async fn forward(
+        &self,
+        to: u64,
+        request: ForwardRequest,
+        timeout: Duration,
+    ) -> Result<ForwardStatus, NodeError> {
+        let id = RequestId(self.inner.shared.next_request.fetch_add(1, Ordering::Relaxed) + 1);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.shared.pending).insert(id, tx);
+        let sent = self.inner.transport.send_app_request(NodeId(to), id, request.encode());
+        let result = match sent {
+            Ok(()) => match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(bytes)) => ForwardStatus::decode(bytes)
+                    .map_err(|e| NodeError::Internal(format!("bad forward response: {e}"))),
+                Ok(Err(_)) => Err(NodeError::ShuttingDown),
+                Err(_) => Err(NodeError::Timeout),
+            },
+            Err(e) => Err(e.into()),
+        };
+        lock(&self.inner.shared.pending).remove(&id);
+        result
+    }
+
+    fn on_inbound(&self, msg: Inbound) {
+        match msg {
+            Inbound::Raft { from, group, bytes } => {
+                let _ = self.send(Event::Raft { from, group, bytes });
+            }
+            Inbound::AppResponse { id, payload, .. } => {
+                if let Some(tx) = lock(&self.inner.shared.pending).remove(&id) {
+                    let _ = tx.send(payload);
+                }
+            }
+            Inbound::AppRequest { from, id, payload } => {
+                let node = self.clone();
+                tokio::spawn(async move {
+                    let status = node.serve_forwarded(payload).await;
+                    if let Err(e) = node.inner.transport.send_app_response(from, id, status.encode()) {
+                        tracing::debug!(error = %e, "cannot answer a forwarded request");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Runs a request forwarded by another node on the local replica; never forwards again.
+    async fn serve_forwarded(&self, payload: Bytes) -> ForwardStatus {
+        let request = match ForwardRequest::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed forwarded request");
+                return ForwardStatus::Failed;
+            }
+        };
+        let g = request.group;
+        let result = match request.op {
+            ForwardOp::Read { offset, len } => self.local_read(g, offset, len).await,
+            ForwardOp::Write { offset, data } => {
+                self.local_write(g, vec![Command::Write { offset, data }]).await.map(|()| Bytes::new())
+            }
+            ForwardOp::Trim { offset, len } => {
+                self.local_write(g, vec![Command::Trim { offset, len }]).await.map(|()| Bytes::new())
+            }
+            ForwardOp::WriteZeroes { offset, len } => {
+                self.local_write(g, vec![Command::WriteZeroes { offset, len }]).await.map(|()| Bytes::new())
+            }
+            ForwardOp::Resize { size } => {
+                self.local_write(g, vec![Command::Resize { size }]).await.map(|()| Bytes::new())
+            }
+            ForwardOp::Control { payload } => {
+                let handler = self.inner.control.read().ok().and_then(|h| h.clone());
+                return match handler {
+                    Some(h) => ForwardStatus::Ok(h(payload).await),
+                    None => ForwardStatus::Failed,
+                };
+            }
+        };
+        match result {
+            Ok(data) => ForwardStatus::Ok(data),
+            Err(NodeError::NotLeader { leader }) => ForwardStatus::NotLeader(leader),
+            Err(NodeError::NotMember(_)) => ForwardStatus::NotMember,
+            Err(NodeError::OutOfRange) => ForwardStatus::OutOfRange,
+            Err(NodeError::Dropped) => ForwardStatus::NotLeader(0),
+            Err(_) => ForwardStatus::Failed,
+        }
+    }
+
+    /// Stops the runner (flushing every store and recording applied indexes) and the transport.
+    pub async fn shutdown(&self) {
+        let _ = self.send(Event::Shutdown);
+        let thread = lock(&self.inner.runner).take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}

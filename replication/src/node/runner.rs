@@ -1,0 +1,614 @@
+//! The runner thread: owns every group's [`GroupDriver`] and turns events into
+//! Raft rounds (propose, collect, one WAL sync, send, apply, acknowledge).
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use raft::eraftpb::{ConfState, Message};
+use raftblk_blockdev::backend::{check_range, BackendError};
+use tokio::sync::oneshot;
+
+use super::{NodeConfig, NodeError, ReplicaStore, Shared};
+use crate::storage::GroupStorage;
+use crate::transport::Transport;
+use crate::volume::command::{Command, BATCH_COMMANDS_MAX};
+use crate::volume::group::{CommittedEntry, GroupConfig, GroupDriver, RequestId};
+use crate::wal::disk::StdDisk;
+use crate::wal::record::{GroupId, NodeId};
+use crate::wal::Wal;
+
+/// Most events handled in one round before the round's Raft work runs.
+const EVENTS_PER_ROUND_MAX: usize = 1024;
+/// Most payload bytes proposed in one entry (several client writes batch into one).
+const ENTRY_PAYLOAD_BYTES_MAX: usize = 8 << 20;
+/// How often each group's store is flushed and its applied index recorded.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+
+type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+
+/// Work for the runner.
+pub(super) enum Event {
+    Open { group: GroupId, voters: Vec<u64>, store: ReplicaStore, done: Reply<()> },
+    Close { group: GroupId, done: Reply<()> },
+    Write { group: GroupId, commands: Vec<Command>, done: Reply<()> },
+    Read { group: GroupId, offset: u64, len: u32, done: Reply<Bytes> },
+    Raft { from: NodeId, group: GroupId, bytes: Bytes },
+    TransferLeader { group: GroupId, to: u64 },
+    Shutdown,
+}
+
+struct PendingRead {
+    offset: u64,
+    len: u32,
+    done: Reply<Bytes>,
+}
+
+struct Slot {
+    driver: GroupDriver<StdDisk>,
+    store: ReplicaStore,
+    new_writes: Vec<(Vec<Command>, Reply<()>)>,
+    new_reads: Vec<PendingRead>,
+    writes: HashMap<RequestId, Reply<()>>,
+    reads: HashMap<RequestId, Vec<PendingRead>>,
+    /// Highest index applied to the store.
+    applied: u64,
+    /// Highest index applied and flushed, as the applied file records.
+    checkpointed: u64,
+    last_checkpoint: Instant,
+    /// Set when the store failed to apply: the replica stops serving.
+    broken: Option<String>,
+}
+
+pub(super) struct Runner {
+    config: NodeConfig,
+    wal: Arc<Mutex<Wal<StdDisk>>>,
+    events: Receiver<Event>,
+    shared: Arc<Shared>,
+    transport: Arc<Transport>,
+    rt: tokio::runtime::Handle,
+    groups: HashMap<GroupId, Slot>,
+    next_request: u64,
+    rng: u64,
+}
+
+fn fail<T>(tx: Reply<T>, e: NodeError) {
+    let _ = tx.send(Err(e));
+}
+
+impl Runner {
+    pub(super) fn new(
+        config: NodeConfig,
+        wal: Wal<StdDisk>,
+        events: Receiver<Event>,
+        shared: Arc<Shared>,
+        transport: Arc<Transport>,
+        rt: tokio::runtime::Handle,
+    ) -> Runner {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            ^ config.node_id.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Runner {
+            config,
+            wal: Arc::new(Mutex::new(wal)),
+            events,
+            shared,
+            transport,
+            rt,
+            groups: HashMap::new(),
+            next_request: 0,
+            rng: seed | 1,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64: election timeouts only need to differ between nodes and groups.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn request_id(&mut self) -> RequestId {
+        self.next_request += 1;
+        RequestId(self.next_request)
+    }
+
+    pub(super) fn run(mut self) {
+        let tick = self.config.tick;
+        let mut next_tick = Instant::now() + tick;
+        'outer: loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(wait) {
+                Ok(Event::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(ev) => self.handle(ev),
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            for _ in 0..EVENTS_PER_ROUND_MAX {
+                match self.events.try_recv() {
+                    Ok(Event::Shutdown) => break 'outer,
+                    Ok(ev) => self.handle(ev),
+                    Err(_) => break,
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                for slot in self.groups.values_mut() {
+                    slot.driver.tick();
+                }
+                next_tick = if now > next_tick + tick { now + tick } else { next_tick + tick };
+                self.publish_status();
+            }
+            self.propose();
+            if let Err(e) = self.round() {
+                // The WAL cannot be trusted after a failed sync; stop replicating rather than
+                // acknowledge writes that may not be durable.
+                tracing::error!(error = %e, "Raft round failed; replication on this node stops");
+                break;
+            }
+            self.checkpoint(false);
+        }
+        self.checkpoint(true);
+        for (_, slot) in self.groups.drain() {
+            fail_all(slot, || NodeError::ShuttingDown);
+        }
+        tracing::info!("replication runner stopped");
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Open { group, voters, store, done } => {
+                let r = self.open(group, voters, store);
+                let _ = done.send(r);
+            }
+            Event::Close { group, done } => {
+                if let Some(mut slot) = self.groups.remove(&group) {
+                    self.checkpoint_slot(group, &mut slot);
+                    fail_all(slot, || NodeError::ShuttingDown);
+                }
+                if let Ok(mut m) = self.shared.status.write() {
+                    m.remove(&group);
+                }
+                let _ = done.send(Ok(()));
+            }
+            Event::Write { group, commands, done } => {
+                let Some(slot) = self.groups.get_mut(&group) else {
+                    return fail(done, NodeError::NotMember(group));
+                };
+                if let Some(why) = &slot.broken {
+                    return fail(done, NodeError::Internal(why.clone()));
+                }
+                if !slot.driver.is_leader() {
+                    return fail(done, NodeError::NotLeader { leader: slot.driver.leader() });
+                }
+                let size = slot.store.backend.size_bytes();
+                let in_range = commands.iter().all(|c| match c {
+                    Command::Write { offset, data } => check_range(*offset, data.len() as u64, size).is_ok(),
+                    Command::Trim { offset, len } | Command::WriteZeroes { offset, len } => {
+                        check_range(*offset, *len, size).is_ok()
+                    }
+                    Command::Resize { .. } => true,
+                });
+                if !in_range {
+                    return fail(done, NodeError::OutOfRange);
+                }
+                slot.new_writes.push((commands, done));
+            }
+            Event::Read { group, offset, len, done } => {
+                let Some(slot) = self.groups.get_mut(&group) else {
+                    return fail(done, NodeError::NotMember(group));
+                };
+                if let Some(why) = &slot.broken {
+                    return fail(done, NodeError::Internal(why.clone()));
+                }
+                if !slot.driver.is_leader() {
+                    return fail(done, NodeError::NotLeader { leader: slot.driver.leader() });
+                }
+                if check_range(offset, len as u64, slot.store.backend.size_bytes()).is_err() {
+                    return fail(done, NodeError::OutOfRange);
+                }
+                slot.new_reads.push(PendingRead { offset, len, done });
+            }
+            Event::Raft { from, group, bytes } => {
+                let Some(slot) = self.groups.get_mut(&group) else {
+                    tracing::debug!(%group, %from, "message for a group this node does not (yet) have");
+                    return;
+                };
+                match <Message as protobuf::Message>::parse_from_bytes(&bytes) {
+                    Ok(m) => {
+                        if let Err(e) = slot.driver.step(m) {
+                            tracing::debug!(%group, %from, error = %e, "Raft refused a message");
+                        }
+                    }
+                    Err(e) => tracing::warn!(%group, %from, error = %e, "undecodable Raft message"),
+                }
+            }
+            Event::TransferLeader { group, to } => {
+                if let Some(slot) = self.groups.get_mut(&group) {
+                    slot.driver.transfer_leader(to);
+                }
+            }
+            Event::Shutdown => {}
+        }
+    }
+
+    fn open(&mut self, group: GroupId, voters: Vec<u64>, store: ReplicaStore) -> Result<(), NodeError> {
+        if self.groups.contains_key(&group) {
+            return Ok(());
+        }
+        let internal = |e: &dyn std::fmt::Display| NodeError::Internal(format!("group {group}: {e}"));
+        let mut storage = GroupStorage::open(self.wal.clone(), group).map_err(|e| internal(&e))?;
+        if !storage.is_initialized() {
+            storage.initialize(ConfState::from((voters, Vec::new()))).map_err(|e| internal(&e))?;
+            self.wal.lock().map_err(|_| internal(&"WAL lock poisoned"))?.sync().map_err(|e| internal(&e))?;
+        }
+        let checkpointed = read_applied(&store.applied_path).map_err(|e| internal(&e))?;
+        let applied = checkpointed.min(storage.hard_state().commit);
+        let base = self.config.election_ticks.max(2);
+        let election_tick = base + (self.random() % base as u64) as usize;
+        let cfg = GroupConfig {
+            node_id: self.config.node_id.0,
+            group,
+            election_tick,
+            heartbeat_tick: self.config.heartbeat_ticks,
+            applied,
+        };
+        let driver = GroupDriver::new(&cfg, storage).map_err(|e| internal(&e))?;
+        tracing::info!(%group, applied, election_tick, "replica opened");
+        self.groups.insert(
+            group,
+            Slot {
+                driver,
+                store,
+                new_writes: Vec::new(),
+                new_reads: Vec::new(),
+                writes: HashMap::new(),
+                reads: HashMap::new(),
+                applied,
+                checkpointed: applied,
+                last_checkpoint: Instant::now(),
+                broken: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Turns queued writes into proposals (batched into few entries) and queued reads
+    /// into one ReadIndex request per group.
+    fn propose(&mut self) {
+        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        for group in ids {
+            let mut writes = match self.groups.get_mut(&group) {
+                Some(slot) if !slot.new_writes.is_empty() => std::mem::take(&mut slot.new_writes),
+                _ => Vec::new(),
+            };
+            while !writes.is_empty() {
+                let mut commands = Vec::new();
+                let mut bytes = 0usize;
+                let mut batch = Vec::new();
+                while let Some((cmds, _)) = writes.first() {
+                    let size: usize = cmds
+                        .iter()
+                        .map(|c| if let Command::Write { data, .. } = c { data.len() } else { 16 })
+                        .sum();
+                    let fits = commands.len() + cmds.len() <= BATCH_COMMANDS_MAX
+                        && (batch.is_empty() || bytes + size <= ENTRY_PAYLOAD_BYTES_MAX);
+                    if !fits {
+                        break;
+                    }
+                    let (cmds, done) = writes.remove(0);
+                    bytes += size;
+                    commands.extend(cmds);
+                    let id = self.request_id();
+                    batch.push((id, done));
+                }
+                let Some(slot) = self.groups.get_mut(&group) else { break };
+                let ids: Vec<RequestId> = batch.iter().map(|(id, _)| *id).collect();
+                match slot.driver.propose(&commands, ids) {
+                    Ok(()) => slot.writes.extend(batch),
+                    Err(e) => {
+                        let leader = slot.driver.leader();
+                        for (_, done) in batch {
+                            fail(
+                                done,
+                                match &e {
+                                    crate::volume::group::GroupError::NotLeader { .. } => {
+                                        NodeError::NotLeader { leader }
+                                    }
+                                    other => NodeError::Internal(other.to_string()),
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            let reads = match self.groups.get_mut(&group) {
+                Some(slot) if !slot.new_reads.is_empty() => std::mem::take(&mut slot.new_reads),
+                _ => continue,
+            };
+            let id = self.request_id();
+            if let Some(slot) = self.groups.get_mut(&group) {
+                slot.driver.read_index(id);
+                slot.reads.insert(id, reads);
+            }
+        }
+    }
+
+    /// One Raft round over every group: collect, one WAL sync, on_synced, apply, complete.
+    fn round(&mut self) -> Result<(), NodeError> {
+        let mut collected = Vec::new();
+        let mut to_apply: HashMap<GroupId, Vec<CommittedEntry>> = HashMap::new();
+        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        for &group in &ids {
+            let Some(slot) = self.groups.get_mut(&group) else { continue };
+            if slot.broken.is_some() {
+                continue;
+            }
+            match slot.driver.collect() {
+                Ok(Some(actions)) => {
+                    if let Some(leader) = actions.leader_changed {
+                        self.leader_changed(group, leader);
+                    }
+                    self.send(group, actions.messages);
+                    to_apply.entry(group).or_default().extend(actions.committed);
+                    collected.push(group);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(NodeError::Internal(format!("group {group}: {e}"))),
+            }
+        }
+        if !collected.is_empty() {
+            let mut wal = self.wal.lock().map_err(|_| NodeError::Internal("WAL lock poisoned".into()))?;
+            wal.sync().map_err(|e| NodeError::Internal(format!("WAL sync: {e}")))?;
+        }
+        for &group in &collected {
+            let Some(slot) = self.groups.get_mut(&group) else { continue };
+            let actions =
+                slot.driver.on_synced().map_err(|e| NodeError::Internal(format!("group {group}: {e}")))?;
+            if let Some(leader) = actions.leader_changed {
+                self.leader_changed(group, leader);
+            }
+            self.send(group, actions.messages);
+            to_apply.entry(group).or_default().extend(actions.committed);
+        }
+        self.apply(to_apply);
+        for group in ids {
+            self.complete(group);
+        }
+        Ok(())
+    }
+
+    fn send(&self, group: GroupId, messages: Vec<Message>) {
+        for m in messages {
+            let to = m.to;
+            match protobuf::Message::write_to_bytes(&m) {
+                Ok(bytes) => {
+                    if let Err(e) = self.transport.send(NodeId(to), group, Bytes::from(bytes)) {
+                        tracing::debug!(%group, to, error = %e, "cannot send a Raft message");
+                    }
+                }
+                Err(e) => tracing::error!(%group, error = %e, "cannot encode a Raft message"),
+            }
+        }
+    }
+
+    fn leader_changed(&mut self, group: GroupId, leader: u64) {
+        tracing::info!(%group, leader, "leader changed");
+        if let Ok(mut m) = self.shared.leaders.write() {
+            m.insert(group, leader);
+        }
+        if let Some(slot) = self.groups.get_mut(&group) {
+            if leader != self.config.node_id.0 {
+                // ReadIndex requests of a deposed leader never complete: fail them so the
+                // clients retry at the new leader. Writes resolve through the log.
+                for (_, reads) in slot.reads.drain() {
+                    for r in reads {
+                        fail(r.done, NodeError::NotLeader { leader });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies committed entries to each group's store: per group in log order, with
+    /// non-overlapping commands of consecutive entries in flight together.
+    fn apply(&mut self, to_apply: HashMap<GroupId, Vec<CommittedEntry>>) {
+        let mut jobs = Vec::new();
+        for (group, entries) in to_apply {
+            let Some(last) = entries.last().map(|e| e.index) else { continue };
+            let Some(slot) = self.groups.get(&group) else { continue };
+            let store = slot.store.clone();
+            jobs.push(async move { (group, last, apply_entries(&store, entries).await) });
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        let results = self.rt.block_on(futures::future::join_all(jobs));
+        for (group, last, result) in results {
+            let Some(slot) = self.groups.get_mut(&group) else { continue };
+            match result {
+                Ok(()) => slot.applied = slot.applied.max(last),
+                Err(e) => {
+                    let why = format!("applying to the local store failed: {e}");
+                    tracing::error!(%group, error = %e, "replica stops: the local store cannot apply committed entries");
+                    slot.broken = Some(why);
+                }
+            }
+        }
+    }
+
+    /// Acknowledges writes and serves reads that the applied index now covers.
+    fn complete(&mut self, group: GroupId) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        let done = slot.driver.applied(slot.applied);
+        for id in done.writes {
+            if let Some(tx) = slot.writes.remove(&id) {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        for id in done.failed {
+            if let Some(tx) = slot.writes.remove(&id) {
+                fail(tx, NodeError::Dropped);
+            }
+        }
+        for id in done.reads {
+            let Some(reads) = slot.reads.remove(&id) else { continue };
+            for r in reads {
+                let backend = slot.store.backend.clone();
+                // The store holds everything up to the read index: read it off this thread.
+                self.rt.spawn(async move {
+                    let result = backend.read(r.offset, r.len).await.map_err(|e| match e {
+                        BackendError::OutOfRange { .. } => NodeError::OutOfRange,
+                        other => NodeError::Internal(other.to_string()),
+                    });
+                    let _ = r.done.send(result);
+                });
+            }
+        }
+    }
+
+    fn publish_status(&self) {
+        let Ok(mut m) = self.shared.status.write() else { return };
+        for (group, slot) in &self.groups {
+            let (term, voters, progress) = slot.driver.raft_status();
+            m.insert(
+                *group,
+                super::GroupStatus {
+                    leader: slot.driver.leader(),
+                    is_leader: slot.driver.is_leader(),
+                    term,
+                    commit_index: slot.driver.commit_index(),
+                    applied_index: slot.applied,
+                    voters,
+                    progress,
+                },
+            );
+        }
+    }
+
+    fn checkpoint(&mut self, force: bool) {
+        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        for group in ids {
+            let Some(mut slot) = self.groups.remove(&group) else { continue };
+            if force || slot.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+                self.checkpoint_slot(group, &mut slot);
+            }
+            self.groups.insert(group, slot);
+        }
+    }
+
+    /// Flushes the store, then records the applied index: after a crash the replica
+    /// re-applies the log from there (entries are idempotent block writes).
+    fn checkpoint_slot(&self, group: GroupId, slot: &mut Slot) {
+        slot.last_checkpoint = Instant::now();
+        if slot.applied <= slot.checkpointed || slot.broken.is_some() {
+            return;
+        }
+        let applied = slot.applied;
+        let backend = slot.store.backend.clone();
+        if let Err(e) = self.rt.block_on(backend.flush()) {
+            tracing::warn!(%group, error = %e, "flushing the replica store failed; checkpoint skipped");
+            return;
+        }
+        match write_applied(&slot.store.applied_path, applied) {
+            Ok(()) => slot.checkpointed = applied,
+            Err(e) => tracing::warn!(%group, error = %e, "recording the applied index failed"),
+        }
+    }
+}
+
+fn fail_all(slot: Slot, e: impl Fn() -> NodeError) {
+    for (_, done) in slot.new_writes {
+        fail(done, e());
+    }
+    for (_, done) in slot.writes {
+        fail(done, e());
+    }
+    for r in slot.new_reads.into_iter().chain(slot.reads.into_values().flatten()) {
+        fail(r.done, e());
+    }
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
+}
+
+/// Applies entries in log order; commands run concurrently until one overlaps a
+/// command still in flight (or is a resize), which waits for the wave before it.
+async fn apply_entries(store: &ReplicaStore, entries: Vec<CommittedEntry>) -> Result<(), BackendError> {
+    let mut wave = Vec::new();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for command in entries.into_iter().flat_map(|e| e.commands) {
+        let range = match &command {
+            Command::Write { offset, data } => Some((*offset, data.len() as u64)),
+            Command::Trim { offset, len } | Command::WriteZeroes { offset, len } => Some((*offset, *len)),
+            Command::Resize { .. } => None,
+        };
+        let barrier = range.is_none_or(|r| ranges.iter().any(|&o| overlaps(r, o)));
+        if barrier {
+            finish_wave(std::mem::take(&mut wave)).await?;
+            ranges.clear();
+        }
+        if let Command::Resize { size } = command {
+            (store.grow)(size)?;
+            continue;
+        }
+        if let Some(r) = range {
+            ranges.push(r);
+        }
+        let backend = store.backend.clone();
+        wave.push(async move {
+            // fua = false: committed entries are durable in the WAL of a majority.
+            let r = match command {
+                Command::Write { offset, data } => backend.write(offset, data, false).await,
+                Command::Trim { offset, len } => backend.trim(offset, len).await,
+                Command::WriteZeroes { offset, len } => backend.write_zeroes(offset, len, false, false).await,
+                Command::Resize { .. } => Ok(()),
+            };
+            match r {
+                // Out of range is refused identically on every replica (the size is replicated).
+                Err(BackendError::OutOfRange { .. }) => Ok(()),
+                other => other,
+            }
+        });
+    }
+    finish_wave(wave).await
+}
+
+async fn finish_wave<F: std::future::Future<Output = Result<(), BackendError>>>(
+    wave: Vec<F>,
+) -> Result<(), BackendError> {
+    for r in futures::future::join_all(wave).await {
+        r?;
+    }
+    Ok(())
+}
+
+fn read_applied(path: &std::path::Path) -> std::io::Result<u64> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| std::io::Error::other(format!("{} is corrupt: {s:?}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn write_applied(path: &std::path::Path, applied: u64) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{applied}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

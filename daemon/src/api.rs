@@ -39,6 +39,12 @@ pub struct NodeInfo {
     pub nbd_socket: String,
     /// Data directory.
     pub data_dir: String,
+    /// Cluster node id (absent when running alone).
+    #[serde(default)]
+    pub node_id: Option<u64>,
+    /// Other nodes, "ID@HOST:PORT".
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// A size given either as bytes or as a string with units.
@@ -65,6 +71,14 @@ struct CreateRequest {
     size: SizeArg,
     #[serde(default)]
     read_only: bool,
+    #[serde(default)]
+    replicas: u8,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferRequest {
+    to: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +112,7 @@ impl From<VolumeError> for ApiError {
             VolumeError::Invalid(_) => StatusCode::BAD_REQUEST,
             VolumeError::NotFound(_) => StatusCode::NOT_FOUND,
             VolumeError::Exists(_) | VolumeError::InUse { .. } => StatusCode::CONFLICT,
+            VolumeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             VolumeError::Catalog(_) | VolumeError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError { status, message: e.to_string() }
@@ -116,19 +131,6 @@ fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8], example: &str) -> Resul
     })
 }
 
-/// Runs blocking catalog and file work off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: format!("internal task failed: {e}"),
-        })?
-        .map_err(ApiError::from)
-}
-
 /// Builds the router.
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
@@ -138,6 +140,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes", get(list).post(create))
         .route("/v1/volumes/{name}", get(inspect).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))
+        .route("/v1/volumes/{name}/transfer-leader", post(transfer_leader))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -158,22 +161,18 @@ async fn node(State(s): State<Arc<ApiState>>) -> Json<NodeInfo> {
 }
 
 async fn list(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
-    let v = s.volumes.clone();
-    let list = blocking(move || Ok(v.list())).await?;
-    Ok(Json(list).into_response())
+    Ok(Json(s.volumes.list()).into_response())
 }
 
 async fn create(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
-    let req: CreateRequest = parse_json(&body, r#"{"name": "db", "size": "10G"}"#)?;
+    let req: CreateRequest = parse_json(&body, r#"{"name": "db", "size": "10G", "replicas": 2}"#)?;
     let size = req.size.bytes()?;
-    let v = s.volumes.clone();
-    let status = blocking(move || v.create(&req.name, size, req.read_only)).await?;
+    let status = s.volumes.create(&req.name, size, req.read_only, req.replicas).await?;
     Ok((StatusCode::CREATED, Json(status)).into_response())
 }
 
 async fn inspect(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let v = s.volumes.clone();
-    Ok(Json(blocking(move || v.status(&name)).await?).into_response())
+    Ok(Json(s.volumes.status(&name)?).into_response())
 }
 
 async fn resize(
@@ -183,8 +182,17 @@ async fn resize(
 ) -> Result<Response, ApiError> {
     let req: ResizeRequest = parse_json(&body, r#"{"size": "20G"}"#)?;
     let size = req.size.bytes()?;
-    let v = s.volumes.clone();
-    Ok(Json(blocking(move || v.resize(&name, size)).await?).into_response())
+    Ok(Json(s.volumes.resize(&name, size).await?).into_response())
+}
+
+async fn transfer_leader(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: TransferRequest = parse_json(&body, r#"{"to": 2}"#)?;
+    s.volumes.transfer_leader(&name, req.to).await?;
+    Ok(StatusCode::ACCEPTED.into_response())
 }
 
 async fn delete(
@@ -192,7 +200,6 @@ async fn delete(
     Path(name): Path<String>,
     Query(q): Query<DeleteQuery>,
 ) -> Result<Response, ApiError> {
-    let v = s.volumes.clone();
-    blocking(move || v.delete(&name, q.force)).await?;
+    s.volumes.delete(&name, q.force).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -25,7 +25,19 @@ pub struct VolumeRecord {
     pub read_only: bool,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix_s: u64,
+    /// Extra copies (0 to 4); the volume has `replicas + 1` voters.
+    #[serde(default)]
+    pub replicas: u8,
+    /// Node ids holding a copy (empty on a node without peers: the local file is the volume).
+    #[serde(default)]
+    pub voters: Vec<u64>,
+    /// The volume's Raft group id (0 on a node without peers).
+    #[serde(default)]
+    pub group_id: u64,
 }
+
+/// Most extra copies a volume may have.
+pub const REPLICAS_MAX: u8 = 4;
 
 /// Why the catalog refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +86,7 @@ pub fn validate_size(size_bytes: u64) -> Result<(), String> {
 /// The sled-backed catalog.
 pub struct Catalog {
     volumes: sled::Tree,
+    deleted: sled::Tree,
     db: sled::Db,
 }
 
@@ -82,7 +95,8 @@ impl Catalog {
     pub fn open(dir: &Path) -> Result<Catalog, CatalogError> {
         let db = sled::open(dir)?;
         let volumes = db.open_tree("volumes")?;
-        Ok(Catalog { volumes, db })
+        let deleted = db.open_tree("deleted")?;
+        Ok(Catalog { volumes, deleted, db })
     }
 
     /// Every volume, ordered by name.
@@ -118,6 +132,24 @@ impl Catalog {
         Ok(())
     }
 
+    /// Remembers that the volume with `uuid` was deleted, so a peer that missed the
+    /// delete cannot bring it back.
+    pub fn tombstone(&self, uuid: &str) -> Result<(), CatalogError> {
+        self.deleted.insert(uuid, &[])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether the volume with `uuid` was deleted.
+    pub fn is_tombstoned(&self, uuid: &str) -> Result<bool, CatalogError> {
+        Ok(self.deleted.contains_key(uuid)?)
+    }
+
+    /// Every deleted volume's uuid.
+    pub fn tombstones(&self) -> Result<Vec<String>, CatalogError> {
+        self.deleted.iter().keys().map(|k| Ok(String::from_utf8_lossy(&k?).into_owned())).collect()
+    }
+
     /// Removes a record; returns whether it existed.
     pub fn remove(&self, name: &str) -> Result<bool, CatalogError> {
         let existed = self.volumes.remove(name)?.is_some();
@@ -147,6 +179,9 @@ mod tests {
             size_bytes: 4096,
             read_only: false,
             created_unix_s: 1,
+            replicas: 0,
+            voters: Vec::new(),
+            group_id: 0,
         }
     }
 
@@ -189,5 +224,16 @@ mod tests {
         assert_eq!(all[0].size_bytes, 8192);
         assert_eq!(c.get("b").unwrap().unwrap().name, "b");
         assert!(c.get("a").unwrap().is_none());
+        c.tombstone("u-a").unwrap();
+        assert!(c.is_tombstoned("u-a").unwrap());
+        assert!(!c.is_tombstoned("u-b").unwrap());
+        assert_eq!(c.tombstones().unwrap(), vec!["u-a".to_string()]);
+    }
+
+    #[test]
+    fn records_of_issue_1_decode_with_no_replicas() {
+        let old = br#"{"name":"v","uuid":"u","size_bytes":4096,"read_only":false,"created_unix_s":1}"#;
+        let r = decode("v", old).unwrap();
+        assert_eq!((r.replicas, r.voters.len(), r.group_id), (0, 0, 0));
     }
 }

@@ -1,19 +1,31 @@
-//! The node's volumes: the catalog records plus their open data files, and the
-//! export catalog the NBD server resolves export names through.
+//! The node's volumes: catalog records plus what serves each one, and the export
+//! catalog the NBD server resolves export names through.
+//!
+//! Two modes. A node without peers serves each volume straight from its local
+//! file. A node in a cluster serves every volume through a [`ReplicatedBackend`]:
+//! the volume's voters keep a copy each and form its Raft group, and any node,
+//! voter or not, forwards client I/O to the group's leader. Volume records reach
+//! every node through control messages ([`crate::cluster`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use raftblk_blockdev::nbd::{ExportCatalog, ExportInfo, OpenError, OpenExport};
 use raftblk_blockdev::store::{FileBackend, IoEngine};
-use raftblk_blockdev::BlockBackend;
-use serde::Serialize;
+use raftblk_blockdev::{BackendError, BlockBackend};
+use raftblk_replication::node::{ReplicaStore, ReplicatedBackend, ReplicationNode};
+use raftblk_replication::wal::record::GroupId;
+use serde::{Deserialize, Serialize};
 
-use crate::catalog::{validate_name, validate_size, Catalog, CatalogError, VolumeRecord};
+use crate::catalog::{validate_name, validate_size, Catalog, CatalogError, VolumeRecord, REPLICAS_MAX};
+use crate::cluster::{ControlAnswer, ControlMessage};
 use crate::metrics::{MeteredBackend, Metrics};
+
+/// How long a create or delete waits for each peer's confirmation.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a volume operation was refused or failed. The refusals say what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +40,11 @@ pub enum VolumeError {
     #[error("a volume named {0:?} already exists; pick another name or delete it first")]
     Exists(String),
     /// The volume is in use and the operation was not forced.
-    #[error("volume {name:?} has {connections} open NBD connection(s); disconnect the clients or delete with --force")]
+    #[error("volume {name:?} has {connections} open NBD connection(s) on this node; disconnect the clients or delete with --force")]
     InUse { name: String, connections: usize },
+    /// The cluster cannot do it now (a peer did not answer, no leader).
+    #[error("{0}")]
+    Unavailable(String),
     /// Catalog failure.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
@@ -38,8 +53,23 @@ pub enum VolumeError {
     Store { name: String, message: String },
 }
 
+/// Replication state of a volume as this node sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ReplicationStatus {
+    /// The leader this node knows of (0: none known).
+    pub leader: u64,
+    /// Raft term (only on voters).
+    pub term: u64,
+    /// Commit index (only on voters).
+    pub commit_index: u64,
+    /// Applied index of this node's copy (only on voters).
+    pub applied_index: u64,
+    /// Each voter's matched log index (only on the leader).
+    pub progress: Vec<(u64, u64)>,
+}
+
 /// A volume as the API reports it.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeStatus {
     /// Name and NBD export name.
     pub name: String,
@@ -47,19 +77,30 @@ pub struct VolumeStatus {
     pub uuid: String,
     /// Provisioned size.
     pub size_bytes: u64,
-    /// Bytes allocated on disk.
+    /// Bytes allocated in this node's copy (0 where the node holds none).
     pub allocated_bytes: u64,
     /// Whether clients may only read.
     pub read_only: bool,
-    /// Open NBD connections.
+    /// Open NBD connections on this node.
     pub connections: usize,
     /// Creation time, seconds since the epoch.
     pub created_unix_s: u64,
+    /// Extra copies.
+    #[serde(default)]
+    pub replicas: u8,
+    /// Nodes holding a copy.
+    #[serde(default)]
+    pub voters: Vec<u64>,
+    /// Raft state (cluster mode only).
+    #[serde(default)]
+    pub replication: Option<ReplicationStatus>,
 }
 
 struct Volume {
     record: Mutex<VolumeRecord>,
-    file: Arc<FileBackend>,
+    file: Option<Arc<FileBackend>>,
+    replicated: Option<Arc<ReplicatedBackend>>,
+    size: Arc<AtomicU64>,
     served: Arc<MeteredBackend>,
     connections: Arc<AtomicUsize>,
 }
@@ -70,9 +111,10 @@ pub struct VolumeManager {
     volumes_dir: PathBuf,
     engine: IoEngine,
     metrics: Arc<Metrics>,
+    replication: Option<ReplicationNode>,
     open: Mutex<HashMap<String, Arc<Volume>>>,
-    /// Serializes create/resize/delete so checks and effects cannot interleave.
-    control: Mutex<()>,
+    /// Serializes create/resize/delete/upsert so checks and effects cannot interleave.
+    control: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -81,71 +123,145 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn now_unix_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 impl VolumeManager {
-    /// Opens the catalog and every volume under `data_dir`, removing data files
-    /// that no record owns (left by a crash during create or delete).
-    pub fn open(data_dir: &Path, engine: IoEngine, metrics: Arc<Metrics>) -> Result<Self, VolumeError> {
+    /// Opens the catalog and every volume under `data_dir`, removing data files that no
+    /// record owns (left by a crash during create or delete). With `replication`, the
+    /// node is part of a cluster and volumes are Raft groups.
+    pub async fn open(
+        data_dir: &Path,
+        engine: IoEngine,
+        metrics: Arc<Metrics>,
+        replication: Option<ReplicationNode>,
+    ) -> Result<Arc<Self>, VolumeError> {
         let volumes_dir = data_dir.join("volumes");
         std::fs::create_dir_all(&volumes_dir).map_err(|e| VolumeError::Store {
             name: String::new(),
             message: format!("cannot create {}: {e}", volumes_dir.display()),
         })?;
         let catalog = Catalog::open(&data_dir.join("catalog"))?;
-        let manager = VolumeManager {
+        let manager = Arc::new(VolumeManager {
             catalog,
             volumes_dir,
             engine,
             metrics,
+            replication,
             open: Mutex::new(HashMap::new()),
-            control: Mutex::new(()),
-        };
-        let records = manager.catalog.list()?;
-        for mut record in records {
-            let path = manager.data_path(&record.uuid);
-            let file = FileBackend::open(&path, manager.engine.clone()).map_err(|e| VolumeError::Store {
-                name: record.name.clone(),
-                message: format!("cannot open {}: {e}", path.display()),
-            })?;
-            let file_size = file.size_bytes();
-            if file_size < record.size_bytes {
-                // A grow's truncate did not reach the disk before a crash; redo it.
-                file.grow(record.size_bytes).map_err(|e| store_err(&record.name, e))?;
-            } else if file_size > record.size_bytes {
-                // The grow reached the file but not the catalog; the larger size was
-                // never acknowledged, but keeping it loses nothing.
-                record.size_bytes = file_size;
-                manager.catalog.update(&record)?;
-            }
-            manager.insert_open(record, Arc::new(file));
+            control: tokio::sync::Mutex::new(()),
+        });
+        for record in manager.catalog.list()? {
+            manager.open_volume(record, false).await?;
         }
         manager.remove_orphans();
         Ok(manager)
+    }
+
+    /// This node's id in the cluster (`None` without peers).
+    pub fn node_id(&self) -> Option<u64> {
+        self.replication.as_ref().map(|r| r.node_id().0)
     }
 
     fn data_path(&self, uuid: &str) -> PathBuf {
         self.volumes_dir.join(format!("{uuid}.img"))
     }
 
-    fn insert_open(&self, record: VolumeRecord, file: Arc<FileBackend>) {
+    fn holds_copy(&self, record: &VolumeRecord) -> bool {
+        match self.node_id() {
+            None => true,
+            Some(me) => record.voters.contains(&me),
+        }
+    }
+
+    /// Opens (or, with `create`, first creates) what serves `record` on this node.
+    async fn open_volume(&self, mut record: VolumeRecord, create: bool) -> Result<(), VolumeError> {
         let name = record.name.clone();
-        let served = Arc::new(MeteredBackend::new(file.clone(), self.metrics.volume(&name)));
+        let path = self.data_path(&record.uuid);
+        let file = if self.holds_copy(&record) {
+            let file = if create || (self.replication.is_some() && !path.exists()) {
+                FileBackend::create(&path, record.size_bytes, self.engine.clone())
+            } else {
+                FileBackend::open(&path, self.engine.clone())
+            }
+            .map_err(|e| store_err(&name, format!("{}: {e}", path.display())))?;
+            let file_size = file.size_bytes();
+            if file_size < record.size_bytes {
+                // A grow's truncate did not reach the disk before a crash; redo it.
+                file.grow(record.size_bytes).map_err(|e| store_err(&name, e))?;
+            } else if file_size > record.size_bytes && self.replication.is_none() {
+                // The grow reached the file but not the catalog; the larger size was never
+                // acknowledged, but keeping it loses nothing.
+                record.size_bytes = file_size;
+                self.catalog.update(&record)?;
+            }
+            Some(Arc::new(file))
+        } else {
+            None
+        };
+        let size = Arc::new(AtomicU64::new(record.size_bytes));
+        let (inner, replicated): (Arc<dyn BlockBackend>, _) = match (&self.replication, &file) {
+            (None, Some(f)) => (f.clone(), None),
+            (None, None) => return Err(store_err(&name, "no local copy on a node without peers")),
+            (Some(node), local) => {
+                let group = GroupId(record.group_id);
+                if let Some(f) = local {
+                    let (grow_file, grow_size) = (f.clone(), size.clone());
+                    let store = ReplicaStore {
+                        backend: f.clone(),
+                        grow: Arc::new(move |new_size| {
+                            grow_file
+                                .grow(new_size)
+                                .map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
+                            grow_size.fetch_max(new_size, Ordering::SeqCst);
+                            Ok(())
+                        }),
+                        applied_path: self.volumes_dir.join(format!("{}.applied", record.uuid)),
+                    };
+                    node.open_group(group, record.voters.clone(), store)
+                        .await
+                        .map_err(|e| store_err(&name, format!("starting its replica: {e}")))?;
+                }
+                let local: Option<Arc<dyn BlockBackend>> = local.clone().map(|f| f as Arc<dyn BlockBackend>);
+                let r = Arc::new(ReplicatedBackend::new(
+                    node.clone(),
+                    group,
+                    record.voters.clone(),
+                    size.clone(),
+                    local,
+                ));
+                (r.clone(), Some(r))
+            }
+        };
+        let served = Arc::new(MeteredBackend::new(inner, self.metrics.volume(&name)));
         self.metrics.volume_size.with_label_values(&[&name]).set(record.size_bytes as i64);
         self.metrics.volume_connections.with_label_values(&[&name]).set(0);
-        let volume =
-            Volume { record: Mutex::new(record), file, served, connections: Arc::new(AtomicUsize::new(0)) };
+        let volume = Volume {
+            record: Mutex::new(record),
+            file,
+            replicated,
+            size,
+            served,
+            connections: Arc::new(AtomicUsize::new(0)),
+        };
         let mut open = lock(&self.open);
         open.insert(name, Arc::new(volume));
         self.metrics.volumes.set(open.len() as i64);
+        Ok(())
     }
 
     fn remove_orphans(&self) {
-        let known: Vec<String> =
-            lock(&self.open).values().map(|v| format!("{}.img", lock(&v.record).uuid)).collect();
+        let known: Vec<String> = lock(&self.open).values().map(|v| lock(&v.record).uuid.clone()).collect();
         let Ok(entries) = std::fs::read_dir(&self.volumes_dir) else { return };
         for entry in entries.flatten() {
             let file_name = entry.file_name().to_string_lossy().into_owned();
-            if file_name.ends_with(".img") && !known.contains(&file_name) {
-                tracing::warn!(file = %entry.path().display(), "removing data file no volume owns (interrupted create or delete)");
+            let Some(uuid) = file_name.strip_suffix(".img").or_else(|| file_name.strip_suffix(".applied"))
+            else {
+                continue;
+            };
+            if !known.iter().any(|k| k == uuid) {
+                tracing::warn!(file = %entry.path().display(), "removing a file no volume owns (interrupted create or delete)");
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -160,66 +276,186 @@ impl VolumeManager {
         self.engine.name()
     }
 
-    /// Creates a thin volume.
-    pub fn create(&self, name: &str, size_bytes: u64, read_only: bool) -> Result<VolumeStatus, VolumeError> {
+    /// Picks the voters of a new volume: this node first (it is where the volume is
+    /// being created, usually where it will be used), then the next nodes by id.
+    fn place(&self, replicas: u8) -> Result<Vec<u64>, VolumeError> {
+        if replicas > REPLICAS_MAX {
+            return Err(VolumeError::Invalid(format!(
+                "replicas {replicas} is out of range; use 0 to {REPLICAS_MAX} (extra copies)"
+            )));
+        }
+        let Some(node) = &self.replication else {
+            if replicas > 0 {
+                return Err(VolumeError::Invalid(format!(
+                    "replicas={replicas} needs {} nodes, but this node runs alone (no cluster.peers); use replicas=0 or start a cluster (raftblk dev-cluster)",
+                    replicas + 1
+                )));
+            }
+            return Ok(Vec::new());
+        };
+        let me = node.node_id().0;
+        let mut ids = node.peer_ids();
+        ids.push(me);
+        ids.sort_unstable();
+        if replicas as usize + 1 > ids.len() {
+            return Err(VolumeError::Invalid(format!(
+                "replicas={replicas} needs {} nodes holding a copy each, but the cluster has {}; use replicas={} or add nodes",
+                replicas + 1,
+                ids.len(),
+                ids.len() - 1
+            )));
+        }
+        let start = ids.iter().position(|&i| i == me).unwrap_or(0);
+        Ok((0..=replicas as usize).map(|k| ids[(start + k) % ids.len()]).collect())
+    }
+
+    /// Creates a thin volume with `replicas` extra copies.
+    pub async fn create(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        read_only: bool,
+        replicas: u8,
+    ) -> Result<VolumeStatus, VolumeError> {
         validate_name(name).map_err(VolumeError::Invalid)?;
         validate_size(size_bytes).map_err(VolumeError::Invalid)?;
-        let _control = lock(&self.control);
+        let voters = self.place(replicas)?;
+        let _control = self.control.lock().await;
         if lock(&self.open).contains_key(name) {
             return Err(VolumeError::Exists(name.to_string()));
         }
+        let uuid = uuid::Uuid::new_v4();
+        let group_id = if self.replication.is_some() {
+            u64::from_le_bytes(uuid.as_bytes()[..8].try_into().unwrap_or([1; 8])) | 1
+        } else {
+            0
+        };
         let record = VolumeRecord {
             name: name.to_string(),
-            uuid: uuid::Uuid::new_v4().to_string(),
+            uuid: uuid.to_string(),
             size_bytes,
             read_only,
-            created_unix_s: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            created_unix_s: now_unix_s(),
+            replicas,
+            voters: voters.clone(),
+            group_id,
         };
-        let path = self.data_path(&record.uuid);
-        // File first, record second: a crash in between leaves an orphan file that
-        // the next start removes, never a record without its file.
-        let file =
-            FileBackend::create(&path, size_bytes, self.engine.clone()).map_err(|e| store_err(name, e))?;
-        if !self.catalog.insert_new(&record)? {
-            let _ = std::fs::remove_file(&path);
-            return Err(VolumeError::Exists(name.to_string()));
+        self.upsert_locked(record.clone(), true).await?;
+        tracing::info!(volume = name, size_bytes, replicas, ?voters, uuid = %record.uuid, "volume created");
+        if let Some(node) = &self.replication {
+            let msg = ControlMessage::Upsert(record.clone());
+            let mut missing = Vec::new();
+            for peer in node.peer_ids() {
+                if let Err(e) = crate::cluster::send(node, peer, &msg, CONTROL_TIMEOUT).await {
+                    if voters.contains(&peer) {
+                        missing.push(format!("node {peer}: {e}"));
+                    } else {
+                        tracing::warn!(peer, error = %e, "peer did not confirm the new volume; it will learn it at its next sync");
+                    }
+                }
+            }
+            if !missing.is_empty() {
+                return Err(VolumeError::Unavailable(format!(
+                    "volume {name:?} was created, but nodes meant to hold a copy did not confirm ({}); it may not be writable until they are back. Delete it and retry, or wait for them",
+                    missing.join("; ")
+                )));
+            }
         }
-        tracing::info!(volume = name, size_bytes, uuid = %record.uuid, "volume created");
-        self.insert_open(record, Arc::new(file));
+        drop(_control);
         self.status(name)
+    }
+
+    /// Applies a record learned from a peer (or made here): opens a new volume, or
+    /// records a grow. Records of deleted volumes are ignored.
+    pub async fn upsert(&self, record: VolumeRecord) -> Result<(), VolumeError> {
+        let _control = self.control.lock().await;
+        self.upsert_locked(record, false).await
+    }
+
+    async fn upsert_locked(&self, record: VolumeRecord, new_here: bool) -> Result<(), VolumeError> {
+        if self.catalog.is_tombstoned(&record.uuid)? {
+            return Ok(());
+        }
+        let existing = lock(&self.open).get(&record.name).cloned();
+        if let Some(v) = existing {
+            let mut current = lock(&v.record);
+            if current.uuid != record.uuid {
+                return Err(VolumeError::Exists(record.name.clone()));
+            }
+            if record.size_bytes > current.size_bytes {
+                current.size_bytes = record.size_bytes;
+                v.size.fetch_max(record.size_bytes, Ordering::SeqCst);
+                self.catalog.update(&current)?;
+                self.metrics.volume_size.with_label_values(&[&record.name]).set(record.size_bytes as i64);
+            }
+            return Ok(());
+        }
+        // File first, record second: a crash in between leaves an orphan file that the
+        // next start removes, never a record without its file.
+        self.open_volume(record.clone(), new_here || self.holds_copy(&record)).await?;
+        if !self.catalog.insert_new(&record)? {
+            return Err(VolumeError::Exists(record.name.clone()));
+        }
+        Ok(())
     }
 
     /// Every volume, ordered by name.
     pub fn list(&self) -> Vec<VolumeStatus> {
         let volumes: Vec<Arc<Volume>> = lock(&self.open).values().cloned().collect();
-        let mut out: Vec<VolumeStatus> = volumes.iter().map(|v| Self::status_of(v)).collect();
+        let mut out: Vec<VolumeStatus> = volumes.iter().map(|v| self.status_of(v)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Every record (for peers' catalog sync).
+    pub fn records(&self) -> Vec<VolumeRecord> {
+        lock(&self.open).values().map(|v| lock(&v.record).clone()).collect()
+    }
+
+    /// Deleted volumes' uuids (for peers' catalog sync).
+    pub fn tombstones(&self) -> Vec<String> {
+        self.catalog.tombstones().unwrap_or_default()
     }
 
     /// One volume.
     pub fn status(&self, name: &str) -> Result<VolumeStatus, VolumeError> {
         let v = self.get(name)?;
-        Ok(Self::status_of(&v))
+        Ok(self.status_of(&v))
     }
 
-    fn status_of(v: &Volume) -> VolumeStatus {
+    fn status_of(&self, v: &Volume) -> VolumeStatus {
         let r = lock(&v.record).clone();
+        let replication = self.replication.as_ref().map(|node| {
+            let group = GroupId(r.group_id);
+            match node.status(group) {
+                Some(s) => ReplicationStatus {
+                    leader: s.leader,
+                    term: s.term,
+                    commit_index: s.commit_index,
+                    applied_index: s.applied_index,
+                    progress: s.progress,
+                },
+                None => ReplicationStatus { leader: node.leader(group), ..Default::default() },
+            }
+        });
         VolumeStatus {
             name: r.name,
             uuid: r.uuid,
-            size_bytes: r.size_bytes,
-            allocated_bytes: v.file.allocated_bytes().unwrap_or(0),
+            size_bytes: v.size.load(Ordering::SeqCst),
+            allocated_bytes: v.file.as_ref().and_then(|f| f.allocated_bytes().ok()).unwrap_or(0),
             read_only: r.read_only,
             connections: v.connections.load(Ordering::SeqCst),
             created_unix_s: r.created_unix_s,
+            replicas: r.replicas,
+            voters: r.voters,
+            replication,
         }
     }
 
-    /// Grows a volume; new NBD connections see the new size.
-    pub fn resize(&self, name: &str, size_bytes: u64) -> Result<VolumeStatus, VolumeError> {
+    /// Grows a volume (through its Raft log in a cluster); new NBD connections see the new size.
+    pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<VolumeStatus, VolumeError> {
         validate_size(size_bytes).map_err(VolumeError::Invalid)?;
-        let _control = lock(&self.control);
+        let _control = self.control.lock().await;
         let v = self.get(name)?;
         let mut record = lock(&v.record).clone();
         if size_bytes < record.size_bytes {
@@ -228,47 +464,124 @@ impl VolumeManager {
                 record.size_bytes
             )));
         }
-        if size_bytes > record.size_bytes {
-            v.file.grow(size_bytes).map_err(|e| store_err(name, e))?;
-            record.size_bytes = size_bytes;
-            self.catalog.update(&record)?;
-            self.metrics.volume_size.with_label_values(&[name]).set(size_bytes as i64);
-            tracing::info!(volume = name, size_bytes, "volume grown");
-            *lock(&v.record) = record;
+        if size_bytes == record.size_bytes {
+            return self.status(name);
         }
+        match (&v.replicated, &v.file) {
+            (Some(r), _) => r.resize(size_bytes).await.map_err(|e| {
+                VolumeError::Unavailable(format!("growing volume {name:?} through its replicas failed: {e}"))
+            })?,
+            (None, Some(f)) => f.grow(size_bytes).map_err(|e| store_err(name, e))?,
+            (None, None) => return Err(store_err(name, "no local copy")),
+        }
+        v.size.fetch_max(size_bytes, Ordering::SeqCst);
+        record.size_bytes = size_bytes;
+        self.catalog.update(&record)?;
+        *lock(&v.record) = record.clone();
+        self.metrics.volume_size.with_label_values(&[name]).set(size_bytes as i64);
+        tracing::info!(volume = name, size_bytes, "volume grown");
+        if let Some(node) = &self.replication {
+            let msg = ControlMessage::Upsert(record);
+            for peer in node.peer_ids() {
+                if let Err(e) = crate::cluster::send(node, peer, &msg, CONTROL_TIMEOUT).await {
+                    tracing::warn!(peer, error = %e, "peer did not confirm the new size; it will learn it at its next sync");
+                }
+            }
+        }
+        drop(_control);
         self.status(name)
     }
 
-    /// Deletes a volume; refused while NBD clients are connected unless `force`.
-    pub fn delete(&self, name: &str, force: bool) -> Result<(), VolumeError> {
-        let _control = lock(&self.control);
+    /// Deletes a volume; refused while NBD clients are connected here unless `force`.
+    pub async fn delete(&self, name: &str, force: bool) -> Result<(), VolumeError> {
+        let _control = self.control.lock().await;
         let v = self.get(name)?;
         let connections = v.connections.load(Ordering::SeqCst);
         if connections > 0 && !force {
             return Err(VolumeError::InUse { name: name.to_string(), connections });
         }
+        let record = lock(&v.record).clone();
+        self.remove_locked(&record).await?;
+        tracing::info!(volume = name, forced = force, connections, "volume deleted");
+        if let Some(node) = &self.replication {
+            let msg = ControlMessage::Delete { uuid: record.uuid.clone() };
+            for peer in node.peer_ids() {
+                if let Err(e) = crate::cluster::send(node, peer, &msg, CONTROL_TIMEOUT).await {
+                    tracing::warn!(peer, error = %e, "peer did not confirm the delete; it will learn it at its next sync");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a delete learned from a peer.
+    pub async fn delete_uuid(&self, uuid: &str) -> Result<(), VolumeError> {
+        let _control = self.control.lock().await;
+        let record = lock(&self.open).values().map(|v| lock(&v.record).clone()).find(|r| r.uuid == uuid);
+        match record {
+            Some(r) => self.remove_locked(&r).await,
+            None => Ok(self.catalog.tombstone(uuid)?),
+        }
+    }
+
+    async fn remove_locked(&self, record: &VolumeRecord) -> Result<(), VolumeError> {
+        let name = &record.name;
+        let Some(v) = lock(&self.open).get(name).cloned() else { return Ok(()) };
         v.served.mark_deleted();
+        if self.replication.is_some() {
+            self.catalog.tombstone(&record.uuid)?;
+        }
         // Record first, file second: a crash in between leaves an orphan file.
         self.catalog.remove(name)?;
-        let uuid = lock(&v.record).uuid.clone();
         {
             let mut open = lock(&self.open);
             open.remove(name);
             self.metrics.volumes.set(open.len() as i64);
         }
         self.metrics.forget_volume(name);
-        std::fs::remove_file(self.data_path(&uuid)).map_err(|e| store_err(name, e))?;
-        tracing::info!(volume = name, forced = force, connections, "volume deleted");
+        if let (Some(node), Some(_)) = (&self.replication, &v.file) {
+            let _ = node.close_group(GroupId(record.group_id)).await;
+        }
+        if v.file.is_some() {
+            std::fs::remove_file(self.data_path(&record.uuid)).map_err(|e| store_err(name, e))?;
+            let _ = std::fs::remove_file(self.volumes_dir.join(format!("{}.applied", record.uuid)));
+        }
         Ok(())
     }
 
     /// Creates `name` unless a volume of that name exists (used for bootstrap volumes).
-    pub fn ensure(&self, name: &str, size_bytes: u64) -> Result<bool, VolumeError> {
-        match self.create(name, size_bytes, false) {
+    pub async fn ensure(&self, name: &str, size_bytes: u64) -> Result<bool, VolumeError> {
+        match self.create(name, size_bytes, false, 0).await {
             Ok(_) => Ok(true),
             Err(VolumeError::Exists(_)) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Asks the volume's leader to hand leadership to `to`.
+    pub async fn transfer_leader(&self, name: &str, to: u64) -> Result<(), VolumeError> {
+        let v = self.get(name)?;
+        let record = lock(&v.record).clone();
+        let Some(node) = &self.replication else {
+            return Err(VolumeError::Invalid("this node runs alone; there is no leader to move".into()));
+        };
+        if !record.voters.contains(&to) {
+            return Err(VolumeError::Invalid(format!(
+                "node {to} holds no copy of {name:?}; its copies are on nodes {:?}",
+                record.voters
+            )));
+        }
+        let leader = node.leader(GroupId(record.group_id));
+        if leader == 0 {
+            return Err(VolumeError::Unavailable(format!(
+                "volume {name:?} has no leader right now; retry shortly"
+            )));
+        }
+        let msg = ControlMessage::TransferLeader { group_id: record.group_id, to };
+        crate::cluster::send(node, leader, &msg, CONTROL_TIMEOUT)
+            .await
+            .map_err(|e| VolumeError::Unavailable(format!("leader node {leader} did not answer: {e}")))?;
+        Ok(())
     }
 
     /// Whether the node has no volumes at all.
@@ -280,19 +593,42 @@ impl VolumeManager {
     pub fn refresh_gauges(&self) {
         for v in lock(&self.open).values() {
             let name = lock(&v.record).name.clone();
-            let allocated = v.file.allocated_bytes().unwrap_or(0);
+            let allocated = v.file.as_ref().and_then(|f| f.allocated_bytes().ok()).unwrap_or(0);
             self.metrics.volume_allocated.with_label_values(&[&name]).set(allocated as i64);
         }
     }
 
-    /// Flushes every volume (at shutdown).
+    /// Flushes every local copy (at shutdown).
     pub async fn flush_all(&self) -> Result<(), VolumeError> {
         let volumes: Vec<Arc<Volume>> = lock(&self.open).values().cloned().collect();
         for v in volumes {
-            let name = lock(&v.record).name.clone();
-            v.file.flush().await.map_err(|e| store_err(&name, e))?;
+            if let Some(f) = &v.file {
+                let name = lock(&v.record).name.clone();
+                f.flush().await.map_err(|e| store_err(&name, e))?;
+            }
         }
         Ok(())
+    }
+
+    /// Answers a peer's control message.
+    pub async fn on_control(&self, msg: ControlMessage) -> ControlAnswer {
+        let result = match msg {
+            ControlMessage::Upsert(record) => self.upsert(record).await,
+            ControlMessage::Delete { uuid } => self.delete_uuid(&uuid).await,
+            ControlMessage::List => {
+                return ControlAnswer::List { volumes: self.records(), deleted: self.tombstones() }
+            }
+            ControlMessage::TransferLeader { group_id, to } => match &self.replication {
+                Some(node) => node
+                    .transfer_leader(GroupId(group_id), to)
+                    .map_err(|e| VolumeError::Unavailable(e.to_string())),
+                None => Err(VolumeError::Invalid("not in a cluster".into())),
+            },
+        };
+        match result {
+            Ok(()) => ControlAnswer::Ok,
+            Err(e) => ControlAnswer::Error(e.to_string()),
+        }
     }
 }
 
@@ -347,8 +683,9 @@ impl ExportCatalog for VolumeManager {
         Ok(OpenExport {
             backend: v.served.clone(),
             read_only: record.read_only,
-            // One data file per volume: an fdatasync from any connection covers
-            // writes completed on all of them, which is what CAN_MULTI_CONN promises.
+            // Alone: one data file per volume, so an fdatasync from any connection covers
+            // writes completed on all of them. In a cluster: every acknowledged write is
+            // already durable on a majority. Either way CAN_MULTI_CONN's promise holds.
             multi_conn: true,
             description: format!("raftblk volume {name}"),
             guard: Box::new(ConnectionGuard { connections: v.connections.clone(), gauge }),

@@ -57,6 +57,16 @@ enum VolumeCommand {
         /// Serve the volume read-only
         #[arg(long)]
         read_only: bool,
+        /// Extra copies on other nodes (0 to 4); a cluster of at least replicas+1 nodes is needed
+        #[arg(long, short, default_value_t = 0)]
+        replicas: u8,
+    },
+    /// Move the volume's Raft leader (its primary) to NODE, which must hold a copy
+    TransferLeader {
+        /// Volume name
+        name: String,
+        /// Node id
+        node: u64,
     },
     /// List volumes
     #[command(alias = "ls")]
@@ -221,12 +231,12 @@ fn signal_hook_flag(sig: libc::c_int, flag: std::sync::Arc<std::sync::atomic::At
 
 fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
     match cmd {
-        VolumeCommand::Create { name, size, read_only } => {
+        VolumeCommand::Create { name, size, read_only, replicas } => {
             let bytes = parse_size(size).map_err(|e| anyhow!("--size: {e}"))?;
             let v = client.call(
                 "POST",
                 "/v1/volumes",
-                Some(json!({"name": name, "size": bytes, "read_only": read_only})),
+                Some(json!({"name": name, "size": bytes, "read_only": read_only, "replicas": replicas})),
             )?;
             show_one(cli, v, "created")?;
         }
@@ -250,6 +260,18 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
                 Some(json!({"size": bytes})),
             )?;
             show_one(cli, v, "resized")?;
+        }
+        VolumeCommand::TransferLeader { name, node } => {
+            client.call(
+                "POST",
+                &format!("/v1/volumes/{}/transfer-leader", path_segment(name)?),
+                Some(json!({"to": node})),
+            )?;
+            if cli.json {
+                println!("{}", json!({"volume": name, "transfer_to": node}));
+            } else {
+                println!("asked the leader of {name} to hand over to node {node}; `raftblk volume inspect {name}` shows the leader");
+            }
         }
         VolumeCommand::Delete { name, force } => {
             client.call("DELETE", &format!("/v1/volumes/{}?force={force}", path_segment(name)?), None)?;
@@ -290,10 +312,25 @@ fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
         ("allocated", format!("{} ({} bytes)", format_size(s.allocated_bytes), s.allocated_bytes)),
         ("read-only", s.read_only.to_string()),
         ("connections", s.connections.to_string()),
+        ("replicas", format!("{} (copies on nodes {:?})", s.replicas, s.voters)),
         ("export", format!("nbd://127.0.0.1/{}", s.name)),
     ];
     for (k, val) in rows {
         println!("{k:<12} {val}");
+    }
+    if let Some(r) = &s.replication {
+        let leader = if r.leader == 0 { "none".to_string() } else { format!("node {}", r.leader) };
+        println!("{:<12} {leader}", "leader");
+        if r.term > 0 {
+            println!(
+                "{:<12} term {}, commit {}, applied here {}",
+                "raft", r.term, r.commit_index, r.applied_index
+            );
+        }
+        for (node, matched) in &r.progress {
+            let behind = r.commit_index.saturating_sub(*matched);
+            println!("{:<12} node {node}: matched {matched} ({behind} behind commit)", "replica");
+        }
     }
     Ok(())
 }

@@ -14,8 +14,14 @@ use raftblk_daemon::config::{Config, IoEngineSetting, LogFormat, Overrides, DEFA
 use raftblk_daemon::metrics::Metrics;
 use raftblk_daemon::size::parse_size;
 use raftblk_daemon::volumes::VolumeManager;
+use raftblk_replication::node::{NodeConfig, ReplicationNode};
+use raftblk_replication::transport::ClusterId;
+use raftblk_replication::wal::record::NodeId;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+
+/// Identifies raftblk clusters on the peer transport (one cluster per peer list).
+const CLUSTER_ID: u64 = 0x7261_6674_626c_6b31;
 
 /// How long shutdown waits for in-flight NBD requests before giving up on them.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,22 +83,29 @@ async fn run(config: Config) -> Result<()> {
     tracing::info!(engine = engine.name(), ring_threads = config.storage.ring_threads, "I/O engine ready");
 
     let metrics = Arc::new(Metrics::new()?);
-    let data_dir = config.data_dir.clone();
-    let m = metrics.clone();
-    let volumes = tokio::task::spawn_blocking(move || VolumeManager::open(&data_dir, engine, m))
-        .await?
+    let replication = start_replication(&config).await?;
+    let volumes = VolumeManager::open(&config.data_dir, engine, metrics.clone(), replication.clone())
+        .await
         .with_context(|| format!("opening volumes in {}", config.data_dir.display()))?;
-    let volumes = Arc::new(volumes);
+    let shutdown = CancellationToken::new();
+    let mut sync_task = None;
+    if let Some(node) = &replication {
+        raftblk_daemon::cluster::install_handler(node, volumes.clone());
+        sync_task = Some(tokio::spawn(raftblk_daemon::cluster::sync_loop(
+            node.clone(),
+            volumes.clone(),
+            shutdown.clone(),
+        )));
+    }
     if volumes.is_empty() {
         for v in &config.bootstrap_volumes {
             let size = parse_size(&v.size)?;
-            if volumes.ensure(&v.name, size)? {
+            if volumes.ensure(&v.name, size).await? {
                 tracing::info!(volume = %v.name, size = %v.size, "bootstrap volume created");
             }
         }
     }
 
-    let shutdown = CancellationToken::new();
     let nbd = Arc::new(NbdServer::new(volumes.clone()));
     let tcp = tokio::net::TcpListener::bind(config.nbd.listen)
         .await
@@ -112,6 +125,8 @@ async fn run(config: Config) -> Result<()> {
             nbd_listen: config.nbd.listen.to_string(),
             nbd_socket: socket_path.display().to_string(),
             data_dir: config.data_dir.display().to_string(),
+            node_id: replication.as_ref().map(|n| n.node_id().0),
+            peers: config.cluster.peers.clone(),
         },
     });
     let api_shutdown = shutdown.clone();
@@ -147,11 +162,43 @@ async fn run(config: Config) -> Result<()> {
         Ok(r) => r?,
         Err(_) => tracing::warn!("in-flight requests did not finish within {SHUTDOWN_DRAIN_TIMEOUT:?}"),
     }
+    if let Some(t) = sync_task {
+        let _ = t.await;
+    }
     volumes.flush_all().await?;
+    if let Some(node) = &replication {
+        node.shutdown().await;
+    }
     let _ = std::fs::remove_file(&socket_path);
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     tracing::info!("flushed every volume; bye");
     Ok(())
+}
+
+/// Starts the replication engine when the node has peers; a node alone serves its
+/// volumes straight from their files.
+async fn start_replication(config: &Config) -> Result<Option<ReplicationNode>> {
+    let peers = config.cluster.peer_list();
+    if peers.is_empty() {
+        return Ok(None);
+    }
+    let c = &config.cluster;
+    let node_config = NodeConfig {
+        node_id: NodeId(c.node_id),
+        cluster: ClusterId(CLUSTER_ID),
+        peer_listen: c.peer_listen,
+        peers: peers.iter().map(|p| (NodeId(p.id), p.addr)).collect(),
+        wal_dir: config.data_dir.join("wal"),
+        tick: Duration::from_millis(c.tick_ms),
+        election_ticks: c.election_ticks,
+        heartbeat_ticks: c.heartbeat_ticks,
+        io_timeout: Duration::from_millis(c.io_timeout_ms),
+    };
+    let node = ReplicationNode::start(node_config)
+        .await
+        .with_context(|| format!("starting replication (node {}, peers on {})", c.node_id, c.peer_listen))?;
+    tracing::info!(node_id = c.node_id, peer_listen = %c.peer_listen, peers = ?c.peers, "replication started");
+    Ok(Some(node))
 }
 
 fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener> {

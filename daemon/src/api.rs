@@ -24,6 +24,15 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Facts about this node for `GET /v1/node`.
     pub node: NodeInfo,
+    /// Whether `POST /v1/debug/faults` is allowed.
+    pub fault_injection: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultRequest {
+    /// Nodes to cut off; empty heals.
+    block: Vec<u64>,
 }
 
 /// Static facts about the running node.
@@ -141,6 +150,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}", get(inspect).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))
         .route("/v1/volumes/{name}/transfer-leader", post(transfer_leader))
+        .route("/v1/debug/faults", post(faults))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -193,6 +203,18 @@ async fn transfer_leader(
     let req: TransferRequest = parse_json(&body, r#"{"to": 2}"#)?;
     s.volumes.transfer_leader(&name, req.to).await?;
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+async fn faults(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    if !s.fault_injection {
+        return Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: "fault injection is off; start raftblkd with --fault-injection true (tests only)".into(),
+        });
+    }
+    let req: FaultRequest = parse_json(&body, r#"{"block": [2, 3]} (or [] to heal)"#)?;
+    s.volumes.set_partition(&req.block)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn delete(

@@ -106,6 +106,8 @@ pub struct ClusterConfig {
     pub heartbeat_ticks: usize,
     /// Longest wait for a leader before a client request fails.
     pub io_timeout_ms: u64,
+    /// Whether `POST /v1/debug/faults` may partition this node (tests only).
+    pub fault_injection: bool,
 }
 
 impl ClusterConfig {
@@ -203,6 +205,9 @@ pub struct Overrides {
     /// Longest wait for a leader before a request fails with EIO, ms [env: RAFTBLK_IO_TIMEOUT_MS]
     #[arg(long, env = "RAFTBLK_IO_TIMEOUT_MS")]
     pub io_timeout_ms: Option<u64>,
+    /// Allow POST /v1/debug/faults to partition this node (tests only) [env: RAFTBLK_FAULT_INJECTION]
+    #[arg(long, env = "RAFTBLK_FAULT_INJECTION")]
+    pub fault_injection: Option<bool>,
     /// Raft tick length in ms [env: RAFTBLK_TICK_MS]
     #[arg(long, env = "RAFTBLK_TICK_MS")]
     pub tick_ms: Option<u64>,
@@ -270,6 +275,9 @@ impl Config {
         }
         if let Some(v) = o.io_timeout_ms {
             self.cluster.io_timeout_ms = v;
+        }
+        if let Some(v) = o.fault_injection {
+            self.cluster.fault_injection = v;
         }
         if let Some(v) = o.tick_ms {
             self.cluster.tick_ms = v;

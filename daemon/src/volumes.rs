@@ -179,8 +179,18 @@ impl VolumeManager {
     async fn open_volume(&self, mut record: VolumeRecord, create: bool) -> Result<(), VolumeError> {
         let name = record.name.clone();
         let path = self.data_path(&record.uuid);
+        let applied_path = self.volumes_dir.join(format!("{}.applied", record.uuid));
         let file = if self.holds_copy(&record) {
-            let file = if create || (self.replication.is_some() && !path.exists()) {
+            let fresh = create || (self.replication.is_some() && !path.exists());
+            if fresh && self.replication.is_some() {
+                // A new or lost copy holds nothing: it must replay the whole log (or get a
+                // snapshot), whatever an old applied index says.
+                if !create {
+                    tracing::warn!(volume = %name, "local copy is missing; rebuilding it from the replicated log");
+                }
+                let _ = std::fs::remove_file(&applied_path);
+            }
+            let file = if fresh {
                 FileBackend::create(&path, record.size_bytes, self.engine.clone())
             } else {
                 FileBackend::open(&path, self.engine.clone())
@@ -217,7 +227,7 @@ impl VolumeManager {
                             grow_size.fetch_max(new_size, Ordering::SeqCst);
                             Ok(())
                         }),
-                        applied_path: self.volumes_dir.join(format!("{}.applied", record.uuid)),
+                        applied_path,
                     };
                     node.open_group(group, record.voters.clone(), store)
                         .await
@@ -581,6 +591,20 @@ impl VolumeManager {
         crate::cluster::send(node, leader, &msg, CONTROL_TIMEOUT)
             .await
             .map_err(|e| VolumeError::Unavailable(format!("leader node {leader} did not answer: {e}")))?;
+        Ok(())
+    }
+
+    /// Cuts this node off from `block` (both directions) after healing every earlier cut.
+    pub fn set_partition(&self, block: &[u64]) -> Result<(), VolumeError> {
+        let Some(node) = &self.replication else {
+            return Err(VolumeError::Invalid("this node runs alone; there is nothing to partition".into()));
+        };
+        let faults = node.faults();
+        faults.heal_all();
+        for &peer in block {
+            faults.block(raftblk_replication::wal::record::NodeId(peer));
+        }
+        tracing::warn!(?block, "fault injection: traffic to and from these nodes is dropped");
         Ok(())
     }
 

@@ -128,6 +128,7 @@ async fn run(config: Config) -> Result<()> {
             node_id: replication.as_ref().map(|n| n.node_id().0),
             peers: config.cluster.peers.clone(),
         },
+        fault_injection: config.cluster.fault_injection,
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {

@@ -18,7 +18,7 @@ use crate::wal::record::GroupId;
 
 /// Longest one attempt may take before it is retried elsewhere: a deposed leader's
 /// proposals only fail once a new leader commits over them.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Pause between attempts while no leader is known, doubling up to the maximum.
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(200);

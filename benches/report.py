@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-TARGETS = ["raftblkd", "qemu-nbd", "nbdkit", "raw"]
+TARGETS = ["raftblkd", "qemu-nbd", "nbdkit", "raw", "replicas0", "replicas1", "replicas2"]
 JOBS = ["randwrite-4k-qd1", "randwrite-4k-qd32", "randread-4k-qd32", "write-1m-qd8", "read-1m-qd8"]
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -51,11 +51,28 @@ def main():
     print("| job | raftblkd/qemu-nbd IOPS | raftblkd/nbdkit IOPS | raftblkd/raw IOPS | CPU per IO raftblkd/qemu-nbd |")
     print("|---|---:|---:|---:|---:|")
     for j in JOBS:
-        r, q, k, w = (rows[(t, j)] for t in TARGETS)
+        r, q, k, w = (rows[(t, j)] for t in TARGETS[:4])
         if not r:
             continue
         cpu = ratio(r["cpu_us_per_io"], q["cpu_us_per_io"]) if q else "-"
         print(f"| {j} | {ratio(r['iops'], q and q['iops'])} | {ratio(r['iops'], k and k['iops'])} | {ratio(r['iops'], w and w['iops'])} | {cpu} |")
+    replicated(rows)
+
+
+def replicated(rows):
+    if not any(rows[(t, j)] for t in ("replicas0", "replicas1", "replicas2") for j in JOBS):
+        return
+    print()
+    print("Replicated volumes on a local 3-node cluster (served by the leader's node):")
+    print()
+    print("| job | replicas=1 / replicas=0 | replicas=2 / replicas=0 | replicas=2 / qemu-nbd | replicas=0 (cluster) / raftblkd (alone) |")
+    print("|---|---:|---:|---:|---:|")
+    for j in JOBS:
+        r0, r1, r2, q, alone = (rows[(t, j)] for t in ("replicas0", "replicas1", "replicas2", "qemu-nbd", "raftblkd"))
+        if not r0:
+            continue
+        print(f"| {j} | {ratio(r1 and r1['iops'], r0['iops'])} | {ratio(r2 and r2['iops'], r0['iops'])} | "
+              f"{ratio(r2 and r2['iops'], q and q['iops'])} | {ratio(r0['iops'], alone and alone['iops'])} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@
 # Prints IOPS, bandwidth, mean and p99 latency, server CPU time per I/O, and the
 # ratios raftblkd/qemu-nbd and raftblkd/raw. Results land in bench-results/.
 #
-# Usage: benches/run.sh [--runtime SECONDS] [--size SIZE] [--dir DIR]
+# Then the replicated runs: the same jobs on replicas=0, 1 and 2 volumes of a
+# local 3-node cluster (raftblk dev-cluster), through the leader's node.
+#
+# Usage: benches/run.sh [--runtime SECONDS] [--size SIZE] [--dir DIR] [--no-replicated]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -13,11 +16,13 @@ root=$(pwd)
 runtime=15
 size=2G
 dir=""
+replicated=1
 while [[ $# -gt 0 ]]; do
     case $1 in
         --runtime) runtime=$2; shift 2 ;;
         --size) size=$2; shift 2 ;;
         --dir) dir=$2; shift 2 ;;
+        --no-replicated) replicated=0; shift ;;
         -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -59,7 +64,11 @@ wait_port() {
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
     echo "nothing listens on port $1" >&2; return 1
 }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_ticks() {   # summed over a comma-separated list of pids
+    local t=0 p
+    for p in ${1//,/ }; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+    echo "$t"
+}
 
 # name|fio options
 jobs=(
@@ -119,6 +128,38 @@ kill "$kpid"; wait "$kpid" 2>/dev/null || true
 # fio's own io_uring engine on a raw file: the ceiling
 truncate -s "$size" "$work/raw.img"
 run_target raw 0 --ioengine=io_uring --direct=1 --filename="$work/raw.img"
+
+if [[ $replicated == 1 ]]; then
+    cport=$(free_port)
+    while (exec 3<>"/dev/tcp/127.0.0.1/$((cport + 22))") 2>/dev/null; do cport=$((cport + 100)); done
+    "$raftblk" dev-cluster --nodes 3 --base-dir "$work/cluster" --base-port "$cport" --volume-size 0 \
+        >"$work/cluster.log" 2>&1 &
+    pids+=($!); cpid=$!
+    wait_port "$((cport + 21))"
+    api="127.0.0.1:$((cport + 1))"
+    for _ in $(seq 100); do "$raftblk" --api "$api" status >/dev/null 2>&1 && break; sleep 0.2; done
+    for r in 0 1 2; do
+        "$raftblk" --api "$api" volume create "r$r" --size "$size" --replicas "$r" >/dev/null
+        # Serve from the leader's node, as a client next to its primary would be.
+        for _ in $(seq 100); do
+            leader=$("$raftblk" --api "$api" --json volume inspect "r$r" | python3 -c 'import json,sys; print(json.load(sys.stdin)["replication"]["leader"])')
+            [[ $leader != 0 ]] && break
+            sleep 0.1
+        done
+        if [[ $leader != 1 ]]; then
+            "$raftblk" --api "$api" volume transfer-leader "r$r" 1 >/dev/null
+            for _ in $(seq 100); do
+                leader=$("$raftblk" --api "$api" --json volume inspect "r$r" | python3 -c 'import json,sys; print(json.load(sys.stdin)["replication"]["leader"])')
+                [[ $leader == 1 ]] && break
+                sleep 0.1
+            done
+        fi
+        # CPU is that of every node: replication costs CPU on the followers too.
+        node_pids=$(pgrep -f "raftblkd --node-id [0-9]+ --data-dir $work/cluster" | paste -sd, -)
+        run_target "replicas$r" "$node_pids" --ioengine=nbd --uri="nbd://127.0.0.1:$cport/r$r"
+    done
+    kill -INT "$cpid"; wait "$cpid" 2>/dev/null || true
+fi
 
 python3 "$root/benches/report.py" "$out" "$runtime" | tee "$out/table.md"
 echo "results: $out"

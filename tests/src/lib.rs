@@ -776,3 +776,579 @@ impl RawNbd {
 fn invalid(m: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, m)
 }
+
+// ---------------------------------------------------------------------------
+// A cluster of daemons
+
+/// `POST path` with a JSON body over plain HTTP/1.1; returns (status code, body).
+pub fn http_post_json(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{m}: {text:?}"));
+    let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no header end"))?;
+    let code: u16 =
+        head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| bad("no status code"))?;
+    Ok((code, rest.to_string()))
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, or panics after `limit`
+/// with `what` and the last error `probe` returned.
+#[track_caller]
+pub fn poll<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) => {
+                if Instant::now() >= deadline {
+                    panic!("timed out after {limit:?} waiting for {what}; last state: {last}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The replication state of one volume on one node (`replication` in `volume inspect`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Repl {
+    /// The leader this node knows of (0: none).
+    pub leader: u64,
+    /// Raft term.
+    pub term: u64,
+    /// Commit index.
+    pub commit_index: u64,
+    /// Applied index of this node's copy.
+    pub applied_index: u64,
+    /// Bytes allocated in this node's copy.
+    pub allocated_bytes: u64,
+}
+
+/// Serializes cluster tests inside one test binary: three daemons per test on a
+/// two-core machine already compete for CPU, and failover timings measured while
+/// other clusters run next to them would say little.
+static CLUSTER_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// One node of a [`Cluster`].
+pub struct ClusterNode {
+    /// Node id (1-based).
+    pub id: u64,
+    /// NBD TCP address.
+    pub nbd_addr: SocketAddr,
+    /// HTTP API address.
+    pub api_addr: SocketAddr,
+    /// Node-to-node address.
+    pub peer_addr: SocketAddr,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    /// The node's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// `<data_dir>/wal`.
+    pub fn wal_dir(&self) -> PathBuf {
+        self.data_dir().join("wal")
+    }
+
+    /// `<data_dir>/volumes/<uuid>.img`: this node's copy of a volume.
+    pub fn image_path(&self, uuid: &str) -> PathBuf {
+        self.data_dir().join("volumes").join(format!("{uuid}.img"))
+    }
+
+    /// `<data_dir>/volumes/<uuid>.applied`: the checkpointed applied index.
+    pub fn applied_path(&self, uuid: &str) -> PathBuf {
+        self.data_dir().join("volumes").join(format!("{uuid}.applied"))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("raftblkd.log")
+    }
+
+    /// Everything the node (all its incarnations) wrote.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// `nbd://127.0.0.1:PORT/NAME`.
+    pub fn nbd_uri(&self, name: &str) -> String {
+        format!("nbd://{}/{name}", self.nbd_addr)
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+/// N `raftblkd` processes forming one cluster on loopback, each with its own
+/// temporary data directory and free ports, a 50 ms Raft tick and fault
+/// injection on. Every child is killed on drop; when the test is panicking the
+/// tail of every node's log is printed.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<ClusterNode>,
+    extra_args: Vec<String>,
+    daemon_bin: PathBuf,
+    cli_bin: PathBuf,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes and waits until each answers `/healthz`.
+    pub fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra `raftblkd` arguments for every node
+    /// (e.g. `["--io-timeout-ms", "3000"]`).
+    pub fn start_with(n: usize, extra_args: &[&str]) -> Cluster {
+        let serial = CLUSTER_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let (daemon_bin, cli_bin) = binaries();
+        let dir = tempfile::Builder::new().prefix("raftblk-cluster.").tempdir().expect("tempdir");
+        let mut c = Cluster {
+            dir,
+            nodes: Vec::new(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            daemon_bin,
+            cli_bin,
+            _serial: serial,
+        };
+        let mut last = String::new();
+        for _attempt in 0..5 {
+            c.kill_all();
+            // Hold every listener until all ports are picked, so no two are the same.
+            let listeners: Vec<TcpListener> =
+                (0..3 * n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")).collect();
+            let mut addrs = listeners.iter().map(|l| l.local_addr().expect("local_addr"));
+            c.nodes = (1..=n as u64)
+                .map(|id| {
+                    let dir = c.dir.path().join(format!("node{id}"));
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::fs::create_dir_all(&dir).expect("create node dir");
+                    let mut addr = || addrs.next().expect("3 addresses per node");
+                    ClusterNode {
+                        id,
+                        nbd_addr: addr(),
+                        api_addr: addr(),
+                        peer_addr: addr(),
+                        dir,
+                        child: None,
+                    }
+                })
+                .collect();
+            drop(listeners);
+            let ids: Vec<u64> = c.ids();
+            let spawned: Result<(), String> = ids.iter().try_for_each(|&id| c.spawn(id));
+            match spawned.and_then(|()| ids.iter().try_for_each(|&id| c.wait_healthy(id))) {
+                Ok(()) => return c,
+                Err(e) => {
+                    // Another process may have taken a port between free_port() and bind.
+                    let retry =
+                        e.contains("cannot listen") || e.contains("in use") || e.contains("another process");
+                    last = e;
+                    if !retry {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("the cluster did not start:\n{last}");
+    }
+
+    /// Node ids, in order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// Node `id`.
+    pub fn node(&self, id: u64) -> &ClusterNode {
+        self.nodes.iter().find(|n| n.id == id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut ClusterNode {
+        self.nodes.iter_mut().find(|n| n.id == id).unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    /// `nbd://127.0.0.1:PORT/NAME` of node `id`.
+    pub fn nbd_uri(&self, id: u64, name: &str) -> String {
+        self.node(id).nbd_uri(name)
+    }
+
+    /// Where the cluster's scratch files may go.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self, id: u64) -> Result<(), String> {
+        let peers: Vec<String> =
+            self.nodes.iter().filter(|n| n.id != id).map(|n| format!("{}@{}", n.id, n.peer_addr)).collect();
+        let (daemon_bin, extra) = (self.daemon_bin.clone(), self.extra_args.clone());
+        let node = self.node_mut(id);
+        assert!(node.child.is_none(), "node {id} is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.log_path())
+            .map_err(|e| format!("cannot open log: {e}"))?;
+        let mut cmd = Command::new(&daemon_bin);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("RAFTBLK_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.arg("--node-id")
+            .arg(id.to_string())
+            .arg("--data-dir")
+            .arg(node.data_dir())
+            .arg("--nbd-listen")
+            .arg(node.nbd_addr.to_string())
+            .arg("--api-listen")
+            .arg(node.api_addr.to_string())
+            .arg("--nbd-socket")
+            .arg(node.dir.join("nbd.sock"))
+            .arg("--peer-listen")
+            .arg(node.peer_addr.to_string())
+            .arg(format!("--peers={}", peers.join(",")))
+            .args(["--tick-ms", "50", "--fault-injection", "true", "--bootstrap-volumes", "none"])
+            .args(&extra)
+            .env("RUST_LOG", std::env::var("RAFTBLK_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+        let child = cmd.spawn().map_err(|e| format!("cannot spawn {}: {e}", daemon_bin.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    fn wait_healthy(&mut self, id: u64) -> Result<(), String> {
+        let node = self.node_mut(id);
+        let log_start = node.log().len();
+        let started = Instant::now();
+        loop {
+            // /v1/node rather than /healthz: it must be this node answering on this port
+            if let Ok((200, body)) = http_get(node.api_addr, "/v1/node") {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                if v["node_id"].as_u64() == Some(id) {
+                    return Ok(());
+                }
+                return Err(format!("node {id}: another process answers on {}: {body}", node.api_addr));
+            }
+            if let Some(Ok(Some(status))) = node.child.as_mut().map(|c| c.try_wait()) {
+                node.child = None;
+                let log = node.log();
+                return Err(format!(
+                    "node {id} exited during start ({status}); log:\n{}",
+                    log.get(log_start.min(log.len())..).unwrap_or_default()
+                ));
+            }
+            if started.elapsed() > START_TIMEOUT {
+                return Err(format!("node {id} did not answer /healthz within {START_TIMEOUT:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// SIGKILL node `id`, and reap it.
+    pub fn kill9(&mut self, id: u64) {
+        let mut child = self.node_mut(id).child.take().unwrap_or_else(|| panic!("node {id} is not running"));
+        child.kill().expect("SIGKILL raftblkd");
+        let status = child.wait().expect("wait for raftblkd");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "node {id} did not die of SIGKILL: {status}"
+        );
+    }
+
+    /// SIGTERM node `id`; waits up to `timeout` for the exit and returns the status.
+    pub fn sigterm(&mut self, id: u64, timeout: Duration) -> ExitStatus {
+        let mut child = self.node_mut(id).child.take().unwrap_or_else(|| panic!("node {id} is not running"));
+        let pid = child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("run kill").success());
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if started.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node {id} did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts node `id` again on its data directory and ports, and waits for `/healthz`.
+    pub fn restart(&mut self, id: u64) {
+        let mut last = String::new();
+        for _ in 0..20 {
+            match self.spawn(id).and_then(|()| self.wait_healthy(id)) {
+                Ok(()) => return,
+                Err(e) if e.contains("cannot listen") || e.contains("in use") => {
+                    last = e;
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => panic!("restarting node {id}: {e}"),
+            }
+        }
+        panic!("restarting node {id} kept failing to bind: {last}");
+    }
+
+    /// Whether node `id`'s process is running.
+    pub fn is_running(&mut self, id: u64) -> bool {
+        self.node_mut(id).is_running()
+    }
+
+    /// Runs `raftblk --api http://ADDR args...` against node `id`.
+    pub fn cli(&self, id: u64, args: &[&str]) -> Out {
+        let mut cmd = Command::new(&self.cli_bin);
+        cmd.env_remove("RAFTBLK_API")
+            .arg("--api")
+            .arg(format!("http://{}", self.node(id).api_addr))
+            .args(args);
+        run_cmd(cmd, Duration::from_secs(60))
+    }
+
+    /// The CLI with `--json` against node `id`; asserts success and parses the output.
+    #[track_caller]
+    pub fn cli_json(&self, id: u64, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        self.cli(id, &a).json()
+    }
+
+    /// Creates a volume through node `on` with `replicas` extra copies; returns its uuid.
+    #[track_caller]
+    pub fn create_volume(&self, on: u64, name: &str, size: &str, replicas: u8) -> String {
+        let v = self
+            .cli_json(on, &["volume", "create", name, "--size", size, "--replicas", &replicas.to_string()]);
+        v["uuid"].as_str().unwrap_or_else(|| panic!("no uuid in {v}")).to_string()
+    }
+
+    /// `GET /v1/volumes/NAME` on node `id` (an error when the node does not answer 200).
+    pub fn try_status(&self, id: u64, name: &str) -> Result<serde_json::Value, String> {
+        match http_get(self.node(id).api_addr, &format!("/v1/volumes/{name}")) {
+            Ok((200, body)) => serde_json::from_str(&body).map_err(|e| format!("{e}: {body}")),
+            Ok((code, body)) => Err(format!("node {id}: HTTP {code}: {body}")),
+            Err(e) => Err(format!("node {id}: {e}")),
+        }
+    }
+
+    /// The replication state of `name` on node `id`.
+    pub fn try_repl(&self, id: u64, name: &str) -> Result<Repl, String> {
+        let v = self.try_status(id, name)?;
+        let r = &v["replication"];
+        let n = |k: &str| r[k].as_u64().ok_or_else(|| format!("node {id}: no replication.{k} in {v}"));
+        Ok(Repl {
+            leader: n("leader")?,
+            term: n("term")?,
+            commit_index: n("commit_index")?,
+            applied_index: n("applied_index")?,
+            allocated_bytes: v["allocated_bytes"].as_u64().unwrap_or(0),
+        })
+    }
+
+    /// Like [`try_repl`](Self::try_repl), panicking on error.
+    #[track_caller]
+    pub fn repl(&self, id: u64, name: &str) -> Repl {
+        self.try_repl(id, name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Panic messages in any node's log (a Raft thread that panicked leaves the
+    /// process running, so polling for progress would otherwise just time out).
+    pub fn panics(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            let log = n.log();
+            let mut lines = log.lines();
+            while let Some(l) = lines.next() {
+                if l.contains("panicked at") {
+                    out.push(format!("node {}: {l} {}", n.id, lines.next().unwrap_or_default()));
+                }
+            }
+        }
+        out
+    }
+
+    #[track_caller]
+    fn assert_no_panics(&self) {
+        let p = self.panics();
+        assert!(p.is_empty(), "a node panicked: {p:#?}");
+    }
+
+    /// The leader's commit index once its published status has settled (the
+    /// status is republished every Raft tick, so right after an acknowledged
+    /// write it may be a tick behind).
+    #[track_caller]
+    pub fn settled_commit(&self, name: &str, leader: u64) -> u64 {
+        let mut last = self.repl(leader, name).commit_index;
+        poll(
+            &format!("the commit index of {name:?} on node {leader} to settle"),
+            Duration::from_secs(30),
+            || {
+                std::thread::sleep(Duration::from_millis(150));
+                let now = self.try_repl(leader, name)?.commit_index;
+                if now == last {
+                    Ok(now)
+                } else {
+                    last = now;
+                    Err(format!("moved to {now}"))
+                }
+            },
+        )
+    }
+
+    /// Waits until every node in `among` names the same leader, that leader is in
+    /// `among`, and it says so itself; returns its id.
+    #[track_caller]
+    pub fn wait_leader(&self, name: &str, among: &[u64], limit: Duration) -> u64 {
+        poll(&format!("one leader of {name:?} among nodes {among:?}"), limit, || {
+            self.assert_no_panics();
+            let views: Vec<(u64, Repl)> =
+                among.iter().map(|&id| self.try_repl(id, name).map(|r| (id, r))).collect::<Result<_, _>>()?;
+            let leader = views[0].1.leader;
+            let agreed = leader != 0
+                && among.contains(&leader)
+                && views.iter().all(|(_, r)| r.leader == leader)
+                && views.iter().any(|(id, _)| *id == leader);
+            if agreed {
+                Ok(leader)
+            } else {
+                Err(format!("{views:?}"))
+            }
+        })
+    }
+
+    /// Waits until node `id`'s copy of `name` has applied at least `index`.
+    #[track_caller]
+    pub fn wait_applied(&self, name: &str, id: u64, index: u64, limit: Duration) -> Repl {
+        poll(&format!("node {id} to apply {name:?} up to index {index}"), limit, || {
+            self.assert_no_panics();
+            let r = self.try_repl(id, name)?;
+            if r.applied_index >= index {
+                Ok(r)
+            } else {
+                Err(format!("{r:?}"))
+            }
+        })
+    }
+
+    /// Cuts node `id` off from `peers`, both ways (`POST /v1/debug/faults`);
+    /// an empty list heals.
+    #[track_caller]
+    pub fn partition(&self, id: u64, peers: &[u64]) {
+        let body =
+            format!("{{\"block\":[{}]}}", peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","));
+        let (code, answer) = http_post_json(self.node(id).api_addr, "/v1/debug/faults", &body)
+            .unwrap_or_else(|e| panic!("POST /v1/debug/faults on node {id}: {e}"));
+        assert!(
+            (200..300).contains(&code),
+            "POST /v1/debug/faults {body} on node {id}: HTTP {code}: {answer}"
+        );
+    }
+
+    /// Heals every cut made on node `id`.
+    #[track_caller]
+    pub fn heal(&self, id: u64) {
+        self.partition(id, &[]);
+    }
+
+    /// Prints the last `lines` lines of every node's log to stderr.
+    pub fn print_logs(&self, lines: usize) {
+        for n in &self.nodes {
+            let log = n.log();
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+            eprintln!(
+                "---- node {} raftblkd log (last {} lines) ----\n{}",
+                n.id,
+                tail.len(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_all();
+        if std::thread::panicking() {
+            self.print_logs(80);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// fio
+
+/// What a fio run with `--output-format=json` reported for its (single) job.
+#[derive(Debug, Clone)]
+pub struct FioReport {
+    /// The job's `error` (0: none).
+    pub error: i64,
+    /// Writes completed.
+    pub write_ios: u64,
+    /// Reads completed (verify reads).
+    pub read_ios: u64,
+    /// Largest write completion latency.
+    pub write_clat_max: Duration,
+    /// Largest read completion latency.
+    pub read_clat_max: Duration,
+}
+
+/// Parses fio's JSON output (fio may print warnings before the JSON object).
+pub fn parse_fio_json(text: &str) -> Result<FioReport, String> {
+    let start = text.find('{').ok_or_else(|| format!("no JSON in fio output: {text}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON ({e}): {text}"))?;
+    let job = &v["jobs"][0];
+    let ns = |dir: &str| Duration::from_nanos(job[dir]["clat_ns"]["max"].as_u64().unwrap_or(0));
+    Ok(FioReport {
+        error: job["error"].as_i64().ok_or_else(|| format!("no jobs[0].error: {text}"))?,
+        write_ios: job["write"]["total_ios"].as_u64().unwrap_or(0),
+        read_ios: job["read"]["total_ios"].as_u64().unwrap_or(0),
+        write_clat_max: ns("write"),
+        read_clat_max: ns("read"),
+    })
+}
+
+/// From a fio latency log (`--write_lat_log` with `--log_avg_msec=0`: one line
+/// per I/O, first field the completion time in ms since the job started),
+/// the longest stretch without any completion, and when it began (ms).
+pub fn longest_completion_gap(log: &str) -> (Duration, u64) {
+    let mut times: Vec<u64> =
+        log.lines().filter_map(|l| l.split(',').next().and_then(|t| t.trim().parse().ok())).collect();
+    times.sort_unstable();
+    times
+        .windows(2)
+        .map(|w| (w[1] - w[0], w[0]))
+        .max()
+        .map_or((Duration::ZERO, 0), |(gap, at)| (Duration::from_millis(gap), at))
+}
+
+/// `sha256sum` of whatever `shell_producer` writes to stdout (run with bash -o pipefail).
+pub fn sha256_of_stream(shell_producer: &str) -> String {
+    let out = run("bash", &["-o", "pipefail", "-c", &format!("{shell_producer} | sha256sum")]);
+    out.ok().split_whitespace().next().expect("sha256sum printed a digest").to_string()
+}

@@ -86,6 +86,21 @@ struct CreateRequest {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ReplicaRequest {
+    #[serde(default)]
+    add: Option<u64>,
+    #[serde(default)]
+    remove: Option<u64>,
+    /// Seconds to wait for a new copy to catch up before answering.
+    #[serde(default)]
+    timeout_s: Option<u64>,
+}
+
+/// How long adding a copy waits for it to catch up, unless the request says otherwise.
+const REPLICA_CATCH_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TransferRequest {
     to: u64,
 }
@@ -150,6 +165,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}", get(inspect).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))
         .route("/v1/volumes/{name}/transfer-leader", post(transfer_leader))
+        .route("/v1/volumes/{name}/replicas", post(replicas))
         .route("/v1/debug/faults", post(faults))
         .fallback(|| async {
             ApiError {
@@ -203,6 +219,26 @@ async fn transfer_leader(
     let req: TransferRequest = parse_json(&body, r#"{"to": 2}"#)?;
     s.volumes.transfer_leader(&name, req.to).await?;
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+async fn replicas(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: ReplicaRequest =
+        parse_json(&body, r#"{"add": 4} or {"remove": 2} (a move is an add, then a remove)"#)?;
+    let timeout = req.timeout_s.map_or(REPLICA_CATCH_UP_TIMEOUT, std::time::Duration::from_secs);
+    let status = match (req.add, req.remove) {
+        (Some(n), None) => s.volumes.add_replica(&name, n, timeout).await?,
+        (None, Some(n)) => s.volumes.remove_replica(&name, n, timeout).await?,
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of \"add\" or \"remove\" with a node id".into(),
+            ))
+        }
+    };
+    Ok(Json(status).into_response())
 }
 
 async fn faults(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {

@@ -34,6 +34,10 @@ pub struct VolumeRecord {
     /// The volume's Raft group id (0 on a node without peers).
     #[serde(default)]
     pub group_id: u64,
+    /// The membership the group was created with (its state before log index 1). A node
+    /// that joins later starts from it and replays the log, conf changes included.
+    #[serde(default)]
+    pub initial_voters: Vec<u64>,
 }
 
 /// Most extra copies a volume may have.
@@ -182,6 +186,7 @@ mod tests {
             replicas: 0,
             voters: Vec::new(),
             group_id: 0,
+            initial_voters: Vec::new(),
         }
     }
 

@@ -34,6 +34,20 @@ pub enum ControlMessage {
     },
     /// Send every record and tombstone.
     List,
+    /// If leading `group_id`, propose a membership change.
+    Membership {
+        /// The volume's group.
+        group_id: u64,
+        /// "add_learner", "promote" or "remove".
+        change: String,
+        /// The node concerned.
+        node: u64,
+    },
+    /// Report the replication status of `group_id` as this node sees it.
+    GroupStatus {
+        /// The volume's group.
+        group_id: u64,
+    },
     /// If leading `group_id`, hand leadership to node `to`.
     TransferLeader {
         /// The volume's group.
@@ -50,6 +64,19 @@ pub enum ControlAnswer {
     Ok,
     /// Refused or failed, with the reason.
     Error(String),
+    /// The answer to `GroupStatus`: leader, commit index, voters, learners, progress.
+    Status {
+        /// Leader known (0: none).
+        leader: u64,
+        /// Commit index.
+        commit_index: u64,
+        /// Voters.
+        voters: Vec<u64>,
+        /// Learners.
+        learners: Vec<u64>,
+        /// Matched index per node (leader only).
+        progress: Vec<(u64, u64)>,
+    },
     /// The answer to `List`.
     List {
         /// Every volume record.
@@ -159,6 +186,7 @@ mod tests {
             replicas: 2,
             voters: vec![1, 2, 3],
             group_id: 9,
+            initial_voters: vec![1, 2, 3],
         };
         for m in [
             ControlMessage::Upsert(record.clone()),

@@ -24,6 +24,9 @@ use crate::catalog::{validate_name, validate_size, Catalog, CatalogError, Volume
 use crate::cluster::{ControlAnswer, ControlMessage};
 use crate::metrics::{MeteredBackend, Metrics};
 
+/// A learner is promoted once its log is at most this many entries behind the commit index.
+const LEARNER_CAUGHT_UP_SLACK: u64 = 16;
+
 /// How long a create or delete waits for each peer's confirmation.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -66,6 +69,9 @@ pub struct ReplicationStatus {
     pub applied_index: u64,
     /// Each voter's matched log index (only on the leader).
     pub progress: Vec<(u64, u64)>,
+    /// Copies still catching up (not voting yet).
+    #[serde(default)]
+    pub learners: Vec<u64>,
 }
 
 /// A volume as the API reports it.
@@ -176,7 +182,16 @@ impl VolumeManager {
     }
 
     /// Opens (or, with `create`, first creates) what serves `record` on this node.
-    async fn open_volume(&self, mut record: VolumeRecord, create: bool) -> Result<(), VolumeError> {
+    async fn open_volume(&self, record: VolumeRecord, create: bool) -> Result<(), VolumeError> {
+        self.open_volume_with(record, create, Arc::new(AtomicUsize::new(0))).await
+    }
+
+    async fn open_volume_with(
+        &self,
+        mut record: VolumeRecord,
+        create: bool,
+        connections: Arc<AtomicUsize>,
+    ) -> Result<(), VolumeError> {
         let name = record.name.clone();
         let path = self.data_path(&record.uuid);
         let applied_path = self.volumes_dir.join(format!("{}.applied", record.uuid));
@@ -229,7 +244,12 @@ impl VolumeManager {
                         }),
                         applied_path,
                     };
-                    node.open_group(group, record.voters.clone(), store)
+                    let initial = if record.initial_voters.is_empty() {
+                        &record.voters
+                    } else {
+                        &record.initial_voters
+                    };
+                    node.open_group(group, initial.clone(), store)
                         .await
                         .map_err(|e| store_err(&name, format!("starting its replica: {e}")))?;
                 }
@@ -246,15 +266,11 @@ impl VolumeManager {
         };
         let served = Arc::new(MeteredBackend::new(inner, self.metrics.volume(&name)));
         self.metrics.volume_size.with_label_values(&[&name]).set(record.size_bytes as i64);
-        self.metrics.volume_connections.with_label_values(&[&name]).set(0);
-        let volume = Volume {
-            record: Mutex::new(record),
-            file,
-            replicated,
-            size,
-            served,
-            connections: Arc::new(AtomicUsize::new(0)),
-        };
+        self.metrics
+            .volume_connections
+            .with_label_values(&[&name])
+            .set(connections.load(Ordering::SeqCst) as i64);
+        let volume = Volume { record: Mutex::new(record), file, replicated, size, served, connections };
         let mut open = lock(&self.open);
         open.insert(name, Arc::new(volume));
         self.metrics.volumes.set(open.len() as i64);
@@ -349,6 +365,7 @@ impl VolumeManager {
             replicas,
             voters: voters.clone(),
             group_id,
+            initial_voters: voters.clone(),
         };
         self.upsert_locked(record.clone(), true).await?;
         tracing::info!(volume = name, size_bytes, replicas, ?voters, uuid = %record.uuid, "volume created");
@@ -388,6 +405,10 @@ impl VolumeManager {
         }
         let existing = lock(&self.open).get(&record.name).cloned();
         if let Some(v) = existing {
+            let current_record = lock(&v.record).clone();
+            if current_record.uuid == record.uuid && current_record.voters != record.voters {
+                return self.change_copies(&v, current_record, record).await;
+            }
             let mut current = lock(&v.record);
             if current.uuid != record.uuid {
                 return Err(VolumeError::Exists(record.name.clone()));
@@ -407,6 +428,277 @@ impl VolumeManager {
             return Err(VolumeError::Exists(record.name.clone()));
         }
         Ok(())
+    }
+
+    /// Applies a new set of copy holders: a node that gains a copy starts its replica
+    /// (which replays the log from the start), a node that loses one stops it and
+    /// deletes the copy. Open NBD connections keep working through forwarding.
+    async fn change_copies(
+        &self,
+        v: &Arc<Volume>,
+        old: VolumeRecord,
+        mut new: VolumeRecord,
+    ) -> Result<(), VolumeError> {
+        let had = self.holds_copy(&old);
+        let has = self.holds_copy(&new);
+        new.size_bytes = new.size_bytes.max(v.size.load(Ordering::SeqCst));
+        if had && !has {
+            if let Some(node) = &self.replication {
+                let _ = node.close_group(GroupId(old.group_id)).await;
+            }
+        }
+        lock(&self.open).remove(&new.name);
+        self.open_volume_with(new.clone(), has && !had, v.connections.clone()).await?;
+        self.catalog.update(&new)?;
+        if had && !has {
+            let _ = std::fs::remove_file(self.data_path(&old.uuid));
+            let _ = std::fs::remove_file(self.volumes_dir.join(format!("{}.applied", old.uuid)));
+            tracing::info!(volume = %new.name, "this node no longer holds a copy; removed it");
+        } else if has && !had {
+            tracing::info!(volume = %new.name, "this node now holds a copy; replaying the log into it");
+        }
+        Ok(())
+    }
+
+    /// Sends a control message to node `to`, or answers it here when `to` is this node
+    /// (the transport only reaches peers). Only for messages that take no control lock.
+    async fn send_control(
+        &self,
+        node: &ReplicationNode,
+        to: u64,
+        msg: &ControlMessage,
+    ) -> Result<ControlAnswer, crate::cluster::ControlError> {
+        if to != node.node_id().0 {
+            return crate::cluster::send(node, to, msg, CONTROL_TIMEOUT).await;
+        }
+        match Box::pin(self.on_control(msg.clone())).await {
+            ControlAnswer::Error(e) => Err(crate::cluster::ControlError::Refused(e)),
+            answer => Ok(answer),
+        }
+    }
+
+    /// Sends `msg` to every peer; errors from `must` peers are returned, others logged.
+    async fn broadcast(&self, msg: &ControlMessage, must: &[u64]) -> Result<(), VolumeError> {
+        let Some(node) = &self.replication else { return Ok(()) };
+        let mut missing = Vec::new();
+        for peer in node.peer_ids() {
+            if let Err(e) = crate::cluster::send(node, peer, msg, CONTROL_TIMEOUT).await {
+                if must.contains(&peer) {
+                    missing.push(format!("node {peer}: {e}"));
+                } else {
+                    tracing::warn!(peer, error = %e, "peer did not confirm; it will catch up at its next sync");
+                }
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(VolumeError::Unavailable(format!("nodes did not confirm: {}", missing.join("; "))))
+        }
+    }
+
+    /// The group's status as its leader reports it (retrying until a leader answers).
+    async fn leader_status(
+        &self,
+        record: &VolumeRecord,
+        deadline: std::time::Instant,
+    ) -> Result<(u64, ControlAnswer), VolumeError> {
+        let Some(node) = &self.replication else {
+            return Err(VolumeError::Invalid("not in a cluster".into()));
+        };
+        loop {
+            let leader = node.leader(GroupId(record.group_id));
+            let candidates: Vec<u64> = if leader != 0 { vec![leader] } else { record.voters.clone() };
+            for c in candidates {
+                let msg = ControlMessage::GroupStatus { group_id: record.group_id };
+                if let Ok(answer @ ControlAnswer::Status { leader: l, .. }) =
+                    self.send_control(node, c, &msg).await
+                {
+                    if l == c {
+                        return Ok((c, answer));
+                    }
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(VolumeError::Unavailable(format!(
+                    "volume {:?} has no leader right now; retry shortly",
+                    record.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn propose_membership(
+        &self,
+        record: &VolumeRecord,
+        change: &str,
+        target: u64,
+        deadline: std::time::Instant,
+    ) -> Result<(), VolumeError> {
+        let Some(node) = &self.replication else {
+            return Err(VolumeError::Invalid("not in a cluster".into()));
+        };
+        loop {
+            let (leader, _) = self.leader_status(record, deadline).await?;
+            let msg =
+                ControlMessage::Membership { group_id: record.group_id, change: change.into(), node: target };
+            match self.send_control(node, leader, &msg).await {
+                Ok(_) => return Ok(()),
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    return Err(VolumeError::Unavailable(format!(
+                        "membership change {change} {target} failed: {e}"
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Adds a copy of `name` on `node`: the node joins as a learner, receives the log,
+    /// and is promoted to voter once it has caught up.
+    pub async fn add_replica(
+        &self,
+        name: &str,
+        target: u64,
+        timeout: Duration,
+    ) -> Result<VolumeStatus, VolumeError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let Some(node) = self.replication.clone() else {
+            return Err(VolumeError::Invalid("this node runs alone; replicas need a cluster".into()));
+        };
+        let mut known = node.peer_ids();
+        known.push(node.node_id().0);
+        if !known.contains(&target) {
+            return Err(VolumeError::Invalid(format!(
+                "node {target} is not in the cluster; nodes are {known:?}"
+            )));
+        }
+        let _control = self.control.lock().await;
+        let v = self.get(name)?;
+        let mut record = lock(&v.record).clone();
+        let (_, status) = self.leader_status(&record, deadline).await?;
+        let ControlAnswer::Status { voters, learners, .. } = status else {
+            return Err(VolumeError::Unavailable(
+                "the leader answered a status query with something else".into(),
+            ));
+        };
+        if voters.contains(&target) {
+            return Err(VolumeError::Invalid(format!(
+                "node {target} already holds a voting copy of {name:?}"
+            )));
+        }
+        if record.voters.len() > REPLICAS_MAX as usize + 1 {
+            return Err(VolumeError::Invalid(format!(
+                "volume {name:?} already has the most copies allowed ({})",
+                REPLICAS_MAX + 1
+            )));
+        }
+        if !record.voters.contains(&target) {
+            record.voters.push(target);
+            record.replicas = (record.voters.len() - 1) as u8;
+            self.upsert_locked_change(&v, record.clone()).await?;
+            self.broadcast(&ControlMessage::Upsert(record.clone()), &[target]).await?;
+        }
+        if !learners.contains(&target) {
+            self.propose_membership(&record, "add_learner", target, deadline).await?;
+        }
+        tracing::info!(
+            volume = name,
+            node = target,
+            "new copy added as a learner; waiting for it to catch up"
+        );
+        loop {
+            let (_, status) = self.leader_status(&record, deadline).await?;
+            if let ControlAnswer::Status { commit_index, progress, learners, .. } = status {
+                let matched = progress.iter().find(|(id, _)| *id == target).map_or(0, |p| p.1);
+                if learners.contains(&target)
+                    && matched >= commit_index.saturating_sub(LEARNER_CAUGHT_UP_SLACK)
+                {
+                    break;
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(VolumeError::Unavailable(format!(
+                    "node {target} is still catching up on {name:?}; run the same command again to keep waiting and promote it"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.propose_membership(&record, "promote", target, deadline).await?;
+        tracing::info!(volume = name, node = target, "learner caught up and promoted to voter");
+        drop(_control);
+        self.status(name)
+    }
+
+    /// Removes the copy of `name` on `node` (leadership moves away first if it leads).
+    pub async fn remove_replica(
+        &self,
+        name: &str,
+        target: u64,
+        timeout: Duration,
+    ) -> Result<VolumeStatus, VolumeError> {
+        let deadline = std::time::Instant::now() + timeout;
+        if self.replication.is_none() {
+            return Err(VolumeError::Invalid("this node runs alone; there are no replicas to remove".into()));
+        }
+        let _control = self.control.lock().await;
+        let v = self.get(name)?;
+        let mut record = lock(&v.record).clone();
+        if !record.voters.contains(&target) {
+            return Err(VolumeError::Invalid(format!(
+                "node {target} holds no copy of {name:?}; copies are on {:?}",
+                record.voters
+            )));
+        }
+        if record.voters.len() == 1 {
+            return Err(VolumeError::Invalid(format!(
+                "node {target} holds the only copy of {name:?}; delete the volume instead"
+            )));
+        }
+        loop {
+            let (leader, _) = self.leader_status(&record, deadline).await?;
+            if leader != target {
+                break;
+            }
+            let to = record.voters.iter().copied().find(|&n| n != target).unwrap_or(0);
+            if let Some(node) = &self.replication {
+                let msg = ControlMessage::TransferLeader { group_id: record.group_id, to };
+                let _ = self.send_control(node, leader, &msg).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.propose_membership(&record, "remove", target, deadline).await?;
+        loop {
+            let (_, status) = self.leader_status(&record, deadline).await?;
+            if let ControlAnswer::Status { voters, learners, .. } = status {
+                if !voters.contains(&target) && !learners.contains(&target) {
+                    break;
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(VolumeError::Unavailable(format!(
+                    "removing node {target} from {name:?} has not taken effect yet; retry"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        record.voters.retain(|&n| n != target);
+        record.replicas = (record.voters.len() - 1) as u8;
+        self.upsert_locked_change(&v, record.clone()).await?;
+        self.broadcast(&ControlMessage::Upsert(record), &[]).await?;
+        tracing::info!(volume = name, node = target, "copy removed");
+        drop(_control);
+        self.status(name)
+    }
+
+    async fn upsert_locked_change(&self, v: &Arc<Volume>, record: VolumeRecord) -> Result<(), VolumeError> {
+        let old = lock(&v.record).clone();
+        if old.voters != record.voters {
+            self.change_copies(v, old, record).await
+        } else {
+            Ok(())
+        }
     }
 
     /// Every volume, ordered by name.
@@ -444,6 +736,7 @@ impl VolumeManager {
                     commit_index: s.commit_index,
                     applied_index: s.applied_index,
                     progress: s.progress,
+                    learners: s.learners,
                 },
                 None => ReplicationStatus { leader: node.leader(group), ..Default::default() },
             }
@@ -588,7 +881,7 @@ impl VolumeManager {
             )));
         }
         let msg = ControlMessage::TransferLeader { group_id: record.group_id, to };
-        crate::cluster::send(node, leader, &msg, CONTROL_TIMEOUT)
+        self.send_control(node, leader, &msg)
             .await
             .map_err(|e| VolumeError::Unavailable(format!("leader node {leader} did not answer: {e}")))?;
         Ok(())
@@ -642,6 +935,42 @@ impl VolumeManager {
             ControlMessage::List => {
                 return ControlAnswer::List { volumes: self.records(), deleted: self.tombstones() }
             }
+            ControlMessage::GroupStatus { group_id } => {
+                let Some(node) = &self.replication else {
+                    return ControlAnswer::Error("not in a cluster".into());
+                };
+                return match node.status(GroupId(group_id)) {
+                    Some(s) => ControlAnswer::Status {
+                        leader: s.leader,
+                        commit_index: s.commit_index,
+                        voters: s.voters,
+                        learners: s.learners,
+                        progress: s.progress,
+                    },
+                    None => ControlAnswer::Status {
+                        leader: node.leader(GroupId(group_id)),
+                        commit_index: 0,
+                        voters: Vec::new(),
+                        learners: Vec::new(),
+                        progress: Vec::new(),
+                    },
+                };
+            }
+            ControlMessage::Membership { group_id, change, node: target } => match &self.replication {
+                Some(node) => {
+                    use raftblk_replication::node::MembershipChange;
+                    let change = match change.as_str() {
+                        "add_learner" => MembershipChange::AddLearner(target),
+                        "promote" => MembershipChange::Promote(target),
+                        "remove" => MembershipChange::Remove(target),
+                        other => return ControlAnswer::Error(format!("unknown membership change {other:?}")),
+                    };
+                    node.change_membership(GroupId(group_id), change)
+                        .await
+                        .map_err(|e| VolumeError::Unavailable(e.to_string()))
+                }
+                None => Err(VolumeError::Invalid("not in a cluster".into())),
+            },
             ControlMessage::TransferLeader { group_id, to } => match &self.replication {
                 Some(node) => node
                     .transfer_leader(GroupId(group_id), to)

@@ -61,6 +61,29 @@ enum VolumeCommand {
         #[arg(long, short, default_value_t = 0)]
         replicas: u8,
     },
+    /// Add a copy on NODE: it joins as a learner, catches up from the log, then votes
+    AddReplica {
+        /// Volume name
+        name: String,
+        /// Node id
+        node: u64,
+    },
+    /// Remove the copy on NODE (leadership moves away first if NODE leads)
+    RemoveReplica {
+        /// Volume name
+        name: String,
+        /// Node id
+        node: u64,
+    },
+    /// Move the copy on FROM to TO (add on TO, then remove from FROM)
+    MoveReplica {
+        /// Volume name
+        name: String,
+        /// Node that gives up its copy
+        from: u64,
+        /// Node that receives a copy
+        to: u64,
+    },
     /// Move the volume's Raft leader (its primary) to NODE, which must hold a copy
     TransferLeader {
         /// Volume name
@@ -103,7 +126,7 @@ struct Client {
 impl Client {
     fn new(api: &str) -> Self {
         let base = if api.contains("://") { api.to_string() } else { format!("http://{api}") };
-        let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(60)).build();
+        let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(600)).build();
         Client { base: base.trim_end_matches('/').to_string(), agent }
     }
 
@@ -261,6 +284,28 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
             )?;
             show_one(cli, v, "resized")?;
         }
+        VolumeCommand::AddReplica { name, node } => {
+            let v = client.call(
+                "POST",
+                &format!("/v1/volumes/{}/replicas", path_segment(name)?),
+                Some(json!({"add": node})),
+            )?;
+            show_one(cli, v, "added a copy to")?;
+        }
+        VolumeCommand::RemoveReplica { name, node } => {
+            let v = client.call(
+                "POST",
+                &format!("/v1/volumes/{}/replicas", path_segment(name)?),
+                Some(json!({"remove": node})),
+            )?;
+            show_one(cli, v, "removed a copy from")?;
+        }
+        VolumeCommand::MoveReplica { name, from, to } => {
+            let path = format!("/v1/volumes/{}/replicas", path_segment(name)?);
+            client.call("POST", &path, Some(json!({"add": to})))?;
+            let v = client.call("POST", &path, Some(json!({"remove": from})))?;
+            show_one(cli, v, &format!("moved the copy on node {from} to node {to} of"))?;
+        }
         VolumeCommand::TransferLeader { name, node } => {
             client.call(
                 "POST",
@@ -329,7 +374,8 @@ fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
         }
         for (node, matched) in &r.progress {
             let behind = r.commit_index.saturating_sub(*matched);
-            println!("{:<12} node {node}: matched {matched} ({behind} behind commit)", "replica");
+            let role = if r.learners.contains(node) { "learner, catching up" } else { "voter" };
+            println!("{:<12} node {node}: matched {matched} ({behind} behind commit; {role})", "replica");
         }
     }
     Ok(())

@@ -41,6 +41,17 @@ pub use self::backend::ReplicatedBackend;
 /// Most inbound messages queued from the transport before it waits.
 const INBOUND_QUEUE_MAX: usize = 4096;
 
+/// A change to a group's membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a node as a learner: it receives the log but does not vote.
+    AddLearner(u64),
+    /// Make a learner (or new node) a voter.
+    Promote(u64),
+    /// Remove a voter or learner.
+    Remove(u64),
+}
+
 /// Settings of the replication node.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -119,6 +130,8 @@ pub struct GroupStatus {
     pub applied_index: u64,
     /// Voters.
     pub voters: Vec<u64>,
+    /// Learners (copies catching up, not yet voting).
+    pub learners: Vec<u64>,
     /// Matched index of every peer (leader only).
     pub progress: Vec<(u64, u64)>,
 }
@@ -277,6 +290,25 @@ impl ReplicationNode {
     /// Asks the group's leader (if this node is it) to hand leadership to `to`.
     pub fn transfer_leader(&self, group: GroupId, to: u64) -> Result<(), NodeError> {
         self.send(Event::TransferLeader { group, to })
+    }
+
+    /// Proposes a membership change of `group`; this node must lead it. Returns once
+    /// proposed; watch [`ReplicationNode::status`] for it to take effect.
+    pub async fn change_membership(&self, group: GroupId, change: MembershipChange) -> Result<(), NodeError> {
+        use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
+        let (kind, node) = match change {
+            MembershipChange::AddLearner(n) => (ConfChangeType::AddLearnerNode, n),
+            MembershipChange::Promote(n) => (ConfChangeType::AddNode, n),
+            MembershipChange::Remove(n) => (ConfChangeType::RemoveNode, n),
+        };
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(kind);
+        single.set_node_id(node);
+        let mut cc = ConfChangeV2::default();
+        cc.mut_changes().push(single);
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::ConfChange { group, change: cc, done: tx })?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 
     /// The leader this node knows of (0: none).

@@ -38,6 +38,7 @@ pub(super) enum Event {
     Read { group: GroupId, offset: u64, len: u32, done: Reply<Bytes> },
     Raft { from: NodeId, group: GroupId, bytes: Bytes },
     TransferLeader { group: GroupId, to: u64 },
+    ConfChange { group: GroupId, change: raft::eraftpb::ConfChangeV2, done: Reply<()> },
     Shutdown,
 }
 
@@ -231,6 +232,16 @@ impl Runner {
                 if let Some(slot) = self.groups.get_mut(&group) {
                     slot.driver.transfer_leader(to);
                 }
+            }
+            Event::ConfChange { group, change, done } => {
+                let Some(slot) = self.groups.get_mut(&group) else {
+                    return fail(done, NodeError::NotMember(group));
+                };
+                let r = slot.driver.propose_conf_change(change).map_err(|e| match e {
+                    crate::volume::group::GroupError::NotLeader { leader } => NodeError::NotLeader { leader },
+                    other => NodeError::Internal(other.to_string()),
+                });
+                let _ = done.send(r);
             }
             Event::Shutdown => {}
         }
@@ -474,7 +485,8 @@ impl Runner {
     fn publish_status(&self) {
         let Ok(mut m) = self.shared.status.write() else { return };
         for (group, slot) in &self.groups {
-            let (term, voters, progress) = slot.driver.raft_status();
+            let crate::volume::group::RaftStatus { term, voters, learners, progress } =
+                slot.driver.raft_status();
             m.insert(
                 *group,
                 super::GroupStatus {
@@ -484,6 +496,7 @@ impl Runner {
                     commit_index: slot.driver.commit_index(),
                     applied_index: slot.applied,
                     voters,
+                    learners,
                     progress,
                 },
             );

@@ -108,6 +108,19 @@ pub struct Applied {
     pub reads: Vec<RequestId>,
 }
 
+/// A group's Raft membership and progress, as [`GroupDriver::raft_status`] reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RaftStatus {
+    /// Current term.
+    pub term: u64,
+    /// Voting members.
+    pub voters: Vec<u64>,
+    /// Non-voting members catching up.
+    pub learners: Vec<u64>,
+    /// Matched log index per member (leader only).
+    pub progress: Vec<(u64, u64)>,
+}
+
 /// One group's Raft state machine driver. See the module docs for the calling protocol.
 pub struct GroupDriver<D: WalDisk> {
     raw: RawNode<GroupStorage<D>>,
@@ -173,18 +186,20 @@ impl<D: WalDisk> GroupDriver<D> {
         self.raw.transfer_leader(to);
     }
 
-    /// Term, voters and (on the leader) each peer's matched index.
-    pub fn raft_status(&self) -> (u64, Vec<u64>, Vec<(u64, u64)>) {
+    /// Term, voters, learners and (on the leader) each peer's matched index.
+    pub fn raft_status(&self) -> RaftStatus {
         let raft = &self.raw.raft;
         let mut voters: Vec<u64> = raft.prs().conf().voters().ids().iter().collect();
         voters.sort_unstable();
+        let mut learners: Vec<u64> = raft.prs().conf().learners().iter().copied().collect();
+        learners.sort_unstable();
         let mut progress: Vec<(u64, u64)> = if self.is_leader() {
             raft.prs().iter().map(|(id, p)| (*id, p.matched)).collect()
         } else {
             Vec::new()
         };
         progress.sort_unstable();
-        (raft.term, voters, progress)
+        RaftStatus { term: raft.term, voters, learners, progress }
     }
 
     /// Whether this node is the leader.
@@ -220,6 +235,16 @@ impl<D: WalDisk> GroupDriver<D> {
         self.raw.propose(Vec::new(), encode_batch(commands).to_vec())?;
         let index = self.raw.raft.raft_log.last_index();
         self.proposals.insert(index, (self.raw.raft.term, requests));
+        Ok(())
+    }
+
+    /// Proposes a membership change (raft-rs applies it when its entry commits; see
+    /// `hand_out`). Only the leader may propose, and only one change may be pending.
+    pub fn propose_conf_change(&mut self, change: ConfChangeV2) -> Result<(), GroupError> {
+        if !self.is_leader() {
+            return Err(GroupError::NotLeader { leader: self.leader() });
+        }
+        self.raw.propose_conf_change(Vec::new(), change)?;
         Ok(())
     }
 

@@ -108,6 +108,8 @@ pub struct ClusterConfig {
     pub io_timeout_ms: u64,
     /// Whether `POST /v1/debug/faults` may partition this node (tests only).
     pub fault_injection: bool,
+    /// Move a volume's leader to the node its NBD client uses, when that node holds a copy.
+    pub leader_follows_client: bool,
 }
 
 impl ClusterConfig {
@@ -208,6 +210,9 @@ pub struct Overrides {
     /// Allow POST /v1/debug/faults to partition this node (tests only) [env: RAFTBLK_FAULT_INJECTION]
     #[arg(long, env = "RAFTBLK_FAULT_INJECTION")]
     pub fault_injection: Option<bool>,
+    /// Move a volume's leader to the node its client uses [env: RAFTBLK_LEADER_FOLLOWS_CLIENT]
+    #[arg(long, env = "RAFTBLK_LEADER_FOLLOWS_CLIENT")]
+    pub leader_follows_client: Option<bool>,
     /// Raft tick length in ms [env: RAFTBLK_TICK_MS]
     #[arg(long, env = "RAFTBLK_TICK_MS")]
     pub tick_ms: Option<u64>,
@@ -278,6 +283,9 @@ impl Config {
         }
         if let Some(v) = o.fault_injection {
             self.cluster.fault_injection = v;
+        }
+        if let Some(v) = o.leader_follows_client {
+            self.cluster.leader_follows_client = v;
         }
         if let Some(v) = o.tick_ms {
             self.cluster.tick_ms = v;

@@ -121,7 +121,13 @@ pub struct VolumeManager {
     open: Mutex<HashMap<String, Arc<Volume>>>,
     /// Serializes create/resize/delete/upsert so checks and effects cannot interleave.
     control: tokio::sync::Mutex<()>,
+    /// Whether a volume's leader moves to the node where its client connects.
+    leader_follows_client: std::sync::atomic::AtomicBool,
 }
+
+/// How long a client must stay connected before the leader moves to its node: short
+/// probes (nbdinfo, a health check) should not move it.
+const LEADER_FOLLOW_DELAY: Duration = Duration::from_secs(3);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded maps stay consistent across a panic (every update is one insert
@@ -157,12 +163,46 @@ impl VolumeManager {
             replication,
             open: Mutex::new(HashMap::new()),
             control: tokio::sync::Mutex::new(()),
+            leader_follows_client: std::sync::atomic::AtomicBool::new(false),
         });
         for record in manager.catalog.list()? {
             manager.open_volume(record, false).await?;
         }
         manager.remove_orphans();
         Ok(manager)
+    }
+
+    /// Makes a volume's leader move to the node where its NBD client connects.
+    pub fn set_leader_follows_client(&self, on: bool) {
+        self.leader_follows_client.store(on, Ordering::SeqCst);
+    }
+
+    /// After [`LEADER_FOLLOW_DELAY`], if the client is still connected here, this node
+    /// holds a copy and another node leads, asks that leader to hand over to this node.
+    fn follow_client(&self, v: &Arc<Volume>) {
+        let Some(node) = self.replication.clone() else { return };
+        if !self.leader_follows_client.load(Ordering::SeqCst) {
+            return;
+        }
+        let record = lock(&v.record).clone();
+        let me = node.node_id().0;
+        if !record.voters.contains(&me) {
+            return;
+        }
+        let connections = v.connections.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(LEADER_FOLLOW_DELAY).await;
+            let group = GroupId(record.group_id);
+            let leader = node.leader(group);
+            if connections.load(Ordering::SeqCst) == 0 || leader == 0 || leader == me {
+                return;
+            }
+            tracing::info!(volume = %record.name, from = leader, to = me, "moving the leader to the node its client uses");
+            let msg = ControlMessage::TransferLeader { group_id: record.group_id, to: me };
+            if let Err(e) = crate::cluster::send(&node, leader, &msg, CONTROL_TIMEOUT).await {
+                tracing::debug!(error = %e, "leader move refused");
+            }
+        });
     }
 
     /// This node's id in the cluster (`None` without peers).
@@ -1033,6 +1073,7 @@ impl ExportCatalog for VolumeManager {
         v.connections.fetch_add(1, Ordering::SeqCst);
         let gauge = self.metrics.volume_connections.with_label_values(&[&name]);
         gauge.inc();
+        self.follow_client(&v);
         Ok(OpenExport {
             backend: v.served.clone(),
             read_only: record.read_only,

@@ -87,6 +87,7 @@ async fn run(config: Config) -> Result<()> {
     let volumes = VolumeManager::open(&config.data_dir, engine, metrics.clone(), replication.clone())
         .await
         .with_context(|| format!("opening volumes in {}", config.data_dir.display()))?;
+    volumes.set_leader_follows_client(config.cluster.leader_follows_client);
     let shutdown = CancellationToken::new();
     let mut sync_task = None;
     if let Some(node) = &replication {

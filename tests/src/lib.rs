@@ -1022,6 +1022,13 @@ impl Cluster {
             .arg(node.peer_addr.to_string())
             .arg(format!("--peers={}", peers.join(",")))
             .args(["--tick-ms", "50", "--fault-injection", "true", "--bootstrap-volumes", "none"])
+            // The fault tests pin the leader where they put it; a test of the leader moving
+            // to its client's node turns this back on.
+            .args(if extra.iter().any(|a| a == "--leader-follows-client") {
+                &[][..]
+            } else {
+                &["--leader-follows-client", "false"][..]
+            })
             .args(&extra)
             .env("RUST_LOG", std::env::var("RAFTBLK_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())

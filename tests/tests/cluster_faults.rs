@@ -589,7 +589,6 @@ fn damaged_follower_wal_recovers(how: Damage) {
 }
 
 #[test]
-#[ignore = "fails: the restarted follower's Raft thread panics (raft-rs `to_commit N is out of range [last_index N-1]`) on the leader's first heartbeat after its WAL lost synced entries; run with --ignored"]
 fn e1_follower_wal_tail_with_flipped_bytes_is_cut_and_caught_up() {
     if !require_tools("wal flip", &["qemu-io"]) {
         return;
@@ -598,7 +597,6 @@ fn e1_follower_wal_tail_with_flipped_bytes_is_cut_and_caught_up() {
 }
 
 #[test]
-#[ignore = "fails: the restarted follower's Raft thread panics (raft-rs `to_commit N is out of range [last_index N-1]`) on the leader's first heartbeat after its WAL lost synced entries; run with --ignored"]
 fn e2_follower_wal_truncated_mid_record_is_cut_and_caught_up() {
     if !require_tools("wal truncate", &["qemu-io"]) {
         return;
@@ -668,4 +666,28 @@ fn f_lost_data_file_is_rebuilt_from_the_log() {
         via_nbd.iter().all(|s| *s == images[0]),
         "the volume reads differently through some node: {via_nbd:?}"
     );
+}
+
+#[test]
+fn g_leader_moves_to_the_node_its_client_uses() {
+    if !require_tools("leader follows client", &["qemu-io"]) {
+        return;
+    }
+    let name = "fg";
+    let (c, _uuid, leader) = three_nodes(name, "64M", &["--leader-follows-client", "true"]);
+    let via = others(leader)[0];
+    // A client that stays connected (qemu-io sleeps 6 s between its commands).
+    let uri = c.nbd_uri(via, name);
+    let client = std::thread::spawn(move || {
+        std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "sleep 6000", "-c", "write -P 0x33 0 64k", &uri])
+            .output()
+            .expect("qemu-io runs")
+    });
+    let t = Instant::now();
+    let moved = c.wait_leader(name, &[via], Duration::from_secs(15));
+    println!("MEASURED leader moved from node {leader} to the client's node {via} after {:?}", t.elapsed());
+    assert_eq!(moved, via);
+    let out = client.join().expect("qemu-io thread");
+    assert!(out.status.success(), "qemu-io failed: {}", String::from_utf8_lossy(&out.stderr));
 }

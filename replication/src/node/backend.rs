@@ -19,6 +19,8 @@ use crate::wal::record::GroupId;
 /// Longest one attempt may take before it is retried elsewhere: a deposed leader's
 /// proposals only fail once a new leader commits over them.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How often an attempt in flight checks whether another node has become leader.
+const LEADER_WATCH_INTERVAL: Duration = Duration::from_millis(20);
 /// Pause between attempts while no leader is known, doubling up to the maximum.
 const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(200);
@@ -59,7 +61,26 @@ impl ReplicatedBackend {
         self.voters.contains(&self.node.node_id().0)
     }
 
+    /// One attempt at `target`, cut short when this node learns of another leader
+    /// (so requests stuck at a dead leader move on as soon as a new one is elected).
     async fn attempt(&self, target: u64, op: &ForwardOp) -> Outcome {
+        let known_at_start = self.node.leader(self.group);
+        let watch = async {
+            loop {
+                tokio::time::sleep(LEADER_WATCH_INTERVAL).await;
+                let leader = self.node.leader(self.group);
+                if leader != 0 && leader != target && leader != known_at_start {
+                    return leader;
+                }
+            }
+        };
+        tokio::select! {
+            outcome = self.attempt_at(target, op) => outcome,
+            leader = watch => Outcome::Retry { leader_hint: leader },
+        }
+    }
+
+    async fn attempt_at(&self, target: u64, op: &ForwardOp) -> Outcome {
         let me = self.node.node_id().0;
         let result = if target == me {
             let local = async {

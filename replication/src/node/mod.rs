@@ -208,7 +208,16 @@ impl ReplicationNode {
         );
         let thread = std::thread::Builder::new()
             .name("raftblk-raft".into())
-            .spawn(move || runner.run())
+            .spawn(move || {
+                // A runner that dies leaves a node that answers health checks but replicates
+                // nothing; end the process instead, which is as safe as a kill -9 by design, so
+                // a supervisor restarts it and clients fail over.
+                let clean = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run()));
+                if !matches!(clean, Ok(true)) {
+                    tracing::error!("replication runner failed; exiting so the node restarts");
+                    std::process::exit(70);
+                }
+            })
             .map_err(|e| NodeError::Internal(format!("starting the Raft thread: {e}")))?;
         let node = ReplicationNode {
             inner: Arc::new(Inner {

@@ -119,7 +119,9 @@ impl Runner {
         RequestId(self.next_request)
     }
 
-    pub(super) fn run(mut self) {
+    /// Runs until shutdown; returns false if it stopped because replication failed.
+    pub(super) fn run(mut self) -> bool {
+        let mut clean = true;
         let tick = self.config.tick;
         let mut next_tick = Instant::now() + tick;
         'outer: loop {
@@ -149,6 +151,7 @@ impl Runner {
                 // The WAL cannot be trusted after a failed sync; stop replicating rather than
                 // acknowledge writes that may not be durable.
                 tracing::error!(error = %e, "Raft round failed; replication on this node stops");
+                clean = false;
                 break;
             }
             self.checkpoint(false);
@@ -158,6 +161,7 @@ impl Runner {
             fail_all(slot, || NodeError::ShuttingDown);
         }
         tracing::info!("replication runner stopped");
+        clean
     }
 
     fn handle(&mut self, ev: Event) {

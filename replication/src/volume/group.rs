@@ -250,7 +250,17 @@ impl<D: WalDisk> GroupDriver<D> {
 
     /// Feeds a message from a peer. Messages from unknown peers or stale terms are dropped
     /// by raft-rs; only storage failures are errors worth stopping for.
-    pub fn step(&mut self, message: Message) -> Result<(), GroupError> {
+    pub fn step(&mut self, mut message: Message) -> Result<(), GroupError> {
+        // A node whose WAL lost a damaged tail may be behind what it once acknowledged; the
+        // leader's heartbeat then carries a commit index past our log, which raft-rs treats as
+        // a fatal invariant breach. Clamping it is safe (commit only ever means "at least"), and
+        // the next append, rejected at the gap, makes the leader resend what is missing.
+        if message.get_msg_type() == raft::eraftpb::MessageType::MsgHeartbeat {
+            let last = self.raw.raft.raft_log.last_index();
+            if message.commit > last {
+                message.commit = last;
+            }
+        }
         match self.raw.step(message) {
             Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
             Err(e) => Err(e.into()),

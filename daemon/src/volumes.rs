@@ -251,6 +251,9 @@ impl VolumeManager {
                 FileBackend::open(&path, self.engine.clone())
             }
             .map_err(|e| store_err(&name, format!("{}: {e}", path.display())))?;
+            // In a cluster the copy is a cache of the replicated WAL, flushed at checkpoints:
+            // the page cache takes its writes (see FileBackend::buffered_only).
+            let file = if self.replication.is_some() { file.buffered_only() } else { file };
             let file_size = file.size_bytes();
             if file_size < record.size_bytes {
                 // A grow's truncate did not reach the disk before a crash; redo it.

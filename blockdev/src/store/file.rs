@@ -109,6 +109,15 @@ impl FileBackend {
         Self::with_file(path, file, size_bytes, engine)
     }
 
+    /// Serves every request through the page cache instead of `O_DIRECT`: for copies
+    /// whose durability comes from elsewhere (a replicated volume's WAL) and which are
+    /// flushed at checkpoints, so caching their writes costs no safety and saves a disk
+    /// round trip per write.
+    pub fn buffered_only(mut self) -> Self {
+        self.direct = None;
+        self
+    }
+
     /// Opens an existing volume file; its length is the volume size.
     pub fn open(path: impl AsRef<Path>, engine: IoEngine) -> Result<Self, FileError> {
         let path = path.as_ref();

@@ -125,7 +125,11 @@ impl Runner {
         let tick = self.config.tick;
         let mut next_tick = Instant::now() + tick;
         'outer: loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            // Raft may have work left from the last round (entries committed by a late ack,
+            // more to apply); then only look for events, do not wait for one.
+            let busy = self.groups.values().any(|s| s.broken.is_none() && s.driver.has_ready());
+            let wait =
+                if busy { Duration::ZERO } else { next_tick.saturating_duration_since(Instant::now()) };
             match self.events.recv_timeout(wait) {
                 Ok(Event::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
                 Ok(ev) => self.handle(ev),

@@ -412,24 +412,10 @@ impl VolumeManager {
         };
         self.upsert_locked(record.clone(), true).await?;
         tracing::info!(volume = name, size_bytes, replicas, ?voters, uuid = %record.uuid, "volume created");
-        if let Some(node) = &self.replication {
-            let msg = ControlMessage::Upsert(record.clone());
-            let mut missing = Vec::new();
-            for peer in node.peer_ids() {
-                if let Err(e) = crate::cluster::send(node, peer, &msg, CONTROL_TIMEOUT).await {
-                    if voters.contains(&peer) {
-                        missing.push(format!("node {peer}: {e}"));
-                    } else {
-                        tracing::warn!(peer, error = %e, "peer did not confirm the new volume; it will learn it at its next sync");
-                    }
-                }
-            }
-            if !missing.is_empty() {
-                return Err(VolumeError::Unavailable(format!(
-                    "volume {name:?} was created, but nodes meant to hold a copy did not confirm ({}); it may not be writable until they are back. Delete it and retry, or wait for them",
-                    missing.join("; ")
-                )));
-            }
+        if let Err(e) = self.broadcast(&ControlMessage::Upsert(record.clone()), &voters).await {
+            return Err(VolumeError::Unavailable(format!(
+                "volume {name:?} was created, but {e}; it may not be writable until they are back. Delete it and retry, or wait for them"
+            )));
         }
         drop(_control);
         self.status(name)
@@ -729,7 +715,8 @@ impl VolumeManager {
         record.voters.retain(|&n| n != target);
         record.replicas = (record.voters.len() - 1) as u8;
         self.upsert_locked_change(&v, record.clone()).await?;
-        self.broadcast(&ControlMessage::Upsert(record), &[]).await?;
+        // Peers that miss it learn the new membership at their next sync (errors are logged).
+        let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
         tracing::info!(volume = name, node = target, "copy removed");
         drop(_control);
         self.status(name)
@@ -826,14 +813,8 @@ impl VolumeManager {
         *lock(&v.record) = record.clone();
         self.metrics.volume_size.with_label_values(&[name]).set(size_bytes as i64);
         tracing::info!(volume = name, size_bytes, "volume grown");
-        if let Some(node) = &self.replication {
-            let msg = ControlMessage::Upsert(record);
-            for peer in node.peer_ids() {
-                if let Err(e) = crate::cluster::send(node, peer, &msg, CONTROL_TIMEOUT).await {
-                    tracing::warn!(peer, error = %e, "peer did not confirm the new size; it will learn it at its next sync");
-                }
-            }
-        }
+        // Peers that miss it learn the new size at their next sync (errors are logged).
+        let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
         drop(_control);
         self.status(name)
     }
@@ -849,14 +830,8 @@ impl VolumeManager {
         let record = lock(&v.record).clone();
         self.remove_locked(&record).await?;
         tracing::info!(volume = name, forced = force, connections, "volume deleted");
-        if let Some(node) = &self.replication {
-            let msg = ControlMessage::Delete { uuid: record.uuid.clone() };
-            for peer in node.peer_ids() {
-                if let Err(e) = crate::cluster::send(node, peer, &msg, CONTROL_TIMEOUT).await {
-                    tracing::warn!(peer, error = %e, "peer did not confirm the delete; it will learn it at its next sync");
-                }
-            }
-        }
+        // Peers that miss it learn the delete at their next sync (errors are logged).
+        let _ = self.broadcast(&ControlMessage::Delete { uuid: record.uuid.clone() }, &[]).await;
         Ok(())
     }
 

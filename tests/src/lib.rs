@@ -419,30 +419,15 @@ impl Daemon {
     fn spawn_and_wait(&mut self) -> Result<(), String> {
         let log_start = self.log().len();
         let new_log = |d: &Daemon| d.log().get(log_start..).unwrap_or_default().to_string();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(|e| format!("cannot open log: {e}"))?;
-        let mut cmd = Command::new(&self.daemon_bin);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("RAFTBLK_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--nbd-listen")
-            .arg(self.nbd_addr.to_string())
-            .arg("--api-listen")
-            .arg(self.api_addr.to_string())
-            .arg("--nbd-socket")
-            .arg(&self.socket)
-            .args(["--bootstrap-volumes", "none"])
-            .env("RUST_LOG", std::env::var("RAFTBLK_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log);
+        let mut cmd = daemon_command(
+            &self.daemon_bin,
+            &self.log_path(),
+            &self.data_dir(),
+            self.nbd_addr,
+            self.api_addr,
+            &self.socket,
+        )?;
+        cmd.args(["--bootstrap-volumes", "none"]);
         let child = cmd.spawn().map_err(|e| format!("cannot spawn {}: {e}", self.daemon_bin.display()))?;
         self.child = Some(child);
         let started = Instant::now();
@@ -997,27 +982,16 @@ impl Cluster {
         let (daemon_bin, extra) = (self.daemon_bin.clone(), self.extra_args.clone());
         let node = self.node_mut(id);
         assert!(node.child.is_none(), "node {id} is already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.log_path())
-            .map_err(|e| format!("cannot open log: {e}"))?;
-        let mut cmd = Command::new(&daemon_bin);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("RAFTBLK_") {
-                cmd.env_remove(k);
-            }
-        }
+        let mut cmd = daemon_command(
+            &daemon_bin,
+            &node.log_path(),
+            &node.data_dir(),
+            node.nbd_addr,
+            node.api_addr,
+            &node.dir.join("nbd.sock"),
+        )?;
         cmd.arg("--node-id")
             .arg(id.to_string())
-            .arg("--data-dir")
-            .arg(node.data_dir())
-            .arg("--nbd-listen")
-            .arg(node.nbd_addr.to_string())
-            .arg("--api-listen")
-            .arg(node.api_addr.to_string())
-            .arg("--nbd-socket")
-            .arg(node.dir.join("nbd.sock"))
             .arg("--peer-listen")
             .arg(node.peer_addr.to_string())
             .arg(format!("--peers={}", peers.join(",")))
@@ -1029,11 +1003,7 @@ impl Cluster {
             } else {
                 &["--leader-follows-client", "false"][..]
             })
-            .args(&extra)
-            .env("RUST_LOG", std::env::var("RAFTBLK_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log);
+            .args(&extra);
         let child = cmd.spawn().map_err(|e| format!("cannot spawn {}: {e}", daemon_bin.display()))?;
         node.child = Some(child);
         Ok(())
@@ -1358,4 +1328,41 @@ pub fn longest_completion_gap(log: &str) -> (Duration, u64) {
 pub fn sha256_of_stream(shell_producer: &str) -> String {
     let out = run("bash", &["-o", "pipefail", "-c", &format!("{shell_producer} | sha256sum")]);
     out.ok().split_whitespace().next().expect("sha256sum printed a digest").to_string()
+}
+
+/// A raftblkd command with the settings every test daemon shares: its own data dir,
+/// NBD/API addresses and socket, a log file for stdout and stderr, and no RAFTBLK_*
+/// variables inherited from the test's environment.
+fn daemon_command(
+    daemon_bin: &Path,
+    log_path: &Path,
+    data_dir: &Path,
+    nbd_addr: SocketAddr,
+    api_addr: SocketAddr,
+    socket: &Path,
+) -> Result<Command, String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| format!("cannot open log: {e}"))?;
+    let mut cmd = Command::new(daemon_bin);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("RAFTBLK_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .arg("--nbd-listen")
+        .arg(nbd_addr.to_string())
+        .arg("--api-listen")
+        .arg(api_addr.to_string())
+        .arg("--nbd-socket")
+        .arg(socket)
+        .env("RUST_LOG", std::env::var("RAFTBLK_TEST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    Ok(cmd)
 }

@@ -209,7 +209,16 @@ pub struct GroupStorage<D: WalDisk> {
     group: GroupId,
     meta: GroupMetaState,
     hard_state: HardState,
+    /// The most recently appended entries, consecutive, at most [`RECENT_ENTRIES_BYTES_MAX`]:
+    /// raft-rs reads fresh entries right after appending them (to send them to followers and
+    /// to apply them), and serving those from memory saves a WAL read, a crc check and a
+    /// decode per entry. Rebuilt empty on open; the WAL stays the only source of truth.
+    recent: std::collections::VecDeque<Entry>,
+    recent_bytes: u64,
 }
+
+/// Most payload bytes of recent entries kept in memory per group.
+pub const RECENT_ENTRIES_BYTES_MAX: u64 = 64 << 20;
 
 impl<D: WalDisk> std::fmt::Debug for GroupStorage<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -242,7 +251,14 @@ impl<D: WalDisk> GroupStorage<D> {
             }
             (meta, hs)
         };
-        Ok(GroupStorage { wal, group, meta, hard_state })
+        Ok(GroupStorage {
+            wal,
+            group,
+            meta,
+            hard_state,
+            recent: std::collections::VecDeque::new(),
+            recent_bytes: 0,
+        })
     }
 
     /// The group this storage belongs to.
@@ -303,7 +319,36 @@ impl<D: WalDisk> GroupStorage<D> {
             .map(|e| Record::entry(self.group, LogIndex(e.index), Term(e.term), encode_entry_data(e)))
             .collect();
         lock(&self.wal)?.append(&records)?;
+        self.remember(entries);
         Ok(())
+    }
+
+    /// Adds appended entries to the in-memory tail, replacing a conflicting suffix.
+    fn remember(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first().map(|e| e.index) else { return };
+        while self.recent.back().is_some_and(|e| e.index >= first) {
+            if let Some(e) = self.recent.pop_back() {
+                self.recent_bytes -= e.data.len() as u64;
+            }
+        }
+        if self.recent.back().is_some_and(|e| e.index + 1 != first) {
+            self.forget_recent();
+        }
+        for e in entries {
+            self.recent_bytes += e.data.len() as u64;
+            self.recent.push_back(e.clone());
+        }
+        while self.recent_bytes > RECENT_ENTRIES_BYTES_MAX {
+            match self.recent.pop_front() {
+                Some(e) => self.recent_bytes -= e.data.len() as u64,
+                None => break,
+            }
+        }
+    }
+
+    fn forget_recent(&mut self) {
+        self.recent.clear();
+        self.recent_bytes = 0;
     }
 
     /// Records the hard state.
@@ -352,6 +397,11 @@ impl<D: WalDisk> GroupStorage<D> {
         ];
         lock(&self.wal)?.append(&records)?;
         self.meta = meta;
+        while self.recent.front().is_some_and(|e| e.index < to) {
+            if let Some(e) = self.recent.pop_front() {
+                self.recent_bytes -= e.data.len() as u64;
+            }
+        }
         Ok(())
     }
 
@@ -378,6 +428,7 @@ impl<D: WalDisk> GroupStorage<D> {
         lock(&self.wal)?.append(&records).map_err(StorageError::from)?;
         self.meta = new_meta;
         self.hard_state = hs;
+        self.forget_recent();
         Ok(())
     }
 
@@ -426,6 +477,23 @@ impl<D: WalDisk> raft::Storage for GroupStorage<D> {
             return Ok(Vec::new());
         }
         let max_size = max_size.into();
+        let over = |size: u64, out: &Vec<Entry>| {
+            !out.is_empty() && max_size.is_some_and(|m| m != raft::NO_LIMIT && size > m)
+        };
+        if let (Some(front), Some(back)) = (self.recent.front(), self.recent.back()) {
+            if low >= front.index && high <= back.index + 1 {
+                let mut out = Vec::new();
+                let mut size = 0u64;
+                for e in self.recent.range((low - front.index) as usize..(high - front.index) as usize) {
+                    size += u64::from(protobuf::Message::compute_size(e));
+                    if over(size, &out) {
+                        break;
+                    }
+                    out.push(e.clone());
+                }
+                return Ok(out);
+            }
+        }
         let w = lock(&self.wal)?;
         // Read only as many entries as max_size allows (always at least one).
         let mut out = Vec::new();
@@ -438,7 +506,7 @@ impl<D: WalDisk> raft::Storage for GroupStorage<D> {
                 .ok_or(raft::Error::Store(raft::StorageError::Unavailable))?;
             let e = decode_entry(self.group, e)?;
             size += u64::from(protobuf::Message::compute_size(&e));
-            if !out.is_empty() && max_size.is_some_and(|m| m != raft::NO_LIMIT && size > m) {
+            if over(size, &out) {
                 break;
             }
             out.push(e);
@@ -520,6 +588,33 @@ mod tests {
         assert_eq!(s.term(4), Ok(4));
         assert_eq!(s.term(5), Ok(5));
         assert_eq!(s.term(6), Err(raft::Error::Store(raft::StorageError::Unavailable)));
+    }
+
+    #[test]
+    fn recent_entries_in_memory_match_the_wal_after_a_conflicting_append() {
+        let disk = SimDisk::new(7);
+        let w = wal(&disk);
+        let mut s = GroupStorage::open(w.clone(), G).unwrap();
+        s.initialize(ConfState::from((vec![1], vec![]))).unwrap();
+        let mut data = new_entry(1, 1);
+        data.data = vec![7u8; 100].into();
+        s.append(&[data, new_entry(2, 1), new_entry(3, 1), new_entry(4, 1)]).unwrap();
+        // A new leader overwrites the suffix from index 3.
+        s.append(&[new_entry(3, 2), new_entry(4, 2), new_entry(5, 2)]).unwrap();
+        let ctx = || GetEntriesContext::empty(false);
+        let cached = s.entries(1, 6, None, ctx()).unwrap();
+        assert_eq!(
+            cached.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
+            [(1, 1), (2, 1), (3, 2), (4, 2), (5, 2)]
+        );
+        assert_eq!(cached[0].data.len(), 100);
+        // Storage reopened from the same WAL (no in-memory tail) reads the same entries.
+        let reopened = GroupStorage::open(w, G).unwrap();
+        assert!(reopened.recent.is_empty());
+        assert_eq!(reopened.entries(1, 6, None, ctx()).unwrap(), cached);
+        // A gap empties the tail instead of serving a hole.
+        s.remember(&[new_entry(9, 3)]);
+        assert_eq!(s.recent.len(), 1);
     }
 
     #[test]

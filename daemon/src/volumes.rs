@@ -214,6 +214,11 @@ impl VolumeManager {
         self.volumes_dir.join(format!("{uuid}.img"))
     }
 
+    /// Where a copy's checkpointed applied index lives (cluster mode).
+    fn applied_path(&self, uuid: &str) -> PathBuf {
+        self.volumes_dir.join(format!("{uuid}.applied"))
+    }
+
     fn holds_copy(&self, record: &VolumeRecord) -> bool {
         match self.node_id() {
             None => true,
@@ -234,7 +239,7 @@ impl VolumeManager {
     ) -> Result<(), VolumeError> {
         let name = record.name.clone();
         let path = self.data_path(&record.uuid);
-        let applied_path = self.volumes_dir.join(format!("{}.applied", record.uuid));
+        let applied_path = self.applied_path(&record.uuid);
         let file = if self.holds_copy(&record) {
             let fresh = create || (self.replication.is_some() && !path.exists());
             if fresh && self.replication.is_some() {
@@ -481,7 +486,7 @@ impl VolumeManager {
         self.catalog.update(&new)?;
         if had && !has {
             let _ = std::fs::remove_file(self.data_path(&old.uuid));
-            let _ = std::fs::remove_file(self.volumes_dir.join(format!("{}.applied", old.uuid)));
+            let _ = std::fs::remove_file(self.applied_path(&old.uuid));
             tracing::info!(volume = %new.name, "this node no longer holds a copy; removed it");
         } else if has && !had {
             tracing::info!(volume = %new.name, "this node now holds a copy; replaying the log into it");
@@ -865,7 +870,7 @@ impl VolumeManager {
         }
         if v.file.is_some() {
             std::fs::remove_file(self.data_path(&record.uuid)).map_err(|e| store_err(name, e))?;
-            let _ = std::fs::remove_file(self.volumes_dir.join(format!("{}.applied", record.uuid)));
+            let _ = std::fs::remove_file(self.applied_path(&record.uuid));
         }
         Ok(())
     }

@@ -476,22 +476,10 @@ impl Daemon {
     /// SIGTERM; waits up to `timeout` for the exit and returns the status
     /// (SIGKILLs and panics on timeout).
     pub fn sigterm(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("daemon is running");
-        let pid = child.id().to_string();
-        let st = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
-        assert!(st.success(), "kill -TERM {pid} failed");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if started.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("raftblkd did not exit within {timeout:?} of SIGTERM; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.child.take().expect("daemon is running");
+        sigterm_and_wait(child, timeout).unwrap_or_else(|| {
+            panic!("raftblkd did not exit within {timeout:?} of SIGTERM; log:\n{}", self.log())
+        })
     }
 
     /// Starts the daemon again on the same data directory and ports
@@ -1060,21 +1048,9 @@ impl Cluster {
 
     /// SIGTERM node `id`; waits up to `timeout` for the exit and returns the status.
     pub fn sigterm(&mut self, id: u64, timeout: Duration) -> ExitStatus {
-        let mut child = self.node_mut(id).child.take().unwrap_or_else(|| panic!("node {id} is not running"));
-        let pid = child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("run kill").success());
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if started.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("node {id} did not exit within {timeout:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = self.node_mut(id).child.take().unwrap_or_else(|| panic!("node {id} is not running"));
+        sigterm_and_wait(child, timeout)
+            .unwrap_or_else(|| panic!("node {id} did not exit within {timeout:?} of SIGTERM"))
     }
 
     /// Starts node `id` again on its data directory and ports, and waits for `/healthz`.
@@ -1365,4 +1341,24 @@ fn daemon_command(
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log);
     Ok(cmd)
+}
+
+/// Sends SIGTERM to `child` and waits up to `timeout` for it to exit; `None` (after
+/// killing it) if it did not.
+fn sigterm_and_wait(mut child: Child, timeout: Duration) -> Option<ExitStatus> {
+    let pid = child.id().to_string();
+    let st = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+    assert!(st.success(), "kill -TERM {pid} failed");
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

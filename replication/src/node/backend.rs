@@ -13,7 +13,6 @@ use raftblk_blockdev::backend::{check_range, BackendError, BackendResult, BlockB
 
 use super::forward::{ForwardOp, ForwardRequest, ForwardStatus};
 use super::{NodeError, ReplicationNode};
-use crate::volume::command::Command;
 use crate::wal::record::GroupId;
 
 /// Longest one attempt may take before it is retried elsewhere: a deposed leader's
@@ -83,34 +82,7 @@ impl ReplicatedBackend {
     async fn attempt_at(&self, target: u64, op: &ForwardOp) -> Outcome {
         let me = self.node.node_id().0;
         let result = if target == me {
-            let local = async {
-                match op.clone() {
-                    ForwardOp::Read { offset, len } => self.node.local_read(self.group, offset, len).await,
-                    ForwardOp::Write { offset, data } => self
-                        .node
-                        .local_write(self.group, vec![Command::Write { offset, data }])
-                        .await
-                        .map(|()| Bytes::new()),
-                    ForwardOp::Trim { offset, len } => self
-                        .node
-                        .local_write(self.group, vec![Command::Trim { offset, len }])
-                        .await
-                        .map(|()| Bytes::new()),
-                    ForwardOp::WriteZeroes { offset, len } => self
-                        .node
-                        .local_write(self.group, vec![Command::WriteZeroes { offset, len }])
-                        .await
-                        .map(|()| Bytes::new()),
-                    ForwardOp::Resize { size } => self
-                        .node
-                        .local_write(self.group, vec![Command::Resize { size }])
-                        .await
-                        .map(|()| Bytes::new()),
-                    ForwardOp::Control { .. } => {
-                        Err(NodeError::Internal("control messages are not volume I/O".into()))
-                    }
-                }
-            };
+            let local = self.node.run_local(self.group, op.clone());
             match tokio::time::timeout(ATTEMPT_TIMEOUT, local).await {
                 Ok(r) => r.map(ForwardStatus::Ok),
                 Err(_) => Err(NodeError::Timeout),

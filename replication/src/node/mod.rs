@@ -348,6 +348,23 @@ impl ReplicationNode {
         rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 
+    /// Runs one volume operation through the local replica, which must lead the group:
+    /// reads by ReadIndex, everything else as a replicated command. Control messages
+    /// are not volume I/O and are refused.
+    pub async fn run_local(&self, group: GroupId, op: ForwardOp) -> Result<Bytes, NodeError> {
+        let command = match op {
+            ForwardOp::Read { offset, len } => return self.local_read(group, offset, len).await,
+            ForwardOp::Write { offset, data } => Command::Write { offset, data },
+            ForwardOp::Trim { offset, len } => Command::Trim { offset, len },
+            ForwardOp::WriteZeroes { offset, len } => Command::WriteZeroes { offset, len },
+            ForwardOp::Resize { size } => Command::Resize { size },
+            ForwardOp::Control { .. } => {
+                return Err(NodeError::Internal("control messages are not volume I/O".into()))
+            }
+        };
+        self.local_write(group, vec![command]).await.map(|()| Bytes::new())
+    }
+
     /// Sends `request` to node `to` and waits for its answer (up to `timeout`).
     pub async fn forward(
         &self,
@@ -403,29 +420,14 @@ impl ReplicationNode {
                 return ForwardStatus::Failed;
             }
         };
-        let g = request.group;
-        let result = match request.op {
-            ForwardOp::Read { offset, len } => self.local_read(g, offset, len).await,
-            ForwardOp::Write { offset, data } => {
-                self.local_write(g, vec![Command::Write { offset, data }]).await.map(|()| Bytes::new())
-            }
-            ForwardOp::Trim { offset, len } => {
-                self.local_write(g, vec![Command::Trim { offset, len }]).await.map(|()| Bytes::new())
-            }
-            ForwardOp::WriteZeroes { offset, len } => {
-                self.local_write(g, vec![Command::WriteZeroes { offset, len }]).await.map(|()| Bytes::new())
-            }
-            ForwardOp::Resize { size } => {
-                self.local_write(g, vec![Command::Resize { size }]).await.map(|()| Bytes::new())
-            }
-            ForwardOp::Control { payload } => {
-                let handler = self.inner.control.read().ok().and_then(|h| h.clone());
-                return match handler {
-                    Some(h) => ForwardStatus::Ok(h(payload).await),
-                    None => ForwardStatus::Failed,
-                };
-            }
-        };
+        if let ForwardOp::Control { payload } = request.op {
+            let handler = self.inner.control.read().ok().and_then(|h| h.clone());
+            return match handler {
+                Some(h) => ForwardStatus::Ok(h(payload).await),
+                None => ForwardStatus::Failed,
+            };
+        }
+        let result = self.run_local(request.group, request.op).await;
         match result {
             Ok(data) => ForwardStatus::Ok(data),
             Err(NodeError::NotLeader { leader }) => ForwardStatus::NotLeader(leader),

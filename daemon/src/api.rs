@@ -198,7 +198,7 @@ async fn create(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response,
 }
 
 async fn inspect(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    Ok(Json(s.volumes.status(&name)?).into_response())
+    Ok(Json(s.volumes.inspect(&name).await?).into_response())
 }
 
 async fn resize(

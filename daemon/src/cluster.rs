@@ -76,6 +76,9 @@ pub enum ControlAnswer {
         learners: Vec<u64>,
         /// Matched index per node (leader only).
         progress: Vec<(u64, u64)>,
+        /// This node's copy is being rebuilt from a snapshot.
+        #[serde(default)]
+        rebuild: Option<crate::volumes::RebuildView>,
     },
     /// The answer to `List`.
     List {

@@ -110,6 +110,12 @@ pub struct ClusterConfig {
     pub fault_injection: bool,
     /// Move a volume's leader to the node its NBD client uses, when that node holds a copy.
     pub leader_follows_client: bool,
+    /// Log entries each volume keeps below what its store has durably applied.
+    pub log_retain_entries: u64,
+    /// Most MiB of such entries kept per volume.
+    pub log_retain_mib: u64,
+    /// Most MiB/s a replica being rebuilt copies from its peers (0: unlimited).
+    pub rebuild_rate_mib_s: u64,
 }
 
 impl ClusterConfig {
@@ -213,6 +219,15 @@ pub struct Overrides {
     /// Move a volume's leader to the node its client uses [env: RAFTBLK_LEADER_FOLLOWS_CLIENT]
     #[arg(long, env = "RAFTBLK_LEADER_FOLLOWS_CLIENT")]
     pub leader_follows_client: Option<bool>,
+    /// Log entries kept per volume for lagging peers [env: RAFTBLK_LOG_RETAIN_ENTRIES]
+    #[arg(long, env = "RAFTBLK_LOG_RETAIN_ENTRIES")]
+    pub log_retain_entries: Option<u64>,
+    /// MiB of log kept per volume for lagging peers [env: RAFTBLK_LOG_RETAIN_MIB]
+    #[arg(long, env = "RAFTBLK_LOG_RETAIN_MIB")]
+    pub log_retain_mib: Option<u64>,
+    /// Rebuild copy rate limit in MiB/s, 0 = unlimited [env: RAFTBLK_REBUILD_RATE_MIB_S]
+    #[arg(long, env = "RAFTBLK_REBUILD_RATE_MIB_S")]
+    pub rebuild_rate_mib_s: Option<u64>,
     /// Raft tick length in ms [env: RAFTBLK_TICK_MS]
     #[arg(long, env = "RAFTBLK_TICK_MS")]
     pub tick_ms: Option<u64>,
@@ -289,6 +304,15 @@ impl Config {
         }
         if let Some(v) = o.tick_ms {
             self.cluster.tick_ms = v;
+        }
+        if let Some(v) = o.log_retain_entries {
+            self.cluster.log_retain_entries = v;
+        }
+        if let Some(v) = o.log_retain_mib {
+            self.cluster.log_retain_mib = v;
+        }
+        if let Some(v) = o.rebuild_rate_mib_s {
+            self.cluster.rebuild_rate_mib_s = v;
         }
         if let Some(v) = o.io_engine {
             self.storage.io_engine = v;

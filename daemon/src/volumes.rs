@@ -29,6 +29,8 @@ const LEARNER_CAUGHT_UP_SLACK: u64 = 16;
 
 /// How long a create or delete waits for each peer's confirmation.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `inspect` waits for each peer's view of a volume.
+const INSPECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a volume operation was refused or failed. The refusals say what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,45 @@ pub struct ReplicationStatus {
     /// Copies still catching up (not voting yet).
     #[serde(default)]
     pub learners: Vec<u64>,
+    /// First index still in this node's log (older entries are compacted).
+    #[serde(default)]
+    pub log_first_index: u64,
+    /// Copies being rebuilt from a snapshot, with their progress (see `VolumeManager::inspect`).
+    #[serde(default)]
+    pub rebuilds: Vec<RebuildView>,
+}
+
+/// A copy being rebuilt from its peers (snapshot streaming).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct RebuildView {
+    /// The node whose copy is rebuilt.
+    pub node: u64,
+    /// Snapshot index the copy is taken at.
+    pub index: u64,
+    /// Bytes of the volume covered so far.
+    pub done_bytes: u64,
+    /// The volume's size.
+    pub total_bytes: u64,
+    /// Bytes of data transferred (holes cost nothing).
+    pub copied_bytes: u64,
+    /// The node the last chunk came from.
+    pub source: u64,
+    /// Seconds since the copy (re)started.
+    pub elapsed_s: u64,
+}
+
+impl RebuildView {
+    fn from_status(node: u64, r: &raftblk_replication::node::RebuildStatus) -> RebuildView {
+        RebuildView {
+            node,
+            index: r.index,
+            done_bytes: r.done_bytes,
+            total_bytes: r.total_bytes,
+            copied_bytes: r.copied_bytes,
+            source: r.source,
+            elapsed_s: r.elapsed_s,
+        }
+    }
 }
 
 /// A volume as the API reports it.
@@ -219,6 +260,11 @@ impl VolumeManager {
         self.volumes_dir.join(format!("{uuid}.applied"))
     }
 
+    /// Where the marker of an unfinished rebuild of a copy lives (cluster mode).
+    fn rebuild_path(&self, uuid: &str) -> PathBuf {
+        self.volumes_dir.join(format!("{uuid}.rebuild"))
+    }
+
     fn holds_copy(&self, record: &VolumeRecord) -> bool {
         match self.node_id() {
             None => true,
@@ -240,6 +286,7 @@ impl VolumeManager {
         let name = record.name.clone();
         let path = self.data_path(&record.uuid);
         let applied_path = self.applied_path(&record.uuid);
+        let rebuild_path = self.rebuild_path(&record.uuid);
         let file = if self.holds_copy(&record) {
             let fresh = create || (self.replication.is_some() && !path.exists());
             if fresh && self.replication.is_some() {
@@ -249,6 +296,7 @@ impl VolumeManager {
                     tracing::warn!(volume = %name, "local copy is missing; rebuilding it from the replicated log");
                 }
                 let _ = std::fs::remove_file(&applied_path);
+                let _ = std::fs::remove_file(&rebuild_path);
             }
             let file = if fresh {
                 FileBackend::create(&path, record.size_bytes, self.engine.clone())
@@ -291,6 +339,7 @@ impl VolumeManager {
                             Ok(())
                         }),
                         applied_path,
+                        rebuild_path,
                     };
                     let initial = if record.initial_voters.is_empty() {
                         &record.voters
@@ -330,7 +379,7 @@ impl VolumeManager {
         let Ok(entries) = std::fs::read_dir(&self.volumes_dir) else { return };
         for entry in entries.flatten() {
             let file_name = entry.file_name().to_string_lossy().into_owned();
-            let Some(uuid) = file_name.strip_suffix(".img").or_else(|| file_name.strip_suffix(".applied"))
+            let Some(uuid) = [".img", ".applied", ".rebuild"].iter().find_map(|s| file_name.strip_suffix(s))
             else {
                 continue;
             };
@@ -487,6 +536,7 @@ impl VolumeManager {
         if had && !has {
             let _ = std::fs::remove_file(self.data_path(&old.uuid));
             let _ = std::fs::remove_file(self.applied_path(&old.uuid));
+            let _ = std::fs::remove_file(self.rebuild_path(&old.uuid));
             tracing::info!(volume = %new.name, "this node no longer holds a copy; removed it");
         } else if has && !had {
             tracing::info!(volume = %new.name, "this node now holds a copy; replaying the log into it");
@@ -648,6 +698,7 @@ impl VolumeManager {
                 let matched = progress.iter().find(|(id, _)| *id == target).map_or(0, |p| p.1);
                 if learners.contains(&target)
                     && matched >= commit_index.saturating_sub(LEARNER_CAUGHT_UP_SLACK)
+                    && !self.rebuilding(&record, target).await
                 {
                     break;
                 }
@@ -663,6 +714,18 @@ impl VolumeManager {
         tracing::info!(volume = name, node = target, "learner caught up and promoted to voter");
         drop(_control);
         self.status(name)
+    }
+
+    /// Whether `target`'s copy of the volume is still being copied from a snapshot (or cannot
+    /// say): a copy whose log caught up may still lack the data, and promoting it (or, in a
+    /// move, removing the copy it pulls from) before it has it would lose the volume.
+    async fn rebuilding(&self, record: &VolumeRecord, target: u64) -> bool {
+        let Some(node) = &self.replication else { return false };
+        let msg = ControlMessage::GroupStatus { group_id: record.group_id };
+        !matches!(
+            self.send_control(node, target, &msg).await,
+            Ok(ControlAnswer::Status { rebuild: None, commit_index, .. }) if commit_index > 0
+        )
     }
 
     /// Removes the copy of `name` on `node` (leadership moves away first if it leads).
@@ -760,6 +823,29 @@ impl VolumeManager {
         Ok(self.status_of(&v))
     }
 
+    /// One volume, with the rebuild progress of every copy (asked of each node holding one;
+    /// nodes that do not answer quickly are left out).
+    pub async fn inspect(&self, name: &str) -> Result<VolumeStatus, VolumeError> {
+        let mut status = self.status(name)?;
+        let Some(node) = &self.replication else { return Ok(status) };
+        let me = node.node_id().0;
+        let group_id = lock(&self.get(name)?.record).group_id;
+        let Some(repl) = status.replication.as_mut() else { return Ok(status) };
+        let mut members: Vec<u64> = status.voters.iter().chain(&repl.learners).copied().collect();
+        members.extend(repl.progress.iter().map(|(id, _)| *id));
+        members.sort_unstable();
+        members.dedup();
+        for member in members.into_iter().filter(|m| *m != me) {
+            let msg = ControlMessage::GroupStatus { group_id };
+            let answer = crate::cluster::send(node, member, &msg, INSPECT_TIMEOUT).await;
+            if let Ok(ControlAnswer::Status { rebuild: Some(mut r), .. }) = answer {
+                r.node = member;
+                repl.rebuilds.push(r);
+            }
+        }
+        Ok(status)
+    }
+
     fn status_of(&self, v: &Volume) -> VolumeStatus {
         let r = lock(&v.record).clone();
         let replication = self.replication.as_ref().map(|node| {
@@ -772,6 +858,12 @@ impl VolumeManager {
                     applied_index: s.applied_index,
                     progress: s.progress,
                     learners: s.learners,
+                    log_first_index: s.first_index,
+                    rebuilds: s
+                        .rebuild
+                        .iter()
+                        .map(|r| RebuildView::from_status(node.node_id().0, r))
+                        .collect(),
                 },
                 None => ReplicationStatus { leader: node.leader(group), ..Default::default() },
             }
@@ -871,6 +963,7 @@ impl VolumeManager {
         if v.file.is_some() {
             std::fs::remove_file(self.data_path(&record.uuid)).map_err(|e| store_err(name, e))?;
             let _ = std::fs::remove_file(self.applied_path(&record.uuid));
+            let _ = std::fs::remove_file(self.rebuild_path(&record.uuid));
         }
         Ok(())
     }
@@ -969,6 +1062,7 @@ impl VolumeManager {
                         voters: s.voters,
                         learners: s.learners,
                         progress: s.progress,
+                        rebuild: s.rebuild.as_ref().map(|r| RebuildView::from_status(node.node_id().0, r)),
                     },
                     None => ControlAnswer::Status {
                         leader: node.leader(GroupId(group_id)),
@@ -976,6 +1070,7 @@ impl VolumeManager {
                         voters: Vec::new(),
                         learners: Vec::new(),
                         progress: Vec::new(),
+                        rebuild: None,
                     },
                 };
             }

@@ -40,6 +40,7 @@
 pub mod node;
 #[cfg(test)]
 mod sim;
+pub mod snapshot;
 pub mod storage;
 pub mod transport;
 pub mod volume;

@@ -28,8 +28,8 @@ use crate::wal::disk::WalDisk;
 use crate::wal::record::{self, GroupId, LogIndex, NodeId, Record, Term};
 use crate::wal::{Wal, WalError};
 
-/// Version byte at the start of the encoded group metadata.
-const META_VERSION: u8 = 1;
+/// Version byte at the start of the encoded group metadata (1: without `conf_index`).
+const META_VERSION: u8 = 2;
 
 /// Bytes of an entry's data header: type and context length.
 const ENTRY_HEADER_BYTES: usize = 5;
@@ -73,6 +73,8 @@ pub struct GroupMetaState {
     pub snapshot_index: u64,
     /// Term of that entry.
     pub snapshot_term: u64,
+    /// Index of the entry that produced `conf_state` (or of the snapshot that carried it).
+    pub conf_index: u64,
 }
 
 fn put_list(out: &mut BytesMut, ids: &[u64]) {
@@ -82,17 +84,19 @@ fn put_list(out: &mut BytesMut, ids: &[u64]) {
     }
 }
 
-/// Encodes group metadata: version u8, snapshot index u64, snapshot term u64, auto_leave u8,
-/// then voters, learners, voters_outgoing, learners_next, each as count u32 + ids u64.
+/// Encodes group metadata: version u8, snapshot index u64, snapshot term u64, conf index u64,
+/// auto_leave u8, then voters, learners, voters_outgoing, learners_next, each as count u32 +
+/// ids u64. (Version 1 had no conf index.)
 pub fn encode_meta(meta: &GroupMetaState) -> Bytes {
     let cs = &meta.conf_state;
     let mut out = BytesMut::with_capacity(
-        18 + 16
+        26 + 16
             + 8 * (cs.voters.len() + cs.learners.len() + cs.voters_outgoing.len() + cs.learners_next.len()),
     );
     out.put_u8(META_VERSION);
     out.put_u64_le(meta.snapshot_index);
     out.put_u64_le(meta.snapshot_term);
+    out.put_u64_le(meta.conf_index);
     out.put_u8(u8::from(cs.auto_leave));
     put_list(&mut out, &cs.voters);
     put_list(&mut out, &cs.learners);
@@ -134,12 +138,14 @@ impl Reader<'_> {
 pub fn decode_meta(group: GroupId, data: &[u8]) -> Result<GroupMetaState, StorageError> {
     let bad = |reason| StorageError::BadMeta { group, reason };
     let mut r = Reader(data);
-    if r.u8().ok_or(bad("empty"))? != META_VERSION {
+    let version = r.u8().ok_or(bad("empty"))?;
+    if version != 1 && version != META_VERSION {
         return Err(bad("unknown version"));
     }
     let short = || bad("truncated");
     let snapshot_index = r.u64().ok_or_else(short)?;
     let snapshot_term = r.u64().ok_or_else(short)?;
+    let conf_index = if version == 1 { snapshot_index } else { r.u64().ok_or_else(short)? };
     let auto_leave = match r.u8().ok_or_else(short)? {
         0 => false,
         1 => true,
@@ -154,7 +160,7 @@ pub fn decode_meta(group: GroupId, data: &[u8]) -> Result<GroupMetaState, Storag
     if !r.0.is_empty() {
         return Err(bad("trailing bytes"));
     }
-    Ok(GroupMetaState { conf_state, snapshot_index, snapshot_term })
+    Ok(GroupMetaState { conf_state, snapshot_index, snapshot_term, conf_index })
 }
 
 fn entry_type_code(t: EntryType) -> u8 {
@@ -215,6 +221,8 @@ pub struct GroupStorage<D: WalDisk> {
     /// decode per entry. Rebuilt empty on open; the WAL stays the only source of truth.
     recent: std::collections::VecDeque<Entry>,
     recent_bytes: u64,
+    /// Highest index handed to the state machine; what [`raft::Storage::snapshot`] offers.
+    snapshot_point: u64,
 }
 
 /// Most payload bytes of recent entries kept in memory per group.
@@ -258,6 +266,7 @@ impl<D: WalDisk> GroupStorage<D> {
             hard_state,
             recent: std::collections::VecDeque::new(),
             recent_bytes: 0,
+            snapshot_point: 0,
         })
     }
 
@@ -303,9 +312,9 @@ impl<D: WalDisk> GroupStorage<D> {
         self.write_meta(meta, None)
     }
 
-    /// Records a new membership (after applying a configuration change).
-    pub fn set_conf_state(&mut self, conf_state: ConfState) -> Result<(), StorageError> {
-        let meta = GroupMetaState { conf_state, ..self.meta.clone() };
+    /// Records a new membership, produced by the entry at `index`.
+    pub fn set_conf_state(&mut self, conf_state: ConfState, index: u64) -> Result<(), StorageError> {
+        let meta = GroupMetaState { conf_state, conf_index: index, ..self.meta.clone() };
         self.write_meta(meta, None)
     }
 
@@ -417,6 +426,7 @@ impl<D: WalDisk> GroupStorage<D> {
             conf_state: meta.get_conf_state().clone(),
             snapshot_index: meta.index,
             snapshot_term: meta.term,
+            conf_index: meta.index,
         };
         let mut hs = self.hard_state.clone();
         hs.term = hs.term.max(meta.term);
@@ -430,6 +440,20 @@ impl<D: WalDisk> GroupStorage<D> {
         self.hard_state = hs;
         self.forget_recent();
         Ok(())
+    }
+
+    /// Says that every committed entry up to `index` has been handed to the state machine,
+    /// in order (so the membership recorded here is the one at `index`, unless a later
+    /// configuration change was recorded before a restart; see `snapshot`).
+    pub fn set_snapshot_point(&mut self, index: u64) {
+        self.snapshot_point = index;
+    }
+
+    /// Entries from the log start up to (not including) `hi` that are past `keep_bytes` of
+    /// encoded entries counted back from `hi - 1`: the index a compaction may move to.
+    pub fn compaction_point(&self, hi: u64, keep_bytes: u64) -> Result<u64, StorageError> {
+        let first = self.first_index_inner();
+        Ok(lock(&self.wal)?.index_keeping_bytes(self.group, LogIndex(first), LogIndex(hi), keep_bytes).0)
     }
 
     fn first_index_inner(&self) -> u64 {
@@ -526,11 +550,26 @@ impl<D: WalDisk> raft::Storage for GroupStorage<D> {
         Ok(self.last_index_inner()?)
     }
 
-    /// Volume snapshots (shipping the block store to a lagging replica) do not exist yet, so
-    /// this always answers `SnapshotTemporarilyUnavailable`: raft-rs then retries later. Until
-    /// they exist, a group must not compact past its slowest peer's match index.
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable))
+    /// A snapshot is metadata only: the index handed to the state machine, its term and the
+    /// membership at that index. The volume data travels separately: the receiver pulls the
+    /// sender's allocated extents (see `crate::snapshot`), which is why a snapshot can be
+    /// offered at any moment without building anything. Answers
+    /// `SnapshotTemporarilyUnavailable` (raft-rs retries later) when the membership recorded
+    /// here may be newer than that index: after a restart, until the entries up to the last
+    /// configuration change have been handed out again.
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let unavailable = || raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
+        let index = self.snapshot_point.max(self.meta.snapshot_index);
+        if index == 0 || index < self.meta.conf_index || index < request_index {
+            return Err(unavailable());
+        }
+        let term = self.term_inner(index).map_err(|_| unavailable())?;
+        let mut snapshot = Snapshot::default();
+        let meta = snapshot.mut_metadata();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(self.meta.conf_state.clone());
+        Ok(snapshot)
     }
 }
 
@@ -676,10 +715,48 @@ mod tests {
         assert_eq!(s.initial_state().unwrap().hard_state.commit, 4);
         m.index = 3;
         assert_eq!(s.apply_snapshot(&m), Err(raft::Error::Store(raft::StorageError::SnapshotOutOfDate)));
-        assert_eq!(
-            s.snapshot(4, 2).unwrap_err(),
-            raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable)
-        );
+        // The installed snapshot can be offered on (metadata only).
+        let offered = s.snapshot(4, 2).unwrap();
+        assert_eq!((offered.get_metadata().index, offered.get_metadata().term), (4, 4));
+        assert_eq!(offered.get_metadata().get_conf_state().voters, vec![1, 2]);
+    }
+
+    #[test]
+    fn snapshots_offer_the_handed_out_point_with_its_membership() {
+        let unavailable = raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable);
+        let disk = SimDisk::new(4);
+        let mut s = GroupStorage::open(wal(&disk), G).unwrap();
+        s.initialize(ConfState::from((vec![1, 2, 3], vec![]))).unwrap();
+        // Nothing handed out yet: nothing to offer.
+        assert_eq!(s.snapshot(0, 2).unwrap_err(), unavailable);
+        s.append(&[new_entry(1, 1), new_entry(2, 1), new_entry(3, 2)]).unwrap();
+        s.set_snapshot_point(2);
+        let snap = s.snapshot(0, 2).unwrap();
+        assert_eq!((snap.get_metadata().index, snap.get_metadata().term), (2, 1));
+        assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1, 2, 3]);
+        // raft-rs may ask for at least an index.
+        assert_eq!(s.snapshot(3, 2).unwrap_err(), unavailable);
+        // A membership recorded at entry 3 is newer than point 2 (a restart can leave the
+        // store like that): not offered until the point passes it.
+        s.set_conf_state(ConfState::from((vec![1, 2, 3], vec![4])), 3).unwrap();
+        assert_eq!(s.snapshot(0, 2).unwrap_err(), unavailable);
+        s.set_snapshot_point(3);
+        assert_eq!(s.snapshot(0, 2).unwrap().get_metadata().get_conf_state().learners, vec![4]);
+        // The conf index survives a reopen.
+        s.wal().lock().unwrap().sync().unwrap();
+        let s2 = GroupStorage::open(wal(&disk), G).unwrap();
+        assert_eq!(s2.meta().conf_index, 3);
+        assert_eq!(s2.snapshot(0, 2).unwrap_err(), unavailable);
+    }
+
+    #[test]
+    fn version_1_metadata_still_decodes() {
+        let meta =
+            GroupMetaState { snapshot_index: 7, snapshot_term: 2, conf_index: 7, ..Default::default() };
+        let mut v1 = encode_meta(&meta).to_vec();
+        v1[0] = 1;
+        v1.drain(17..25);
+        assert_eq!(decode_meta(G, &v1).unwrap(), meta);
     }
 
     #[test]

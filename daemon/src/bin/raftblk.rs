@@ -377,6 +377,27 @@ fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
             let role = if r.learners.contains(node) { "learner, catching up" } else { "voter" };
             println!("{:<12} node {node}: matched {matched} ({behind} behind commit; {role})", "replica");
         }
+        if r.log_first_index > 1 {
+            println!("{:<12} entries from {} on (older ones compacted)", "log here", r.log_first_index);
+        }
+        for b in &r.rebuilds {
+            let pct = if b.total_bytes == 0 { 0 } else { b.done_bytes * 100 / b.total_bytes };
+            let source = if b.source == 0 {
+                "waiting for a source".to_string()
+            } else {
+                format!("from node {}", b.source)
+            };
+            println!(
+                "{:<12} node {}: {pct}% ({} of {}; {} of data copied {source}, {} s, snapshot index {})",
+                "rebuilding",
+                b.node,
+                format_size(b.done_bytes),
+                format_size(b.total_bytes),
+                format_size(b.copied_bytes),
+                b.elapsed_s,
+                b.index
+            );
+        }
     }
     Ok(())
 }

@@ -195,6 +195,10 @@ async fn start_replication(config: &Config) -> Result<Option<ReplicationNode>> {
         election_ticks: c.election_ticks,
         heartbeat_ticks: c.heartbeat_ticks,
         io_timeout: Duration::from_millis(c.io_timeout_ms),
+        log_retain_entries: c.log_retain_entries,
+        log_retain_bytes: c.log_retain_mib.saturating_mul(1 << 20),
+        rebuild_rate_bytes_per_s: c.rebuild_rate_mib_s.saturating_mul(1 << 20),
+        snapshot_chunk_bytes: raftblk_replication::snapshot::CHUNK_BYTES_DEFAULT,
     };
     let node = ReplicationNode::start(node_config)
         .await

@@ -97,7 +97,7 @@ impl ReplicatedBackend {
             Ok(ForwardStatus::NotLeader(leader)) | Err(NodeError::NotLeader { leader }) => {
                 Outcome::Retry { leader_hint: leader }
             }
-            Ok(ForwardStatus::NotMember) | Ok(ForwardStatus::Failed) | Err(_) => {
+            Ok(ForwardStatus::NotMember | ForwardStatus::Failed | ForwardStatus::NotReady) | Err(_) => {
                 Outcome::Retry { leader_hint: 0 }
             }
         }

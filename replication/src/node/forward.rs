@@ -1,7 +1,8 @@
 //! The wire form of client I/O forwarded from the node a client is connected to
 //! to the volume's leader (carried as transport application messages), sans-IO.
 //!
-//! Request:  `[op u8][group u64][offset u64][len u64][data]` (little-endian; data only for writes)
+//! Request:  `[op u8][group u64][offset u64][len u64][data]` (little-endian; data only for
+//! writes, control messages, and a chunk read's minimum index)
 //! Response: `[status u8][leader hint u64][data]` (data only for a successful read)
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -23,6 +24,9 @@ pub enum ForwardOp {
     Resize { size: u64 },
     /// A control-plane message for the daemon (the group is ignored); opaque here.
     Control { payload: Bytes },
+    /// A snapshot chunk: `len` bytes at `offset` of the receiver's store, which must have
+    /// applied at least `min_index` (see [`crate::snapshot`]).
+    ReadChunk { offset: u64, len: u64, min_index: u64 },
 }
 
 /// A forwarded request.
@@ -47,6 +51,9 @@ pub enum ForwardStatus {
     OutOfRange,
     /// Anything else; the client sees EIO.
     Failed,
+    /// The receiver's store has not applied the index a snapshot chunk needs (or is being
+    /// rebuilt itself): ask another member.
+    NotReady,
 }
 
 /// Why bytes are not a forwarded request or response.
@@ -70,6 +77,7 @@ pub const FORWARD_READ_MAX_BYTES: u64 = 32 << 20;
 impl ForwardRequest {
     /// Encodes the request.
     pub fn encode(&self) -> Bytes {
+        let min_index_bytes;
         let (op, offset, len, data) = match &self.op {
             ForwardOp::Read { offset, len } => (0u8, *offset, *len as u64, None),
             ForwardOp::Write { offset, data } => (1, *offset, data.len() as u64, Some(data)),
@@ -77,6 +85,10 @@ impl ForwardRequest {
             ForwardOp::WriteZeroes { offset, len } => (3, *offset, *len, None),
             ForwardOp::Resize { size } => (4, *size, 0, None),
             ForwardOp::Control { payload } => (5, 0, payload.len() as u64, Some(payload)),
+            ForwardOp::ReadChunk { offset, len, min_index } => {
+                min_index_bytes = Bytes::copy_from_slice(&min_index.to_le_bytes());
+                (6, *offset, *len, Some(&min_index_bytes))
+            }
         };
         let mut b = BytesMut::with_capacity(HEADER_BYTES + data.map_or(0, |d| d.len()));
         b.put_u8(op);
@@ -108,6 +120,9 @@ impl ForwardRequest {
             4 => ForwardOp::Resize { size: offset },
             5 if bytes.len() as u64 != len => return Err(ForwardError::Truncated),
             5 => ForwardOp::Control { payload: bytes },
+            6 if len > FORWARD_READ_MAX_BYTES => return Err(ForwardError::TooLong(len)),
+            6 if bytes.len() != 8 => return Err(ForwardError::Truncated),
+            6 => ForwardOp::ReadChunk { offset, len, min_index: bytes.get_u64_le() },
             other => return Err(ForwardError::Unknown(other)),
         };
         Ok(ForwardRequest { group, op })
@@ -123,6 +138,7 @@ impl ForwardStatus {
             ForwardStatus::NotMember => (2, 0, None),
             ForwardStatus::OutOfRange => (3, 0, None),
             ForwardStatus::Failed => (4, 0, None),
+            ForwardStatus::NotReady => (5, 0, None),
         };
         let mut b = BytesMut::with_capacity(9 + data.map_or(0, |d| d.len()));
         b.put_u8(code);
@@ -146,6 +162,7 @@ impl ForwardStatus {
             2 => ForwardStatus::NotMember,
             3 => ForwardStatus::OutOfRange,
             4 => ForwardStatus::Failed,
+            5 => ForwardStatus::NotReady,
             other => return Err(ForwardError::Unknown(other)),
         })
     }
@@ -164,6 +181,7 @@ mod tests {
             ForwardOp::WriteZeroes { offset: 3, len: 4 },
             ForwardOp::Resize { size: 1 << 30 },
             ForwardOp::Control { payload: Bytes::from_static(b"{}") },
+            ForwardOp::ReadChunk { offset: 1 << 20, len: 4 << 20, min_index: 77 },
         ] {
             let r = ForwardRequest { group: GroupId(7), op };
             assert_eq!(ForwardRequest::decode(r.encode()), Ok(r));
@@ -179,6 +197,7 @@ mod tests {
             ForwardStatus::NotMember,
             ForwardStatus::OutOfRange,
             ForwardStatus::Failed,
+            ForwardStatus::NotReady,
         ] {
             assert_eq!(ForwardStatus::decode(s.encode()), Ok(s));
         }

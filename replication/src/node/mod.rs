@@ -30,6 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::forward::{ForwardOp, ForwardRequest, ForwardStatus};
 use self::runner::{Event, Runner};
+use crate::snapshot::chunk::Chunk;
+use crate::snapshot::pull::{ChunkFetcher, FetchError};
 use crate::transport::{ClusterId, FaultController, Inbound, RequestId, Transport, TransportError};
 use crate::volume::command::Command;
 use crate::wal::disk::StdDisk;
@@ -73,6 +75,24 @@ pub struct NodeConfig {
     pub heartbeat_ticks: usize,
     /// Longest a request waits for a leader before failing.
     pub io_timeout: Duration,
+    /// Entries each group keeps in its log below its checkpoint, for peers that lag a little
+    /// (a peer further behind gets a snapshot).
+    pub log_retain_entries: u64,
+    /// Most bytes of such entries kept per group (whichever bound is tighter wins).
+    pub log_retain_bytes: u64,
+    /// Most bytes per second a rebuilding replica copies from its peers (0: unlimited).
+    pub rebuild_rate_bytes_per_s: u64,
+    /// Volume bytes per snapshot chunk.
+    pub snapshot_chunk_bytes: u64,
+}
+
+impl NodeConfig {
+    /// Defaults for the tuning fields; identity and addresses still have to be set.
+    pub const LOG_RETAIN_ENTRIES_DEFAULT: u64 = 1024;
+    /// See [`NodeConfig::log_retain_bytes`].
+    pub const LOG_RETAIN_BYTES_DEFAULT: u64 = 64 << 20;
+    /// See [`NodeConfig::rebuild_rate_bytes_per_s`].
+    pub const REBUILD_RATE_BYTES_PER_S_DEFAULT: u64 = 200 << 20;
 }
 
 /// Why a replication call failed.
@@ -113,6 +133,26 @@ pub struct ReplicaStore {
     pub grow: Arc<dyn Fn(u64) -> Result<(), BackendError> + Send + Sync>,
     /// File that records the index applied *and flushed* to `backend`.
     pub applied_path: PathBuf,
+    /// File that exists while `backend` is being rebuilt from peers (see
+    /// [`crate::snapshot::marker`]).
+    pub rebuild_path: PathBuf,
+}
+
+/// A rebuild in progress, as [`GroupStatus::rebuild`] reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RebuildStatus {
+    /// Snapshot index being copied.
+    pub index: u64,
+    /// Bytes of the volume covered (data and holes).
+    pub done_bytes: u64,
+    /// The volume's size (0 until the first chunk arrived).
+    pub total_bytes: u64,
+    /// Bytes of data transferred.
+    pub copied_bytes: u64,
+    /// The member the last chunk came from.
+    pub source: u64,
+    /// Seconds since the rebuild (re)started.
+    pub elapsed_s: u64,
 }
 
 /// A group's state as the node sees it.
@@ -134,6 +174,18 @@ pub struct GroupStatus {
     pub learners: Vec<u64>,
     /// Matched index of every peer (leader only).
     pub progress: Vec<(u64, u64)>,
+    /// First index still in this node's log (entries below it are compacted).
+    pub first_index: u64,
+    /// Set while this replica's store is being rebuilt from its peers.
+    pub rebuild: Option<RebuildStatus>,
+}
+
+/// A replica's store as seen by peers that copy from it.
+#[derive(Clone)]
+struct SnapshotSource {
+    backend: Arc<dyn BlockBackend>,
+    /// Index the store has applied, 0 while it cannot serve (rebuilding, broken).
+    servable: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -145,6 +197,63 @@ struct Shared {
     /// Forwarded requests waiting for their response.
     pending: Mutex<HashMap<RequestId, oneshot::Sender<Bytes>>>,
     next_request: AtomicU64,
+    /// Local stores peers may copy snapshot chunks from, registered by the runner.
+    sources: RwLock<HashMap<GroupId, SnapshotSource>>,
+}
+
+/// Sends `request` to node `to` over `transport` and waits for its answer (up to `timeout`).
+async fn forward_via(
+    shared: &Shared,
+    transport: &Transport,
+    to: u64,
+    request: ForwardRequest,
+    timeout: Duration,
+) -> Result<ForwardStatus, NodeError> {
+    let id = RequestId(shared.next_request.fetch_add(1, Ordering::Relaxed) + 1);
+    let (tx, rx) = oneshot::channel();
+    lock(&shared.pending).insert(id, tx);
+    let sent = transport.send_app_request(NodeId(to), id, request.encode());
+    let result = match sent {
+        Ok(()) => match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(bytes)) => ForwardStatus::decode(bytes)
+                .map_err(|e| NodeError::Internal(format!("bad forward response: {e}"))),
+            Ok(Err(_)) => Err(NodeError::ShuttingDown),
+            Err(_) => Err(NodeError::Timeout),
+        },
+        Err(e) => Err(e.into()),
+    };
+    lock(&shared.pending).remove(&id);
+    result
+}
+
+/// Fetches snapshot chunks from peers over the transport.
+struct PeerFetcher {
+    shared: Arc<Shared>,
+    transport: Arc<Transport>,
+}
+
+/// Longest wait for one snapshot chunk before asking another member.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[async_trait::async_trait]
+impl ChunkFetcher for PeerFetcher {
+    async fn fetch(
+        &self,
+        source: u64,
+        group: GroupId,
+        offset: u64,
+        len: u64,
+        min_index: u64,
+    ) -> Result<Chunk, FetchError> {
+        let request = ForwardRequest { group, op: ForwardOp::ReadChunk { offset, len, min_index } };
+        match forward_via(&self.shared, &self.transport, source, request, CHUNK_TIMEOUT).await {
+            Ok(ForwardStatus::Ok(bytes)) => Ok(Chunk::decode(bytes)?),
+            Ok(ForwardStatus::NotReady) => Err(FetchError::NotReady),
+            Ok(ForwardStatus::NotMember) => Err(FetchError::NotMember),
+            Ok(other) => Err(FetchError::Unreachable(format!("answered {other:?}"))),
+            Err(e) => Err(FetchError::Unreachable(e.to_string())),
+        }
+    }
 }
 
 /// Handle to the node's replication engine (cheap to clone).
@@ -202,6 +311,7 @@ impl ReplicationNode {
             config.clone(),
             wal,
             events_rx,
+            events.clone(),
             shared.clone(),
             transport.clone(),
             tokio::runtime::Handle::current(),
@@ -358,8 +468,8 @@ impl ReplicationNode {
             ForwardOp::Trim { offset, len } => Command::Trim { offset, len },
             ForwardOp::WriteZeroes { offset, len } => Command::WriteZeroes { offset, len },
             ForwardOp::Resize { size } => Command::Resize { size },
-            ForwardOp::Control { .. } => {
-                return Err(NodeError::Internal("control messages are not volume I/O".into()))
+            ForwardOp::Control { .. } | ForwardOp::ReadChunk { .. } => {
+                return Err(NodeError::Internal("not volume I/O".into()))
             }
         };
         self.local_write(group, vec![command]).await.map(|()| Bytes::new())
@@ -372,21 +482,7 @@ impl ReplicationNode {
         request: ForwardRequest,
         timeout: Duration,
     ) -> Result<ForwardStatus, NodeError> {
-        let id = RequestId(self.inner.shared.next_request.fetch_add(1, Ordering::Relaxed) + 1);
-        let (tx, rx) = oneshot::channel();
-        lock(&self.inner.shared.pending).insert(id, tx);
-        let sent = self.inner.transport.send_app_request(NodeId(to), id, request.encode());
-        let result = match sent {
-            Ok(()) => match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(bytes)) => ForwardStatus::decode(bytes)
-                    .map_err(|e| NodeError::Internal(format!("bad forward response: {e}"))),
-                Ok(Err(_)) => Err(NodeError::ShuttingDown),
-                Err(_) => Err(NodeError::Timeout),
-            },
-            Err(e) => Err(e.into()),
-        };
-        lock(&self.inner.shared.pending).remove(&id);
-        result
+        forward_via(&self.inner.shared, &self.inner.transport, to, request, timeout).await
     }
 
     fn on_inbound(&self, msg: Inbound) {
@@ -427,6 +523,9 @@ impl ReplicationNode {
                 None => ForwardStatus::Failed,
             };
         }
+        if let ForwardOp::ReadChunk { offset, len, min_index } = request.op {
+            return self.serve_chunk(request.group, offset, len, min_index).await;
+        }
         let result = self.run_local(request.group, request.op).await;
         match result {
             Ok(data) => ForwardStatus::Ok(data),
@@ -435,6 +534,24 @@ impl ReplicationNode {
             Err(NodeError::OutOfRange) => ForwardStatus::OutOfRange,
             Err(NodeError::Dropped) => ForwardStatus::NotLeader(0),
             Err(_) => ForwardStatus::Failed,
+        }
+    }
+
+    /// Reads a snapshot chunk of the local store for a peer, if the store has applied
+    /// `min_index` (checked before reading: the chunk is then at least that new).
+    async fn serve_chunk(&self, group: GroupId, offset: u64, len: u64, min_index: u64) -> ForwardStatus {
+        let source = self.inner.shared.sources.read().ok().and_then(|m| m.get(&group).cloned());
+        let Some(source) = source else { return ForwardStatus::NotMember };
+        let applied = source.servable.load(Ordering::Acquire);
+        if applied == 0 || applied < min_index {
+            return ForwardStatus::NotReady;
+        }
+        match crate::snapshot::serve::read_chunk(source.backend.as_ref(), offset, len, applied).await {
+            Ok(chunk) => ForwardStatus::Ok(chunk.encode()),
+            Err(e) => {
+                tracing::warn!(%group, offset, error = %e, "cannot read a snapshot chunk");
+                ForwardStatus::Failed
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,11 +13,13 @@ use raft::eraftpb::{ConfState, Message};
 use raftblk_blockdev::backend::{check_range, BackendError};
 use tokio::sync::oneshot;
 
-use super::{NodeConfig, NodeError, ReplicaStore, Shared};
+use super::{NodeConfig, NodeError, PeerFetcher, RebuildStatus, ReplicaStore, Shared, SnapshotSource};
+use crate::snapshot::marker::{self, Marker, OpenPlan};
+use crate::snapshot::pull::{pull, PullPlan, PullProgress};
 use crate::storage::GroupStorage;
 use crate::transport::Transport;
 use crate::volume::command::{Command, BATCH_COMMANDS_MAX};
-use crate::volume::group::{CommittedEntry, GroupConfig, GroupDriver, RequestId};
+use crate::volume::group::{CommittedEntry, GroupConfig, GroupDriver, InstalledSnapshot, RequestId};
 use crate::wal::disk::StdDisk;
 use crate::wal::record::{GroupId, NodeId};
 use crate::wal::Wal;
@@ -27,19 +30,64 @@ const EVENTS_PER_ROUND_MAX: usize = 1024;
 const ENTRY_PAYLOAD_BYTES_MAX: usize = 8 << 20;
 /// How often each group's store is flushed and its applied index recorded.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a leader waits for a peer to confirm a snapshot before sending another (the
+/// message is tiny; the data is pulled afterwards, so confirmation is quick unless lost).
+const SNAPSHOT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
 /// Work for the runner.
 pub(super) enum Event {
-    Open { group: GroupId, voters: Vec<u64>, store: ReplicaStore, done: Reply<()> },
-    Close { group: GroupId, done: Reply<()> },
-    Write { group: GroupId, commands: Vec<Command>, done: Reply<()> },
-    Read { group: GroupId, offset: u64, len: u32, done: Reply<Bytes> },
-    Raft { from: NodeId, group: GroupId, bytes: Bytes },
-    TransferLeader { group: GroupId, to: u64 },
-    ConfChange { group: GroupId, change: raft::eraftpb::ConfChangeV2, done: Reply<()> },
+    Open {
+        group: GroupId,
+        voters: Vec<u64>,
+        store: ReplicaStore,
+        done: Reply<()>,
+    },
+    Close {
+        group: GroupId,
+        done: Reply<()>,
+    },
+    Write {
+        group: GroupId,
+        commands: Vec<Command>,
+        done: Reply<()>,
+    },
+    Read {
+        group: GroupId,
+        offset: u64,
+        len: u32,
+        done: Reply<Bytes>,
+    },
+    Raft {
+        from: NodeId,
+        group: GroupId,
+        bytes: Bytes,
+    },
+    TransferLeader {
+        group: GroupId,
+        to: u64,
+    },
+    ConfChange {
+        group: GroupId,
+        change: raft::eraftpb::ConfChangeV2,
+        done: Reply<()>,
+    },
+    /// A rebuild task finished copying (or failed on the local store).
+    RebuildDone {
+        group: GroupId,
+        index: u64,
+        result: Result<(), String>,
+    },
     Shutdown,
+}
+
+/// A store being rebuilt from peers.
+struct Rebuild {
+    index: u64,
+    progress: Arc<PullProgress>,
+    task: tokio::task::JoinHandle<()>,
+    started: Instant,
 }
 
 struct PendingRead {
@@ -62,12 +110,20 @@ struct Slot {
     last_checkpoint: Instant,
     /// Set when the store failed to apply: the replica stops serving.
     broken: Option<String>,
+    /// Set while the store is being rebuilt: committed entries are logged but not applied.
+    rebuild: Option<Rebuild>,
+    /// What peers copying snapshot chunks from this store may rely on.
+    servable: Arc<AtomicU64>,
+    /// Peers the leader sent a snapshot to, and since when it waits for their confirmation.
+    snapshot_waits: HashMap<u64, Instant>,
 }
 
 pub(super) struct Runner {
     config: NodeConfig,
     wal: Arc<Mutex<Wal<StdDisk>>>,
     events: Receiver<Event>,
+    /// For rebuild tasks to report back (the runner's own queue).
+    rebuild_events: std::sync::mpsc::Sender<Event>,
     shared: Arc<Shared>,
     transport: Arc<Transport>,
     rt: tokio::runtime::Handle,
@@ -85,6 +141,7 @@ impl Runner {
         config: NodeConfig,
         wal: Wal<StdDisk>,
         events: Receiver<Event>,
+        rebuild_events: std::sync::mpsc::Sender<Event>,
         shared: Arc<Shared>,
         transport: Arc<Transport>,
         rt: tokio::runtime::Handle,
@@ -97,6 +154,7 @@ impl Runner {
             config,
             wal: Arc::new(Mutex::new(wal)),
             events,
+            rebuild_events,
             shared,
             transport,
             rt,
@@ -144,9 +202,7 @@ impl Runner {
             }
             let now = Instant::now();
             if now >= next_tick {
-                for slot in self.groups.values_mut() {
-                    slot.driver.tick();
-                }
+                self.tick_groups();
                 next_tick = if now > next_tick + tick { now + tick } else { next_tick + tick };
                 self.publish_status();
             }
@@ -182,6 +238,9 @@ impl Runner {
                 if let Ok(mut m) = self.shared.status.write() {
                     m.remove(&group);
                 }
+                if let Ok(mut m) = self.shared.sources.write() {
+                    m.remove(&group);
+                }
                 let _ = done.send(Ok(()));
             }
             Event::Write { group, commands, done } => {
@@ -191,7 +250,7 @@ impl Runner {
                 if let Some(why) = &slot.broken {
                     return fail(done, NodeError::Internal(why.clone()));
                 }
-                if !slot.driver.is_leader() {
+                if !slot.driver.is_leader() || slot.rebuild.is_some() {
                     return fail(done, NodeError::NotLeader { leader: slot.driver.leader() });
                 }
                 let size = slot.store.backend.size_bytes();
@@ -214,7 +273,9 @@ impl Runner {
                 if let Some(why) = &slot.broken {
                     return fail(done, NodeError::Internal(why.clone()));
                 }
-                if !slot.driver.is_leader() {
+                // A rebuilding store cannot answer reads; clients retry until leadership
+                // moves to a complete replica (see `tick_groups`).
+                if !slot.driver.is_leader() || slot.rebuild.is_some() {
                     return fail(done, NodeError::NotLeader { leader: slot.driver.leader() });
                 }
                 if check_range(offset, len as u64, slot.store.backend.size_bytes()).is_err() {
@@ -251,6 +312,7 @@ impl Runner {
                 });
                 let _ = done.send(r);
             }
+            Event::RebuildDone { group, index, result } => self.rebuild_done(group, index, result),
             Event::Shutdown => {}
         }
     }
@@ -266,7 +328,22 @@ impl Runner {
             self.wal.lock().map_err(|_| internal(&"WAL lock poisoned"))?.sync().map_err(|e| internal(&e))?;
         }
         let checkpointed = read_applied(&store.applied_path).map_err(|e| internal(&e))?;
-        let applied = checkpointed.min(storage.hard_state().commit);
+        let found = marker::read(&store.rebuild_path).map_err(|e| internal(&e))?;
+        let plan = marker::plan_open(
+            checkpointed,
+            storage.meta().snapshot_index,
+            storage.hard_state().commit,
+            found,
+        );
+        let applied = match plan {
+            OpenPlan::Replay { applied } => {
+                if found.is_some() {
+                    marker::remove(&store.rebuild_path).map_err(|e| internal(&e))?;
+                }
+                applied
+            }
+            OpenPlan::Rebuild { index, .. } => index,
+        };
         let base = self.config.election_ticks.max(2);
         let election_tick = base + (self.random() % base as u64) as usize;
         let cfg = GroupConfig {
@@ -277,7 +354,11 @@ impl Runner {
             applied,
         };
         let driver = GroupDriver::new(&cfg, storage).map_err(|e| internal(&e))?;
-        tracing::info!(%group, applied, election_tick, "replica opened");
+        tracing::info!(%group, applied, election_tick, ?plan, "replica opened");
+        let servable = Arc::new(AtomicU64::new(0));
+        if let Ok(mut m) = self.shared.sources.write() {
+            m.insert(group, SnapshotSource { backend: store.backend.clone(), servable: servable.clone() });
+        }
         self.groups.insert(
             group,
             Slot {
@@ -291,9 +372,103 @@ impl Runner {
                 checkpointed: applied,
                 last_checkpoint: Instant::now(),
                 broken: None,
+                rebuild: None,
+                servable,
+                snapshot_waits: HashMap::new(),
             },
         );
+        match plan {
+            OpenPlan::Replay { applied } => self.set_servable(group, applied),
+            OpenPlan::Rebuild { index, offset } => self.start_rebuild(group, index, offset, 0),
+        }
         Ok(())
+    }
+
+    fn set_servable(&self, group: GroupId, applied: u64) {
+        if let Some(slot) = self.groups.get(&group) {
+            let ok = slot.rebuild.is_none() && slot.broken.is_none();
+            slot.servable.store(if ok { applied } else { 0 }, Ordering::Release);
+        }
+    }
+
+    /// Starts copying the volume as of `index` from the group's other members (`hint`
+    /// first), continuing at `offset`. Replaces a rebuild already running.
+    fn start_rebuild(&mut self, group: GroupId, index: u64, offset: u64, hint: u64) {
+        let me = self.config.node_id.0;
+        let fetcher = PeerFetcher { shared: self.shared.clone(), transport: self.transport.clone() };
+        let chunk_bytes = self.config.snapshot_chunk_bytes;
+        let rate = self.config.rebuild_rate_bytes_per_s;
+        let events = self.rebuild_events.clone();
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        if let Some(old) = slot.rebuild.take() {
+            old.task.abort();
+        }
+        slot.servable.store(0, Ordering::Release);
+        slot.applied = index;
+        let status = slot.driver.raft_status();
+        let mut sources: Vec<u64> = Vec::new();
+        for id in std::iter::once(hint).chain(status.voters).chain(status.learners) {
+            if id != 0 && id != me && !sources.contains(&id) {
+                sources.push(id);
+            }
+        }
+        let plan = PullPlan { group, index, offset, sources, chunk_bytes, rate_bytes_per_s: rate };
+        tracing::info!(%group, index, offset, sources = ?plan.sources, "rebuilding the store from peers");
+        let progress = Arc::new(PullProgress::default());
+        let store = slot.store.clone();
+        let p = progress.clone();
+        let task = self.rt.spawn(async move {
+            let result = pull(&fetcher, &store, &plan, &p).await.map_err(|e| e.to_string());
+            let _ = events.send(Event::RebuildDone { group, index, result });
+        });
+        slot.rebuild = Some(Rebuild { index, progress, task, started: Instant::now() });
+        // Visible before this replica acknowledges the snapshot (see `VolumeManager`'s
+        // promotion check), not only at the next tick.
+        self.publish_status();
+    }
+
+    /// The copy is complete: replay the entries logged since the snapshot index over it,
+    /// checkpoint, and only then drop the marker.
+    fn rebuild_done(&mut self, group: GroupId, index: u64, result: Result<(), String>) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        if slot.rebuild.as_ref().map(|r| r.index) != Some(index) {
+            return; // a superseded rebuild
+        }
+        if let Err(why) = result {
+            tracing::error!(%group, index, error = %why, "rebuild failed; the replica stops");
+            slot.rebuild = None;
+            slot.broken = Some(format!("rebuild failed: {why}"));
+            return;
+        }
+        let handed_out = slot.driver.handed_out();
+        let replay = match slot.driver.committed_entries(index + 1, handed_out + 1) {
+            Ok(entries) => entries,
+            Err(e) => {
+                slot.rebuild = None;
+                slot.broken = Some(format!("rebuild: reading the log to replay: {e}"));
+                return;
+            }
+        };
+        let entries = replay.len();
+        let store = slot.store.clone();
+        if let Err(e) = self.rt.block_on(apply_entries(&store, replay)) {
+            slot.rebuild = None;
+            slot.broken = Some(format!("rebuild: replaying the log: {e}"));
+            return;
+        }
+        let took = slot.rebuild.take().map(|r| r.started.elapsed());
+        slot.applied = handed_out;
+        slot.checkpointed = 0;
+        tracing::info!(%group, index, replayed = entries, applied = handed_out, ?took, "store rebuilt");
+        let Some(mut slot) = self.groups.remove(&group) else { return };
+        self.checkpoint_slot(group, &mut slot);
+        if slot.checkpointed >= handed_out {
+            if let Err(e) = marker::remove(&slot.store.rebuild_path) {
+                tracing::warn!(%group, error = %e, "cannot remove the rebuild marker");
+            }
+        }
+        self.groups.insert(group, slot);
+        self.set_servable(group, handed_out);
     }
 
     /// Turns queued writes into proposals (batched into few entries) and queued reads
@@ -360,6 +535,7 @@ impl Runner {
     /// One Raft round over every group: collect, one WAL sync, on_synced, apply, complete.
     fn round(&mut self) -> Result<(), NodeError> {
         let mut collected = Vec::new();
+        let mut snapshots: Vec<(GroupId, InstalledSnapshot)> = Vec::new();
         let mut to_apply: HashMap<GroupId, Vec<CommittedEntry>> = HashMap::new();
         let ids: Vec<GroupId> = self.groups.keys().copied().collect();
         for &group in &ids {
@@ -372,6 +548,18 @@ impl Runner {
                     if let Some(leader) = actions.leader_changed {
                         self.leader_changed(group, leader);
                     }
+                    if let Some(snap) = actions.snapshot {
+                        // The marker goes first: once the WAL sync makes the install durable,
+                        // a restart must know the store is not the volume as of the log.
+                        if let Some(slot) = self.groups.get(&group) {
+                            marker::write(&slot.store.rebuild_path, Marker { index: snap.index, offset: 0 })
+                                .map_err(|e| {
+                                    NodeError::Internal(format!("group {group}: rebuild marker: {e}"))
+                                })?;
+                            slot.servable.store(0, Ordering::Release);
+                        }
+                        snapshots.push((group, snap));
+                    }
                     self.send(group, actions.messages);
                     to_apply.entry(group).or_default().extend(actions.committed);
                     collected.push(group);
@@ -383,6 +571,10 @@ impl Runner {
         if !collected.is_empty() {
             let mut wal = self.wal.lock().map_err(|_| NodeError::Internal("WAL lock poisoned".into()))?;
             wal.sync().map_err(|e| NodeError::Internal(format!("WAL sync: {e}")))?;
+        }
+        for (group, snap) in snapshots {
+            tracing::info!(%group, index = snap.index, from = snap.from, "snapshot installed");
+            self.start_rebuild(group, snap.index, 0, snap.from);
         }
         for &group in &collected {
             let Some(slot) = self.groups.get_mut(&group) else { continue };
@@ -440,6 +632,10 @@ impl Runner {
         for (group, entries) in to_apply {
             let Some(last) = entries.last().map(|e| e.index) else { continue };
             let Some(slot) = self.groups.get(&group) else { continue };
+            if slot.rebuild.is_some() {
+                // Logged and committed; replayed over the copy when it is complete.
+                continue;
+            }
             let store = slot.store.clone();
             jobs.push(async move { (group, last, apply_entries(&store, entries).await) });
         }
@@ -450,8 +646,14 @@ impl Runner {
         for (group, last, result) in results {
             let Some(slot) = self.groups.get_mut(&group) else { continue };
             match result {
-                Ok(()) => slot.applied = slot.applied.max(last),
+                Ok(()) => {
+                    slot.applied = slot.applied.max(last);
+                    if slot.broken.is_none() {
+                        slot.servable.store(slot.applied, Ordering::Release);
+                    }
+                }
                 Err(e) => {
+                    slot.servable.store(0, Ordering::Release);
                     let why = format!("applying to the local store failed: {e}");
                     tracing::error!(%group, error = %e, "replica stops: the local store cannot apply committed entries");
                     slot.broken = Some(why);
@@ -463,6 +665,9 @@ impl Runner {
     /// Acknowledges writes and serves reads that the applied index now covers.
     fn complete(&mut self, group: GroupId) {
         let Some(slot) = self.groups.get_mut(&group) else { return };
+        if slot.rebuild.is_some() {
+            return;
+        }
         let done = slot.driver.applied(slot.applied);
         for id in done.writes {
             if let Some(tx) = slot.writes.remove(&id) {
@@ -506,6 +711,15 @@ impl Runner {
                     voters,
                     learners,
                     progress,
+                    first_index: slot.driver.storage().meta().snapshot_index + 1,
+                    rebuild: slot.rebuild.as_ref().map(|r| RebuildStatus {
+                        index: r.index,
+                        done_bytes: r.progress.done_bytes.load(Ordering::Relaxed),
+                        total_bytes: r.progress.total_bytes.load(Ordering::Relaxed),
+                        copied_bytes: r.progress.copied_bytes.load(Ordering::Relaxed),
+                        source: r.progress.source.load(Ordering::Relaxed),
+                        elapsed_s: r.started.elapsed().as_secs(),
+                    }),
                 },
             );
         }
@@ -526,7 +740,7 @@ impl Runner {
     /// re-applies the log from there (entries are idempotent block writes).
     fn checkpoint_slot(&self, group: GroupId, slot: &mut Slot) {
         slot.last_checkpoint = Instant::now();
-        if slot.applied <= slot.checkpointed || slot.broken.is_some() {
+        if slot.applied <= slot.checkpointed || slot.broken.is_some() || slot.rebuild.is_some() {
             return;
         }
         let applied = slot.applied;
@@ -537,7 +751,64 @@ impl Runner {
         }
         match write_applied(&slot.store.applied_path, applied) {
             Ok(()) => slot.checkpointed = applied,
-            Err(e) => tracing::warn!(%group, error = %e, "recording the applied index failed"),
+            Err(e) => {
+                tracing::warn!(%group, error = %e, "recording the applied index failed");
+                return;
+            }
+        }
+        self.compact(group, slot);
+    }
+
+    /// Drops log entries the store has durably applied, keeping the last
+    /// `log_retain_entries` / `log_retain_bytes` of them for peers that lag a little.
+    fn compact(&self, group: GroupId, slot: &mut Slot) {
+        let hi = slot.checkpointed + 1;
+        let by_count = hi.saturating_sub(self.config.log_retain_entries);
+        let by_bytes = match slot.driver.storage().compaction_point(hi, self.config.log_retain_bytes) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(%group, error = %e, "cannot size the log for compaction");
+                return;
+            }
+        };
+        let to = by_count.max(by_bytes);
+        if to <= slot.driver.storage().meta().snapshot_index + 1 {
+            return;
+        }
+        match slot.driver.compact(to) {
+            Ok(()) => tracing::debug!(%group, to, "log compacted"),
+            Err(e) => tracing::warn!(%group, to, error = %e, "log compaction refused"),
+        }
+    }
+
+    /// Per tick: leaders resend snapshots nobody confirmed, and a replica that leads while
+    /// its store is being rebuilt hands leadership to a complete one.
+    fn tick_groups(&mut self) {
+        let me = self.config.node_id.0;
+        for (group, slot) in self.groups.iter_mut() {
+            slot.driver.tick();
+            let waiting = slot.driver.peers_awaiting_snapshot();
+            slot.snapshot_waits.retain(|peer, _| waiting.contains(peer));
+            for peer in waiting {
+                let since = *slot.snapshot_waits.entry(peer).or_insert_with(Instant::now);
+                if since.elapsed() >= SNAPSHOT_CONFIRM_TIMEOUT {
+                    tracing::info!(%group, peer, "snapshot not confirmed; sending another");
+                    slot.driver.report_snapshot_failure(peer);
+                    slot.snapshot_waits.remove(&peer);
+                }
+            }
+            if slot.rebuild.is_some() && slot.driver.is_leader() {
+                let status = slot.driver.raft_status();
+                let best = status
+                    .progress
+                    .iter()
+                    .filter(|(id, _)| *id != me && status.voters.contains(id))
+                    .max_by_key(|(_, matched)| *matched)
+                    .map(|(id, _)| *id);
+                if let Some(to) = best {
+                    slot.driver.transfer_leader(to);
+                }
+            }
         }
     }
 }

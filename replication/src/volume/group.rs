@@ -36,6 +36,9 @@ use crate::storage::{GroupStorage, StorageError};
 use crate::wal::disk::WalDisk;
 use crate::wal::record::GroupId;
 
+/// Most bytes of entries read back from the log at once by [`GroupDriver::committed_entries`].
+const REPLAY_READ_BYTES_MAX: u64 = 64 << 20;
+
 /// A client request, chosen by the caller; echoed back when it completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId(pub u64);
@@ -95,6 +98,19 @@ pub struct Actions {
     pub committed: Vec<CommittedEntry>,
     /// The leader this node now knows of, if it changed (0: none).
     pub leader_changed: Option<u64>,
+    /// A snapshot was installed: the log now starts after its index, and the volume's data
+    /// up to that index must be fetched from a peer (see [`InstalledSnapshot`]).
+    pub snapshot: Option<InstalledSnapshot>,
+}
+
+/// A snapshot that raft-rs installed: only metadata. The caller owes the store the volume's
+/// data as of `index` (at least), which any member whose store has applied `index` can give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstalledSnapshot {
+    /// The snapshot's index: committed entries after it follow through the log.
+    pub index: u64,
+    /// The node that sent it (the best first source of the data).
+    pub from: u64,
 }
 
 /// Output of [`GroupDriver::applied`].
@@ -138,6 +154,8 @@ pub struct GroupDriver<D: WalDisk> {
     /// Highest index handed out in `committed`.
     handed_out: u64,
     applied: u64,
+    /// Sender of the last snapshot message stepped.
+    snapshot_from: u64,
 }
 
 impl<D: WalDisk> std::fmt::Debug for GroupDriver<D> {
@@ -167,7 +185,8 @@ impl<D: WalDisk> GroupDriver<D> {
             ..Default::default()
         };
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let raw = RawNode::new(&cfg, storage, &logger)?;
+        let mut raw = RawNode::new(&cfg, storage, &logger)?;
+        raw.mut_store().set_snapshot_point(config.applied);
         Ok(GroupDriver {
             raw,
             proposals: BTreeMap::new(),
@@ -178,6 +197,7 @@ impl<D: WalDisk> GroupDriver<D> {
             leader: 0,
             handed_out: config.applied,
             applied: config.applied,
+            snapshot_from: 0,
         })
     }
 
@@ -261,6 +281,9 @@ impl<D: WalDisk> GroupDriver<D> {
                 message.commit = last;
             }
         }
+        if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+            self.snapshot_from = message.from;
+        }
         match self.raw.step(message) {
             Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
             Err(e) => Err(e.into()),
@@ -315,18 +338,19 @@ impl<D: WalDisk> GroupDriver<D> {
                     let mut cc = ConfChange::default();
                     protobuf::Message::merge_from_bytes(&mut cc, &e.data).map_err(raft::Error::from)?;
                     let cs = self.raw.apply_conf_change(&cc)?;
-                    self.raw.mut_store().set_conf_state(cs)?;
+                    self.raw.mut_store().set_conf_state(cs, e.index)?;
                     Vec::new()
                 }
                 EntryType::EntryConfChangeV2 => {
                     let mut cc = ConfChangeV2::default();
                     protobuf::Message::merge_from_bytes(&mut cc, &e.data).map_err(raft::Error::from)?;
                     let cs = self.raw.apply_conf_change(&cc)?;
-                    self.raw.mut_store().set_conf_state(cs)?;
+                    self.raw.mut_store().set_conf_state(cs, e.index)?;
                     Vec::new()
                 }
             };
             self.handed_out = e.index;
+            self.raw.mut_store().set_snapshot_point(e.index);
             out.push(CommittedEntry { index: e.index, commands });
         }
         Ok(())
@@ -349,8 +373,20 @@ impl<D: WalDisk> GroupDriver<D> {
             }
         }
         if !rd.snapshot().is_empty() {
-            // Never produced today (GroupStorage::snapshot is always unavailable).
+            let index = rd.snapshot().get_metadata().index;
             self.raw.mut_store().apply_snapshot(rd.snapshot().get_metadata())?;
+            self.raw.mut_store().set_snapshot_point(index);
+            self.handed_out = index;
+            // Open proposals at or below the snapshot can no longer commit as proposed.
+            while let Some((&i, _)) = self.proposals.first_key_value() {
+                if i > index {
+                    break;
+                }
+                if let Some((_, (_, ids))) = self.proposals.pop_first() {
+                    self.failed.extend(ids);
+                }
+            }
+            out.snapshot = Some(InstalledSnapshot { index, from: self.snapshot_from });
         }
         for rs in rd.take_read_states() {
             if let Ok(b) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) {
@@ -381,6 +417,67 @@ impl<D: WalDisk> GroupDriver<D> {
         out.messages.extend(light.take_messages());
         let committed = light.take_committed_entries();
         self.hand_out(committed, &mut out.committed)?;
+        Ok(out)
+    }
+
+    /// Highest index handed out as committed (or installed by a snapshot).
+    pub fn handed_out(&self) -> u64 {
+        self.handed_out
+    }
+
+    /// Peers the leader is waiting on to confirm a snapshot (empty on a follower).
+    pub fn peers_awaiting_snapshot(&self) -> Vec<u64> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let mut ids: Vec<u64> = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(_, p)| p.state == raft::ProgressState::Snapshot)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Tells raft-rs that a snapshot sent to `to` was lost, so it sends another.
+    pub fn report_snapshot_failure(&mut self, to: u64) {
+        self.raw.report_snapshot(to, raft::SnapshotStatus::Failure);
+    }
+
+    /// Drops this node's log below `to` (entries the store has durably applied).
+    pub fn compact(&mut self, to: u64) -> Result<(), GroupError> {
+        Ok(self.raw.mut_store().compact(to)?)
+    }
+
+    /// Committed entries `lo..hi` read back from the log, decoded for the store (configuration
+    /// changes come out empty: raft-rs applied them when they were handed out). For replaying
+    /// entries that were handed out while the store was being rebuilt.
+    pub fn committed_entries(&self, lo: u64, hi: u64) -> Result<Vec<CommittedEntry>, GroupError> {
+        let hi = hi.min(self.handed_out + 1);
+        let mut out = Vec::new();
+        let mut next = lo;
+        while next < hi {
+            let entries = raft::Storage::entries(
+                self.raw.store(),
+                next,
+                hi,
+                Some(REPLAY_READ_BYTES_MAX),
+                raft::GetEntriesContext::empty(false),
+            )?;
+            let Some(last) = entries.last().map(|e| e.index) else { break };
+            for e in entries {
+                let commands = match e.get_entry_type() {
+                    EntryType::EntryNormal if !e.data.is_empty() => decode_batch(&e.data)
+                        .map_err(|source| GroupError::BadEntry { index: e.index, source })?,
+                    _ => Vec::new(),
+                };
+                out.push(CommittedEntry { index: e.index, commands });
+            }
+            next = last + 1;
+        }
         Ok(out)
     }
 

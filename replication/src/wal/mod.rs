@@ -575,6 +575,30 @@ impl<D: WalDisk> Wal<D> {
         self.groups.get(&group).map_or(LogIndex(0), |g| g.compacted_below)
     }
 
+    /// The lowest index in `lo..hi` such that the retained entries from it up to (not
+    /// including) `hi` take at most `keep_bytes` of records; `hi` if even entry `hi - 1` is
+    /// larger, `lo` if all of them fit (or are not retained). From memory.
+    pub fn index_keeping_bytes(
+        &self,
+        group: GroupId,
+        lo: LogIndex,
+        hi: LogIndex,
+        keep_bytes: u64,
+    ) -> LogIndex {
+        let Some(g) = self.groups.get(&group) else { return lo };
+        let mut kept = 0u64;
+        let mut i = hi.0;
+        while i > lo.0 {
+            let Some(meta) = g.position(LogIndex(i - 1)).and_then(|p| g.entries.get(p)) else { break };
+            kept += u64::from(meta.loc.len_bytes);
+            if kept > keep_bytes {
+                break;
+            }
+            i -= 1;
+        }
+        LogIndex(i)
+    }
+
     /// Term of a retained entry, from memory.
     pub fn term(&self, group: GroupId, index: LogIndex) -> Option<Term> {
         let g = self.groups.get(&group)?;

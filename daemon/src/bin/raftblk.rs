@@ -381,7 +381,7 @@ fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
             println!("{:<12} entries from {} on (older ones compacted)", "log here", r.log_first_index);
         }
         for b in &r.rebuilds {
-            let pct = if b.total_bytes == 0 { 0 } else { b.done_bytes * 100 / b.total_bytes };
+            let pct = (b.done_bytes * 100).checked_div(b.total_bytes).unwrap_or(0);
             let source = if b.source == 0 {
                 "waiting for a source".to_string()
             } else {

@@ -555,6 +555,8 @@ impl Drop for Daemon {
 // A raw NBD client
 
 /// NBD wire constants used by [`RawNbd`].
+pub mod pattern;
+
 pub mod wire {
     /// `NBD_CMD_READ`.
     pub const CMD_READ: u16 = 0;
@@ -803,6 +805,10 @@ pub struct Repl {
     pub applied_index: u64,
     /// Bytes allocated in this node's copy.
     pub allocated_bytes: u64,
+    /// First index still in this node's log (older entries compacted).
+    pub log_first_index: u64,
+    /// Copies being rebuilt from a snapshot (as `inspect` gathers them from every member).
+    pub rebuilds: Vec<serde_json::Value>,
 }
 
 /// Serializes cluster tests inside one test binary: three daemons per test on a
@@ -1120,6 +1126,8 @@ impl Cluster {
             commit_index: n("commit_index")?,
             applied_index: n("applied_index")?,
             allocated_bytes: v["allocated_bytes"].as_u64().unwrap_or(0),
+            log_first_index: r["log_first_index"].as_u64().unwrap_or(0),
+            rebuilds: r["rebuilds"].as_array().cloned().unwrap_or_default(),
         })
     }
 

@@ -11,14 +11,16 @@
 //! - follower WAL tail damaged (flipped bytes / cut mid-record): it truncates and catches up
 //! - follower data file deleted: rebuilt by replaying the log, identical to the others
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use raftblk_tests::pattern::{
+    assert_image_holds, assert_patterns_read, pat, read_patterns, sha_of_file, sha_via_nbd, wait_checkpoint,
+    write_patterns,
+};
 use raftblk_tests::{
-    longest_completion_gap, parse_fio_json, poll, qemu_io, require_tools, run, sha256_of_stream, Cluster,
-    FioReport, Out, RawNbd, MIB,
+    longest_completion_gap, parse_fio_json, poll, qemu_io, require_tools, run, Cluster, FioReport, Out,
+    RawNbd, MIB,
 };
 
 const ALL: [u64; 3] = [1, 2, 3];
@@ -26,78 +28,6 @@ const ELECTION_LIMIT: Duration = Duration::from_secs(20);
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
 /// The longest I/O pause a leader failover may cause.
 const FAILOVER_PAUSE_MAX: Duration = Duration::from_secs(2);
-
-/// `len` bytes of `byte` at `off`.
-#[derive(Debug, Clone, Copy)]
-struct Pat {
-    byte: u8,
-    off: u64,
-    len: u64,
-}
-
-const fn pat(byte: u8, off: u64, len: u64) -> Pat {
-    Pat { byte, off, len }
-}
-
-impl Pat {
-    fn write(&self) -> String {
-        format!("write -P {:#04x} {} {}", self.byte, self.off, self.len)
-    }
-
-    fn read(&self) -> String {
-        format!("read -P {:#04x} {} {}", self.byte, self.off, self.len)
-    }
-}
-
-/// Writes every pattern through `uri` (one qemu-io run: each write acknowledged or it fails).
-#[track_caller]
-fn write_patterns(uri: &str, pats: &[Pat]) {
-    let cmds: Vec<String> = pats.iter().map(Pat::write).collect();
-    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io(uri, &cmds).ok();
-}
-
-/// Reads every pattern back through `uri` with qemu-io's pattern check.
-#[track_caller]
-fn read_patterns(uri: &str, pats: &[Pat]) -> Out {
-    let cmds: Vec<String> = pats.iter().map(Pat::read).collect();
-    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    qemu_io(uri, &cmds)
-}
-
-#[track_caller]
-fn assert_patterns_read(uri: &str, pats: &[Pat]) {
-    let out = read_patterns(uri, pats);
-    assert!(out.success() && !out.stdout.contains("verification failed"), "pattern check failed: {out}");
-}
-
-/// Checks a node's copy directly on disk: `pats` must be in `<uuid>.img`.
-#[track_caller]
-fn assert_image_holds(image: &Path, pats: &[Pat]) {
-    let f = File::open(image).unwrap_or_else(|e| panic!("{}: {e}", image.display()));
-    for p in pats {
-        let mut buf = vec![0u8; p.len as usize];
-        f.read_exact_at(&mut buf, p.off).unwrap_or_else(|e| panic!("{}: {e}", image.display()));
-        if let Some(i) = buf.iter().position(|&b| b != p.byte) {
-            panic!(
-                "{} at byte {} holds {:#04x}, expected {:#04x} (pattern {p:?})",
-                image.display(),
-                p.off + i as u64,
-                buf[i],
-                p.byte
-            );
-        }
-    }
-}
-
-fn sha_of_file(path: &Path) -> String {
-    let out = run("sha256sum", &[path]);
-    out.ok().split_whitespace().next().expect("digest").to_string()
-}
-
-fn sha_via_nbd(uri: &str) -> String {
-    sha256_of_stream(&format!("nbdcopy '{uri}' -"))
-}
 
 /// Three nodes, one volume `name` of `size` with a copy on each; returns the leader.
 fn three_nodes(name: &str, size: &str, extra: &[&str]) -> (Cluster, String, u64) {
@@ -131,18 +61,6 @@ fn wait_all_applied(c: &Cluster, name: &str, leader: u64, nodes: &[u64]) -> u64 
         c.wait_applied(name, id, commit, CATCH_UP_LIMIT);
     }
     commit
-}
-
-/// Waits until `<uuid>.applied` on node `id` records at least `index` (checkpoints are periodic).
-fn wait_checkpoint(c: &Cluster, id: u64, uuid: &str, index: u64) -> u64 {
-    let path = c.node(id).applied_path(uuid);
-    poll(&format!("{} to record index {index}", path.display()), Duration::from_secs(30), || {
-        let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
-        match text.trim().parse::<u64>() {
-            Ok(i) if i >= index => Ok(i),
-            _ => Err(format!("{text:?}")),
-        }
-    })
 }
 
 struct FioRun {

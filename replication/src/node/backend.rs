@@ -18,6 +18,10 @@ use crate::wal::record::GroupId;
 /// Longest one attempt may take before it is retried elsewhere: a deposed leader's
 /// proposals only fail once a new leader commits over them.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Payload bytes per second an attempt is allowed on top of [`ATTEMPT_TIMEOUT`]: a 32 MiB
+/// write goes through two WALs and the network, and retrying it early only adds another
+/// 32 MiB entry to the log.
+const ATTEMPT_BYTES_PER_S: u64 = 16 << 20;
 /// How often an attempt in flight checks whether another node has become leader.
 const LEADER_WATCH_INTERVAL: Duration = Duration::from_millis(20);
 /// Pause between attempts while no leader is known, doubling up to the maximum.
@@ -31,6 +35,16 @@ pub struct ReplicatedBackend {
     voters: Vec<u64>,
     size_bytes: Arc<AtomicU64>,
     local: Option<Arc<dyn BlockBackend>>,
+}
+
+/// How long one attempt at `op` may take.
+fn attempt_timeout(op: &ForwardOp) -> Duration {
+    let bytes = match op {
+        ForwardOp::Write { data, .. } => data.len() as u64,
+        ForwardOp::Read { len, .. } => u64::from(*len),
+        _ => 0,
+    };
+    ATTEMPT_TIMEOUT + Duration::from_secs_f64(bytes as f64 / ATTEMPT_BYTES_PER_S as f64)
 }
 
 enum Outcome {
@@ -74,22 +88,22 @@ impl ReplicatedBackend {
             }
         };
         tokio::select! {
-            outcome = self.attempt_at(target, op) => outcome,
+            outcome = self.attempt_at(target, op, attempt_timeout(op)) => outcome,
             leader = watch => Outcome::Retry { leader_hint: leader },
         }
     }
 
-    async fn attempt_at(&self, target: u64, op: &ForwardOp) -> Outcome {
+    async fn attempt_at(&self, target: u64, op: &ForwardOp, timeout: Duration) -> Outcome {
         let me = self.node.node_id().0;
         let result = if target == me {
             let local = self.node.run_local(self.group, op.clone());
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, local).await {
+            match tokio::time::timeout(timeout, local).await {
                 Ok(r) => r.map(ForwardStatus::Ok),
                 Err(_) => Err(NodeError::Timeout),
             }
         } else {
             let request = ForwardRequest { group: self.group, op: op.clone() };
-            self.node.forward(target, request, ATTEMPT_TIMEOUT).await
+            self.node.forward(target, request, timeout).await
         };
         match result {
             Ok(ForwardStatus::Ok(data)) => Outcome::Done(data),

@@ -28,6 +28,9 @@ use crate::wal::Wal;
 const EVENTS_PER_ROUND_MAX: usize = 1024;
 /// Most payload bytes proposed in one entry (several client writes batch into one).
 const ENTRY_PAYLOAD_BYTES_MAX: usize = 8 << 20;
+/// Largest payload of one write request (the NBD maximum; an entry holding it alone still
+/// fits a WAL record, see `wal::record::PAYLOAD_BYTES_MAX`).
+const REQUEST_PAYLOAD_BYTES_MAX: usize = 32 << 20;
 /// How often each group's store is flushed and its applied index recorded.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a leader waits for a peer to confirm a snapshot before sending another (the
@@ -263,6 +266,20 @@ impl Runner {
                 });
                 if !in_range {
                     return fail(done, NodeError::OutOfRange);
+                }
+                // Proposals batch requests up to ENTRY_PAYLOAD_BYTES_MAX, and a larger one goes
+                // alone; one past the NBD maximum would not fit a WAL record.
+                let payload: usize = commands
+                    .iter()
+                    .map(|c| if let Command::Write { data, .. } = c { data.len() } else { 0 })
+                    .sum();
+                if payload > REQUEST_PAYLOAD_BYTES_MAX {
+                    return fail(
+                        done,
+                        NodeError::Internal(format!(
+                            "a write of {payload} bytes exceeds the largest replicated write ({REQUEST_PAYLOAD_BYTES_MAX})"
+                        )),
+                    );
                 }
                 slot.new_writes.push((commands, done));
             }
@@ -707,7 +724,8 @@ impl Runner {
                     is_leader: slot.driver.is_leader(),
                     term,
                     commit_index: slot.driver.commit_index(),
-                    applied_index: slot.applied,
+                    // A store being rebuilt holds no consistent index yet.
+                    applied_index: if slot.rebuild.is_some() { 0 } else { slot.applied },
                     voters,
                     learners,
                     progress,

@@ -63,8 +63,10 @@ impl LogIndex {
 pub const HEADER_BYTES: usize = 17;
 
 /// Largest payload a record may carry. Anything larger is refused by [`Record::encode`] and a
-/// larger `len` field read back is reported as corrupt rather than waited for.
-pub const PAYLOAD_BYTES_MAX: usize = 32 << 20;
+/// larger `len` field read back is reported as corrupt rather than waited for. An entry
+/// carries at most one client write of the NBD maximum (32 MiB) alone, plus its headers; the
+/// extra MiB is ample room for those.
+pub const PAYLOAD_BYTES_MAX: usize = (32 << 20) + (1 << 20);
 
 const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;

@@ -17,7 +17,7 @@ use crate::storage::GroupStorage;
 use crate::transport::Transport;
 use crate::volume::command::{Command, BATCH_COMMANDS_MAX};
 use crate::volume::group::{CommittedEntry, GroupConfig, GroupDriver, RequestId};
-use crate::wal::disk::StdDisk;
+use crate::wal::disk::NodeDisk;
 use crate::wal::record::{GroupId, NodeId};
 use crate::wal::Wal;
 
@@ -49,7 +49,7 @@ struct PendingRead {
 }
 
 struct Slot {
-    driver: GroupDriver<StdDisk>,
+    driver: GroupDriver<NodeDisk>,
     store: ReplicaStore,
     new_writes: Vec<(Vec<Command>, Reply<()>)>,
     new_reads: Vec<PendingRead>,
@@ -66,7 +66,7 @@ struct Slot {
 
 pub(super) struct Runner {
     config: NodeConfig,
-    wal: Arc<Mutex<Wal<StdDisk>>>,
+    wal: Arc<Mutex<Wal<NodeDisk>>>,
     events: Receiver<Event>,
     shared: Arc<Shared>,
     transport: Arc<Transport>,
@@ -83,7 +83,7 @@ fn fail<T>(tx: Reply<T>, e: NodeError) {
 impl Runner {
     pub(super) fn new(
         config: NodeConfig,
-        wal: Wal<StdDisk>,
+        wal: Wal<NodeDisk>,
         events: Receiver<Event>,
         shared: Arc<Shared>,
         transport: Arc<Transport>,

@@ -25,13 +25,15 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-/// Which I/O engine the block store uses.
+/// Which I/O engine the block store (`storage.io_engine`) or the WAL (`storage.wal_engine`) uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum IoEngineSetting {
     /// io_uring if available, else sync.
     Auto,
-    /// io_uring or fail.
+    /// io_uring or fail (`io_uring` is accepted too).
+    #[serde(alias = "io_uring")]
+    #[value(alias = "io_uring")]
     Uring,
     /// pread/pwrite on blocking threads.
     Sync,
@@ -133,6 +135,8 @@ pub struct StorageConfig {
     pub io_engine: IoEngineSetting,
     /// Number of io_uring threads.
     pub ring_threads: usize,
+    /// How the replication WAL writes: io_uring (auto: when available) or pwrite + fdatasync.
+    pub wal_engine: IoEngineSetting,
 }
 
 /// Async runtime settings.
@@ -234,6 +238,9 @@ pub struct Overrides {
     /// I/O engine [env: RAFTBLK_IO_ENGINE]
     #[arg(long, env = "RAFTBLK_IO_ENGINE", value_enum)]
     pub io_engine: Option<IoEngineSetting>,
+    /// WAL engine (auto, uring, sync) [env: RAFTBLK_WAL_ENGINE]
+    #[arg(long, env = "RAFTBLK_WAL_ENGINE", value_enum)]
+    pub wal_engine: Option<IoEngineSetting>,
     /// Number of io_uring threads [env: RAFTBLK_RING_THREADS]
     #[arg(long, env = "RAFTBLK_RING_THREADS")]
     pub ring_threads: Option<usize>,
@@ -316,6 +323,9 @@ impl Config {
         }
         if let Some(v) = o.io_engine {
             self.storage.io_engine = v;
+        }
+        if let Some(v) = o.wal_engine {
+            self.storage.wal_engine = v;
         }
         if let Some(v) = o.ring_threads {
             self.storage.ring_threads = v;
@@ -514,6 +524,25 @@ mod tests {
         assert!(Config::load(None, &o).unwrap_err().to_string().contains("appears twice"));
         let o = Overrides { node_id: Some(0), ..Default::default() };
         assert!(Config::load(None, &o).unwrap_err().to_string().contains("node_id"));
+    }
+
+    #[test]
+    fn wal_engine_defaults_to_auto_and_can_be_set_by_file_or_flag() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.storage.wal_engine, IoEngineSetting::Auto);
+        for (text, expect) in [("sync", IoEngineSetting::Sync), ("io_uring", IoEngineSetting::Uring)] {
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            writeln!(f, "[storage]\nwal_engine = \"{text}\"").unwrap();
+            let c = Config::load(Some(f.path()), &Overrides::default()).unwrap();
+            assert_eq!(c.storage.wal_engine, expect, "{text}");
+            assert_eq!(c.storage.io_engine, IoEngineSetting::Auto, "the block store's engine is separate");
+        }
+        let o = Overrides { wal_engine: Some(IoEngineSetting::Uring), ..Default::default() };
+        assert_eq!(Config::load(None, &o).unwrap().storage.wal_engine, IoEngineSetting::Uring);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "[storage]\nwal_engine = \"aio\"").unwrap();
+        let e = Config::load(Some(f.path()), &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("aio"), "{e}");
     }
 
     #[test]

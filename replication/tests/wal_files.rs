@@ -1,11 +1,12 @@
-//! The WAL on real files (`StdDisk` in a temporary directory): reopen, damage the tail the
-//! way a crash or a bad disk would, reopen again.
+//! The WAL on real files (in a temporary directory), once per engine (`StdDisk` and
+//! `UringDisk`, through `NodeDisk`): reopen, damage the tail the way a crash or a bad disk
+//! would, reopen again.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use raftblk_replication::wal::disk::StdDisk;
+use raftblk_replication::wal::disk::{NodeDisk, WalEngine};
 use raftblk_replication::wal::record::{GroupId, HardState, LogIndex, NodeId, Record, Term};
 use raftblk_replication::wal::segment::{Damage, SegmentId};
 use raftblk_replication::wal::{Wal, WalOptions};
@@ -13,15 +14,49 @@ use raftblk_replication::wal::{Wal, WalOptions};
 const A: GroupId = GroupId(1);
 const B: GroupId = GroupId(2);
 
-fn open(dir: &Path, segment_target_bytes: u64) -> Wal<StdDisk> {
-    Wal::open(StdDisk::open(dir).expect("disk"), WalOptions { segment_target_bytes }).expect("open wal")
+/// Runs each test once per engine: `mod name { fn sync(); fn io_uring() }`. The io_uring
+/// run is skipped, with a note, where this kernel refuses io_uring.
+macro_rules! per_engine {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn sync() {
+                super::$name(WalEngine::Sync);
+            }
+
+            #[test]
+            fn io_uring() {
+                let tmp = tempfile::tempdir().expect("tempdir");
+                match NodeDisk::open(tmp.path(), WalEngine::Uring) {
+                    Ok(_) => super::$name(WalEngine::Uring),
+                    Err(e) => eprintln!("skipping: io_uring unavailable: {e}"),
+                }
+            }
+        }
+    )*};
+}
+
+per_engine!(
+    reopen_returns_what_was_synced,
+    corrupt_last_record_is_detected_and_cut,
+    record_cut_mid_way_is_detected_as_torn,
+    compaction_deletes_old_segment_files,
+    damage_in_an_older_segment_drops_every_later_segment,
+);
+
+fn open(dir: &Path, engine: WalEngine, segment_target_bytes: u64) -> Wal<NodeDisk> {
+    let disk = NodeDisk::open(dir, engine).expect("disk");
+    assert_eq!(disk.engine(), engine);
+    Wal::open(disk, WalOptions { segment_target_bytes }).expect("open wal")
 }
 
 fn entry(g: GroupId, i: u64) -> Record {
     Record::entry(g, LogIndex(i), Term(1), Bytes::from(format!("{g}:{i}")))
 }
 
-fn data(wal: &Wal<StdDisk>, g: GroupId) -> Vec<String> {
+fn data(wal: &Wal<NodeDisk>, g: GroupId) -> Vec<String> {
     let (Some(lo), Some(hi)) = (wal.first_index(g), wal.last_index(g)) else {
         return Vec::new();
     };
@@ -52,8 +87,8 @@ fn wal_files(dir: &Path) -> Vec<String> {
 
 /// Writes entries 1..=10 of A and B interleaved and a hard state for A, synced. Returns the
 /// newest segment id and the file length before the last record (B's entry 10).
-fn write_ten(dir: &Path) -> (SegmentId, u64) {
-    let mut wal = open(dir, 1 << 20);
+fn write_ten(dir: &Path, engine: WalEngine) -> (SegmentId, u64) {
+    let mut wal = open(dir, engine, 1 << 20);
     for i in 1..=10 {
         wal.append(&[entry(A, i), entry(B, i)]).expect("append");
         if i == 5 {
@@ -67,13 +102,12 @@ fn write_ten(dir: &Path) -> (SegmentId, u64) {
     (last, len - entry(B, 10).encoded_len() as u64)
 }
 
-#[test]
-fn reopen_returns_what_was_synced() {
+fn reopen_returns_what_was_synced(engine: WalEngine) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    write_ten(dir);
+    write_ten(dir, engine);
     std::fs::write(dir.join("README"), b"not a segment").expect("write");
-    let wal = open(dir, 1 << 20);
+    let wal = open(dir, engine, 1 << 20);
     assert_eq!(wal.recovery_report().truncation, None);
     assert_eq!(data(&wal, A), expected(A, 1..=10));
     assert_eq!(data(&wal, B), expected(B, 1..=10));
@@ -81,18 +115,17 @@ fn reopen_returns_what_was_synced() {
     assert_eq!(wal.hard_state(B), None);
 }
 
-#[test]
-fn corrupt_last_record_is_detected_and_cut() {
+fn corrupt_last_record_is_detected_and_cut(engine: WalEngine) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let (last, last_record_at) = write_ten(dir);
+    let (last, last_record_at) = write_ten(dir, engine);
     let path = segment_path(dir, last);
     let mut bytes = std::fs::read(&path).expect("read");
     let len = bytes.len();
     bytes[len - 2] ^= 0x5a; // inside B's entry 10 data
     std::fs::write(&path, &bytes).expect("write");
 
-    let mut wal = open(dir, 1 << 20);
+    let mut wal = open(dir, engine, 1 << 20);
     let t = wal.recovery_report().truncation.clone().expect("truncation");
     assert!(matches!(t.damage, Damage::Corrupt(_)), "{t:?}");
     assert!(t.in_last_segment);
@@ -106,22 +139,21 @@ fn corrupt_last_record_is_detected_and_cut() {
     wal.append(&[entry(B, 10), entry(B, 11)]).expect("append");
     wal.sync().expect("sync");
     drop(wal);
-    let wal = open(dir, 1 << 20);
+    let wal = open(dir, engine, 1 << 20);
     assert_eq!(wal.recovery_report().truncation, None);
     assert_eq!(data(&wal, B), expected(B, 1..=11));
 }
 
-#[test]
-fn record_cut_mid_way_is_detected_as_torn() {
+fn record_cut_mid_way_is_detected_as_torn(engine: WalEngine) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let (last, last_record_at) = write_ten(dir);
+    let (last, last_record_at) = write_ten(dir, engine);
     let path = segment_path(dir, last);
     let f = OpenOptions::new().write(true).open(&path).expect("open");
     f.set_len(last_record_at + 7).expect("truncate");
     drop(f);
 
-    let wal = open(dir, 1 << 20);
+    let wal = open(dir, engine, 1 << 20);
     let t = wal.recovery_report().truncation.clone().expect("truncation");
     assert_eq!(t.damage, Damage::Torn);
     assert_eq!(t.kept_bytes, last_record_at);
@@ -130,11 +162,10 @@ fn record_cut_mid_way_is_detected_as_torn() {
     assert_eq!(data(&wal, B), expected(B, 1..=9));
 }
 
-#[test]
-fn compaction_deletes_old_segment_files() {
+fn compaction_deletes_old_segment_files(engine: WalEngine) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let mut wal = open(dir, 1024);
+    let mut wal = open(dir, engine, 1024);
     for i in 1..=200 {
         wal.append(&[entry(A, i), entry(B, i)]).expect("append");
         if i % 20 == 0 {
@@ -157,17 +188,16 @@ fn compaction_deletes_old_segment_files() {
     assert!(after.len() <= 2, "{after:?}");
     drop(wal);
 
-    let wal = open(dir, 1024);
+    let wal = open(dir, engine, 1024);
     assert_eq!(data(&wal, A), expected(A, 191..=200));
     assert_eq!(data(&wal, B), expected(B, 191..=200));
     assert_eq!(wal.compacted_below(B), LogIndex(191));
 }
 
-#[test]
-fn damage_in_an_older_segment_drops_every_later_segment() {
+fn damage_in_an_older_segment_drops_every_later_segment(engine: WalEngine) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let mut wal = open(dir, 512);
+    let mut wal = open(dir, engine, 512);
     for i in 1..=60 {
         wal.append(&[entry(A, i)]).expect("append");
     }
@@ -183,7 +213,7 @@ fn damage_in_an_older_segment_drops_every_later_segment() {
     bytes[len - 1] ^= 1;
     std::fs::write(&path, &bytes).expect("write");
 
-    let wal = open(dir, 512);
+    let wal = open(dir, engine, 512);
     let t = wal.recovery_report().truncation.clone().expect("truncation");
     assert!(!t.in_last_segment);
     assert_eq!(t.segment, ids[1]);

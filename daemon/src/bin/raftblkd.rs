@@ -16,6 +16,7 @@ use raftblk_daemon::size::parse_size;
 use raftblk_daemon::volumes::VolumeManager;
 use raftblk_replication::node::{NodeConfig, ReplicationNode};
 use raftblk_replication::transport::ClusterId;
+use raftblk_replication::wal::disk::WalEngine;
 use raftblk_replication::wal::record::NodeId;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -191,6 +192,11 @@ async fn start_replication(config: &Config) -> Result<Option<ReplicationNode>> {
         peer_listen: c.peer_listen,
         peers: peers.iter().map(|p| (NodeId(p.id), p.addr)).collect(),
         wal_dir: config.data_dir.join("wal"),
+        wal_engine: match config.storage.wal_engine {
+            IoEngineSetting::Auto => WalEngine::Auto,
+            IoEngineSetting::Uring => WalEngine::Uring,
+            IoEngineSetting::Sync => WalEngine::Sync,
+        },
         tick: Duration::from_millis(c.tick_ms),
         election_ticks: c.election_ticks,
         heartbeat_ticks: c.heartbeat_ticks,

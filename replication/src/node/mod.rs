@@ -34,7 +34,7 @@ use crate::snapshot::chunk::Chunk;
 use crate::snapshot::pull::{ChunkFetcher, FetchError};
 use crate::transport::{ClusterId, FaultController, Inbound, RequestId, Transport, TransportError};
 use crate::volume::command::Command;
-use crate::wal::disk::StdDisk;
+use crate::wal::disk::{NodeDisk, WalEngine};
 use crate::wal::record::{GroupId, NodeId};
 use crate::wal::{Wal, WalOptions};
 
@@ -67,6 +67,9 @@ pub struct NodeConfig {
     pub peers: HashMap<NodeId, SocketAddr>,
     /// The WAL directory.
     pub wal_dir: PathBuf,
+    /// How the WAL writes: io_uring (the default, falling back to sync where the kernel
+    /// refuses it) or `pwrite` + `fdatasync`.
+    pub wal_engine: WalEngine,
     /// Raft tick.
     pub tick: Duration,
     /// Election timeout in ticks (each group draws its own in `[n, 2n)`).
@@ -283,8 +286,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl ReplicationNode {
     /// Opens the WAL, starts the transport and the runner thread. Call inside a tokio runtime.
     pub async fn start(config: NodeConfig) -> Result<ReplicationNode, NodeError> {
-        let disk =
-            StdDisk::open(&config.wal_dir).map_err(|e| NodeError::Internal(format!("WAL directory: {e}")))?;
+        let disk = NodeDisk::open(&config.wal_dir, config.wal_engine)
+            .map_err(|e| NodeError::Internal(format!("WAL directory: {e}")))?;
+        tracing::info!(
+            engine = disk.engine_name(),
+            requested = %config.wal_engine,
+            dir = %config.wal_dir.display(),
+            "WAL engine ready"
+        );
         let wal = tokio::task::spawn_blocking(move || Wal::open(disk, WalOptions::default()))
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))?

@@ -20,7 +20,7 @@ use crate::storage::GroupStorage;
 use crate::transport::Transport;
 use crate::volume::command::{Command, BATCH_COMMANDS_MAX};
 use crate::volume::group::{CommittedEntry, GroupConfig, GroupDriver, InstalledSnapshot, RequestId};
-use crate::wal::disk::StdDisk;
+use crate::wal::disk::NodeDisk;
 use crate::wal::record::{GroupId, NodeId};
 use crate::wal::Wal;
 
@@ -100,7 +100,7 @@ struct PendingRead {
 }
 
 struct Slot {
-    driver: GroupDriver<StdDisk>,
+    driver: GroupDriver<NodeDisk>,
     store: ReplicaStore,
     new_writes: Vec<(Vec<Command>, Reply<()>)>,
     new_reads: Vec<PendingRead>,
@@ -123,7 +123,7 @@ struct Slot {
 
 pub(super) struct Runner {
     config: NodeConfig,
-    wal: Arc<Mutex<Wal<StdDisk>>>,
+    wal: Arc<Mutex<Wal<NodeDisk>>>,
     events: Receiver<Event>,
     /// For rebuild tasks to report back (the runner's own queue).
     rebuild_events: std::sync::mpsc::Sender<Event>,
@@ -142,7 +142,7 @@ fn fail<T>(tx: Reply<T>, e: NodeError) {
 impl Runner {
     pub(super) fn new(
         config: NodeConfig,
-        wal: Wal<StdDisk>,
+        wal: Wal<NodeDisk>,
         events: Receiver<Event>,
         rebuild_events: std::sync::mpsc::Sender<Event>,
         shared: Arc<Shared>,

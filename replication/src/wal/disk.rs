@@ -1,9 +1,12 @@
 //! The file system under the WAL, behind a trait, so the same WAL code runs on real files
-//! ([`StdDisk`]) and on a deterministic simulated disk ([`SimDisk`]) that loses and tears
-//! unsynced writes on [`SimDisk::crash`].
+//! and on a deterministic simulated disk ([`SimDisk`]) that loses and tears unsynced writes
+//! on [`SimDisk::crash`].
 //!
-//! An io_uring-backed [`WalFile`] (registered buffers, linked write + fdatasync) will plug in
-//! here later, next to `StdFile`, without changes to the WAL above it.
+//! Real files come in two engines with the same results: [`StdDisk`] (`pwrite` per append,
+//! `fdatasync` per sync, through `std::fs`) and [`UringDisk`] (appends buffered, each sync
+//! one io_uring submission of the writes linked to an `fdatasync`; see [`super::uring`]).
+//! [`NodeDisk`] is whichever of the two [`NodeDisk::open`] could start for a
+//! [`WalEngine`]; a node's WAL runs on it, the simulator's on [`SimDisk`].
 //!
 //! Durability contract for implementations:
 //! * [`WalFile::append`] may be lost or torn (any prefix of the unsynced bytes may survive a
@@ -17,7 +20,10 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use super::uring::{UringDisk, UringFile};
 
 /// Errors of the disk layer.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +124,13 @@ impl StdDisk {
     }
 }
 
+impl StdFile {
+    /// The open file, its name and its length, for [`UringDisk`] to take over.
+    pub(super) fn into_parts(self) -> (File, String, u64) {
+        (self.file, self.name, self.len_bytes)
+    }
+}
+
 impl WalDisk for StdDisk {
     type File = StdFile;
 
@@ -198,6 +211,177 @@ impl WalFile for StdFile {
         self.file.set_len(len_bytes).map_err(io_err("truncate", &self.name))?;
         self.len_bytes = len_bytes;
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NodeDisk: the engine chosen at node start
+
+/// Which engine writes a node's WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WalEngine {
+    /// io_uring if this kernel lets us use it, otherwise sync.
+    #[default]
+    Auto,
+    /// io_uring or nothing.
+    Uring,
+    /// `pwrite` and `fdatasync` ([`StdDisk`]).
+    Sync,
+}
+
+impl std::fmt::Display for WalEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WalEngine::Auto => "auto",
+            WalEngine::Uring => "io_uring",
+            WalEngine::Sync => "sync",
+        })
+    }
+}
+
+/// A WAL engine name that is none of `auto`, `io_uring`, `sync`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown WAL engine {0:?} (expected auto, io_uring or sync)")]
+pub struct UnknownWalEngine(pub String);
+
+impl FromStr for WalEngine {
+    type Err = UnknownWalEngine;
+
+    /// Parses `auto`, `io_uring` (also `uring`, `io-uring`) or `sync`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(WalEngine::Auto),
+            "io_uring" | "uring" | "io-uring" => Ok(WalEngine::Uring),
+            "sync" => Ok(WalEngine::Sync),
+            _ => Err(UnknownWalEngine(s.to_owned())),
+        }
+    }
+}
+
+/// The disk of a node's WAL: a [`StdDisk`] or a [`UringDisk`], chosen at start.
+#[derive(Debug, Clone)]
+pub enum NodeDisk {
+    Std(StdDisk),
+    Uring(UringDisk),
+}
+
+/// A file of a [`NodeDisk`].
+#[derive(Debug)]
+pub enum NodeFile {
+    Std(StdFile),
+    Uring(UringFile),
+}
+
+impl NodeDisk {
+    /// Opens `dir` with the engine `engine` asks for. With [`WalEngine::Auto`], io_uring is
+    /// tried first (a ring is created and a NOP run through it); if that fails, a warning
+    /// says why and [`StdDisk`] is used.
+    pub fn open(dir: impl AsRef<Path>, engine: WalEngine) -> Result<NodeDisk, DiskError> {
+        let dir = dir.as_ref();
+        match engine {
+            WalEngine::Sync => Ok(NodeDisk::Std(StdDisk::open(dir)?)),
+            WalEngine::Uring => Ok(NodeDisk::Uring(UringDisk::open(dir)?)),
+            WalEngine::Auto => match UringDisk::open(dir) {
+                Ok(disk) => Ok(NodeDisk::Uring(disk)),
+                Err(e @ DiskError::Io { op: "io_uring setup", .. }) => {
+                    tracing::warn!(error = %e, "io_uring is unavailable; the WAL uses pwrite and fdatasync");
+                    Ok(NodeDisk::Std(StdDisk::open(dir)?))
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// `"io_uring"` or `"sync"`.
+    pub fn engine_name(&self) -> &'static str {
+        match self {
+            NodeDisk::Std(_) => "sync",
+            NodeDisk::Uring(_) => "io_uring",
+        }
+    }
+
+    /// The engine in use (never [`WalEngine::Auto`]).
+    pub fn engine(&self) -> WalEngine {
+        match self {
+            NodeDisk::Std(_) => WalEngine::Sync,
+            NodeDisk::Uring(_) => WalEngine::Uring,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        match self {
+            NodeDisk::Std(d) => d.dir(),
+            NodeDisk::Uring(d) => d.dir(),
+        }
+    }
+}
+
+impl WalDisk for NodeDisk {
+    type File = NodeFile;
+
+    fn create(&self, name: &str) -> Result<NodeFile, DiskError> {
+        match self {
+            NodeDisk::Std(d) => d.create(name).map(NodeFile::Std),
+            NodeDisk::Uring(d) => d.create(name).map(NodeFile::Uring),
+        }
+    }
+
+    fn open(&self, name: &str) -> Result<NodeFile, DiskError> {
+        match self {
+            NodeDisk::Std(d) => WalDisk::open(d, name).map(NodeFile::Std),
+            NodeDisk::Uring(d) => WalDisk::open(d, name).map(NodeFile::Uring),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<String>, DiskError> {
+        match self {
+            NodeDisk::Std(d) => d.list(),
+            NodeDisk::Uring(d) => d.list(),
+        }
+    }
+
+    fn remove(&self, name: &str) -> Result<(), DiskError> {
+        match self {
+            NodeDisk::Std(d) => d.remove(name),
+            NodeDisk::Uring(d) => d.remove(name),
+        }
+    }
+}
+
+impl WalFile for NodeFile {
+    fn len_bytes(&self) -> Result<u64, DiskError> {
+        match self {
+            NodeFile::Std(f) => f.len_bytes(),
+            NodeFile::Uring(f) => f.len_bytes(),
+        }
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        match self {
+            NodeFile::Std(f) => f.read_at(offset, buf),
+            NodeFile::Uring(f) => f.read_at(offset, buf),
+        }
+    }
+
+    fn append(&mut self, data: &[u8]) -> Result<(), DiskError> {
+        match self {
+            NodeFile::Std(f) => f.append(data),
+            NodeFile::Uring(f) => f.append(data),
+        }
+    }
+
+    fn sync(&mut self) -> Result<(), DiskError> {
+        match self {
+            NodeFile::Std(f) => f.sync(),
+            NodeFile::Uring(f) => f.sync(),
+        }
+    }
+
+    fn truncate(&mut self, len_bytes: u64) -> Result<(), DiskError> {
+        match self {
+            NodeFile::Std(f) => f.truncate(len_bytes),
+            NodeFile::Uring(f) => f.truncate(len_bytes),
+        }
     }
 }
 
@@ -523,9 +707,29 @@ mod tests {
     }
 
     #[test]
-    fn std_and_sim_disks_behave_alike() {
+    fn std_uring_and_sim_disks_behave_alike() {
         let dir = tempfile::tempdir().expect("tempdir");
         exercise(&StdDisk::open(dir.path().join("wal")).expect("open"));
         exercise(&SimDisk::new(0));
+        exercise(&NodeDisk::open(dir.path().join("node-sync"), WalEngine::Sync).expect("open"));
+        match UringDisk::open(dir.path().join("uring")) {
+            Ok(disk) => exercise(&disk),
+            Err(e) => eprintln!("skipping the io_uring disk: {e}"),
+        }
+        let auto = NodeDisk::open(dir.path().join("node-auto"), WalEngine::Auto).expect("auto always opens");
+        assert_ne!(auto.engine(), WalEngine::Auto);
+        exercise(&auto);
+    }
+
+    #[test]
+    fn wal_engines_parse_and_print() {
+        for engine in [WalEngine::Auto, WalEngine::Uring, WalEngine::Sync] {
+            assert_eq!(engine.to_string().parse::<WalEngine>().expect("parses"), engine);
+        }
+        assert_eq!("URING".parse::<WalEngine>().expect("parses"), WalEngine::Uring);
+        assert!("aio".parse::<WalEngine>().is_err());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sync = NodeDisk::open(dir.path(), WalEngine::Sync).expect("open");
+        assert_eq!((sync.engine(), sync.engine_name()), (WalEngine::Sync, "sync"));
     }
 }

@@ -59,10 +59,18 @@
 //!
 //! The index keeps, per entry, its term and location (about 32 bytes); entry data is read
 //! back from the segment files by [`Wal::entries`] and checked again against its CRC.
+//!
+//! # Disks
+//!
+//! The WAL writes through a [`disk::WalDisk`]: on a node, io_uring ([`disk::UringDisk`]:
+//! appends are buffered and each sync is one submission of the writes linked to the
+//! `fdatasync`) or plain `pwrite`/`fdatasync` ([`disk::StdDisk`]), chosen at start
+//! ([`disk::NodeDisk`]); in tests and the simulator, [`disk::SimDisk`].
 
 pub mod disk;
 pub mod record;
 pub mod segment;
+pub mod uring;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 

@@ -12,6 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::JoinError;
+use crate::membership::{JoinRequest, Membership};
 use crate::metrics::Metrics;
 use crate::size::parse_size;
 use crate::volumes::{VolumeError, VolumeManager};
@@ -26,6 +28,8 @@ pub struct ApiState {
     pub node: NodeInfo,
     /// Whether `POST /v1/debug/faults` is allowed.
     pub fault_injection: bool,
+    /// The cluster membership (`None` when the node runs alone).
+    pub cluster: Option<Arc<Membership>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,9 +55,12 @@ pub struct NodeInfo {
     /// Cluster node id (absent when running alone).
     #[serde(default)]
     pub node_id: Option<u64>,
-    /// Other nodes, "ID@HOST:PORT".
+    /// Other nodes, "ID@HOST:PORT", sorted by id: the static ones and those that joined.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// The cluster's transport id (absent when running alone).
+    #[serde(default)]
+    pub cluster_id: Option<u64>,
 }
 
 /// A size given either as bytes or as a string with units.
@@ -166,11 +173,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/resize", post(resize))
         .route("/v1/volumes/{name}/transfer-leader", post(transfer_leader))
         .route("/v1/volumes/{name}/replicas", post(replicas))
+        .route("/v1/cluster/join", post(join))
         .route("/v1/debug/faults", post(faults))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
-                message: "no such endpoint; see /v1/volumes, /v1/node, /metrics, /healthz".into(),
+                message: "no such endpoint; see /v1/volumes, /v1/node, /v1/cluster/join, /metrics, /healthz"
+                    .into(),
             }
         })
         .with_state(state)
@@ -183,7 +192,34 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
 }
 
 async fn node(State(s): State<Arc<ApiState>>) -> Json<NodeInfo> {
-    Json(s.node.clone())
+    let mut info = s.node.clone();
+    // Peers change as nodes join, so they are read now rather than at start-up.
+    if let Some(m) = &s.cluster {
+        info.peers = m.peers().iter().map(|p| format!("{}@{}", p.id, p.peer_addr)).collect();
+        info.cluster_id = Some(m.cluster_id());
+    }
+    Json(info)
+}
+
+async fn join(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: JoinRequest = parse_json(&body, r#"{"node_id": 4, "peer_addr": "10.0.0.4:10811"}"#)?;
+    let Some(membership) = &s.cluster else {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            message: "this node runs alone (no cluster.peers), so there is no cluster to join; join through a node of a cluster (start the first nodes with --peers)".into(),
+        });
+    };
+    match crate::cluster::accept_join(membership, req).await {
+        Ok(answer) => Ok(Json(answer).into_response()),
+        Err(e) => {
+            let status = match &e {
+                JoinError::Invalid(_) => StatusCode::BAD_REQUEST,
+                JoinError::Conflict(_) | JoinError::NotClustered(_) => StatusCode::CONFLICT,
+                JoinError::Membership(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Err(ApiError { status, message: e.to_string() })
+        }
+    }
 }
 
 async fn list(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {

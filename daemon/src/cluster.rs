@@ -6,6 +6,11 @@
 //! A peer that was down catches up through the sync loop: every
 //! [`SYNC_INTERVAL`] each node pulls every peer's records and tombstones and
 //! applies what it lacks. Tombstones keep a deleted volume from coming back.
+//!
+//! Membership travels the same way: a node that accepts a join ([`accept_join`]) tells
+//! every other member (`AddPeer`), and the sync loop also pulls every peer's member list
+//! (`Members`) and adds the nodes it lacks, so a member that was down during a join
+//! learns the new node within one [`SYNC_INTERVAL`] of coming back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +20,16 @@ use raftblk_replication::node::ReplicationNode;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::VolumeRecord;
+use crate::membership::{Change, JoinAnswer, JoinRequest, Member, Membership, MembershipError};
 use crate::volumes::VolumeManager;
 
 /// How often each node pulls its peers' volume records.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a sync waits for one peer.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a join waits for each member to confirm the new node, and for a member
+/// whose id the joiner claims at another address to show it is still alive.
+const JOIN_CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A control-plane request from one node to another.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -55,6 +64,15 @@ pub enum ControlMessage {
         /// The node to lead next.
         to: u64,
     },
+    /// A node joined (or moved): add it as a peer at `peer_addr`.
+    AddPeer {
+        /// Its node id.
+        id: u64,
+        /// Its peer address.
+        peer_addr: std::net::SocketAddr,
+    },
+    /// Send every member this node knows (itself included).
+    Members,
 }
 
 /// The answer to a [`ControlMessage`].
@@ -87,6 +105,8 @@ pub enum ControlAnswer {
         /// Uuids of deleted volumes.
         deleted: Vec<String>,
     },
+    /// The answer to `Members`: the answering node and every peer it knows.
+    Members(Vec<Member>),
 }
 
 /// Why a control message did not get an `Ok`.
@@ -122,18 +142,145 @@ pub async fn send(
     }
 }
 
-/// Makes `volumes` answer peers' control messages.
-pub fn install_handler(node: &ReplicationNode, volumes: Arc<VolumeManager>) {
+/// Makes `volumes` (volume messages) and `membership` (membership messages) answer
+/// peers' control messages.
+pub fn install_handler(node: &ReplicationNode, volumes: Arc<VolumeManager>, membership: Arc<Membership>) {
     node.set_control_handler(Arc::new(move |payload: Bytes| {
         let volumes = volumes.clone();
+        let membership = membership.clone();
         Box::pin(async move {
             let answer = match serde_json::from_slice::<ControlMessage>(&payload) {
+                Ok(ControlMessage::AddPeer { id, peer_addr }) => match membership.add(id, peer_addr) {
+                    Ok(_) => ControlAnswer::Ok,
+                    Err(e) => ControlAnswer::Error(e.to_string()),
+                },
+                Ok(ControlMessage::Members) => ControlAnswer::Members(members_of(&membership)),
                 Ok(msg) => volumes.on_control(msg).await,
                 Err(e) => ControlAnswer::Error(format!("malformed control message: {e}")),
             };
             Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
         })
     }));
+}
+
+/// This node and every peer it knows, by id.
+pub fn members_of(membership: &Membership) -> Vec<Member> {
+    let mut members = membership.peers();
+    if let Some(node) = membership.node() {
+        members.push(Member { id: membership.node_id(), peer_addr: node.peer_listen() });
+    }
+    members.sort_unstable();
+    members
+}
+
+/// Why a join was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The request itself is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// The id or address belongs to another live member.
+    #[error("{0}")]
+    Conflict(String),
+    /// This node cannot accept joins (it runs alone).
+    #[error("{0}")]
+    NotClustered(String),
+    /// Recording the new member failed.
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+}
+
+/// Accepts node `req.node_id` at `req.peer_addr` into the cluster: records it here,
+/// tells every other member, and answers with the cluster id and every member.
+///
+/// A re-join with the same id and address changes nothing and answers the same. A known
+/// id at a new address moves the member, unless the node at the old address still
+/// answers as that id: then two live nodes would share an id and the join is refused.
+/// A silent old address is taken as the node having moved (or having been replaced);
+/// a node that is merely partitioned away at that moment loses its address, which is
+/// why the refusal needs a live answer rather than a guess.
+pub async fn accept_join(membership: &Membership, req: JoinRequest) -> Result<JoinAnswer, JoinError> {
+    let Some(node) = membership.node() else {
+        return Err(JoinError::NotClustered(
+            "this node runs alone (no cluster.peers), so it has no cluster to join and no replication to extend; join through a node of a cluster (or start the first nodes with --peers)".into(),
+        ));
+    };
+    let me = membership.node_id();
+    if req.node_id == 0 {
+        return Err(JoinError::Invalid(
+            "node id 0 is reserved; give the joining node --node-id 1 or more".into(),
+        ));
+    }
+    if req.node_id == me {
+        return Err(JoinError::Conflict(format!(
+            "node id {me} is the id of the member answering this join ({}); give the joining node another --node-id",
+            node.peer_listen()
+        )));
+    }
+    if req.peer_addr.ip().is_unspecified() || req.peer_addr.port() == 0 {
+        return Err(JoinError::Invalid(format!(
+            "peer address {} cannot be connected to; the joining node must give its reachable --peer-listen HOST:PORT",
+            req.peer_addr
+        )));
+    }
+    if req.peer_addr == node.peer_listen() {
+        return Err(JoinError::Conflict(format!(
+            "peer address {} is this member's (node {me}); give the joining node its own --peer-listen",
+            req.peer_addr
+        )));
+    }
+    if let Some(other) = membership.member_at(req.peer_addr).filter(|&id| id != req.node_id) {
+        return Err(JoinError::Conflict(format!(
+            "peer address {} belongs to node {other}; give the joining node its own --peer-listen",
+            req.peer_addr
+        )));
+    }
+    if let Some(old) = membership.addr_of(req.node_id).filter(|&a| a != req.peer_addr) {
+        // The transport still points id N at `old`, so an answer can only come from there.
+        if send(node, req.node_id, &ControlMessage::Members, JOIN_CONTROL_TIMEOUT).await.is_ok() {
+            return Err(JoinError::Conflict(format!(
+                "node id {} is a live member at {old}; give the joining node another --node-id, or stop that node first if it is moving to {}",
+                req.node_id, req.peer_addr
+            )));
+        }
+    }
+    let change = membership.add(req.node_id, req.peer_addr)?;
+    tracing::info!(node = req.node_id, peer_addr = %req.peer_addr, ?change, "join accepted");
+    // Tell the others, including on a re-join, which repairs members that missed it.
+    // A member that does not confirm catches up through the sync loop's Members pull.
+    let msg = ControlMessage::AddPeer { id: req.node_id, peer_addr: req.peer_addr };
+    for peer in node.peer_ids().into_iter().filter(|&p| p != req.node_id) {
+        if let Err(e) = send(node, peer, &msg, JOIN_CONTROL_TIMEOUT).await {
+            tracing::warn!(peer, joined = req.node_id, error = %e, "member did not confirm the new node; it will learn it at its next sync");
+        }
+    }
+    if change == Change::Unchanged {
+        tracing::debug!(node = req.node_id, "re-join of a known member");
+    }
+    Ok(JoinAnswer { cluster_id: membership.cluster_id(), members: members_of(membership) })
+}
+
+/// Pulls every peer's member list once and adds the members this node lacks.
+pub async fn sync_members_once(membership: &Membership) {
+    let Some(node) = membership.node() else { return };
+    for peer in node.peer_ids() {
+        match send(node, peer, &ControlMessage::Members, SYNC_TIMEOUT).await {
+            Ok(ControlAnswer::Members(members)) => {
+                for m in members {
+                    // Only unknown ids: an address change travels with AddPeer from the
+                    // member that accepted it, and without versions a pulled list cannot
+                    // tell an old address from a new one.
+                    if m.id != membership.node_id() && membership.addr_of(m.id).is_none() {
+                        if let Err(e) = membership.add(m.id, m.peer_addr) {
+                            tracing::warn!(peer, member = m.id, error = %e, "cannot add a member a peer knows");
+                        }
+                    }
+                }
+            }
+            Ok(other) => tracing::debug!(peer, ?other, "unexpected answer to Members"),
+            Err(e) => tracing::debug!(peer, error = %e, "membership sync with peer failed"),
+        }
+    }
 }
 
 /// Pulls every peer's records once and applies what this node lacks.
@@ -159,13 +306,16 @@ pub async fn sync_once(node: &ReplicationNode, volumes: &VolumeManager) {
     }
 }
 
-/// Runs [`sync_once`] every [`SYNC_INTERVAL`] until `stop`.
+/// Runs [`sync_members_once`] and [`sync_once`] every [`SYNC_INTERVAL`] until `stop`.
 pub async fn sync_loop(
     node: ReplicationNode,
     volumes: Arc<VolumeManager>,
+    membership: Arc<Membership>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
+        // Members first: a volume record may name a node this node has not heard of.
+        sync_members_once(&membership).await;
         sync_once(&node, &volumes).await;
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -196,6 +346,8 @@ mod tests {
             ControlMessage::Delete { uuid: "u".into() },
             ControlMessage::List,
             ControlMessage::TransferLeader { group_id: 9, to: 2 },
+            ControlMessage::AddPeer { id: 4, peer_addr: "127.0.0.1:10841".parse().unwrap() },
+            ControlMessage::Members,
         ] {
             let bytes = serde_json::to_vec(&m).unwrap();
             assert_eq!(serde_json::from_slice::<ControlMessage>(&bytes).unwrap(), m);

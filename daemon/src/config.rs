@@ -100,6 +100,10 @@ pub struct ClusterConfig {
     pub peer_listen: SocketAddr,
     /// Other nodes, "ID@HOST:PORT".
     pub peers: Vec<String>,
+    /// A member's HTTP API address to join the cluster through (empty: no join).
+    pub join: String,
+    /// How long a join retries an unreachable member before giving up.
+    pub join_timeout_ms: u64,
     /// Raft tick length.
     pub tick_ms: u64,
     /// Election timeout in ticks.
@@ -214,6 +218,13 @@ pub struct Overrides {
     /// Other nodes, ID@HOST:PORT, comma-separated [env: RAFTBLK_PEERS]
     #[arg(long, env = "RAFTBLK_PEERS", value_delimiter = ',')]
     pub peers: Option<Vec<String>>,
+    /// Join a cluster through a member's HTTP API address (its api.listen), HOST:PORT
+    /// [env: RAFTBLK_JOIN]
+    #[arg(long, env = "RAFTBLK_JOIN")]
+    pub join: Option<String>,
+    /// How long --join retries an unreachable member, ms [env: RAFTBLK_JOIN_TIMEOUT_MS]
+    #[arg(long, env = "RAFTBLK_JOIN_TIMEOUT_MS")]
+    pub join_timeout_ms: Option<u64>,
     /// Longest wait for a leader before a request fails with EIO, ms [env: RAFTBLK_IO_TIMEOUT_MS]
     #[arg(long, env = "RAFTBLK_IO_TIMEOUT_MS")]
     pub io_timeout_ms: Option<u64>,
@@ -263,10 +274,19 @@ impl Config {
     /// Loads the embedded default, overlays `file` (if any), then `overrides`.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
         let mut merged: toml::Table = parse_table("embedded default", DEFAULT_CONFIG_TOML)?;
+        // Whether the operator set the node id and peer address (file or flag) rather than
+        // inheriting the defaults: a joining node with the default id 1 would collide with
+        // the first node of almost every cluster, so --join insists on both.
+        let mut explicit =
+            Explicit { node_id: overrides.node_id.is_some(), peer_listen: overrides.peer_listen.is_some() };
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
             let user = parse_table(&path.display().to_string(), &text)?;
+            if let Some(toml::Value::Table(c)) = user.get("cluster") {
+                explicit.node_id |= c.contains_key("node_id");
+                explicit.peer_listen |= c.contains_key("peer_listen");
+            }
             overlay(&mut merged, user);
         }
         let source = file.map_or("embedded default".to_string(), |p| p.display().to_string());
@@ -275,7 +295,46 @@ impl Config {
             .map_err(|e: toml::de::Error| ConfigError::Parse { path: source, message: e.to_string() })?;
         config.apply(overrides)?;
         config.validate()?;
+        config.validate_join(explicit)?;
         Ok(config)
+    }
+
+    /// Checks the `cluster.join` settings: a usable member address, and an id and peer
+    /// address of this node's own (see [`Explicit`]).
+    fn validate_join(&self, explicit: Explicit) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        if c.join.is_empty() {
+            return Ok(());
+        }
+        join_target(&c.join).map_err(|message| ConfigError::Invalid { key: "cluster.join", message })?;
+        if !explicit.node_id {
+            return Err(ConfigError::Invalid {
+                key: "cluster.node_id",
+                message: "--join needs this node's own id: give --node-id N (RAFTBLK_NODE_ID, or cluster.node_id in the config file), unique in the cluster".into(),
+            });
+        }
+        if !explicit.peer_listen {
+            return Err(ConfigError::Invalid {
+                key: "cluster.peer_listen",
+                message: "--join needs the address other nodes reach this one at: give --peer-listen HOST:PORT (RAFTBLK_PEER_LISTEN, or cluster.peer_listen)".into(),
+            });
+        }
+        if c.peer_listen.ip().is_unspecified() || c.peer_listen.port() == 0 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.peer_listen",
+                message: format!(
+                    "{} is not an address other nodes can connect to, and a joining node announces it to them; give this host's IP and a fixed port",
+                    c.peer_listen
+                ),
+            });
+        }
+        if c.join_timeout_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.join_timeout_ms",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
     }
 
     fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
@@ -299,6 +358,12 @@ impl Config {
         }
         if let Some(v) = &o.peers {
             self.cluster.peers = v.iter().filter(|p| !p.is_empty()).cloned().collect();
+        }
+        if let Some(v) = &o.join {
+            self.cluster.join = v.trim().to_string();
+        }
+        if let Some(v) = o.join_timeout_ms {
+            self.cluster.join_timeout_ms = v;
         }
         if let Some(v) = o.io_timeout_ms {
             self.cluster.io_timeout_ms = v;
@@ -417,6 +482,34 @@ impl Config {
             PathBuf::from(&self.nbd.socket)
         }
     }
+}
+
+/// Which cluster settings the operator gave rather than inherited from the defaults.
+#[derive(Debug, Clone, Copy)]
+struct Explicit {
+    node_id: bool,
+    peer_listen: bool,
+}
+
+/// The base URL of the member API named by `cluster.join`: `HOST:PORT` or
+/// `http://HOST:PORT` (a trailing `/` is dropped). The port is required because the API
+/// and the peer transport listen on different ports and guessing would pick the wrong one.
+pub fn join_target(join: &str) -> Result<String, String> {
+    let hint = "use the HTTP API address (api.listen) of a running member, HOST:PORT, e.g. 10.0.0.1:10810";
+    if join.starts_with("https://") {
+        return Err(format!("join address {join:?}: raftblkd's API speaks plain HTTP; {hint}"));
+    }
+    let rest = join.strip_prefix("http://").unwrap_or(join).trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains(char::is_whitespace) {
+        return Err(format!("join address {join:?} is not HOST:PORT; {hint}"));
+    }
+    let port_ok = rest
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+    if !port_ok {
+        return Err(format!("join address {join:?} has no port; {hint}"));
+    }
+    Ok(format!("http://{rest}"))
 }
 
 fn parse_bootstrap_list(list: &[String]) -> Result<Vec<BootstrapVolume>, ConfigError> {
@@ -543,6 +636,57 @@ mod tests {
         writeln!(f, "[storage]\nwal_engine = \"aio\"").unwrap();
         let e = Config::load(Some(f.path()), &Overrides::default()).unwrap_err().to_string();
         assert!(e.contains("aio"), "{e}");
+    }
+
+    #[test]
+    fn join_parses_from_flags_and_file_and_needs_an_id_and_peer_address() {
+        let o = Overrides {
+            node_id: Some(4),
+            peer_listen: Some("127.0.0.1:10841".parse().unwrap()),
+            join: Some("127.0.0.1:10810".into()),
+            ..Default::default()
+        };
+        let c = Config::load(None, &o).unwrap();
+        assert_eq!(c.cluster.join, "127.0.0.1:10810");
+        assert_eq!(c.cluster.join_timeout_ms, 60_000);
+        assert_eq!(join_target(&c.cluster.join).unwrap(), "http://127.0.0.1:10810");
+        assert_eq!(join_target("http://node1.example:10810/").unwrap(), "http://node1.example:10810");
+
+        // From the file: the file's node id and peer address count as given.
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "[cluster]\nnode_id = 5\npeer_listen = \"10.0.0.5:10811\"\njoin = \"10.0.0.1:10810\"\njoin_timeout_ms = 500"
+        )
+        .unwrap();
+        let c = Config::load(Some(f.path()), &Overrides::default()).unwrap();
+        assert_eq!(
+            (c.cluster.node_id, c.cluster.join.as_str(), c.cluster.join_timeout_ms),
+            (5, "10.0.0.1:10810", 500)
+        );
+        // The default is no join.
+        assert!(Config::load(None, &Overrides::default()).unwrap().cluster.join.is_empty());
+
+        let join_only = Overrides { join: Some("127.0.0.1:10810".into()), ..Default::default() };
+        let e = Config::load(None, &join_only).unwrap_err().to_string();
+        assert!(e.contains("--node-id"), "{e}");
+        let no_peer_listen = Overrides { node_id: Some(4), ..join_only.clone() };
+        let e = Config::load(None, &no_peer_listen).unwrap_err().to_string();
+        assert!(e.contains("--peer-listen"), "{e}");
+        let unspecified =
+            Overrides { peer_listen: Some("0.0.0.0:10841".parse().unwrap()), ..no_peer_listen.clone() };
+        let e = Config::load(None, &unspecified).unwrap_err().to_string();
+        assert!(e.contains("cannot connect") || e.contains("can connect"), "{e}");
+        for (bad, hint) in [
+            ("127.0.0.1", "no port"),
+            ("https://a:1", "plain HTTP"),
+            ("a:1/v1", "not HOST:PORT"),
+            (":10810", "no port"),
+        ] {
+            let o = Overrides { join: Some(bad.into()), ..o.clone() };
+            let e = Config::load(None, &o).unwrap_err().to_string();
+            assert!(e.contains("cluster.join") && e.contains(hint), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod cluster;
 pub mod config;
 pub mod devcluster;
+pub mod membership;
 pub mod metrics;
 pub mod size;
 pub mod volumes;

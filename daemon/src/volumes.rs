@@ -1089,6 +1089,10 @@ impl VolumeManager {
                 }
                 None => Err(VolumeError::Invalid("not in a cluster".into())),
             },
+            ControlMessage::AddPeer { .. } | ControlMessage::Members => {
+                // cluster::install_handler answers these before they get here.
+                return ControlAnswer::Error("membership messages are not volume messages".into());
+            }
             ControlMessage::TransferLeader { group_id, to } => match &self.replication {
                 Some(node) => node
                     .transfer_leader(GroupId(group_id), to)

@@ -828,6 +828,10 @@ pub struct ClusterNode {
     pub peer_addr: SocketAddr,
     dir: PathBuf,
     child: Option<Child>,
+    /// The ids given to `--peers`; `None`: every other node of the cluster.
+    static_peers: Option<Vec<u64>>,
+    /// A member's API address for `--join` at the next start (cleared by it).
+    join: Option<SocketAddr>,
 }
 
 impl ClusterNode {
@@ -924,6 +928,8 @@ impl Cluster {
                         peer_addr: addr(),
                         dir,
                         child: None,
+                        static_peers: None,
+                        join: None,
                     }
                 })
                 .collect();
@@ -970,12 +976,87 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// Starts one more node, `--join`ing through node `via`'s API with no `--peers`, and
+    /// waits until it answers; returns its id. The nodes started before keep their
+    /// `--peers` list without it across restarts, so what they know of it afterwards
+    /// they learned from the join.
+    pub fn add_joining_node(&mut self, via: u64) -> u64 {
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let others: Vec<u64> = self.ids();
+        for n in &mut self.nodes {
+            if n.static_peers.is_none() {
+                n.static_peers = Some(others.iter().copied().filter(|&o| o != n.id).collect());
+            }
+        }
+        let via_api = self.node(via).api_addr;
+        let dir = self.dir.path().join(format!("node{id}"));
+        let mut last = String::new();
+        for _attempt in 0..5 {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("create node dir");
+            let listeners: Vec<TcpListener> =
+                (0..3).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")).collect();
+            let addr = |i: usize| listeners[i].local_addr().expect("local_addr");
+            let node = ClusterNode {
+                id,
+                nbd_addr: addr(0),
+                api_addr: addr(1),
+                peer_addr: addr(2),
+                dir: dir.clone(),
+                child: None,
+                static_peers: Some(Vec::new()),
+                join: Some(via_api),
+            };
+            drop(listeners);
+            self.nodes.retain(|n| n.id != id);
+            self.nodes.push(node);
+            match self.spawn(id).and_then(|()| self.wait_healthy(id)) {
+                Ok(()) => return id,
+                Err(e)
+                    if e.contains("cannot listen")
+                        || e.contains("in use")
+                        || e.contains("another process") =>
+                {
+                    last = e
+                }
+                Err(e) => panic!("node {id} did not join through node {via}: {e}"),
+            }
+        }
+        panic!("node {id} kept failing to bind: {last}");
+    }
+
+    /// The peers node `id` reports in `GET /v1/node`, as "ID@HOST:PORT".
+    pub fn try_peers(&self, id: u64) -> Result<Vec<String>, String> {
+        match http_get(self.node(id).api_addr, "/v1/node") {
+            Ok((200, body)) => {
+                let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+                let peers = v["peers"].as_array().ok_or_else(|| format!("no peers in {body}"))?;
+                Ok(peers.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
+            }
+            Ok((code, body)) => Err(format!("node {id}: HTTP {code}: {body}")),
+            Err(e) => Err(format!("node {id}: {e}")),
+        }
+    }
+
+    /// Every node's "ID@PEER_ADDR" except `id`'s, sorted by id: what `id` should list.
+    pub fn expected_peers(&self, id: u64) -> Vec<String> {
+        let mut nodes: Vec<&ClusterNode> = self.nodes.iter().filter(|n| n.id != id).collect();
+        nodes.sort_by_key(|n| n.id);
+        nodes.iter().map(|n| format!("{}@{}", n.id, n.peer_addr)).collect()
+    }
+
     fn spawn(&mut self, id: u64) -> Result<(), String> {
-        let peers: Vec<String> =
-            self.nodes.iter().filter(|n| n.id != id).map(|n| format!("{}@{}", n.id, n.peer_addr)).collect();
+        let static_peers = self.node(id).static_peers.clone();
+        let peers: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.id != id && static_peers.as_ref().is_none_or(|s| s.contains(&n.id)))
+            .map(|n| format!("{}@{}", n.id, n.peer_addr))
+            .collect();
         let (daemon_bin, extra) = (self.daemon_bin.clone(), self.extra_args.clone());
         let node = self.node_mut(id);
         assert!(node.child.is_none(), "node {id} is already running");
+        let join = node.join.take();
         let mut cmd = daemon_command(
             &daemon_bin,
             &node.log_path(),
@@ -989,6 +1070,7 @@ impl Cluster {
             .arg("--peer-listen")
             .arg(node.peer_addr.to_string())
             .arg(format!("--peers={}", peers.join(",")))
+            .args(join.map(|a| format!("--join={a}")))
             .args(["--tick-ms", "50", "--fault-injection", "true", "--bootstrap-volumes", "none"])
             // The fault tests pin the leader where they put it; a test of the leader moving
             // to its client's node turns this back on.

@@ -10,7 +10,10 @@ use clap::Parser;
 use raftblk_blockdev::nbd::NbdServer;
 use raftblk_blockdev::store::{EngineKind, IoEngine};
 use raftblk_daemon::api::{self, ApiState, NodeInfo};
-use raftblk_daemon::config::{Config, IoEngineSetting, LogFormat, Overrides, DEFAULT_CONFIG_TOML};
+use raftblk_daemon::config::{
+    join_target, Config, IoEngineSetting, LogFormat, Overrides, DEFAULT_CONFIG_TOML,
+};
+use raftblk_daemon::membership::{JoinAnswer, JoinRequest, Membership};
 use raftblk_daemon::metrics::Metrics;
 use raftblk_daemon::size::parse_size;
 use raftblk_daemon::volumes::VolumeManager;
@@ -21,8 +24,20 @@ use raftblk_replication::wal::record::NodeId;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// Identifies raftblk clusters on the peer transport (one cluster per peer list).
+/// Identifies raftblk clusters on the peer transport. Every cluster formed from static
+/// peer lists uses this one value (nodes started independently have no way to agree on
+/// another); a node that joins takes whatever id the member it joined through answers,
+/// and keeps it in `<data_dir>/cluster.json`.
 const CLUSTER_ID: u64 = 0x7261_6674_626c_6b31;
+
+/// How long one join attempt waits for the member's answer (the member may spend a few
+/// seconds telling every other member before it answers).
+const JOIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest pause between join attempts.
+const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A node that is already a member retries a join only this long before starting with
+/// the members it remembers: the join then only refreshes them.
+const REJOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long shutdown waits for in-flight NBD requests before giving up on them.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,7 +99,17 @@ async fn run(config: Config) -> Result<()> {
     tracing::info!(engine = engine.name(), ring_threads = config.storage.ring_threads, "I/O engine ready");
 
     let metrics = Arc::new(Metrics::new()?);
-    let replication = start_replication(&config).await?;
+    let membership = Arc::new(
+        Membership::open(&config.data_dir, config.cluster.node_id, CLUSTER_ID)
+            .context("loading the cluster membership")?,
+    );
+    // Asked before the static peers are recorded, which creates the file on a new node.
+    let was_member = membership.was_member();
+    membership.merge_static(&config.cluster.peer_list()).context("recording cluster.peers")?;
+    if !config.cluster.join.is_empty() {
+        join(&config, &membership, was_member).await?;
+    }
+    let replication = start_replication(&config, &membership).await?;
     let volumes = VolumeManager::open(&config.data_dir, engine, metrics.clone(), replication.clone())
         .await
         .with_context(|| format!("opening volumes in {}", config.data_dir.display()))?;
@@ -92,10 +117,12 @@ async fn run(config: Config) -> Result<()> {
     let shutdown = CancellationToken::new();
     let mut sync_task = None;
     if let Some(node) = &replication {
-        raftblk_daemon::cluster::install_handler(node, volumes.clone());
+        membership.attach(node.clone());
+        raftblk_daemon::cluster::install_handler(node, volumes.clone(), membership.clone());
         sync_task = Some(tokio::spawn(raftblk_daemon::cluster::sync_loop(
             node.clone(),
             volumes.clone(),
+            membership.clone(),
             shutdown.clone(),
         )));
     }
@@ -128,9 +155,12 @@ async fn run(config: Config) -> Result<()> {
             nbd_socket: socket_path.display().to_string(),
             data_dir: config.data_dir.display().to_string(),
             node_id: replication.as_ref().map(|n| n.node_id().0),
-            peers: config.cluster.peers.clone(),
+            // Filled in per request from the membership (nodes join while this runs).
+            peers: Vec::new(),
+            cluster_id: None,
         },
         fault_injection: config.cluster.fault_injection,
+        cluster: replication.as_ref().map(|_| membership.clone()),
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
@@ -178,19 +208,19 @@ async fn run(config: Config) -> Result<()> {
     Ok(())
 }
 
-/// Starts the replication engine when the node has peers; a node alone serves its
-/// volumes straight from their files.
-async fn start_replication(config: &Config) -> Result<Option<ReplicationNode>> {
-    let peers = config.cluster.peer_list();
+/// Starts the replication engine when the node has peers (static, joined or
+/// remembered); a node alone serves its volumes straight from their files.
+async fn start_replication(config: &Config, membership: &Membership) -> Result<Option<ReplicationNode>> {
+    let peers = membership.peers();
     if peers.is_empty() {
         return Ok(None);
     }
     let c = &config.cluster;
     let node_config = NodeConfig {
         node_id: NodeId(c.node_id),
-        cluster: ClusterId(CLUSTER_ID),
+        cluster: ClusterId(membership.cluster_id()),
         peer_listen: c.peer_listen,
-        peers: peers.iter().map(|p| (NodeId(p.id), p.addr)).collect(),
+        peers: peers.iter().map(|p| (NodeId(p.id), p.peer_addr)).collect(),
         wal_dir: config.data_dir.join("wal"),
         wal_engine: match config.storage.wal_engine {
             IoEngineSetting::Auto => WalEngine::Auto,
@@ -209,8 +239,121 @@ async fn start_replication(config: &Config) -> Result<Option<ReplicationNode>> {
     let node = ReplicationNode::start(node_config)
         .await
         .with_context(|| format!("starting replication (node {}, peers on {})", c.node_id, c.peer_listen))?;
-    tracing::info!(node_id = c.node_id, peer_listen = %c.peer_listen, peers = ?c.peers, "replication started");
+    let peers: Vec<String> = peers.iter().map(|p| format!("{}@{}", p.id, p.peer_addr)).collect();
+    tracing::info!(node_id = c.node_id, peer_listen = %c.peer_listen, ?peers, "replication started");
     Ok(Some(node))
+}
+
+/// Joins the cluster through the member API named by `cluster.join` and records the
+/// members it answers with. An unreachable member is retried with backoff for
+/// `cluster.join_timeout_ms`; a refusal (a 4xx answer) ends at once, since asking
+/// again would get the same answer. A node that was a member before this start
+/// (`was_member`: it had `cluster.json`) tries only briefly and otherwise starts with
+/// what it remembers.
+async fn join(config: &Config, membership: &Membership, was_member: bool) -> Result<()> {
+    let c = &config.cluster;
+    let base = join_target(&c.join).map_err(|e| anyhow::anyhow!("cluster.join: {e}"))?;
+    let budget = if was_member {
+        REJOIN_TIMEOUT.min(Duration::from_millis(c.join_timeout_ms))
+    } else {
+        Duration::from_millis(c.join_timeout_ms)
+    };
+    let request = JoinRequest { node_id: c.node_id, peer_addr: c.peer_listen };
+    tracing::info!(via = %base, node_id = c.node_id, peer_addr = %c.peer_listen, "joining the cluster");
+    let url = format!("{base}/v1/cluster/join");
+    let attempt = tokio::task::spawn_blocking(move || join_with_retries(&url, request, budget))
+        .await
+        .context("the join task failed")?;
+    let mut answer = match attempt {
+        Ok(answer) => answer,
+        Err(JoinFailure::Unreachable(e)) if was_member => {
+            tracing::warn!(
+                via = %base,
+                error = %e,
+                "cannot reach the member to re-join; starting with the members in cluster.json"
+            );
+            return Ok(());
+        }
+        Err(JoinFailure::Unreachable(e)) => bail!(
+            "cannot join through {base}: no answer within {budget:?} (last error: {e}). Check that \
+             cluster.join / --join is a running member's HTTP API address (its api.listen, default \
+             port 10810, not its peer_listen), that the member's API listens on an address this host \
+             can reach (the default 127.0.0.1 only takes local connections), and that no firewall is in the way"
+        ),
+        Err(JoinFailure::Refused(e)) => bail!("the member at {base} refused the join: {e}"),
+    };
+    if was_member && answer.cluster_id != membership.cluster_id() {
+        bail!(
+            "the member at {base} is in cluster {:#x}, but this data directory belongs to cluster {:#x} \
+             ({}); use an empty data directory to join another cluster",
+            answer.cluster_id,
+            membership.cluster_id(),
+            config.data_dir.join(raftblk_daemon::membership::MEMBERSHIP_FILE).display()
+        );
+    }
+    // A member that listens on 0.0.0.0 reports that as its own address; the host the
+    // join went to is the best guess at where it is reachable.
+    let join_host: Option<std::net::IpAddr> = base
+        .trim_start_matches("http://")
+        .rsplit_once(':')
+        .and_then(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').parse().ok());
+    for m in &mut answer.members {
+        if m.peer_addr.ip().is_unspecified() {
+            match join_host {
+                Some(ip) => m.peer_addr.set_ip(ip),
+                None => {
+                    tracing::warn!(member = m.id, addr = %m.peer_addr, "member reports an unspecified peer address; it will be unreachable until it is given a real one")
+                }
+            }
+        }
+    }
+    membership.adopt(&answer).context("recording the cluster members")?;
+    let peers: Vec<String> = membership.peers().iter().map(|p| format!("{}@{}", p.id, p.peer_addr)).collect();
+    tracing::info!(via = %base, cluster_id = answer.cluster_id, ?peers, "joined the cluster");
+    Ok(())
+}
+
+/// Why [`join_with_retries`] gave up.
+enum JoinFailure {
+    /// No answer (or a 5xx) until the budget ran out.
+    Unreachable(String),
+    /// The member answered with a refusal.
+    Refused(String),
+}
+
+fn join_with_retries(url: &str, request: JoinRequest, budget: Duration) -> Result<JoinAnswer, JoinFailure> {
+    let agent = ureq::AgentBuilder::new().timeout(JOIN_ATTEMPT_TIMEOUT).build();
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let last = match agent.post(url).send_json(request) {
+            Ok(resp) => {
+                return resp
+                    .into_json::<JoinAnswer>()
+                    .map_err(|e| JoinFailure::Refused(format!("its answer is not a member list: {e}")))
+            }
+            Err(ureq::Error::Status(code, resp)) if code < 500 => {
+                let body = resp.into_string().unwrap_or_default();
+                let message = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string))
+                    .unwrap_or(body);
+                return Err(JoinFailure::Refused(format!("HTTP {code}: {message}")));
+            }
+            Err(ureq::Error::Status(code, resp)) => {
+                format!("HTTP {code}: {}", resp.into_string().unwrap_or_default())
+            }
+            Err(e) => e.to_string(),
+        };
+        let Some(left) = budget.checked_sub(started.elapsed()).filter(|l| !l.is_zero()) else {
+            return Err(JoinFailure::Unreachable(last));
+        };
+        // The last pause is cut short so one more attempt lands at the deadline.
+        let wait = pause.min(left);
+        tracing::info!(error = %last, retry_in = ?wait, "join attempt failed; retrying");
+        std::thread::sleep(wait);
+        pause = (pause * 2).min(JOIN_BACKOFF_MAX);
+    }
 }
 
 fn bind_unix(path: &std::path::Path) -> Result<tokio::net::UnixListener> {

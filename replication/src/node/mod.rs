@@ -362,6 +362,11 @@ impl ReplicationNode {
         self.inner.config.node_id
     }
 
+    /// The address peers connect to (the transport's, with the real port).
+    pub fn peer_listen(&self) -> SocketAddr {
+        self.inner.transport.local_addr()
+    }
+
     /// The I/O timeout.
     pub fn io_timeout(&self) -> Duration {
         self.inner.config.io_timeout
@@ -383,11 +388,26 @@ impl ReplicationNode {
         }
     }
 
-    /// Every other node's id.
+    /// Every other node's id, sorted. Read from the transport rather than the start-up
+    /// configuration, so nodes added later (`--join`) are included.
     pub fn peer_ids(&self) -> Vec<u64> {
-        let mut ids: Vec<u64> = self.inner.config.peers.keys().map(|n| n.0).collect();
+        let mut ids: Vec<u64> = self.inner.transport.peers().into_iter().map(|(n, _)| n.0).collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// Every other node and its peer address, sorted by id.
+    pub fn peers(&self) -> Vec<(u64, SocketAddr)> {
+        let mut peers: Vec<(u64, SocketAddr)> =
+            self.inner.transport.peers().into_iter().map(|(n, a)| (n.0, a)).collect();
+        peers.sort_unstable();
+        peers
+    }
+
+    /// Adds node `id` at `addr` as a peer, or points a known peer at `addr`. Raft groups
+    /// only talk to it once a volume's membership names it.
+    pub fn add_peer(&self, id: u64, addr: SocketAddr) -> Result<(), NodeError> {
+        Ok(self.inner.transport.add_peer(NodeId(id), addr)?)
     }
 
     /// The transport's fault injector (for tests).

@@ -33,9 +33,6 @@ const ENTRY_PAYLOAD_BYTES_MAX: usize = 8 << 20;
 const REQUEST_PAYLOAD_BYTES_MAX: usize = 32 << 20;
 /// How often each group's store is flushed and its applied index recorded.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
-/// How long a leader waits for a peer to confirm a snapshot before sending another (the
-/// message is tiny; the data is pulled afterwards, so confirmation is quick unless lost).
-const SNAPSHOT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
 
@@ -117,8 +114,6 @@ struct Slot {
     rebuild: Option<Rebuild>,
     /// What peers copying snapshot chunks from this store may rely on.
     servable: Arc<AtomicU64>,
-    /// Peers the leader sent a snapshot to, and since when it waits for their confirmation.
-    snapshot_waits: HashMap<u64, Instant>,
 }
 
 pub(super) struct Runner {
@@ -391,7 +386,6 @@ impl Runner {
                 broken: None,
                 rebuild: None,
                 servable,
-                snapshot_waits: HashMap::new(),
             },
         );
         match plan {
@@ -799,22 +793,12 @@ impl Runner {
         }
     }
 
-    /// Per tick: leaders resend snapshots nobody confirmed, and a replica that leads while
-    /// its store is being rebuilt hands leadership to a complete one.
+    /// Per tick: a replica that leads while its store is being rebuilt hands leadership to
+    /// a complete one.
     fn tick_groups(&mut self) {
         let me = self.config.node_id.0;
-        for (group, slot) in self.groups.iter_mut() {
+        for slot in self.groups.values_mut() {
             slot.driver.tick();
-            let waiting = slot.driver.peers_awaiting_snapshot();
-            slot.snapshot_waits.retain(|peer, _| waiting.contains(peer));
-            for peer in waiting {
-                let since = *slot.snapshot_waits.entry(peer).or_insert_with(Instant::now);
-                if since.elapsed() >= SNAPSHOT_CONFIRM_TIMEOUT {
-                    tracing::info!(%group, peer, "snapshot not confirmed; sending another");
-                    slot.driver.report_snapshot_failure(peer);
-                    slot.snapshot_waits.remove(&peer);
-                }
-            }
             if slot.rebuild.is_some() && slot.driver.is_leader() {
                 let status = slot.driver.raft_status();
                 let best = status

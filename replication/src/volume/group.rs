@@ -36,6 +36,11 @@ use crate::storage::{GroupStorage, StorageError};
 use crate::wal::disk::WalDisk;
 use crate::wal::record::GroupId;
 
+/// Ticks a leader waits for a peer to confirm a snapshot before sending another. The
+/// message is tiny and confirmed right after the peer's WAL sync (the data is pulled
+/// afterwards), so only a lost message takes this long.
+pub const SNAPSHOT_CONFIRM_TICKS: usize = 60;
+
 /// Most bytes of entries read back from the log at once by [`GroupDriver::committed_entries`].
 const REPLAY_READ_BYTES_MAX: u64 = 64 << 20;
 
@@ -156,6 +161,8 @@ pub struct GroupDriver<D: WalDisk> {
     applied: u64,
     /// Sender of the last snapshot message stepped.
     snapshot_from: u64,
+    /// Leader only: peers a snapshot was sent to, and ticks spent waiting for them to confirm.
+    snapshot_waits: BTreeMap<u64, usize>,
 }
 
 impl<D: WalDisk> std::fmt::Debug for GroupDriver<D> {
@@ -198,6 +205,7 @@ impl<D: WalDisk> GroupDriver<D> {
             handed_out: config.applied,
             applied: config.applied,
             snapshot_from: 0,
+            snapshot_waits: BTreeMap::new(),
         })
     }
 
@@ -290,9 +298,21 @@ impl<D: WalDisk> GroupDriver<D> {
         }
     }
 
-    /// Advances the logical clock by one tick.
+    /// Advances the logical clock by one tick. A leader also gives up on snapshots nobody
+    /// confirmed within [`SNAPSHOT_CONFIRM_TICKS`]: raft-rs waits for the peer forever
+    /// otherwise, and a lost snapshot message would leave the peer behind for good.
     pub fn tick(&mut self) {
         self.raw.tick();
+        let waiting = self.peers_awaiting_snapshot();
+        self.snapshot_waits.retain(|peer, _| waiting.contains(peer));
+        for peer in waiting {
+            let ticks = self.snapshot_waits.entry(peer).or_insert(0);
+            *ticks += 1;
+            if *ticks > SNAPSHOT_CONFIRM_TICKS {
+                self.snapshot_waits.remove(&peer);
+                self.raw.report_snapshot(peer, raft::SnapshotStatus::Failure);
+            }
+        }
     }
 
     /// Asks for a linearizable read; it shows up in [`Applied::reads`] once the local store
@@ -440,11 +460,6 @@ impl<D: WalDisk> GroupDriver<D> {
             .collect();
         ids.sort_unstable();
         ids
-    }
-
-    /// Tells raft-rs that a snapshot sent to `to` was lost, so it sends another.
-    pub fn report_snapshot_failure(&mut self, to: u64) {
-        self.raw.report_snapshot(to, raft::SnapshotStatus::Failure);
     }
 
     /// Drops this node's log below `to` (entries the store has durably applied).

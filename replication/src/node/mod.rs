@@ -90,6 +90,16 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// How long a leader serves reads after a quorum confirmed its leadership (see
+    /// `GroupDriver::read`): no follower can elect another leader within
+    /// `(election_ticks - 1) × tick` of that confirmation, and 20 % of that is left as
+    /// margin for clocks that run at different rates on different nodes (monotonic clocks
+    /// drift by parts per million; the margin also covers a runner that stalls).
+    pub fn read_lease_ms(&self) -> u64 {
+        let bound = (self.election_ticks.max(2) as u64 - 1) * self.tick.as_millis() as u64;
+        bound * 4 / 5
+    }
+
     /// Defaults for the tuning fields; identity and addresses still have to be set.
     pub const LOG_RETAIN_ENTRIES_DEFAULT: u64 = 1024;
     /// See [`NodeConfig::log_retain_bytes`].

@@ -128,6 +128,8 @@ pub(super) struct Runner {
     groups: HashMap<GroupId, Slot>,
     next_request: u64,
     rng: u64,
+    /// The monotonic clock read leases are measured in.
+    clock: Instant,
 }
 
 fn fail<T>(tx: Reply<T>, e: NodeError) {
@@ -159,6 +161,7 @@ impl Runner {
             groups: HashMap::new(),
             next_request: 0,
             rng: seed | 1,
+            clock: Instant::now(),
         }
     }
 
@@ -356,14 +359,16 @@ impl Runner {
             }
             OpenPlan::Rebuild { index, .. } => index,
         };
-        let base = self.config.election_ticks.max(2);
-        let election_tick = base + (self.random() % base as u64) as usize;
+        let election_tick = self.config.election_ticks.max(2);
+        let seed = self.random();
         let cfg = GroupConfig {
             node_id: self.config.node_id.0,
             group,
             election_tick,
+            seed,
             heartbeat_tick: self.config.heartbeat_ticks,
             applied,
+            read_lease_ms: self.config.read_lease_ms(),
         };
         let driver = GroupDriver::new(&cfg, storage).map_err(|e| internal(&e))?;
         tracing::info!(%group, applied, election_tick, ?plan, "replica opened");
@@ -485,6 +490,7 @@ impl Runner {
     /// Turns queued writes into proposals (batched into few entries) and queued reads
     /// into one ReadIndex request per group.
     fn propose(&mut self) {
+        let now_ms = self.clock.elapsed().as_millis() as u64;
         let ids: Vec<GroupId> = self.groups.keys().copied().collect();
         for group in ids {
             let mut writes = match self.groups.get_mut(&group) {
@@ -537,7 +543,7 @@ impl Runner {
             };
             let id = self.request_id();
             if let Some(slot) = self.groups.get_mut(&group) {
-                slot.driver.read_index(id);
+                slot.driver.read(id, now_ms);
                 slot.reads.insert(id, reads);
             }
         }

@@ -46,6 +46,9 @@ const BLOCKS: u64 = 8;
 const OP_TIMEOUT_TICKS: u64 = 40;
 /// Entries kept below each node's checkpoint (tiny, so snapshots happen).
 const LOG_RETAIN_ENTRIES: u64 = 3;
+/// Read lease in steps (the clock here): followers' election timeouts are at least 10 ticks,
+/// at most one per step, so the bound is 9; 80 % of it as in production.
+const READ_LEASE_STEPS: u64 = 7;
 /// Ticks between a node's checkpoints (plus a random part).
 const CHECKPOINT_TICKS: u64 = 12;
 
@@ -166,6 +169,8 @@ pub struct SimOptions {
     /// Test hook: finish a rebuild without replaying the log after the snapshot index over
     /// the fuzzy copy (a bug the run must catch).
     pub rebuild_without_replay: bool,
+    /// Leaders serve reads by a lease of this many steps (0: always ReadIndex).
+    pub read_lease_steps: u64,
 }
 
 struct Sim {
@@ -188,6 +193,15 @@ struct Sim {
     acked_writes: u64,
     reads_ok: u64,
     crashes: u64,
+}
+
+/// Prints the run's events when `SIM_TRACE` is set (for replaying one seed).
+macro_rules! trace {
+    ($($arg:tt)*) => {
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!($($arg)*);
+        }
+    };
 }
 
 fn fail(seed: u64, what: String) -> ! {
@@ -259,7 +273,7 @@ impl Sim {
     /// (Re)starts node `i` from its WAL and what its store kept: the checkpoint, plus any
     /// later block the crash happened to leave on disk.
     fn start(&mut self, i: usize) {
-        let election_tick = 10 + self.rng.below(10) as usize;
+        let seed = self.rng.next();
         let keep: Vec<bool> = (0..BLOCKS).map(|_| self.rng.chance(50)).collect();
         let n = &mut self.nodes[i];
         let wal = Wal::open(n.disk.clone(), WalOptions { segment_target_bytes: 64 << 10 }).expect("reopen");
@@ -285,8 +299,16 @@ impl Sim {
             }
         };
         n.applied = applied;
-        let cfg =
-            GroupConfig { node_id: i as u64 + 1, group: GROUP, election_tick, heartbeat_tick: 3, applied };
+        trace!("t{} start n{} plan {plan:?} checkpointed {}", self.now, i + 1, n.checkpointed);
+        let cfg = GroupConfig {
+            node_id: i as u64 + 1,
+            group: GROUP,
+            election_tick: 10,
+            seed,
+            heartbeat_tick: 3,
+            applied,
+            read_lease_ms: self.opts.read_lease_steps,
+        };
         n.driver = Some(GroupDriver::new(&cfg, st).expect("driver"));
     }
 
@@ -299,6 +321,7 @@ impl Sim {
         }
         n.durable = copy_store(&n.store);
         n.checkpointed = n.applied;
+        trace!("t{} n{} checkpoint {}", self.now, i + 1, n.checkpointed);
         let to = (n.checkpointed + 1).saturating_sub(LOG_RETAIN_ENTRIES);
         if to > d.storage().meta().snapshot_index + 1 {
             d.compact(to).expect("compact");
@@ -334,6 +357,13 @@ impl Sim {
                 let (a, b) = self.nodes.split_at_mut(i);
                 (&a[j], &mut b[0])
             };
+            trace!(
+                "t{} n{} copies block {next} from n{} (applied {}) for index {index}",
+                self.now,
+                i + 1,
+                j + 1,
+                src.applied
+            );
             copy_block(&src.store, &dst.store, next);
             copy_block(&src.store, &dst.durable, next);
             dst.rebuild = Some((index, next + 1));
@@ -352,6 +382,7 @@ impl Sim {
             }))
             .expect("replay");
         }
+        trace!("t{} n{} rebuilt at {index}, replayed to {handed_out}", self.now, i + 1);
         n.applied = handed_out;
         n.rebuild = None;
         self.checkpoint(i);
@@ -360,6 +391,7 @@ impl Sim {
     }
 
     fn crash(&mut self, i: usize) {
+        trace!("t{} crash n{}", self.now, i + 1);
         let n = &mut self.nodes[i];
         n.driver = None;
         n.disk.crash();
@@ -421,6 +453,7 @@ impl Sim {
             n.rebuild = Some((snap.index, 0));
             n.applied = snap.index;
             n.snapshots += 1;
+            trace!("t{} n{} installs snapshot {} from n{}", self.now, i + 1, snap.index, snap.from);
         }
         self.send(i, a.messages);
         if self.faults && self.rng.chance(1) {
@@ -446,6 +479,20 @@ impl Sim {
             }))
             .expect("apply");
             assert!(out.iter().all(|o| *o == ApplyOutcome::Done));
+            trace!(
+                "t{} n{} applies {} {:?}",
+                self.now,
+                i + 1,
+                e.index,
+                e.commands
+                    .iter()
+                    .map(|c| match c {
+                        Command::Write { offset, data } =>
+                            format!("W{}={:?}", offset / BLOCK_BYTES, value_of(data)),
+                        other => format!("{other:?}"),
+                    })
+                    .collect::<Vec<_>>()
+            );
             n.applied = e.index;
         }
         self.complete_applied(i);
@@ -543,7 +590,9 @@ impl Sim {
                     self.complete(id, None);
                 }
             }
-            OpKind::Read => d.read_index(RequestId(id)),
+            OpKind::Read => {
+                let _ = d.read(RequestId(id), self.now);
+            }
         }
     }
 
@@ -666,13 +715,18 @@ impl Sim {
         if !self.ops.is_empty() {
             self.seed_fail("final reads never completed".into());
         }
-        let state = |sim: &Sim| -> Vec<(u64, u64)> {
+        // (commit, applied, rebuilding): a rebuilding store has applied nothing yet.
+        let state = |sim: &Sim| -> Vec<(u64, u64, bool)> {
             sim.nodes
                 .iter()
-                .map(|n| n.driver.as_ref().map_or((0, 0), |d| (d.commit_index(), d.applied_index())))
+                .map(|n| {
+                    n.driver
+                        .as_ref()
+                        .map_or((0, 0, false), |d| (d.commit_index(), d.applied_index(), n.rebuild.is_some()))
+                })
                 .collect()
         };
-        let converged = |c: &[(u64, u64)]| c.iter().all(|x| *x == c[0] && x.0 == x.1);
+        let converged = |c: &[(u64, u64, bool)]| c.iter().all(|x| *x == c[0] && x.0 == x.1 && !x.2);
         let mut budget = 1000;
         while !converged(&state(self)) && budget > 0 {
             self.step();
@@ -681,7 +735,9 @@ impl Sim {
         let commits = state(self);
         if !converged(&commits) {
             let leaders: Vec<String> = self.nodes.iter().map(|n| format!("{:?}", n.driver)).collect();
-            self.seed_fail(format!("replicas did not converge: (commit, applied) {commits:?} {leaders:?}"));
+            self.seed_fail(format!(
+                "replicas did not converge: (commit, applied, rebuilding) {commits:?} {leaders:?}"
+            ));
         }
         let images: Vec<Bytes> = self
             .nodes
@@ -690,7 +746,16 @@ impl Sim {
             .collect();
         for (i, img) in images.iter().enumerate() {
             if *img != images[0] {
-                self.seed_fail(format!("replica {} differs from replica 1 after healing", i + 1));
+                let blocks: Vec<String> = (0..BLOCKS as usize)
+                    .map(|b| {
+                        let r = b * BLOCK_BYTES as usize..(b + 1) * BLOCK_BYTES as usize;
+                        format!("{:?}", images.iter().map(|im| value_of(&im[r.clone()])).collect::<Vec<_>>())
+                    })
+                    .collect();
+                self.seed_fail(format!(
+                    "replica {} differs from replica 1 after healing; per block, each replica's value: {blocks:?}",
+                    i + 1
+                ));
             }
         }
     }
@@ -732,6 +797,7 @@ pub fn options_for(seed: u64) -> SimOptions {
         ops: 60,
         ack_before_commit: false,
         rebuild_without_replay: false,
+        read_lease_steps: if seed % 2 == 0 { READ_LEASE_STEPS } else { 0 },
     }
 }
 
@@ -783,6 +849,67 @@ mod tests {
             std::panic::catch_unwind(|| run_seed(seed, opts)).is_err()
         });
         assert!(caught, "the simulator did not catch writes acknowledged before commit");
+    }
+
+    /// Gives the leader a lease, cuts it off from everyone, and reports whether another
+    /// node became leader while the old one still held its lease.
+    fn lease_overlaps_a_new_leader(seed: u64, lease_steps: u64) -> bool {
+        SEED.with(|s| *s.borrow_mut() = seed);
+        let mut sim = Sim::new(seed, SimOptions { read_lease_steps: lease_steps, ..options_for(seed) });
+        sim.faults = false;
+        let mut probe = 1 << 40;
+        let old = (0..400)
+            .find_map(|_| {
+                sim.step();
+                let now = sim.now;
+                let (i, d) = sim
+                    .nodes
+                    .iter_mut()
+                    .enumerate()
+                    .find_map(|(i, n)| n.driver.as_mut().filter(|d| d.is_leader()).map(|d| (i, d)))?;
+                probe += 1;
+                let _ = d.read(RequestId(probe), now);
+                d.holds_lease(now).then_some(i)
+            })
+            .expect("a leader with a lease");
+        sim.partition = Some((0..sim.nodes.len()).map(|i| i == old).collect());
+        for _ in 0..200 {
+            sim.step();
+            let now = sim.now;
+            let new_leader = sim
+                .nodes
+                .iter()
+                .enumerate()
+                .any(|(i, n)| i != old && n.driver.as_ref().is_some_and(|d| d.is_leader()));
+            if new_leader {
+                return sim.nodes[old].driver.as_ref().is_some_and(|d| d.holds_lease(now));
+            }
+        }
+        let states: Vec<String> = sim
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{:?} {:?} rebuild {:?}",
+                    n.driver,
+                    n.driver.as_ref().map(|d| d.raft_status()),
+                    n.rebuild
+                )
+            })
+            .collect();
+        panic!("seed {seed}: no new leader after the partition of node {}: {states:?}", old + 1);
+    }
+
+    #[test]
+    fn read_leases_end_before_a_new_leader_can_exist() {
+        for seed in 0..40 {
+            assert!(!lease_overlaps_a_new_leader(seed, READ_LEASE_STEPS), "seed {seed}: leases overlap");
+        }
+        // The check has teeth: a lease longer than the election timeout overlaps.
+        assert!(
+            (0..40).any(|seed| lease_overlaps_a_new_leader(seed, 40)),
+            "an overlong lease never overlapped a new leader"
+        );
     }
 
     #[test]

@@ -36,6 +36,10 @@ use crate::storage::{GroupStorage, StorageError};
 use crate::wal::disk::WalDisk;
 use crate::wal::record::GroupId;
 
+/// Request contexts with this bit set are lease renewals, not client reads (client request
+/// ids are counters far below it).
+const LEASE_PROBE_BIT: u64 = 1 << 63;
+
 /// Ticks a leader waits for a peer to confirm a snapshot before sending another. The
 /// message is tiny and confirmed right after the peer's WAL sync (the data is pulled
 /// afterwards), so only a lost message takes this long.
@@ -75,14 +79,21 @@ pub struct GroupConfig {
     pub node_id: u64,
     /// The group (volume).
     pub group: GroupId,
-    /// Ticks without a leader before campaigning. The timeout is exactly this many ticks:
-    /// raft-rs would otherwise draw it from a thread-local RNG, which the simulator cannot
-    /// seed, so the caller spreads timeouts between nodes instead.
+    /// Ticks without a leader before campaigning, at least: each timeout is drawn from
+    /// `[election_tick, 2 × election_tick)` with a generator seeded by `seed` (raft-rs would
+    /// draw from a thread-local RNG, which the simulator cannot seed). Drawing anew after
+    /// every election keeps two candidates from splitting the vote forever.
     pub election_tick: usize,
+    /// Seed of the election timeout draws (differs between nodes).
+    pub seed: u64,
     /// Ticks between heartbeats.
     pub heartbeat_tick: usize,
     /// Index already applied to the local store (raft-rs re-delivers what follows).
     pub applied: u64,
+    /// How long a leader may serve reads without a heartbeat round after a quorum confirmed
+    /// its leadership, in the caller's clock (0: always ReadIndex). See [`GroupDriver::read`]
+    /// for the bound it must respect.
+    pub read_lease_ms: u64,
 }
 
 /// A committed entry to apply to the volume's store.
@@ -163,6 +174,27 @@ pub struct GroupDriver<D: WalDisk> {
     snapshot_from: u64,
     /// Leader only: peers a snapshot was sent to, and ticks spent waiting for them to confirm.
     snapshot_waits: BTreeMap<u64, usize>,
+    read_lease_ms: u64,
+    /// Until when (caller's clock) leadership is certain without asking a quorum.
+    lease_until_ms: u64,
+    /// ReadIndex requests in flight: request context → (term, when issued).
+    lease_probes: BTreeMap<u64, (u64, u64)>,
+    next_probe: u64,
+    /// xorshift64 state for election timeouts.
+    rng: u64,
+    /// (term, role) when the election timeout was last drawn.
+    drawn_for: (u64, StateRole),
+    /// Election timeouts are drawn from `min..max` ticks.
+    election_range: (usize, usize),
+}
+
+/// How a read was started by [`GroupDriver::read`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPath {
+    /// Within the leader's lease: it completes once the store applies the commit index.
+    Lease,
+    /// Through ReadIndex: it completes after a heartbeat round and the apply.
+    ReadIndex,
 }
 
 impl<D: WalDisk> std::fmt::Debug for GroupDriver<D> {
@@ -182,7 +214,7 @@ impl<D: WalDisk> GroupDriver<D> {
             id: config.node_id,
             election_tick: config.election_tick,
             min_election_tick: config.election_tick,
-            max_election_tick: config.election_tick + 1,
+            max_election_tick: 2 * config.election_tick,
             heartbeat_tick: config.heartbeat_tick,
             applied: config.applied,
             max_size_per_msg: 1 << 20,
@@ -194,7 +226,7 @@ impl<D: WalDisk> GroupDriver<D> {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut raw = RawNode::new(&cfg, storage, &logger)?;
         raw.mut_store().set_snapshot_point(config.applied);
-        Ok(GroupDriver {
+        let mut driver = GroupDriver {
             raw,
             proposals: BTreeMap::new(),
             committed_proposals: BTreeMap::new(),
@@ -206,11 +238,22 @@ impl<D: WalDisk> GroupDriver<D> {
             applied: config.applied,
             snapshot_from: 0,
             snapshot_waits: BTreeMap::new(),
-        })
+            read_lease_ms: config.read_lease_ms,
+            lease_until_ms: 0,
+            lease_probes: BTreeMap::new(),
+            next_probe: 0,
+            rng: config.seed | 1,
+            drawn_for: (u64::MAX, StateRole::Follower),
+            election_range: (config.election_tick, 2 * config.election_tick),
+        };
+        driver.redraw_election_timeout();
+        Ok(driver)
     }
 
-    /// Asks raft-rs to hand leadership to `to` (only acts on the leader).
+    /// Asks raft-rs to hand leadership to `to` (only acts on the leader). Ends the read
+    /// lease: the target campaigns at once, without waiting out any election timeout.
     pub fn transfer_leader(&mut self, to: u64) {
+        self.lease_until_ms = 0;
         self.raw.transfer_leader(to);
     }
 
@@ -292,10 +335,28 @@ impl<D: WalDisk> GroupDriver<D> {
         if message.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
             self.snapshot_from = message.from;
         }
-        match self.raw.step(message) {
+        let r = match self.raw.step(message) {
             Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => Ok(()),
             Err(e) => Err(e.into()),
+        };
+        self.redraw_election_timeout();
+        r
+    }
+
+    /// raft-rs redraws the election timeout (from its own RNG) whenever the term or role
+    /// changes; replace the draw with ours before the next tick can consult it.
+    fn redraw_election_timeout(&mut self) {
+        let now = (self.raw.raft.term, self.raw.raft.state);
+        if now == self.drawn_for {
+            return;
         }
+        self.drawn_for = now;
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let (min, max) = self.election_range;
+        let span = (max - min).max(1) as u64;
+        self.raw.raft.set_randomized_election_timeout(min + (self.rng % span) as usize);
     }
 
     /// Advances the logical clock by one tick. A leader also gives up on snapshots nobody
@@ -303,6 +364,7 @@ impl<D: WalDisk> GroupDriver<D> {
     /// otherwise, and a lost snapshot message would leave the peer behind for good.
     pub fn tick(&mut self) {
         self.raw.tick();
+        self.redraw_election_timeout();
         let waiting = self.peers_awaiting_snapshot();
         self.snapshot_waits.retain(|peer, _| waiting.contains(peer));
         for peer in waiting {
@@ -320,6 +382,54 @@ impl<D: WalDisk> GroupDriver<D> {
     /// to a leader change never shows up: the caller times out and retries.
     pub fn read_index(&mut self, request: RequestId) {
         self.raw.read_index(request.0.to_le_bytes().to_vec());
+    }
+
+    /// Starts a linearizable read at time `now_ms` (the caller's monotonic clock), by lease
+    /// when the leader holds one, else by ReadIndex; either way it shows up in
+    /// [`Applied::reads`].
+    ///
+    /// # The lease and its clock bound
+    ///
+    /// When a ReadIndex request issued at `t` completes, a quorum acknowledged this leader's
+    /// heartbeat sent at or after `t`. With `check_quorum`, each of those followers refuses
+    /// to vote for anyone else until its election timer expires, which takes at least
+    /// `election_tick - 1` of its ticks after it received that heartbeat (a tick may fire
+    /// right after the receipt). So no other leader can exist before
+    /// `t + (election_tick - 1) × tick` in the followers' clocks. The leader serves reads
+    /// locally until `t + read_lease_ms`; the caller picks `read_lease_ms` below that bound
+    /// with a margin for clock rate differences between nodes (raftblk: 20 %, see
+    /// `NodeConfig`). Leader transfers end the lease (the target campaigns at once), and a
+    /// leader reads by lease only once it committed an entry of its own term, so its
+    /// commit index covers every acknowledged write.
+    pub fn read(&mut self, request: RequestId, now_ms: u64) -> ReadPath {
+        let lease_ok = self.is_leader()
+            && self.raw.raft.lead_transferee.is_none()
+            && now_ms < self.lease_until_ms
+            && self.raw.raft.raft_log.term(self.commit_index()).ok() == Some(self.raw.raft.term);
+        if !lease_ok {
+            self.probe(request.0, now_ms);
+            return ReadPath::ReadIndex;
+        }
+        self.reads.push((self.commit_index(), request));
+        // Renew ahead of expiry, so a steady stream of reads never waits for a round.
+        let half = self.read_lease_ms / 2;
+        if self.lease_until_ms.saturating_sub(now_ms) < half && self.lease_probes.is_empty() {
+            self.next_probe += 1;
+            self.probe(LEASE_PROBE_BIT | self.next_probe, now_ms);
+        }
+        ReadPath::Lease
+    }
+
+    fn probe(&mut self, ctx: u64, now_ms: u64) {
+        if self.read_lease_ms > 0 && self.is_leader() {
+            self.lease_probes.insert(ctx, (self.raw.raft.term, now_ms));
+        }
+        self.raw.read_index(ctx.to_le_bytes().to_vec());
+    }
+
+    /// Whether a read started now would be served by lease (for tests and status).
+    pub fn holds_lease(&self, now_ms: u64) -> bool {
+        self.is_leader() && now_ms < self.lease_until_ms
     }
 
     /// Whether [`GroupDriver::collect`] has anything to do.
@@ -391,6 +501,10 @@ impl<D: WalDisk> GroupDriver<D> {
                 self.leader = ss.leader_id;
                 out.leader_changed = Some(ss.leader_id);
             }
+            if ss.raft_state != StateRole::Leader {
+                self.lease_until_ms = 0;
+                self.lease_probes.clear();
+            }
         }
         if !rd.snapshot().is_empty() {
             let index = rd.snapshot().get_metadata().index;
@@ -409,8 +523,15 @@ impl<D: WalDisk> GroupDriver<D> {
             out.snapshot = Some(InstalledSnapshot { index, from: self.snapshot_from });
         }
         for rs in rd.take_read_states() {
-            if let Ok(b) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) {
-                self.reads.push((rs.index, RequestId(u64::from_le_bytes(b))));
+            let Ok(b) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else { continue };
+            let ctx = u64::from_le_bytes(b);
+            if let Some((term, issued)) = self.lease_probes.remove(&ctx) {
+                if term == self.raw.raft.term && self.is_leader() && self.raw.raft.lead_transferee.is_none() {
+                    self.lease_until_ms = self.lease_until_ms.max(issued + self.read_lease_ms);
+                }
+            }
+            if ctx & LEASE_PROBE_BIT == 0 {
+                self.reads.push((rs.index, RequestId(ctx)));
             }
         }
         let committed = rd.take_committed_entries();

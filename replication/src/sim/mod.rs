@@ -797,7 +797,7 @@ pub fn options_for(seed: u64) -> SimOptions {
         ops: 60,
         ack_before_commit: false,
         rebuild_without_replay: false,
-        read_lease_steps: if seed % 2 == 0 { READ_LEASE_STEPS } else { 0 },
+        read_lease_steps: if seed.is_multiple_of(2) { READ_LEASE_STEPS } else { 0 },
     }
 }
 

@@ -70,6 +70,10 @@ pub struct Metrics {
     pub volume_allocated: IntGaugeVec,
     /// Open NBD connections per volume.
     pub volume_connections: IntGaugeVec,
+    /// Replication gauges of this node's copy, by volume and `kind` (see `Metrics::new`).
+    pub volume_raft: IntGaugeVec,
+    /// Bytes of the volume a rebuilding copy has yet to cover (0 when not rebuilding).
+    pub volume_rebuild_remaining: IntGaugeVec,
     /// Number of volumes on this node.
     pub volumes: IntGauge,
 }
@@ -122,6 +126,21 @@ impl Metrics {
             Opts::new("raftblk_volume_nbd_connections", "Open NBD connections to the volume"),
             &["volume"],
         )?;
+        let volume_raft = IntGaugeVec::new(
+            Opts::new(
+                "raftblk_volume_raft_index",
+                "Raft log positions of this node's copy: kind=commit, applied, log_first (older entries compacted); \
+                 applied far behind commit means a lagging copy",
+            ),
+            &["volume", "kind"],
+        )?;
+        let volume_rebuild_remaining = IntGaugeVec::new(
+            Opts::new(
+                "raftblk_volume_rebuild_remaining_bytes",
+                "Bytes of the volume this node's copy has yet to copy from its peers (0: not rebuilding)",
+            ),
+            &["volume"],
+        )?;
         let volumes = IntGauge::new("raftblk_volumes", "Volumes on this node")?;
         registry.register(Box::new(ops.clone()))?;
         registry.register(Box::new(errors.clone()))?;
@@ -130,6 +149,8 @@ impl Metrics {
         registry.register(Box::new(volume_size.clone()))?;
         registry.register(Box::new(volume_allocated.clone()))?;
         registry.register(Box::new(volume_connections.clone()))?;
+        registry.register(Box::new(volume_raft.clone()))?;
+        registry.register(Box::new(volume_rebuild_remaining.clone()))?;
         registry.register(Box::new(volumes.clone()))?;
         Ok(Metrics {
             registry,
@@ -140,6 +161,8 @@ impl Metrics {
             volume_size,
             volume_allocated,
             volume_connections,
+            volume_raft,
+            volume_rebuild_remaining,
             volumes,
         })
     }
@@ -166,6 +189,10 @@ impl Metrics {
         let _ = self.volume_size.remove_label_values(&[volume]);
         let _ = self.volume_allocated.remove_label_values(&[volume]);
         let _ = self.volume_connections.remove_label_values(&[volume]);
+        for kind in ["commit", "applied", "log_first"] {
+            let _ = self.volume_raft.remove_label_values(&[volume, kind]);
+        }
+        let _ = self.volume_rebuild_remaining.remove_label_values(&[volume]);
     }
 
     /// Renders the Prometheus text exposition format.

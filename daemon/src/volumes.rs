@@ -1028,6 +1028,16 @@ impl VolumeManager {
             let name = lock(&v.record).name.clone();
             let allocated = v.file.as_ref().and_then(|f| f.allocated_bytes().ok()).unwrap_or(0);
             self.metrics.volume_allocated.with_label_values(&[&name]).set(allocated as i64);
+            let status =
+                self.replication.as_ref().and_then(|node| node.status(GroupId(lock(&v.record).group_id)));
+            if let Some(s) = status {
+                let raft = &self.metrics.volume_raft;
+                raft.with_label_values(&[&name, "commit"]).set(s.commit_index as i64);
+                raft.with_label_values(&[&name, "applied"]).set(s.applied_index as i64);
+                raft.with_label_values(&[&name, "log_first"]).set(s.first_index as i64);
+                let remaining = s.rebuild.map_or(0, |r| r.total_bytes.saturating_sub(r.done_bytes).max(1));
+                self.metrics.volume_rebuild_remaining.with_label_values(&[&name]).set(remaining as i64);
+            }
         }
     }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use raftblk_tests::pattern::{
     assert_image_holds, assert_patterns_read, pat, sha_of_file, write_patterns, Pat,
 };
-use raftblk_tests::{poll, qemu_io, require_tools, Cluster, MIB};
+use raftblk_tests::{http_get, poll, qemu_io, require_tools, Cluster, MIB};
 
 const ALL: [u64; 3] = [1, 2, 3];
 const LIMIT: Duration = Duration::from_secs(90);
@@ -174,6 +174,13 @@ fn b_an_interrupted_rebuild_resumes_at_its_marker_while_clients_write() {
             Err(format!("{b}"))
         }
     });
+    let (_, metrics) = http_get(c.node(follower).api_addr, "/metrics").expect("GET /metrics");
+    let remaining = metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("raftblk_volume_rebuild_remaining_bytes{{volume=\"{name}\"}}")))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(remaining.is_some_and(|r| r > 0), "/metrics does not show the rebuild: {remaining:?}");
     let shown = c.cli(leader, &["volume", "inspect", name]);
     assert!(shown.ok().contains("rebuilding"), "inspect on the leader does not show the rebuild:\n{shown}");
     let first_run = started.elapsed();

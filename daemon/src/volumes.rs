@@ -29,8 +29,8 @@ const LEARNER_CAUGHT_UP_SLACK: u64 = 16;
 
 /// How long a create or delete waits for each peer's confirmation.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long `inspect` waits for each peer's view of a volume.
-const INSPECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long `inspect` waits for the peers' views of a volume (asked all at once).
+const INSPECT_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// Why a volume operation was refused or failed. The refusals say what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -823,25 +823,33 @@ impl VolumeManager {
         Ok(self.status_of(&v))
     }
 
-    /// One volume, with the rebuild progress of every copy (asked of each node holding one;
-    /// nodes that do not answer quickly are left out).
+    /// One volume, with the rebuild progress of every copy (asked of each node holding one,
+    /// all at once; nodes that do not answer within [`INSPECT_TIMEOUT`] are left out). The
+    /// local part is read after the peers answered, so it is never older than theirs.
     pub async fn inspect(&self, name: &str) -> Result<VolumeStatus, VolumeError> {
-        let mut status = self.status(name)?;
-        let Some(node) = &self.replication else { return Ok(status) };
+        let first = self.status(name)?;
+        let Some(node) = &self.replication else { return Ok(first) };
+        let Some(repl) = first.replication.as_ref() else { return Ok(first) };
         let me = node.node_id().0;
         let group_id = lock(&self.get(name)?.record).group_id;
-        let Some(repl) = status.replication.as_mut() else { return Ok(status) };
-        let mut members: Vec<u64> = status.voters.iter().chain(&repl.learners).copied().collect();
+        let mut members: Vec<u64> = first.voters.iter().chain(&repl.learners).copied().collect();
         members.extend(repl.progress.iter().map(|(id, _)| *id));
         members.sort_unstable();
         members.dedup();
-        for member in members.into_iter().filter(|m| *m != me) {
+        let asks = members.into_iter().filter(|m| *m != me).map(|member| async move {
             let msg = ControlMessage::GroupStatus { group_id };
-            let answer = crate::cluster::send(node, member, &msg, INSPECT_TIMEOUT).await;
-            if let Ok(ControlAnswer::Status { rebuild: Some(mut r), .. }) = answer {
-                r.node = member;
-                repl.rebuilds.push(r);
+            match crate::cluster::send(node, member, &msg, INSPECT_TIMEOUT).await {
+                Ok(ControlAnswer::Status { rebuild: Some(mut r), .. }) => {
+                    r.node = member;
+                    Some(r)
+                }
+                _ => None,
             }
+        });
+        let remote: Vec<RebuildView> = futures::future::join_all(asks).await.into_iter().flatten().collect();
+        let mut status = self.status(name)?;
+        if let Some(repl) = status.replication.as_mut() {
+            repl.rebuilds.extend(remote);
         }
         Ok(status)
     }

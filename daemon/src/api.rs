@@ -174,11 +174,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/transfer-leader", post(transfer_leader))
         .route("/v1/volumes/{name}/replicas", post(replicas))
         .route("/v1/cluster/join", post(join))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{id}/{action}", post(node_action))
         .route("/v1/debug/faults", post(faults))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
-                message: "no such endpoint; see /v1/volumes, /v1/node, /v1/cluster/join, /metrics, /healthz"
+                message: "no such endpoint; see /v1/volumes, /v1/nodes, /v1/node, /v1/cluster/join, /metrics, /healthz"
                     .into(),
             }
         })
@@ -245,6 +247,68 @@ async fn resize(
     let req: ResizeRequest = parse_json(&body, r#"{"size": "20G"}"#)?;
     let size = req.size.bytes()?;
     Ok(Json(s.volumes.resize(&name, size).await?).into_response())
+}
+
+async fn nodes(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    if s.volumes.nodes().is_none() {
+        return Err(ApiError::bad_request(
+            "this node runs alone (no cluster.peers): there is no node table; start a cluster (raftblk dev-cluster)".into(),
+        ));
+    }
+    Ok(Json(s.volumes.node_statuses()).into_response())
+}
+
+/// `POST /v1/nodes/ID/cordon|uncordon|drain|remove`: records the operator decision; the
+/// acting node moves copies off drained and removed nodes (see `crate::healer`).
+async fn node_action(
+    State(s): State<Arc<ApiState>>,
+    Path((id, action)): Path<(u64, String)>,
+) -> Result<Response, ApiError> {
+    use crate::nodes::AdminState;
+    let state = match action.as_str() {
+        "cordon" => AdminState::Cordoned,
+        "uncordon" => AdminState::Active,
+        "drain" => AdminState::Draining,
+        "remove" => AdminState::Removed,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "unknown node action {other:?}; use cordon, uncordon, drain or remove"
+            )))
+        }
+    };
+    let Some(dir) = s.volumes.nodes() else {
+        return Err(ApiError::bad_request(
+            "this node runs alone (no cluster.peers): there are no nodes to manage".into(),
+        ));
+    };
+    let mut known = s.volumes.peer_ids();
+    known.extend(s.volumes.node_id());
+    if !known.contains(&id) {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("no node {id}; nodes are {known:?}"),
+        });
+    }
+    if state.evicts_copies() {
+        // Refuse what cannot finish: the copies need somewhere to go.
+        let views = dir.views(&s.volumes.peer_ids());
+        for r in s.volumes.records().into_iter().filter(|r| r.voters.contains(&id)) {
+            if let Err(why) = crate::nodes::place(&views, 1, &r.voters, None) {
+                return Err(ApiError {
+                    status: StatusCode::CONFLICT,
+                    message: format!(
+                        "cannot {action} node {id}: volume {:?} has no other node for its copy: {why}",
+                        r.name
+                    ),
+                });
+            }
+        }
+    }
+    dir.table
+        .set_admin(id, state)
+        .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string() })?;
+    tracing::info!(node = id, ?state, "node state set by an operator");
+    Ok(Json(s.volumes.node_statuses()).into_response())
 }
 
 async fn transfer_leader(

@@ -38,6 +38,11 @@ pub struct VolumeRecord {
     /// that joins later starts from it and replays the log, conf changes included.
     #[serde(default)]
     pub initial_voters: Vec<u64>,
+    /// Bumped by every change of the record; a node applies a peer's record only if it is
+    /// newer, so a node that returns with old records cannot undo changes made meanwhile
+    /// (such as its copy being replaced).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// Most extra copies a volume may have.
@@ -187,6 +192,7 @@ mod tests {
             voters: Vec::new(),
             group_id: 0,
             initial_voters: Vec::new(),
+            generation: 0,
         }
     }
 

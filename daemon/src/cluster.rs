@@ -64,6 +64,13 @@ pub enum ControlMessage {
         /// The node to lead next.
         to: u64,
     },
+    /// The sender is alive: its report and the operator decisions it knows.
+    Heartbeat {
+        /// The sender's report.
+        report: crate::nodes::NodeReport,
+        /// Operator decisions, by node id.
+        admin: std::collections::BTreeMap<u64, crate::nodes::AdminEntry>,
+    },
     /// A node joined (or moved): add it as a peer at `peer_addr`.
     AddPeer {
         /// Its node id.
@@ -107,6 +114,13 @@ pub enum ControlAnswer {
     },
     /// The answer to `Members`: the answering node and every peer it knows.
     Members(Vec<Member>),
+    /// The answer to `Heartbeat`: the answering node's report and decisions.
+    Heartbeat {
+        /// The answering node's report.
+        report: crate::nodes::NodeReport,
+        /// Operator decisions, by node id.
+        admin: std::collections::BTreeMap<u64, crate::nodes::AdminEntry>,
+    },
 }
 
 /// Why a control message did not get an `Ok`.
@@ -150,6 +164,13 @@ pub fn install_handler(node: &ReplicationNode, volumes: Arc<VolumeManager>, memb
         let membership = membership.clone();
         Box::pin(async move {
             let answer = match serde_json::from_slice::<ControlMessage>(&payload) {
+                Ok(ControlMessage::Heartbeat { report, admin }) => match volumes.nodes() {
+                    Some(dir) => {
+                        absorb(dir, report, &admin);
+                        ControlAnswer::Heartbeat { report: dir.my_report(), admin: dir.table.admin_entries() }
+                    }
+                    None => ControlAnswer::Error("this node keeps no node table".into()),
+                },
                 Ok(ControlMessage::AddPeer { id, peer_addr }) => match membership.add(id, peer_addr) {
                     Ok(_) => ControlAnswer::Ok,
                     Err(e) => ControlAnswer::Error(e.to_string()),
@@ -283,6 +304,45 @@ pub async fn sync_members_once(membership: &Membership) {
     }
 }
 
+/// Records a peer's heartbeat (or answer) and merges its operator decisions.
+fn absorb(
+    dir: &crate::nodes::NodeDirectory,
+    report: crate::nodes::NodeReport,
+    admin: &std::collections::BTreeMap<u64, crate::nodes::AdminEntry>,
+) {
+    dir.table.heard(report, std::time::Instant::now());
+    if let Err(e) = dir.table.merge_admin(admin) {
+        tracing::warn!(error = %e, "cannot record a peer's node decisions");
+    }
+}
+
+/// Sends this node's heartbeat to every peer each [`crate::nodes::HEARTBEAT_INTERVAL`]
+/// (all at once), recording their answers, until `stop`.
+pub async fn heartbeat_loop(
+    node: ReplicationNode,
+    dir: Arc<crate::nodes::NodeDirectory>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let msg = ControlMessage::Heartbeat { report: dir.my_report(), admin: dir.table.admin_entries() };
+        let sends = node.peer_ids().into_iter().map(|peer| {
+            let (node, msg, dir) = (&node, &msg, &dir);
+            async move {
+                match send(node, peer, msg, crate::nodes::HEARTBEAT_INTERVAL).await {
+                    Ok(ControlAnswer::Heartbeat { report, admin }) => absorb(dir, report, &admin),
+                    Ok(other) => tracing::debug!(peer, ?other, "unexpected answer to a heartbeat"),
+                    Err(e) => tracing::trace!(peer, error = %e, "no heartbeat answer"),
+                }
+            }
+        });
+        futures::future::join_all(sends).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(crate::nodes::HEARTBEAT_INTERVAL) => {}
+        }
+    }
+}
+
 /// Pulls every peer's records once and applies what this node lacks.
 pub async fn sync_once(node: &ReplicationNode, volumes: &VolumeManager) {
     for peer in node.peer_ids() {
@@ -340,6 +400,7 @@ mod tests {
             voters: vec![1, 2, 3],
             group_id: 9,
             initial_voters: vec![1, 2, 3],
+            generation: 4,
         };
         for m in [
             ControlMessage::Upsert(record.clone()),

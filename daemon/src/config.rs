@@ -116,12 +116,22 @@ pub struct ClusterConfig {
     pub fault_injection: bool,
     /// Move a volume's leader to the node its NBD client uses, when that node holds a copy.
     pub leader_follows_client: bool,
+    /// This node's zone label: copies of a volume spread across zones (empty: none).
+    #[serde(default)]
+    pub zone: String,
+    /// Seconds without a heartbeat after which a node is dead and its copies are replaced.
+    #[serde(default = "default_node_dead_after_s")]
+    pub node_dead_after_s: u64,
     /// Log entries each volume keeps below what its store has durably applied.
     pub log_retain_entries: u64,
     /// Most MiB of such entries kept per volume.
     pub log_retain_mib: u64,
     /// Most MiB/s a replica being rebuilt copies from its peers (0: unlimited).
     pub rebuild_rate_mib_s: u64,
+}
+
+fn default_node_dead_after_s() -> u64 {
+    60
 }
 
 impl ClusterConfig {
@@ -231,6 +241,12 @@ pub struct Overrides {
     /// Allow POST /v1/debug/faults to partition this node (tests only) [env: RAFTBLK_FAULT_INJECTION]
     #[arg(long, env = "RAFTBLK_FAULT_INJECTION")]
     pub fault_injection: Option<bool>,
+    /// This node's zone label [env: RAFTBLK_ZONE]
+    #[arg(long, env = "RAFTBLK_ZONE")]
+    pub zone: Option<String>,
+    /// Seconds of silence before a node is dead and its copies are replaced [env: RAFTBLK_NODE_DEAD_AFTER_S]
+    #[arg(long, env = "RAFTBLK_NODE_DEAD_AFTER_S")]
+    pub node_dead_after_s: Option<u64>,
     /// Move a volume's leader to the node its client uses [env: RAFTBLK_LEADER_FOLLOWS_CLIENT]
     #[arg(long, env = "RAFTBLK_LEADER_FOLLOWS_CLIENT")]
     pub leader_follows_client: Option<bool>,
@@ -371,6 +387,12 @@ impl Config {
         if let Some(v) = o.fault_injection {
             self.cluster.fault_injection = v;
         }
+        if let Some(v) = &o.zone {
+            self.cluster.zone = v.clone();
+        }
+        if let Some(v) = o.node_dead_after_s {
+            self.cluster.node_dead_after_s = v;
+        }
         if let Some(v) = o.leader_follows_client {
             self.cluster.leader_follows_client = v;
         }
@@ -443,6 +465,15 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "cluster.tick_ms/election_ticks/heartbeat_ticks",
                 message: "tick_ms and heartbeat_ticks must be at least 1 and election_ticks larger than heartbeat_ticks".into(),
+            });
+        }
+        if c.node_dead_after_s < 5 {
+            return Err(ConfigError::Invalid {
+                key: "cluster.node_dead_after_s",
+                message: format!(
+                    "{} s would declare nodes dead over a few missed heartbeats (one a second); use 5 or more",
+                    c.node_dead_after_s
+                ),
             });
         }
         if c.io_timeout_ms == 0 {

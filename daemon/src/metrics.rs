@@ -74,6 +74,8 @@ pub struct Metrics {
     pub volume_raft: IntGaugeVec,
     /// Bytes of the volume a rebuilding copy has yet to cover (0 when not rebuilding).
     pub volume_rebuild_remaining: IntGaugeVec,
+    /// 1 for the volume's current health state, 0 for the others.
+    pub volume_health: IntGaugeVec,
     /// Number of volumes on this node.
     pub volumes: IntGauge,
 }
@@ -141,6 +143,13 @@ impl Metrics {
             ),
             &["volume"],
         )?;
+        let volume_health = IntGaugeVec::new(
+            Opts::new(
+                "raftblk_volume_health",
+                "1 for the volume's health state (healthy, rebuilding, degraded) as this node sees it, 0 for the others",
+            ),
+            &["volume", "state"],
+        )?;
         let volumes = IntGauge::new("raftblk_volumes", "Volumes on this node")?;
         registry.register(Box::new(ops.clone()))?;
         registry.register(Box::new(errors.clone()))?;
@@ -151,6 +160,7 @@ impl Metrics {
         registry.register(Box::new(volume_connections.clone()))?;
         registry.register(Box::new(volume_raft.clone()))?;
         registry.register(Box::new(volume_rebuild_remaining.clone()))?;
+        registry.register(Box::new(volume_health.clone()))?;
         registry.register(Box::new(volumes.clone()))?;
         Ok(Metrics {
             registry,
@@ -163,6 +173,7 @@ impl Metrics {
             volume_connections,
             volume_raft,
             volume_rebuild_remaining,
+            volume_health,
             volumes,
         })
     }
@@ -193,6 +204,9 @@ impl Metrics {
             let _ = self.volume_raft.remove_label_values(&[volume, kind]);
         }
         let _ = self.volume_rebuild_remaining.remove_label_values(&[volume]);
+        for state in ["healthy", "rebuilding", "degraded"] {
+            let _ = self.volume_health.remove_label_values(&[volume, state]);
+        }
     }
 
     /// Renders the Prometheus text exposition format.

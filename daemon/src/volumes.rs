@@ -29,6 +29,8 @@ const LEARNER_CAUGHT_UP_SLACK: u64 = 16;
 
 /// How long a create or delete waits for each peer's confirmation.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a membership change may take to show before it is proposed again.
+const MEMBERSHIP_RETRY: Duration = Duration::from_secs(2);
 /// How long `inspect` waits for the peers' views of a volume (asked all at once).
 const INSPECT_TIMEOUT: Duration = Duration::from_millis(300);
 
@@ -80,6 +82,42 @@ pub struct ReplicationStatus {
     /// Copies being rebuilt from a snapshot, with their progress (see `VolumeManager::inspect`).
     #[serde(default)]
     pub rebuilds: Vec<RebuildView>,
+}
+
+/// Whether a volume has all its copies.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeHealth {
+    /// Every copy on a live node, caught up.
+    #[default]
+    Healthy,
+    /// A copy is being added or rebuilt.
+    Rebuilding,
+    /// A copy is on a node that is down, drained or removed, or missing.
+    Degraded,
+}
+
+impl VolumeHealth {
+    /// The lowercase name.
+    pub fn label(self) -> &'static str {
+        match self {
+            VolumeHealth::Healthy => "healthy",
+            VolumeHealth::Rebuilding => "rebuilding",
+            VolumeHealth::Degraded => "degraded",
+        }
+    }
+}
+
+/// A node as `GET /v1/nodes` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// Liveness, operator state, report.
+    #[serde(flatten)]
+    pub view: crate::nodes::NodeView,
+    /// Volumes with a copy on it.
+    pub copies: usize,
+    /// Volumes it leads (as far as this node knows: the groups it is a member of).
+    pub leads: usize,
 }
 
 /// A copy being rebuilt from its peers (snapshot streaming).
@@ -138,6 +176,9 @@ pub struct VolumeStatus {
     /// Nodes holding a copy.
     #[serde(default)]
     pub voters: Vec<u64>,
+    /// healthy, degraded or rebuilding (see `VolumeManager::health_of`).
+    #[serde(default)]
+    pub health: VolumeHealth,
     /// Raft state (cluster mode only).
     #[serde(default)]
     pub replication: Option<ReplicationStatus>,
@@ -164,6 +205,8 @@ pub struct VolumeManager {
     control: tokio::sync::Mutex<()>,
     /// Whether a volume's leader moves to the node where its client connects.
     leader_follows_client: std::sync::atomic::AtomicBool,
+    /// Node liveness and operator decisions (cluster mode).
+    nodes: std::sync::OnceLock<Arc<crate::nodes::NodeDirectory>>,
 }
 
 /// How long a client must stay connected before the leader moves to its node: short
@@ -205,6 +248,7 @@ impl VolumeManager {
             open: Mutex::new(HashMap::new()),
             control: tokio::sync::Mutex::new(()),
             leader_follows_client: std::sync::atomic::AtomicBool::new(false),
+            nodes: std::sync::OnceLock::new(),
         });
         for record in manager.catalog.list()? {
             manager.open_volume(record, false).await?;
@@ -249,6 +293,11 @@ impl VolumeManager {
     /// This node's id in the cluster (`None` without peers).
     pub fn node_id(&self) -> Option<u64> {
         self.replication.as_ref().map(|r| r.node_id().0)
+    }
+
+    /// The other nodes' ids (empty without peers).
+    pub fn peer_ids(&self) -> Vec<u64> {
+        self.replication.as_ref().map(|r| r.peer_ids()).unwrap_or_default()
     }
 
     fn data_path(&self, uuid: &str) -> PathBuf {
@@ -399,8 +448,8 @@ impl VolumeManager {
         self.engine.name()
     }
 
-    /// Picks the voters of a new volume: this node first (it is where the volume is
-    /// being created, usually where it will be used), then the next nodes by id.
+    /// Picks the voters of a new volume: with the node table attached (a running cluster),
+    /// by [`crate::nodes::place`]; otherwise this node first, then the next nodes by id.
     fn place(&self, replicas: u8) -> Result<Vec<u64>, VolumeError> {
         if replicas > REPLICAS_MAX {
             return Err(VolumeError::Invalid(format!(
@@ -416,6 +465,15 @@ impl VolumeManager {
             }
             return Ok(Vec::new());
         };
+        if let Some(dir) = self.nodes.get() {
+            return crate::nodes::place(
+                &dir.views(&node.peer_ids()),
+                replicas as usize + 1,
+                &[],
+                Some(node.node_id().0),
+            )
+            .map_err(|why| VolumeError::Invalid(format!("cannot place replicas={replicas}: {why}")));
+        }
         let me = node.node_id().0;
         let mut ids = node.peer_ids();
         ids.push(me);
@@ -442,11 +500,19 @@ impl VolumeManager {
     ) -> Result<VolumeStatus, VolumeError> {
         validate_name(name).map_err(VolumeError::Invalid)?;
         validate_size(size_bytes).map_err(VolumeError::Invalid)?;
-        let voters = self.place(replicas)?;
         let _control = self.control.lock().await;
-        if lock(&self.open).contains_key(name) {
+        let existing = lock(&self.open).get(name).cloned();
+        if let Some(v) = existing {
+            // Idempotent, as CSI's CreateVolume must be: a create retried after a timeout finds
+            // the volume the first attempt made and gets it back, rather than an error.
+            let r = lock(&v.record).clone();
+            if r.size_bytes == size_bytes && r.read_only == read_only && r.replicas == replicas {
+                drop(_control);
+                return self.status(name);
+            }
             return Err(VolumeError::Exists(name.to_string()));
         }
+        let voters = self.place(replicas)?;
         let uuid = uuid::Uuid::new_v4();
         let group_id = if self.replication.is_some() {
             u64::from_le_bytes(uuid.as_bytes()[..8].try_into().unwrap_or([1; 8])) | 1
@@ -463,6 +529,7 @@ impl VolumeManager {
             voters: voters.clone(),
             group_id,
             initial_voters: voters.clone(),
+            generation: 1,
         };
         self.upsert_locked(record.clone(), true).await?;
         tracing::info!(volume = name, size_bytes, replicas, ?voters, uuid = %record.uuid, "volume created");
@@ -489,13 +556,20 @@ impl VolumeManager {
         let existing = lock(&self.open).get(&record.name).cloned();
         if let Some(v) = existing {
             let current_record = lock(&v.record).clone();
-            if current_record.uuid == record.uuid && current_record.voters != record.voters {
+            if current_record.uuid == record.uuid && record.generation < current_record.generation {
+                return Ok(()); // an older record (from a node that was away): nothing new
+            }
+            if current_record.uuid == record.uuid
+                && current_record.voters != record.voters
+                && record.generation > current_record.generation
+            {
                 return self.change_copies(&v, current_record, record).await;
             }
             let mut current = lock(&v.record);
             if current.uuid != record.uuid {
                 return Err(VolumeError::Exists(record.name.clone()));
             }
+            current.generation = current.generation.max(record.generation);
             if record.size_bytes > current.size_bytes {
                 current.size_bytes = record.size_bytes;
                 v.size.fetch_max(record.size_bytes, Ordering::SeqCst);
@@ -623,18 +697,45 @@ impl VolumeManager {
         let Some(node) = &self.replication else {
             return Err(VolumeError::Invalid("not in a cluster".into()));
         };
+        let took_effect = |status: &ControlAnswer| match status {
+            ControlAnswer::Status { voters, learners, .. } => match change {
+                "add_learner" => learners.contains(&target) || voters.contains(&target),
+                "promote" => voters.contains(&target),
+                _ => !voters.contains(&target) && !learners.contains(&target),
+            },
+            _ => false,
+        };
+        // raft-rs drops a configuration change proposed while another is still being applied
+        // (it commits an empty entry instead), so a proposal is repeated until the leader
+        // reports the change.
         loop {
-            let (leader, _) = self.leader_status(record, deadline).await?;
+            let (leader, status) = self.leader_status(record, deadline).await?;
+            if took_effect(&status) {
+                return Ok(());
+            }
             let msg =
                 ControlMessage::Membership { group_id: record.group_id, change: change.into(), node: target };
-            match self.send_control(node, leader, &msg).await {
-                Ok(_) => return Ok(()),
-                Err(e) if std::time::Instant::now() >= deadline => {
+            let sent = self.send_control(node, leader, &msg).await;
+            if let Err(e) = &sent {
+                if std::time::Instant::now() >= deadline {
                     return Err(VolumeError::Unavailable(format!(
                         "membership change {change} {target} failed: {e}"
-                    )))
+                    )));
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let retry_at = std::time::Instant::now() + MEMBERSHIP_RETRY;
+            while std::time::Instant::now() < retry_at {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if self.leader_status(record, deadline).await.is_ok_and(|(_, s)| took_effect(&s)) {
+                    return Ok(());
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(VolumeError::Unavailable(format!(
+                    "membership change {change} {target} has not taken effect yet; retry"
+                )));
             }
         }
     }
@@ -681,6 +782,7 @@ impl VolumeManager {
         if !record.voters.contains(&target) {
             record.voters.push(target);
             record.replicas = (record.voters.len() - 1) as u8;
+            record.generation += 1;
             self.upsert_locked_change(&v, record.clone()).await?;
             self.broadcast(&ControlMessage::Upsert(record.clone()), &[target]).await?;
         }
@@ -714,6 +816,54 @@ impl VolumeManager {
         tracing::info!(volume = name, node = target, "learner caught up and promoted to voter");
         drop(_control);
         self.status(name)
+    }
+
+    /// Attaches the node table (cluster mode, once at start).
+    pub fn attach_nodes(&self, dir: Arc<crate::nodes::NodeDirectory>) {
+        let _ = self.nodes.set(dir);
+    }
+
+    /// The node table, if attached.
+    pub fn nodes(&self) -> Option<&Arc<crate::nodes::NodeDirectory>> {
+        self.nodes.get()
+    }
+
+    /// Every node with its liveness, operator state, report and the copies it holds.
+    pub fn node_statuses(&self) -> Vec<NodeStatus> {
+        let (Some(dir), Some(node)) = (self.nodes.get(), &self.replication) else { return Vec::new() };
+        let records = self.records();
+        dir.views(&node.peer_ids())
+            .into_iter()
+            .map(|view| {
+                let copies = records.iter().filter(|r| r.voters.contains(&view.id)).count();
+                let leads = records
+                    .iter()
+                    .filter(|r| {
+                        node.leader(GroupId(r.group_id)) == view.id && r.voters.contains(&node.node_id().0)
+                    })
+                    .count();
+                NodeStatus { view, copies, leads }
+            })
+            .collect()
+    }
+
+    /// Healthy: every copy is on a live node that keeps it, caught up. Rebuilding: a copy is
+    /// being added or copied from a snapshot. Degraded: a copy sits on a node that is not
+    /// heard from (or is being drained or removed), or copies are missing.
+    fn health_of(&self, r: &VolumeRecord, repl: Option<&ReplicationStatus>) -> VolumeHealth {
+        let Some(dir) = self.nodes.get() else { return VolumeHealth::Healthy };
+        let now = std::time::Instant::now();
+        let bad = r.voters.iter().any(|&id| {
+            dir.table.liveness(id, now) != crate::nodes::Liveness::Alive
+                || dir.table.admin(id).evicts_copies()
+        });
+        if bad || r.voters.len() < r.replicas as usize + 1 {
+            return VolumeHealth::Degraded;
+        }
+        if repl.is_some_and(|s| !s.learners.is_empty() || !s.rebuilds.is_empty()) {
+            return VolumeHealth::Rebuilding;
+        }
+        VolumeHealth::Healthy
     }
 
     /// Whether `target`'s copy of the volume is still being copied from a snapshot (or cannot
@@ -782,6 +932,7 @@ impl VolumeManager {
         }
         record.voters.retain(|&n| n != target);
         record.replicas = (record.voters.len() - 1) as u8;
+        record.generation += 1;
         self.upsert_locked_change(&v, record.clone()).await?;
         // Peers that miss it learn the new membership at their next sync (errors are logged).
         let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
@@ -848,6 +999,9 @@ impl VolumeManager {
         });
         let remote: Vec<RebuildView> = futures::future::join_all(asks).await.into_iter().flatten().collect();
         let mut status = self.status(name)?;
+        if !remote.is_empty() && status.health == VolumeHealth::Healthy {
+            status.health = VolumeHealth::Rebuilding;
+        }
         if let Some(repl) = status.replication.as_mut() {
             repl.rebuilds.extend(remote);
         }
@@ -876,7 +1030,9 @@ impl VolumeManager {
                 None => ReplicationStatus { leader: node.leader(group), ..Default::default() },
             }
         });
+        let health = self.health_of(&r, replication.as_ref());
         VolumeStatus {
+            health,
             name: r.name,
             uuid: r.uuid,
             size_bytes: v.size.load(Ordering::SeqCst),
@@ -914,6 +1070,7 @@ impl VolumeManager {
         }
         v.size.fetch_max(size_bytes, Ordering::SeqCst);
         record.size_bytes = size_bytes;
+        record.generation += 1;
         self.catalog.update(&record)?;
         *lock(&v.record) = record.clone();
         self.metrics.volume_size.with_label_values(&[name]).set(size_bytes as i64);
@@ -1032,8 +1189,13 @@ impl VolumeManager {
 
     /// Refreshes the allocated-bytes gauges (called when `/metrics` is scraped).
     pub fn refresh_gauges(&self) {
-        for v in lock(&self.open).values() {
+        let volumes: Vec<Arc<Volume>> = lock(&self.open).values().cloned().collect();
+        for v in volumes {
+            let health = self.status_of(&v).health;
             let name = lock(&v.record).name.clone();
+            for h in [VolumeHealth::Healthy, VolumeHealth::Rebuilding, VolumeHealth::Degraded] {
+                self.metrics.volume_health.with_label_values(&[&name, h.label()]).set(i64::from(h == health));
+            }
             let allocated = v.file.as_ref().and_then(|f| f.allocated_bytes().ok()).unwrap_or(0);
             self.metrics.volume_allocated.with_label_values(&[&name]).set(allocated as i64);
             let status =
@@ -1107,7 +1269,7 @@ impl VolumeManager {
                 }
                 None => Err(VolumeError::Invalid("not in a cluster".into())),
             },
-            ControlMessage::AddPeer { .. } | ControlMessage::Members => {
+            ControlMessage::AddPeer { .. } | ControlMessage::Members | ControlMessage::Heartbeat { .. } => {
                 // cluster::install_handler answers these before they get here.
                 return ControlAnswer::Error("membership messages are not volume messages".into());
             }

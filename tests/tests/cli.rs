@@ -51,14 +51,18 @@ fn volume_lifecycle_json_and_tables() {
     let lines: Vec<&str> = out.ok().lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
     let header: Vec<&str> = lines[0].split_whitespace().collect();
-    assert_eq!(header, ["NAME", "SIZE", "ALLOCATED", "MODE", "CONNECTIONS"], "{out}");
+    assert_eq!(
+        header,
+        ["NAME", "SIZE", "ALLOCATED", "MODE", "CONNECTIONS", "HEALTH", "COPIES", "ON"],
+        "{out}"
+    );
     let row: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(row[0], "db-1", "{out}");
     assert_eq!(&row[1..3], ["256.0", "MiB"], "{out}");
-    assert_eq!(row[row.len() - 2..], ["rw", "0"], "{out}");
+    assert_eq!(row[row.len() - 4..], ["rw", "0", "healthy", "-"], "{out}");
     let row: Vec<&str> = lines[2].split_whitespace().collect();
     assert_eq!(row[0], "logs", "{out}");
-    assert_eq!(row[row.len() - 2..], ["ro", "0"], "{out}");
+    assert_eq!(row[row.len() - 4..], ["ro", "0", "healthy", "-"], "{out}");
     // columns line up: every row's second column starts where SIZE does
     let col = lines[0].find("SIZE").expect("SIZE column");
     for l in &lines[1..] {
@@ -151,8 +155,11 @@ fn refusals_say_what_to_fix() {
     refused(&d, &["volume", "create", "x5", "--size", "17T"], &["maximum"]);
     refused(&d, &["volume", "create", "x6", "--size", ""], &["empty"]);
 
-    // duplicate
+    // duplicate: a different size is refused; the same request again (a retry) gets the volume
     refused(&d, &["volume", "create", "vol", "--size", "32M"], &["\"vol\" already exists"]);
+    let again = d.cli_json(&["volume", "create", "vol", "--size", "16M"]);
+    let first = d.cli_json(&["volume", "inspect", "vol"]);
+    assert_eq!(again["uuid"], first["uuid"], "a retried create made another volume: {again} vs {first}");
     assert_eq!(
         d.cli_json(&["volume", "inspect", "vol"])["size_bytes"],
         16 * MIB,

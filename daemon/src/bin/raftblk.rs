@@ -5,7 +5,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use raftblk_daemon::api::NodeInfo;
 use raftblk_daemon::size::{format_size, parse_size};
-use raftblk_daemon::volumes::VolumeStatus;
+use raftblk_daemon::volumes::{NodeStatus, VolumeHealth, VolumeStatus};
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
@@ -26,8 +26,11 @@ enum Command {
     /// Manage volumes
     #[command(subcommand)]
     Volume(VolumeCommand),
-    /// Show this node and its volumes at a glance
+    /// Show the nodes, the volumes and their health at a glance
     Status,
+    /// Manage nodes: list, cordon, drain, remove
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Run a local cluster of raftblkd processes on loopback until Ctrl-C
     DevCluster {
         /// Number of nodes
@@ -42,6 +45,38 @@ enum Command {
         /// Size of the volume "vol0" created on the first start ("0" for none)
         #[arg(long, default_value = "1G")]
         volume_size: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Every node: alive or not, operator state, zone, free space, copies held
+    List,
+    /// Place no new copies on NODE (its copies stay)
+    Cordon {
+        /// Node id
+        node: u64,
+    },
+    /// Undo cordon or drain: NODE takes copies again
+    Uncordon {
+        /// Node id
+        node: u64,
+    },
+    /// Move every copy off NODE (I/O keeps running); waits and shows progress unless --no-wait
+    Drain {
+        /// Node id
+        node: u64,
+        /// Return once the drain is recorded
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Take NODE out of the cluster: its copies move away first (it may be dead already)
+    Remove {
+        /// Node id
+        node: u64,
+        /// Return once the removal is recorded
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -176,17 +211,36 @@ fn run(cli: &Cli) -> Result<()> {
             let node: NodeInfo = serde_json::from_value(client.call("GET", "/v1/node", None)?)?;
             let volumes: Vec<VolumeStatus> =
                 serde_json::from_value(client.call("GET", "/v1/volumes", None)?)?;
+            // A node alone has no node table; that is not an error for a status view.
+            let nodes: Vec<NodeStatus> = client
+                .call("GET", "/v1/nodes", None)
+                .ok()
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default();
             if cli.json {
-                println!("{:#}", json!({ "node": node, "volumes": volumes }));
+                println!("{:#}", json!({ "node": node, "nodes": nodes, "volumes": volumes }));
             } else {
                 println!(
                     "raftblkd {}  engine {}  nbd {} and {}  data {}",
                     node.version, node.io_engine, node.nbd_listen, node.nbd_socket, node.data_dir
                 );
+                if !nodes.is_empty() {
+                    println!();
+                    print_nodes(&nodes);
+                }
                 println!();
                 print_volumes(&volumes);
+                let count = |h: VolumeHealth| volumes.iter().filter(|v| v.health == h).count();
+                println!(
+                    "\n{} volumes: {} healthy, {} rebuilding, {} degraded",
+                    volumes.len(),
+                    count(VolumeHealth::Healthy),
+                    count(VolumeHealth::Rebuilding),
+                    count(VolumeHealth::Degraded)
+                );
             }
         }
+        Command::Node(cmd) => node_command(cli, &client, cmd)?,
         Command::Volume(cmd) => volume(cli, &client, cmd)?,
         Command::DevCluster { nodes, base_dir, base_port, volume_size } => {
             dev_cluster(*nodes, base_dir, *base_port, volume_size)?
@@ -358,6 +412,7 @@ fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
         ("read-only", s.read_only.to_string()),
         ("connections", s.connections.to_string()),
         ("replicas", format!("{} (copies on nodes {:?})", s.replicas, s.voters)),
+        ("health", s.health.label().to_string()),
         ("export", format!("nbd://127.0.0.1/{}", s.name)),
     ];
     for (k, val) in rows {
@@ -402,36 +457,120 @@ fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
     Ok(())
 }
 
+fn node_command(cli: &Cli, client: &Client, cmd: &NodeCommand) -> Result<()> {
+    let (id, action, wait) = match cmd {
+        NodeCommand::List => {
+            let v = client.call("GET", "/v1/nodes", None)?;
+            if cli.json {
+                println!("{v:#}");
+            } else {
+                print_nodes(&serde_json::from_value::<Vec<NodeStatus>>(v)?);
+            }
+            return Ok(());
+        }
+        NodeCommand::Cordon { node } => (*node, "cordon", false),
+        NodeCommand::Uncordon { node } => (*node, "uncordon", false),
+        NodeCommand::Drain { node, no_wait } => (*node, "drain", !no_wait),
+        NodeCommand::Remove { node, no_wait } => (*node, "remove", !no_wait),
+    };
+    let v = client.call("POST", &format!("/v1/nodes/{id}/{action}"), None)?;
+    if !wait {
+        if cli.json {
+            println!("{v:#}");
+        } else {
+            println!("node {id}: {action} recorded");
+        }
+        return Ok(());
+    }
+    // Copies move one volume at a time; show how many are left until none is.
+    let copies_on = |v: &Value| -> Result<usize> {
+        let nodes: Vec<NodeStatus> = serde_json::from_value(v.clone())?;
+        Ok(nodes.iter().find(|n| n.view.id == id).map_or(0, |n| n.copies))
+    };
+    let total = copies_on(&v)?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut left = total;
+    while left > 0 {
+        if tty && !cli.json {
+            let done = total - left;
+            let width = 30;
+            let filled = (done * width).checked_div(total).unwrap_or(width);
+            print!(
+                "\r{action} node {id}: [{}{}] {done}/{total} copies moved",
+                "#".repeat(filled),
+                " ".repeat(width - filled)
+            );
+            std::io::Write::flush(&mut std::io::stdout())?;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        left = copies_on(&client.call("GET", "/v1/nodes", None)?)?;
+    }
+    if cli.json {
+        println!("{:#}", client.call("GET", "/v1/nodes", None)?);
+    } else {
+        if tty {
+            println!();
+        }
+        println!("node {id}: {action} done, {total} copies moved, none left on it");
+    }
+    Ok(())
+}
+
+fn print_nodes(nodes: &[NodeStatus]) {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let v = &n.view;
+            vec![
+                v.id.to_string(),
+                format!("{:?}", v.liveness).to_lowercase(),
+                format!("{:?}", v.admin).to_lowercase(),
+                if v.report.zone.is_empty() { "-".into() } else { v.report.zone.clone() },
+                format_size(v.report.free_bytes),
+                n.copies.to_string(),
+                n.leads.to_string(),
+                v.last_heard_ms.map_or("never".into(), |ms| format!("{:.1}s ago", ms as f64 / 1000.0)),
+            ]
+        })
+        .collect();
+    print_table(&["NODE", "STATE", "ADMIN", "ZONE", "FREE", "COPIES", "LEADS", "HEARD"], &rows);
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
 fn print_volumes(volumes: &[VolumeStatus]) {
     if volumes.is_empty() {
         println!("no volumes; create one with `raftblk volume create NAME --size 10G`");
         return;
     }
-    let rows: Vec<[String; 5]> = volumes
+    let rows: Vec<Vec<String>> = volumes
         .iter()
         .map(|v| {
-            [
+            vec![
                 v.name.clone(),
                 format_size(v.size_bytes),
                 format_size(v.allocated_bytes),
                 if v.read_only { "ro" } else { "rw" }.to_string(),
                 v.connections.to_string(),
+                v.health.label().to_string(),
+                if v.voters.is_empty() { "-".into() } else { format!("{:?}", v.voters) },
             ]
         })
         .collect();
-    let header = ["NAME", "SIZE", "ALLOCATED", "MODE", "CONNECTIONS"];
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: [&str; 5]| {
-        let parts: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(header);
-    for r in &rows {
-        line([&r[0], &r[1], &r[2], &r[3], &r[4]]);
-    }
+    print_table(&["NAME", "SIZE", "ALLOCATED", "MODE", "CONNECTIONS", "HEALTH", "COPIES ON"], &rows);
 }

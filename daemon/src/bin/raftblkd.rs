@@ -119,6 +119,26 @@ async fn run(config: Config) -> Result<()> {
     if let Some(node) = &replication {
         membership.attach(node.clone());
         raftblk_daemon::cluster::install_handler(node, volumes.clone(), membership.clone());
+        let timing = raftblk_daemon::nodes::LivenessTiming {
+            suspect_after: raftblk_daemon::nodes::HEARTBEAT_INTERVAL * 4,
+            dead_after: Duration::from_secs(config.cluster.node_dead_after_s),
+        };
+        let table = raftblk_daemon::nodes::NodeTable::open(
+            config.cluster.node_id,
+            timing,
+            Some(config.data_dir.join(raftblk_daemon::nodes::NODES_FILE)),
+            std::time::Instant::now(),
+        )
+        .context("loading the node table")?;
+        let dir = Arc::new(raftblk_daemon::nodes::NodeDirectory::new(
+            table,
+            config.cluster.zone.clone(),
+            config.api.listen.to_string(),
+            config.data_dir.clone(),
+        ));
+        volumes.attach_nodes(dir.clone());
+        tokio::spawn(raftblk_daemon::cluster::heartbeat_loop(node.clone(), dir.clone(), shutdown.clone()));
+        tokio::spawn(raftblk_daemon::healer::heal_loop(volumes.clone(), dir, shutdown.clone()));
         sync_task = Some(tokio::spawn(raftblk_daemon::cluster::sync_loop(
             node.clone(),
             volumes.clone(),

@@ -1,0 +1,104 @@
+//! Self-healing: copies on dead, draining or removed nodes are replaced.
+//!
+//! One node acts: the lowest-id node that is alive and not removed in its own view (every
+//! node runs the loop; the others find they are not the one and wait). Views can differ
+//! for a moment (a partition, a node just back); two nodes acting at once is safe because
+//! every change goes through the volume's Raft group, one configuration change at a time,
+//! and through the volume record's generation.
+//!
+//! For each volume with a copy to replace, one at a time: pick a node by
+//! [`crate::nodes::place`] (excluding the current holders, so zones stay spread), add
+//! the copy there (a learner that gets a snapshot, promoted once it holds the data), then
+//! remove the old one. A copy is only ever removed after its replacement votes, so
+//! redundancy never drops below what the failure left.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::nodes::{Liveness, NodeDirectory};
+use crate::volumes::VolumeManager;
+
+/// How often the acting node looks for copies to replace.
+pub const HEAL_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest wait for a new copy to catch up before the next attempt.
+const ADD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest wait for a removal to take effect.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether this node is the one that repairs: the lowest id alive and not removed.
+pub fn is_acting(volumes: &VolumeManager, dir: &NodeDirectory) -> bool {
+    let Some(me) = volumes.node_id() else { return false };
+    let now = Instant::now();
+    let peers = volumes.peer_ids();
+    let lowest = peers
+        .into_iter()
+        .chain(std::iter::once(me))
+        .filter(|&id| {
+            dir.table.liveness(id, now) == Liveness::Alive
+                && dir.table.admin(id) != crate::nodes::AdminState::Removed
+        })
+        .min();
+    lowest == Some(me)
+}
+
+/// One pass: every volume copy that must move gets a replacement. Returns what it did.
+pub async fn heal_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Vec<String> {
+    let mut done = Vec::new();
+    let now = Instant::now();
+    let mut records = volumes.records();
+    records.sort_by(|a, b| a.name.cmp(&b.name));
+    for record in records {
+        let leaving: Vec<u64> = record
+            .voters
+            .iter()
+            .copied()
+            .filter(|&id| {
+                dir.table.liveness(id, now) == Liveness::Dead || dir.table.admin(id).evicts_copies()
+            })
+            .collect();
+        for old in leaving {
+            let views = dir.views(&volumes.peer_ids());
+            let new = match crate::nodes::place(&views, 1, &record.voters, None) {
+                Ok(chosen) => chosen[0],
+                Err(why) => {
+                    tracing::warn!(volume = %record.name, node = old, %why, "cannot replace a copy yet");
+                    continue;
+                }
+            };
+            tracing::info!(volume = %record.name, from = old, to = new, "replacing a copy");
+            if let Err(e) = volumes.add_replica(&record.name, new, ADD_TIMEOUT).await {
+                tracing::warn!(volume = %record.name, to = new, error = %e, "adding the replacement copy failed; will retry");
+                break;
+            }
+            match volumes.remove_replica(&record.name, old, REMOVE_TIMEOUT).await {
+                Ok(_) => done.push(format!("{}: node {old} -> node {new}", record.name)),
+                Err(e) => {
+                    tracing::warn!(volume = %record.name, node = old, error = %e, "removing the replaced copy failed; will retry")
+                }
+            }
+            // The record changed: the next pass sees the new holders.
+            break;
+        }
+    }
+    done
+}
+
+/// Runs [`heal_once`] every [`HEAL_INTERVAL`] while this node is the acting one, until `stop`.
+pub async fn heal_loop(
+    volumes: Arc<VolumeManager>,
+    dir: Arc<NodeDirectory>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HEAL_INTERVAL) => {}
+        }
+        if !is_acting(&volumes, &dir) {
+            continue;
+        }
+        for what in heal_once(&volumes, &dir).await {
+            tracing::info!(%what, "copy replaced");
+        }
+    }
+}

@@ -1,0 +1,497 @@
+//! Node lifecycle: which nodes are alive (heartbeats), what operators decided about them
+//! (cordon, drain, remove), and where new copies go (placement).
+//!
+//! Every node sends a heartbeat to every peer each [`HEARTBEAT_INTERVAL`] carrying its
+//! report (zone, capacity, free space) and its table of operator decisions; the answer
+//! carries the peer's. A node not heard from for [`LivenessTiming::suspect_after`] is
+//! *suspect* (shown, nothing done), and after [`LivenessTiming::dead_after`] *dead*: its
+//! copies get replaced (see `crate::healer`). Operator decisions are merged
+//! last-writer-wins by a generation number, so they reach every node, including one that
+//! was down when they were made, and survive restarts (`<data_dir>/nodes.json`).
+//!
+//! The logic here is pure (the caller passes the clock), so it is unit-tested without
+//! processes.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// How often a node sends its heartbeat to every peer.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// File under the data directory holding the operator decisions.
+pub const NODES_FILE: &str = "nodes.json";
+
+/// Whether a node is heard from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    /// Heard from recently.
+    Alive,
+    /// Missed a few heartbeats (or not heard from since this node started).
+    Suspect,
+    /// Silent for longer than the dead timeout: its copies are replaced.
+    Dead,
+}
+
+/// What operators decided about a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminState {
+    /// Takes new copies.
+    #[default]
+    Active,
+    /// Keeps its copies, takes no new ones.
+    Cordoned,
+    /// Takes no new copies; its copies are being moved away.
+    Draining,
+    /// Out of the cluster: holds no copies, takes none (it may be shut down).
+    Removed,
+}
+
+impl AdminState {
+    /// Whether new copies may be placed on such a node.
+    pub fn takes_copies(self) -> bool {
+        self == AdminState::Active
+    }
+
+    /// Whether copies on such a node must move away.
+    pub fn evicts_copies(self) -> bool {
+        matches!(self, AdminState::Draining | AdminState::Removed)
+    }
+}
+
+/// One operator decision, with the generation that orders it against others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminEntry {
+    /// The decision.
+    pub state: AdminState,
+    /// Higher wins; a new decision takes the highest generation known plus one.
+    pub generation: u64,
+}
+
+/// What a node says about itself in each heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Node id.
+    pub id: u64,
+    /// Its zone label (`cluster.zone`; empty: none).
+    #[serde(default)]
+    pub zone: String,
+    /// Size of the file system holding its data directory.
+    #[serde(default)]
+    pub capacity_bytes: u64,
+    /// Free bytes on it.
+    #[serde(default)]
+    pub free_bytes: u64,
+    /// Its HTTP API address.
+    #[serde(default)]
+    pub api_addr: String,
+}
+
+/// A node as `GET /v1/nodes` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Node id.
+    pub id: u64,
+    /// Heard from or not.
+    pub liveness: Liveness,
+    /// Operator decision.
+    pub admin: AdminState,
+    /// What it last reported (defaults if never heard from).
+    pub report: NodeReport,
+    /// Milliseconds since it was last heard from (`None`: never, since this node started).
+    pub last_heard_ms: Option<u64>,
+}
+
+/// When silence makes a node suspect, then dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LivenessTiming {
+    /// Suspect after this long without a heartbeat.
+    pub suspect_after: Duration,
+    /// Dead after this long.
+    pub dead_after: Duration,
+}
+
+/// Why an operator decision was refused or could not be recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// No such node.
+    #[error("no node {0}; `raftblk node list` shows the nodes")]
+    Unknown(u64),
+    /// The decision file cannot be written or read.
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+struct Inner {
+    heard: BTreeMap<u64, (NodeReport, Instant)>,
+    admin: BTreeMap<u64, AdminEntry>,
+}
+
+/// This node's view of every node.
+pub struct NodeTable {
+    me: u64,
+    timing: LivenessTiming,
+    started: Instant,
+    path: Option<PathBuf>,
+    inner: Mutex<Inner>,
+}
+
+impl NodeTable {
+    /// A table for node `me`; decisions persist in `path` (if given), read back here.
+    pub fn open(
+        me: u64,
+        timing: LivenessTiming,
+        path: Option<PathBuf>,
+        now: Instant,
+    ) -> Result<NodeTable, NodeError> {
+        let admin = match &path {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(text) => serde_json::from_str(&text)
+                    .map_err(|e| NodeError::File { path: p.clone(), message: format!("corrupt: {e}") })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+                Err(e) => return Err(NodeError::File { path: p.clone(), message: e.to_string() }),
+            },
+            None => BTreeMap::new(),
+        };
+        Ok(NodeTable {
+            me,
+            timing,
+            started: now,
+            path,
+            inner: Mutex::new(Inner { heard: BTreeMap::new(), admin }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section is a few map operations: a poisoned lock holds consistent data.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> u64 {
+        self.me
+    }
+
+    /// The liveness timing.
+    pub fn timing(&self) -> LivenessTiming {
+        self.timing
+    }
+
+    /// Records a heartbeat (or an answer to one) from `report.id`.
+    pub fn heard(&self, report: NodeReport, now: Instant) {
+        let id = report.id;
+        self.lock().heard.insert(id, (report, now));
+    }
+
+    /// Whether node `id` is alive, suspect or dead at `now`. This node is always alive;
+    /// a node never heard from counts from this node's start.
+    pub fn liveness(&self, id: u64, now: Instant) -> Liveness {
+        if id == self.me {
+            return Liveness::Alive;
+        }
+        let since = self.lock().heard.get(&id).map_or(self.started, |(_, at)| *at);
+        let silent = now.saturating_duration_since(since);
+        if silent >= self.timing.dead_after {
+            Liveness::Dead
+        } else if silent >= self.timing.suspect_after || !self.lock().heard.contains_key(&id) {
+            Liveness::Suspect
+        } else {
+            Liveness::Alive
+        }
+    }
+
+    /// The operator decision about node `id`.
+    pub fn admin(&self, id: u64) -> AdminState {
+        self.lock().admin.get(&id).map_or(AdminState::Active, |e| e.state)
+    }
+
+    /// Every decision (sent in heartbeats).
+    pub fn admin_entries(&self) -> BTreeMap<u64, AdminEntry> {
+        self.lock().admin.clone()
+    }
+
+    /// Records a new decision about `id`, ordered after every one known.
+    pub fn set_admin(&self, id: u64, state: AdminState) -> Result<AdminEntry, NodeError> {
+        let mut inner = self.lock();
+        let generation = inner.admin.values().map(|e| e.generation).max().unwrap_or(0) + 1;
+        let entry = AdminEntry { state, generation };
+        inner.admin.insert(id, entry);
+        self.save(&inner.admin)?;
+        Ok(entry)
+    }
+
+    /// Merges a peer's decisions: per node, the higher generation wins. Returns whether
+    /// anything changed.
+    pub fn merge_admin(&self, entries: &BTreeMap<u64, AdminEntry>) -> Result<bool, NodeError> {
+        let mut inner = self.lock();
+        let mut changed = false;
+        for (id, e) in entries {
+            let newer = inner.admin.get(id).is_none_or(|mine| e.generation > mine.generation);
+            if newer {
+                inner.admin.insert(*id, *e);
+                changed = true;
+            }
+        }
+        if changed {
+            self.save(&inner.admin)?;
+        }
+        Ok(changed)
+    }
+
+    fn save(&self, admin: &BTreeMap<u64, AdminEntry>) -> Result<(), NodeError> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let err = |e: std::io::Error| NodeError::File { path: path.clone(), message: e.to_string() };
+        let text = serde_json::to_string_pretty(admin)
+            .map_err(|e| NodeError::File { path: path.clone(), message: e.to_string() })?;
+        let tmp = path.with_extension("json.tmp");
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(err)?;
+            f.write_all(text.as_bytes()).map_err(err)?;
+            f.sync_all().map_err(err)?;
+        }
+        std::fs::rename(&tmp, path).map_err(err)?;
+        Ok(())
+    }
+
+    /// Every node in `ids` (this node and its peers) as seen at `now`, by id.
+    pub fn view(&self, ids: &[u64], mine: &NodeReport, now: Instant) -> Vec<NodeView> {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| {
+                let heard = self.lock().heard.get(&id).cloned();
+                let (report, last_heard_ms) = if id == self.me {
+                    (mine.clone(), Some(0))
+                } else {
+                    match heard {
+                        Some((r, at)) => (r, Some(now.saturating_duration_since(at).as_millis() as u64)),
+                        None => (NodeReport { id, ..NodeReport::default() }, None),
+                    }
+                };
+                NodeView {
+                    id,
+                    liveness: self.liveness(id, now),
+                    admin: self.admin(id),
+                    report,
+                    last_heard_ms,
+                }
+            })
+            .collect()
+    }
+}
+
+/// This node's lifecycle context: the table plus what it reports about itself.
+pub struct NodeDirectory {
+    /// Every node as this node sees it.
+    pub table: NodeTable,
+    zone: String,
+    api_addr: String,
+    data_dir: PathBuf,
+}
+
+impl NodeDirectory {
+    /// The directory of node `table.me()`, in `zone`, answering its API on `api_addr`,
+    /// storing under `data_dir`.
+    pub fn new(table: NodeTable, zone: String, api_addr: String, data_dir: PathBuf) -> NodeDirectory {
+        NodeDirectory { table, zone, api_addr, data_dir }
+    }
+
+    /// What this node reports in its heartbeats (free space read now).
+    pub fn my_report(&self) -> NodeReport {
+        let (capacity_bytes, free_bytes) = disk_space(&self.data_dir);
+        NodeReport {
+            id: self.table.me(),
+            zone: self.zone.clone(),
+            capacity_bytes,
+            free_bytes,
+            api_addr: self.api_addr.clone(),
+        }
+    }
+
+    /// Every node in `ids` (plus this one), as seen now.
+    pub fn views(&self, ids: &[u64]) -> Vec<NodeView> {
+        let mut ids = ids.to_vec();
+        ids.push(self.table.me());
+        self.table.view(&ids, &self.my_report(), Instant::now())
+    }
+}
+
+/// Picks `count` nodes for new copies among `nodes`: not dead, taking copies, not in
+/// `exclude`; spread across zones (a zone already holding fewer of the volume's copies
+/// first, counting those in `exclude`), then nodes heard from lately before suspect ones
+/// (right after a start every peer is suspect until its first heartbeat), then `prefer`
+/// (the node creating a volume: usually where it will be used, and its leader then serves
+/// locally), then the most free space, then the lowest id. The error says why the request
+/// cannot be met.
+pub fn place(
+    nodes: &[NodeView],
+    count: usize,
+    exclude: &[u64],
+    prefer: Option<u64>,
+) -> Result<Vec<u64>, String> {
+    let mut zones: BTreeMap<String, usize> = BTreeMap::new();
+    for n in nodes.iter().filter(|n| exclude.contains(&n.id)) {
+        *zones.entry(n.report.zone.clone()).or_default() += 1;
+    }
+    let mut pool: Vec<&NodeView> = nodes.iter().filter(|n| !exclude.contains(&n.id) && usable(n)).collect();
+    if pool.len() < count {
+        let unusable: Vec<String> = nodes
+            .iter()
+            .filter(|n| !exclude.contains(&n.id) && !usable(n))
+            .map(|n| format!("node {} is {}", n.id, describe(n)))
+            .collect();
+        let held = if exclude.is_empty() {
+            String::new()
+        } else {
+            format!(" besides nodes {exclude:?} that already hold one")
+        };
+        return Err(format!(
+            "{count} copies need {count} distinct nodes{held}, but only {} can take one{}{}; add nodes, uncordon one, or ask for fewer replicas",
+            pool.len(),
+            if unusable.is_empty() { "" } else { " (" },
+            if unusable.is_empty() { String::new() } else { unusable.join(", ") + ")" },
+        ));
+    }
+    let mut chosen = Vec::new();
+    while chosen.len() < count {
+        pool.sort_by(|a, b| {
+            let za = zones.get(&a.report.zone).copied().unwrap_or(0);
+            let zb = zones.get(&b.report.zone).copied().unwrap_or(0);
+            let (sa, sb) = (a.liveness != Liveness::Alive, b.liveness != Liveness::Alive);
+            let (pa, pb) = (Some(a.id) != prefer, Some(b.id) != prefer);
+            za.cmp(&zb)
+                .then(sa.cmp(&sb))
+                .then(pa.cmp(&pb))
+                .then(b.report.free_bytes.cmp(&a.report.free_bytes))
+                .then(a.id.cmp(&b.id))
+        });
+        let pick = pool.remove(0);
+        *zones.entry(pick.report.zone.clone()).or_default() += 1;
+        chosen.push(pick.id);
+    }
+    Ok(chosen)
+}
+
+fn usable(n: &NodeView) -> bool {
+    n.liveness != Liveness::Dead && n.admin.takes_copies()
+}
+
+fn describe(n: &NodeView) -> String {
+    match (n.liveness, n.admin) {
+        (_, AdminState::Cordoned) => "cordoned".into(),
+        (_, AdminState::Draining) => "draining".into(),
+        (_, AdminState::Removed) => "removed".into(),
+        (Liveness::Dead, _) => "dead".into(),
+        (Liveness::Suspect, _) => "not heard from lately".into(),
+        (Liveness::Alive, _) => "available".into(),
+    }
+}
+
+/// Size and free space of the file system holding `path`.
+pub fn disk_space(path: &std::path::Path) -> (u64, u64) {
+    match rustix::fs::statvfs(path) {
+        Ok(s) => (s.f_blocks.saturating_mul(s.f_frsize), s.f_bavail.saturating_mul(s.f_frsize)),
+        Err(_) => (0, 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMING: LivenessTiming =
+        LivenessTiming { suspect_after: Duration::from_secs(3), dead_after: Duration::from_secs(60) };
+
+    fn report(id: u64, zone: &str, free_gib: u64) -> NodeReport {
+        NodeReport {
+            id,
+            zone: zone.into(),
+            capacity_bytes: 100 << 30,
+            free_bytes: free_gib << 30,
+            api_addr: String::new(),
+        }
+    }
+
+    #[test]
+    fn liveness_follows_heartbeats() {
+        let t0 = Instant::now();
+        let t = NodeTable::open(1, TIMING, None, t0).unwrap();
+        assert_eq!(t.liveness(1, t0 + Duration::from_secs(999)), Liveness::Alive, "this node");
+        assert_eq!(t.liveness(2, t0), Liveness::Suspect, "never heard from yet");
+        assert_eq!(t.liveness(2, t0 + Duration::from_secs(61)), Liveness::Dead, "never heard from at all");
+        t.heard(report(2, "", 1), t0 + Duration::from_secs(10));
+        assert_eq!(t.liveness(2, t0 + Duration::from_secs(11)), Liveness::Alive);
+        assert_eq!(t.liveness(2, t0 + Duration::from_secs(14)), Liveness::Suspect);
+        assert_eq!(t.liveness(2, t0 + Duration::from_secs(70)), Liveness::Dead);
+        t.heard(report(2, "", 1), t0 + Duration::from_secs(71));
+        assert_eq!(t.liveness(2, t0 + Duration::from_secs(71)), Liveness::Alive, "back");
+    }
+
+    #[test]
+    fn decisions_merge_by_generation_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NODES_FILE);
+        let now = Instant::now();
+        let a = NodeTable::open(1, TIMING, Some(path.clone()), now).unwrap();
+        let b = NodeTable::open(2, TIMING, None, now).unwrap();
+        a.set_admin(3, AdminState::Cordoned).unwrap();
+        b.set_admin(3, AdminState::Draining).unwrap();
+        b.set_admin(3, AdminState::Removed).unwrap();
+        // b's newer decision wins on a; a's older one changes nothing on b.
+        assert!(a.merge_admin(&b.admin_entries()).unwrap());
+        assert!(!b.merge_admin(&a.admin_entries()).unwrap());
+        assert_eq!((a.admin(3), b.admin(3)), (AdminState::Removed, AdminState::Removed));
+        let again = NodeTable::open(1, TIMING, Some(path), now).unwrap();
+        assert_eq!(again.admin(3), AdminState::Removed);
+        assert_eq!(again.admin(4), AdminState::Active);
+    }
+
+    fn views(specs: &[(u64, &str, u64, Liveness, AdminState)]) -> Vec<NodeView> {
+        specs
+            .iter()
+            .map(|&(id, zone, free, liveness, admin)| NodeView {
+                id,
+                liveness,
+                admin,
+                report: report(id, zone, free),
+                last_heard_ms: Some(0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn placement_spreads_zones_then_free_space_and_explains_refusals() {
+        use AdminState::*;
+        use Liveness::*;
+        let nodes = views(&[
+            (1, "a", 50, Alive, Active),
+            (2, "a", 90, Alive, Active),
+            (3, "b", 10, Alive, Active),
+            (4, "c", 20, Alive, Active),
+            (5, "c", 80, Dead, Active),
+            (6, "b", 99, Alive, Cordoned),
+        ]);
+        assert_eq!(place(&nodes, 3, &[], None).unwrap(), vec![2, 4, 3], "one per zone, roomiest first");
+        assert_eq!(place(&nodes, 3, &[], Some(1)).unwrap(), vec![1, 4, 3], "the creating node first");
+        assert_eq!(place(&nodes, 1, &[2, 3], None).unwrap(), vec![4], "the zone without a copy");
+        assert_eq!(place(&nodes, 4, &[], None).unwrap(), vec![2, 4, 3, 1]);
+        let e = place(&nodes, 5, &[], None).unwrap_err();
+        assert!(
+            e.contains("only 4") && e.contains("node 5 is dead") && e.contains("node 6 is cordoned"),
+            "{e}"
+        );
+        let no_zones = views(&[(1, "", 5, Alive, Active), (2, "", 7, Alive, Active)]);
+        assert_eq!(place(&no_zones, 2, &[], None).unwrap(), vec![2, 1]);
+        assert!(place(&no_zones, 3, &[], None).unwrap_err().contains("3 copies need 3 distinct nodes"));
+        let mut starting = no_zones.clone();
+        starting[1].liveness = Liveness::Suspect;
+        assert_eq!(place(&starting, 1, &[], None).unwrap(), vec![1], "nodes heard from first");
+        assert_eq!(place(&starting, 2, &[], None).unwrap(), vec![1, 2], "suspect ones still count");
+    }
+}

@@ -1,0 +1,230 @@
+//! The cluster control plane (issue 3/3) on five real `raftblkd` processes: placement and
+//! its refusals, a dead node's copies replaced on the others (and its stale copies dropped
+//! when it returns), a node drained while fio writes. Nodes are declared dead after 5 s
+//! here (`--node-dead-after-s 5`; the default is 60 s).
+
+use std::time::{Duration, Instant};
+
+use raftblk_tests::pattern::{assert_patterns_read, pat, sha_of_file, write_patterns, Pat};
+use raftblk_tests::{poll, require_tools, run, Cluster, MIB};
+
+const FIVE: [u64; 5] = [1, 2, 3, 4, 5];
+const LIMIT: Duration = Duration::from_secs(120);
+const DEAD_AFTER: [&str; 2] = ["--node-dead-after-s", "5"];
+
+fn voters(c: &Cluster, via: u64, name: &str) -> Result<Vec<u64>, String> {
+    let v = c.try_status(via, name)?;
+    Ok(v["voters"].as_array().ok_or("no voters")?.iter().filter_map(|x| x.as_u64()).collect())
+}
+
+fn health(c: &Cluster, via: u64, name: &str) -> Result<String, String> {
+    Ok(c.try_status(via, name)?["health"].as_str().unwrap_or("").to_string())
+}
+
+/// Waits until every node answers `/v1/nodes` with all five alive.
+fn wait_all_alive(c: &Cluster, among: &[u64]) {
+    poll("every node to see every other alive", LIMIT, || {
+        for &id in among {
+            let v = c.cli_json(id, &["node", "list"]);
+            let alive = v.as_array().map_or(0, |a| a.iter().filter(|n| n["liveness"] == "alive").count());
+            if alive < among.len() {
+                return Err(format!("node {id} sees {alive} alive: {v}"));
+            }
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn a_placement_spreads_and_impossible_requests_say_why() {
+    let c = Cluster::start_with(5, &DEAD_AFTER);
+    wait_all_alive(&c, &FIVE);
+    // Five copies fit five nodes; more copies than that are out of range anyway.
+    c.create_volume(1, "wide", "16M", 4);
+    assert_eq!(voters(&c, 1, "wide").unwrap().len(), 5);
+    let out = c.cli(1, &["volume", "create", "toowide", "--size", "16M", "--replicas", "5"]);
+    assert!(!out.success() && out.stderr.contains("use 0 to 4"), "replicas=5 was not refused clearly: {out}");
+    // Cordoned nodes take no new copies, and the refusal names them.
+    c.cli(2, &["node", "cordon", "4"]).ok();
+    c.cli(2, &["node", "cordon", "5"]).ok();
+    poll("the cordons to reach node 1", LIMIT, || {
+        let v = c.cli_json(1, &["node", "list"]);
+        let cordoned = v.as_array().map_or(0, |a| a.iter().filter(|n| n["admin"] == "cordoned").count());
+        if cordoned == 2 {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        }
+    });
+    let out = c.cli(1, &["volume", "create", "four", "--size", "16M", "--replicas", "3"]);
+    assert!(!out.success(), "4 copies on 3 uncordoned nodes was accepted: {out}");
+    assert!(
+        out.stderr.contains("4 distinct nodes") && out.stderr.contains("cordoned"),
+        "the refusal does not say why: {out}"
+    );
+    c.create_volume(1, "three", "16M", 2);
+    let placed = voters(&c, 1, "three").unwrap();
+    assert!(placed.iter().all(|n| [1, 2, 3].contains(n)), "a copy went to a cordoned node: {placed:?}");
+    c.cli(1, &["node", "uncordon", "4"]).ok();
+    c.cli(1, &["node", "uncordon", "5"]).ok();
+    let shown = c.cli(3, &["status"]);
+    assert!(shown.ok().contains("healthy") && shown.ok().contains("NODE"), "status: {shown}");
+    println!("MEASURED placement: {placed:?} for replicas=2 with nodes 4 and 5 cordoned\n{}", shown.stdout);
+}
+
+#[test]
+fn b_a_dead_nodes_copies_are_replaced_and_its_stale_copies_dropped_on_return() {
+    if !require_tools("self-healing", &["qemu-io"]) {
+        return;
+    }
+    let mut c = Cluster::start_with(5, &DEAD_AFTER);
+    wait_all_alive(&c, &FIVE);
+    let names = ["h1", "h2", "h3"];
+    let mut pats: Vec<(String, Vec<Pat>)> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        c.create_volume(1 + i as u64, name, "32M", 2);
+        let p = vec![pat(0x30 + i as u8, 0, MIB), pat(0x40 + i as u8, 20 * MIB, 64 * 1024)];
+        let leader = c.wait_leader(name, &voters(&c, 1, name).unwrap(), LIMIT);
+        write_patterns(&c.nbd_uri(leader, name), &p);
+        pats.push((name.to_string(), p));
+    }
+    // The node holding the most copies goes.
+    let holders: Vec<Vec<u64>> = names.iter().map(|n| voters(&c, 1, n).unwrap()).collect();
+    let victim =
+        *FIVE.iter().max_by_key(|id| holders.iter().filter(|h| h.contains(id)).count()).expect("a node");
+    let affected = holders.iter().filter(|h| h.contains(&victim)).count();
+    assert!(affected >= 2, "no node holds copies of several volumes: {holders:?}");
+    let survivor = *FIVE.iter().find(|&&id| id != victim).expect("survivor");
+    let t = Instant::now();
+    c.kill9(victim);
+    poll("a degraded volume to be reported", LIMIT, || {
+        let states: Vec<String> = names.iter().map(|n| health(&c, survivor, n).unwrap_or_default()).collect();
+        if states.iter().any(|s| s == "degraded") {
+            Ok(())
+        } else {
+            Err(format!("{states:?}"))
+        }
+    });
+    let degraded_after = t.elapsed();
+    poll("every volume back to three copies without the dead node", LIMIT, || {
+        for name in names {
+            let v = voters(&c, survivor, name)?;
+            let h = health(&c, survivor, name)?;
+            if v.contains(&victim) || v.len() != 3 || h != "healthy" {
+                return Err(format!("{name}: copies on {v:?}, {h}"));
+            }
+        }
+        Ok(())
+    });
+    let healed_after = t.elapsed();
+    for (name, p) in &pats {
+        let v = voters(&c, survivor, name).unwrap();
+        let leader = c.wait_leader(name, &v, LIMIT);
+        assert_patterns_read(&c.nbd_uri(leader, name), p);
+        let commit = c.settled_commit(name, leader);
+        let uuid = c.try_status(survivor, name).unwrap()["uuid"].as_str().unwrap().to_string();
+        for &id in &v {
+            c.wait_applied(name, id, commit, LIMIT);
+        }
+        // Applied is checkpointed to the file every 5 s; read the copies through NBD instead.
+        let digests: Vec<String> = v
+            .iter()
+            .map(|&id| {
+                let image = c.node(id).image_path(&uuid);
+                assert!(image.exists(), "node {id} has no copy of {name}");
+                sha_of_file(&image)
+            })
+            .collect();
+        println!("{name}: copies on {v:?}, sha256 {digests:?}");
+    }
+    println!(
+        "MEASURED self-healing: node {victim} (copies of {affected} volumes) killed; degraded shown after {degraded_after:?}, \
+         every volume back to 3 copies after {healed_after:?} (dead timeout 5 s)"
+    );
+    // The dead node returns: its copies were replaced, so it must drop them and serve the
+    // current data (through the leaders), never its stale copies.
+    let stale: Vec<String> = names
+        .iter()
+        .filter(|n| holders[names.iter().position(|x| x == *n).unwrap_or(0)].contains(&victim))
+        .map(|n| c.try_status(survivor, n).unwrap()["uuid"].as_str().unwrap().to_string())
+        .collect();
+    c.restart(victim);
+    for (name, p) in &pats {
+        assert_patterns_read(&c.nbd_uri(victim, name), p);
+    }
+    poll("the returned node to drop its replaced copies", LIMIT, || {
+        let left: Vec<&String> = stale.iter().filter(|u| c.node(victim).image_path(u).exists()).collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("still there: {left:?}"))
+        }
+    });
+}
+
+#[test]
+fn c_a_drained_node_gives_up_its_copies_while_fio_writes() {
+    if !require_tools("drain under fio", &["fio"]) {
+        return;
+    }
+    let c = Cluster::start_with(5, &DEAD_AFTER);
+    wait_all_alive(&c, &FIVE);
+    let name = "dr";
+    c.create_volume(1, name, "64M", 2);
+    let holders = voters(&c, 1, name).unwrap();
+    let drained = holders[0];
+    let via = *FIVE.iter().find(|id| !holders.contains(id)).expect("a node without a copy");
+    let json = c.scratch().join("fio-drain.json");
+    let uri = c.nbd_uri(via, name);
+    let fio = std::thread::spawn(move || {
+        run(
+            "fio",
+            &[
+                "--name=drain",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=8",
+                "--size=64M",
+                "--time_based",
+                "--runtime=25",
+                "--verify=crc32c",
+                "--verify_backlog=64",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+                "--output-format=json",
+                &format!("--output={}", json.display()),
+            ],
+        )
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let t = Instant::now();
+    c.cli(via, &["node", "drain", &drained.to_string(), "--no-wait"]).ok();
+    let after = poll(&format!("node {drained} to give up its copy"), LIMIT, || {
+        let v = voters(&c, via, name)?;
+        if v.contains(&drained) {
+            Err(format!("copies on {v:?}"))
+        } else {
+            Ok(v)
+        }
+    });
+    let took = t.elapsed();
+    // The waiting form of the command returns at once now that nothing is left.
+    let out = c.cli(via, &["node", "drain", &drained.to_string()]);
+    assert!(out.success() && out.stdout.contains("none left"), "drain: {out}");
+    assert!(!after.contains(&drained) && after.len() == 3, "copies after the drain: {after:?}");
+    let fio = fio.join().expect("fio thread");
+    let said = format!("{}{}", fio.stdout, fio.stderr).to_lowercase();
+    assert!(fio.success(), "fio failed during the drain: {fio}");
+    for needle in ["verify failed", "bad magic", "io_u error"] {
+        assert!(!said.contains(needle), "fio complained ({needle}): {fio}");
+    }
+    let list = c.cli_json(via, &["node", "list"]);
+    let copies = list
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["id"] == drained))
+        .and_then(|n| n["copies"].as_u64());
+    assert_eq!(copies, Some(0), "node {drained} still holds copies: {list}");
+    println!("MEASURED drain of node {drained} under fio through node {via}: copies {holders:?} -> {after:?} in {took:?}, fio clean");
+}

@@ -133,6 +133,9 @@ enum VolumeCommand {
     Inspect {
         /// Volume name
         name: String,
+        /// Keep showing rebuild progress (a bar per copy being rebuilt) until none is left
+        #[arg(long)]
+        watch: bool,
     },
     /// Grow a volume (shrinking is refused)
     #[command(alias = "grow")]
@@ -325,9 +328,13 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
                 print_volumes(&serde_json::from_value::<Vec<VolumeStatus>>(v)?);
             }
         }
-        VolumeCommand::Inspect { name } => {
-            let v = client.call("GET", &format!("/v1/volumes/{}", path_segment(name)?), None)?;
-            show_one(cli, v, "")?;
+        VolumeCommand::Inspect { name, watch } => {
+            let path = format!("/v1/volumes/{}", path_segment(name)?);
+            let v = client.call("GET", &path, None)?;
+            show_one(cli, v.clone(), "")?;
+            if *watch && !cli.json {
+                watch_rebuilds(client, &path, v)?;
+            }
         }
         VolumeCommand::Resize { name, size } => {
             let bytes = parse_size(size).map_err(|e| anyhow!("size: {e}"))?;
@@ -443,9 +450,10 @@ fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
                 format!("from node {}", b.source)
             };
             println!(
-                "{:<12} node {}: {pct}% ({} of {}; {} of data copied {source}, {} s, snapshot index {})",
+                "{:<12} node {}: {} {pct}% ({} of {}; {} of data copied {source}, {} s, snapshot index {})",
                 "rebuilding",
                 b.node,
+                bar(b.done_bytes, b.total_bytes, 20),
                 format_size(b.done_bytes),
                 format_size(b.total_bytes),
                 format_size(b.copied_bytes),
@@ -455,6 +463,45 @@ fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A text progress bar of `width` cells for `done` of `total`.
+fn bar(done: u64, total: u64, width: usize) -> String {
+    let filled = ((done as u128 * width as u128).checked_div(total as u128).unwrap_or(0) as usize).min(width);
+    format!("[{}{}]", "#".repeat(filled), " ".repeat(width - filled))
+}
+
+/// Redraws one line per copy being rebuilt until none is left.
+fn watch_rebuilds(client: &Client, path: &str, mut v: Value) -> Result<()> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let s: VolumeStatus = serde_json::from_value(v)?;
+        let rebuilds = s.replication.map(|r| r.rebuilds).unwrap_or_default();
+        if rebuilds.is_empty() {
+            println!("{}no copy is being rebuilt; health: {}", if tty { "\r" } else { "" }, s.health.label());
+            return Ok(());
+        }
+        let line: Vec<String> = rebuilds
+            .iter()
+            .map(|b| {
+                format!(
+                    "node {} {} {}/{}",
+                    b.node,
+                    bar(b.done_bytes, b.total_bytes, 20),
+                    format_size(b.done_bytes),
+                    format_size(b.total_bytes)
+                )
+            })
+            .collect();
+        if tty {
+            print!("\r{}   ", line.join("   "));
+            std::io::Write::flush(&mut std::io::stdout())?;
+        } else {
+            println!("{}", line.join("   "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        v = client.call("GET", path, None)?;
+    }
 }
 
 fn node_command(cli: &Cli, client: &Client, cmd: &NodeCommand) -> Result<()> {
@@ -493,12 +540,9 @@ fn node_command(cli: &Cli, client: &Client, cmd: &NodeCommand) -> Result<()> {
     while left > 0 {
         if tty && !cli.json {
             let done = total - left;
-            let width = 30;
-            let filled = (done * width).checked_div(total).unwrap_or(width);
             print!(
-                "\r{action} node {id}: [{}{}] {done}/{total} copies moved",
-                "#".repeat(filled),
-                " ".repeat(width - filled)
+                "\r{action} node {id}: {} {done}/{total} copies moved",
+                bar(done as u64, total as u64, 30)
             );
             std::io::Write::flush(&mut std::io::stdout())?;
         }

@@ -435,10 +435,12 @@ pub struct CrashReport {
 
 /// Small deterministic generator (splitmix64); the disk needs no more than this.
 #[derive(Debug, Clone)]
-struct SplitMix64(u64);
+/// A small seeded generator (SplitMix64) for the simulated disk and the WAL tests.
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    /// The next value.
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -452,6 +454,18 @@ impl SplitMix64 {
             Some(n) => self.next() % n,
             None => self.next(),
         }
+    }
+
+    /// In `0..n` (0 when `n` is 0).
+    #[cfg(test)]
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// `len` pseudo-random bytes.
+    #[cfg(test)]
+    pub(crate) fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
     }
 }
 

@@ -104,6 +104,9 @@ pub enum ControlAnswer {
         /// This node's copy is being rebuilt from a snapshot.
         #[serde(default)]
         rebuild: Option<crate::volumes::RebuildView>,
+        /// NBD connections to the volume on the answering node.
+        #[serde(default)]
+        connections: usize,
     },
     /// The answer to `List`.
     List {

@@ -11,6 +11,11 @@
 //! the copy there (a learner that gets a snapshot, promoted once it holds the data), then
 //! remove the old one. A copy is only ever removed after its replacement votes, so
 //! redundancy never drops below what the failure left.
+//!
+//! When nothing needs repair, the acting node also spreads leaders: if a live node leads at
+//! least two volumes more than another node holding a copy of one of them, it moves that
+//! leadership over, one volume per pass. Volumes with NBD clients connected are left alone:
+//! their leader follows the client (`cluster.leader_follows_client`), which matters more.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,6 +88,60 @@ pub async fn heal_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Vec<Stri
     done
 }
 
+/// Moves at most one leadership from the node leading the most volumes to a copy holder
+/// leading at least two fewer. Returns what it moved.
+pub async fn balance_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Option<String> {
+    let now = Instant::now();
+    let usable = |id: u64| {
+        dir.table.liveness(id, now) == Liveness::Alive
+            && dir.table.admin(id) == crate::nodes::AdminState::Active
+    };
+    let mut records = volumes.records();
+    records.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut counts: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+    for id in volumes.peer_ids().into_iter().chain(volumes.node_id()) {
+        if usable(id) {
+            counts.insert(id, 0);
+        }
+    }
+    let mut leaders = Vec::new();
+    for r in &records {
+        let (leader, clients) = volumes.leader_and_clients(r).await;
+        if leader == 0 {
+            return None; // an election is under way: counts would be wrong
+        }
+        *counts.entry(leader).or_default() += 1;
+        leaders.push((r, leader, clients));
+    }
+    let mut best: Option<(&crate::catalog::VolumeRecord, u64, u64, usize)> = None;
+    for (r, leader, clients) in leaders {
+        if clients > 0 {
+            continue;
+        }
+        let from = counts.get(&leader).copied().unwrap_or(0);
+        let to = r
+            .voters
+            .iter()
+            .copied()
+            .filter(|&v| v != leader && usable(v))
+            .min_by_key(|v| (counts.get(v).copied().unwrap_or(0), *v));
+        if let Some(to) = to {
+            let gap = from.saturating_sub(counts.get(&to).copied().unwrap_or(0));
+            if gap >= 2 && best.is_none_or(|b| gap > b.3) {
+                best = Some((r, leader, to, gap));
+            }
+        }
+    }
+    let (r, from, to, _) = best?;
+    match volumes.transfer_leader(&r.name, to).await {
+        Ok(()) => Some(format!("{}: node {from} -> node {to} (leader counts {counts:?})", r.name)),
+        Err(e) => {
+            tracing::debug!(volume = %r.name, to, error = %e, "leader transfer for balance failed");
+            None
+        }
+    }
+}
+
 /// Runs [`heal_once`] every [`HEAL_INTERVAL`] while this node is the acting one, until `stop`.
 pub async fn heal_loop(
     volumes: Arc<VolumeManager>,
@@ -97,8 +156,14 @@ pub async fn heal_loop(
         if !is_acting(&volumes, &dir) {
             continue;
         }
-        for what in heal_once(&volumes, &dir).await {
+        let healed = heal_once(&volumes, &dir).await;
+        for what in &healed {
             tracing::info!(%what, "copy replaced");
+        }
+        if healed.is_empty() {
+            if let Some(what) = balance_once(&volumes, &dir).await {
+                tracing::info!(%what, "leadership moved to spread leaders");
+            }
         }
     }
 }

@@ -866,6 +866,28 @@ impl VolumeManager {
         VolumeHealth::Healthy
     }
 
+    /// The volume's leader (0: none agreed) and its NBD connections summed over the nodes
+    /// holding a copy, asked of each of them at once.
+    pub async fn leader_and_clients(&self, record: &VolumeRecord) -> (u64, usize) {
+        let Some(node) = &self.replication else { return (0, 0) };
+        let asks = record.voters.iter().map(|&id| async move {
+            let msg = ControlMessage::GroupStatus { group_id: record.group_id };
+            let answer = if id == node.node_id().0 {
+                self.send_control(node, id, &msg).await
+            } else {
+                crate::cluster::send(node, id, &msg, INSPECT_TIMEOUT).await
+            };
+            match answer {
+                Ok(ControlAnswer::Status { leader, connections, .. }) => Some((id, leader, connections)),
+                _ => None,
+            }
+        });
+        let answers: Vec<(u64, u64, usize)> =
+            futures::future::join_all(asks).await.into_iter().flatten().collect();
+        let leader = answers.iter().find(|(id, leader, _)| id == leader).map_or(0, |a| a.0);
+        (leader, answers.iter().map(|a| a.2).sum())
+    }
+
     /// Whether `target`'s copy of the volume is still being copied from a snapshot (or cannot
     /// say): a copy whose log caught up may still lack the data, and promoting it (or, in a
     /// move, removing the copy it pulls from) before it has it would lose the volume.
@@ -1235,6 +1257,10 @@ impl VolumeManager {
                 let Some(node) = &self.replication else {
                     return ControlAnswer::Error("not in a cluster".into());
                 };
+                let connections = lock(&self.open)
+                    .values()
+                    .find(|v| lock(&v.record).group_id == group_id)
+                    .map_or(0, |v| v.connections.load(Ordering::SeqCst));
                 return match node.status(GroupId(group_id)) {
                     Some(s) => ControlAnswer::Status {
                         leader: s.leader,
@@ -1243,6 +1269,7 @@ impl VolumeManager {
                         learners: s.learners,
                         progress: s.progress,
                         rebuild: s.rebuild.as_ref().map(|r| RebuildView::from_status(node.node_id().0, r)),
+                        connections,
                     },
                     None => ControlAnswer::Status {
                         leader: node.leader(GroupId(group_id)),
@@ -1251,6 +1278,7 @@ impl VolumeManager {
                         learners: Vec::new(),
                         progress: Vec::new(),
                         rebuild: None,
+                        connections,
                     },
                 };
             }

@@ -228,3 +228,40 @@ fn c_a_drained_node_gives_up_its_copies_while_fio_writes() {
     assert_eq!(copies, Some(0), "node {drained} still holds copies: {list}");
     println!("MEASURED drain of node {drained} under fio through node {via}: copies {holders:?} -> {after:?} in {took:?}, fio clean");
 }
+
+#[test]
+fn d_leaders_spread_over_the_nodes_holding_copies() {
+    let c = Cluster::start_with(5, &DEAD_AFTER);
+    wait_all_alive(&c, &FIVE);
+    let names = ["l1", "l2", "l3", "l4", "l5"];
+    for name in names {
+        c.create_volume(1, name, "16M", 2);
+        let v = voters(&c, 1, name).unwrap();
+        c.wait_leader(name, &v, LIMIT);
+        // Pile every leadership onto node 1 (it holds a copy of each: placement prefers
+        // the creating node).
+        assert!(v.contains(&1), "{name}: copies on {v:?}");
+        c.cli(1, &["volume", "transfer-leader", name, "1"]).ok();
+    }
+    let t = Instant::now();
+    let counts = poll("the leaders to spread", LIMIT, || {
+        let mut counts = std::collections::BTreeMap::<u64, usize>::new();
+        for name in names {
+            let v = voters(&c, 1, name)?;
+            let leader = c.try_repl(v[0], name)?.leader;
+            if leader == 0 {
+                return Err(format!("{name}: no leader"));
+            }
+            *counts.entry(leader).or_default() += 1;
+        }
+        if counts.values().max().copied().unwrap_or(0) <= 2 && counts.len() >= 3 {
+            Ok(counts)
+        } else {
+            Err(format!("{counts:?}"))
+        }
+    });
+    println!(
+        "MEASURED leader spreading: 5 leaderships piled on node 1 spread to {counts:?} in {:?}",
+        t.elapsed()
+    );
+}

@@ -531,9 +531,13 @@ impl VolumeManager {
             initial_voters: voters.clone(),
             generation: 1,
         };
+        // Peers first, this node last: if this node dies in between, the peers that have the
+        // record give it back to it (and to a retried create, which then returns it), so the
+        // volume exists once; if it dies before any peer has it, it exists nowhere.
+        let told = self.broadcast(&ControlMessage::Upsert(record.clone()), &voters).await;
         self.upsert_locked(record.clone(), true).await?;
         tracing::info!(volume = name, size_bytes, replicas, ?voters, uuid = %record.uuid, "volume created");
-        if let Err(e) = self.broadcast(&ControlMessage::Upsert(record.clone()), &voters).await {
+        if let Err(e) = told {
             return Err(VolumeError::Unavailable(format!(
                 "volume {name:?} was created, but {e}; it may not be writable until they are back. Delete it and retry, or wait for them"
             )));
@@ -635,12 +639,17 @@ impl VolumeManager {
         }
     }
 
-    /// Sends `msg` to every peer; errors from `must` peers are returned, others logged.
+    /// Sends `msg` to every peer at once; errors from `must` peers are returned, others logged.
     async fn broadcast(&self, msg: &ControlMessage, must: &[u64]) -> Result<(), VolumeError> {
         let Some(node) = &self.replication else { return Ok(()) };
         let mut missing = Vec::new();
-        for peer in node.peer_ids() {
-            if let Err(e) = crate::cluster::send(node, peer, msg, CONTROL_TIMEOUT).await {
+        let sends = node
+            .peer_ids()
+            .into_iter()
+            .map(|peer| async move { (peer, crate::cluster::send(node, peer, msg, CONTROL_TIMEOUT).await) });
+        // All at once: one dead peer must not hold up the others for the whole timeout.
+        for (peer, result) in futures::future::join_all(sends).await {
+            if let Err(e) = result {
                 if must.contains(&peer) {
                     missing.push(format!("node {peer}: {e}"));
                 } else {

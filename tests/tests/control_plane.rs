@@ -1,7 +1,9 @@
 //! The cluster control plane (issue 3/3) on five real `raftblkd` processes: placement and
 //! its refusals, a dead node's copies replaced on the others (and its stale copies dropped
 //! when it returns), a node drained while fio writes. Nodes are declared dead after 5 s
-//! here (`--node-dead-after-s 5`; the default is 60 s).
+//! here (`--node-dead-after-s 5`; the default is 60 s). Also: leaders spread over the
+//! copy holders, and a create whose node is killed mid-way leaves the volume once or not
+//! at all (the client's retry through another node gets it back or makes it).
 
 use std::time::{Duration, Instant};
 
@@ -264,4 +266,58 @@ fn d_leaders_spread_over_the_nodes_holding_copies() {
         "MEASURED leader spreading: 5 leaderships piled on node 1 spread to {counts:?} in {:?}",
         t.elapsed()
     );
+}
+
+#[test]
+fn e_a_create_whose_node_is_killed_midway_leaves_the_volume_once_or_not_at_all() {
+    let mut c = Cluster::start_with(3, &DEAD_AFTER);
+    wait_all_alive(&c, &[1, 2, 3]);
+    for (i, delay_ms) in [0u64, 15, 40, 120].into_iter().enumerate() {
+        let name = format!("k{i}");
+        let api = c.node(1).api_addr;
+        let body = format!("{{\"name\": \"{name}\", \"size\": \"16M\", \"replicas\": 1}}");
+        let first = std::thread::spawn(move || raftblk_tests::http_post_json(api, "/v1/volumes", &body));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        c.kill9(1);
+        let first = first.join().expect("create thread");
+        // The client retries elsewhere, as after a timeout, until it gets an answer that is
+        // not "try again" (a copy placed on the node that just died is not confirmed: 503).
+        let retried = poll(&format!("a retried create of {name} to succeed"), LIMIT, || {
+            let out = c.cli(2, &["--json", "volume", "create", &name, "--size", "16M", "--replicas", "1"]);
+            if out.success() {
+                Ok(out.json())
+            } else if out.stderr.contains("HTTP 503") {
+                Err(out.stderr.clone())
+            } else {
+                panic!("the retried create was refused: {out}")
+            }
+        });
+        let uuid = retried["uuid"].as_str().expect("uuid").to_string();
+        if let Ok((201, body)) = &first {
+            let made: serde_json::Value = serde_json::from_str(body).expect("create answer");
+            assert_eq!(
+                made["uuid"],
+                uuid.as_str(),
+                "the retry made a second volume after the first succeeded"
+            );
+        }
+        c.restart(1);
+        poll(&format!("every node to hold {name} once, as {uuid}"), LIMIT, || {
+            for id in [1, 2, 3] {
+                let list = c.cli_json(id, &["volume", "list"]);
+                let same: Vec<&serde_json::Value> = list
+                    .as_array()
+                    .map(|a| a.iter().filter(|v| v["name"] == name.as_str()).collect())
+                    .unwrap_or_default();
+                if same.len() != 1 || same[0]["uuid"] != uuid.as_str() {
+                    return Err(format!("node {id}: {same:?}"));
+                }
+            }
+            Ok(())
+        });
+        println!(
+            "MEASURED create killed after {delay_ms} ms: first attempt {:?}; retry via node 2 -> {uuid}; every node agrees",
+            first.as_ref().map(|(code, _)| *code)
+        );
+    }
 }

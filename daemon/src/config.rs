@@ -721,6 +721,18 @@ mod tests {
     }
 
     #[test]
+    fn zone_and_dead_timeout_have_defaults_flags_and_a_floor() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!((c.cluster.zone.as_str(), c.cluster.node_dead_after_s), ("", 60));
+        let o = Overrides { zone: Some("rack-a".into()), node_dead_after_s: Some(30), ..Default::default() };
+        let c = Config::load(None, &o).unwrap();
+        assert_eq!((c.cluster.zone.as_str(), c.cluster.node_dead_after_s), ("rack-a", 30));
+        let o = Overrides { node_dead_after_s: Some(2), ..Default::default() };
+        let e = Config::load(None, &o).unwrap_err().to_string();
+        assert!(e.contains("cluster.node_dead_after_s") && e.contains("5 or more"), "{e}");
+    }
+
+    #[test]
     fn bootstrap_none_clears_the_list() {
         let o = Overrides { bootstrap_volumes: Some(vec!["none".into()]), ..Default::default() };
         assert!(Config::load(None, &o).unwrap().bootstrap_volumes.is_empty());

@@ -639,22 +639,37 @@ impl VolumeManager {
         }
     }
 
-    /// Sends `msg` to every peer at once; errors from `must` peers are returned, others logged.
+    /// Sends `msg` to every peer at once and returns the errors of the `must` peers. It waits
+    /// for those and for every peer not known dead (so the change is everywhere when this
+    /// returns); dead peers are told in the background (errors logged: they catch up at their
+    /// next sync when they return), so they do not hold up the operation.
     async fn broadcast(&self, msg: &ControlMessage, must: &[u64]) -> Result<(), VolumeError> {
         let Some(node) = &self.replication else { return Ok(()) };
-        let mut missing = Vec::new();
-        let sends = node
-            .peer_ids()
-            .into_iter()
-            .map(|peer| async move { (peer, crate::cluster::send(node, peer, msg, CONTROL_TIMEOUT).await) });
-        // All at once: one dead peer must not hold up the others for the whole timeout.
-        for (peer, result) in futures::future::join_all(sends).await {
-            if let Err(e) = result {
-                if must.contains(&peer) {
-                    missing.push(format!("node {peer}: {e}"));
-                } else {
+        let now = std::time::Instant::now();
+        let alive = |p: u64| {
+            self.nodes.get().is_none_or(|d| d.table.liveness(p, now) != crate::nodes::Liveness::Dead)
+        };
+        let (waited, background): (Vec<u64>, Vec<u64>) =
+            node.peer_ids().into_iter().partition(|&p| must.contains(&p) || alive(p));
+        for peer in background {
+            let (node, msg) = (node.clone(), msg.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::cluster::send(&node, peer, &msg, CONTROL_TIMEOUT).await {
                     tracing::warn!(peer, error = %e, "peer did not confirm; it will catch up at its next sync");
                 }
+            });
+        }
+        let sends = waited
+            .into_iter()
+            .map(|peer| async move { (peer, crate::cluster::send(node, peer, msg, CONTROL_TIMEOUT).await) });
+        let mut missing = Vec::new();
+        for (peer, result) in futures::future::join_all(sends).await {
+            match result {
+                Err(e) if must.contains(&peer) => missing.push(format!("node {peer}: {e}")),
+                Err(e) => {
+                    tracing::warn!(peer, error = %e, "peer did not confirm; it will catch up at its next sync")
+                }
+                Ok(_) => {}
             }
         }
         if missing.is_empty() {

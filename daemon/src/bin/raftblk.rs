@@ -235,8 +235,9 @@ fn run(cli: &Cli) -> Result<()> {
                 print_volumes(&volumes);
                 let count = |h: VolumeHealth| volumes.iter().filter(|v| v.health == h).count();
                 println!(
-                    "\n{} volumes: {} healthy, {} rebuilding, {} degraded",
+                    "\n{} volume{}: {} healthy, {} rebuilding, {} degraded",
                     volumes.len(),
+                    if volumes.len() == 1 { "" } else { "s" },
                     count(VolumeHealth::Healthy),
                     count(VolumeHealth::Rebuilding),
                     count(VolumeHealth::Degraded)

@@ -119,6 +119,9 @@ pub struct ClusterConfig {
     /// This node's zone label: copies of a volume spread across zones (empty: none).
     #[serde(default)]
     pub zone: String,
+    /// Other labels of this node (rack, room, hardware...), shown by `raftblk node list`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Seconds without a heartbeat after which a node is dead and its copies are replaced.
     #[serde(default = "default_node_dead_after_s")]
     pub node_dead_after_s: u64,
@@ -244,6 +247,9 @@ pub struct Overrides {
     /// This node's zone label [env: RAFTBLK_ZONE]
     #[arg(long, env = "RAFTBLK_ZONE")]
     pub zone: Option<String>,
+    /// A label of this node, KEY=VALUE (repeatable, e.g. --label rack=r12) [env: RAFTBLK_LABELS, comma-separated]
+    #[arg(long = "label", env = "RAFTBLK_LABELS", value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
     /// Seconds of silence before a node is dead and its copies are replaced [env: RAFTBLK_NODE_DEAD_AFTER_S]
     #[arg(long, env = "RAFTBLK_NODE_DEAD_AFTER_S")]
     pub node_dead_after_s: Option<u64>,
@@ -389,6 +395,21 @@ impl Config {
         }
         if let Some(v) = &o.zone {
             self.cluster.zone = v.clone();
+        }
+        if let Some(v) = &o.labels {
+            for l in v.iter().filter(|l| !l.is_empty()) {
+                let (key, value) = l.split_once('=').ok_or_else(|| ConfigError::Invalid {
+                    key: "cluster.labels",
+                    message: format!("label {l:?} is not KEY=VALUE; write e.g. --label rack=r12"),
+                })?;
+                if key.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        key: "cluster.labels",
+                        message: format!("label {l:?} has an empty key; write e.g. --label rack=r12"),
+                    });
+                }
+                self.cluster.labels.insert(key.to_string(), value.to_string());
+            }
         }
         if let Some(v) = o.node_dead_after_s {
             self.cluster.node_dead_after_s = v;
@@ -727,6 +748,12 @@ mod tests {
         let o = Overrides { zone: Some("rack-a".into()), node_dead_after_s: Some(30), ..Default::default() };
         let c = Config::load(None, &o).unwrap();
         assert_eq!((c.cluster.zone.as_str(), c.cluster.node_dead_after_s), ("rack-a", 30));
+        let o = Overrides { labels: Some(vec!["rack=r1".into(), "disk=ssd".into()]), ..Default::default() };
+        let labels = Config::load(None, &o).unwrap().cluster.labels;
+        assert_eq!(labels.get("rack").map(String::as_str), Some("r1"));
+        assert_eq!(labels.len(), 2);
+        let o = Overrides { labels: Some(vec!["rack".into()]), ..Default::default() };
+        assert!(Config::load(None, &o).unwrap_err().to_string().contains("KEY=VALUE"));
         let o = Overrides { node_dead_after_s: Some(2), ..Default::default() };
         let e = Config::load(None, &o).unwrap_err().to_string();
         assert!(e.contains("cluster.node_dead_after_s") && e.contains("5 or more"), "{e}");

@@ -90,6 +90,9 @@ pub struct NodeReport {
     /// Its HTTP API address.
     #[serde(default)]
     pub api_addr: String,
+    /// Its other labels (`cluster.labels`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A node as `GET /v1/nodes` shows it.
@@ -291,6 +294,7 @@ pub struct NodeDirectory {
     /// Every node as this node sees it.
     pub table: NodeTable,
     zone: String,
+    labels: BTreeMap<String, String>,
     api_addr: String,
     data_dir: PathBuf,
 }
@@ -299,7 +303,13 @@ impl NodeDirectory {
     /// The directory of node `table.me()`, in `zone`, answering its API on `api_addr`,
     /// storing under `data_dir`.
     pub fn new(table: NodeTable, zone: String, api_addr: String, data_dir: PathBuf) -> NodeDirectory {
-        NodeDirectory { table, zone, api_addr, data_dir }
+        NodeDirectory { table, zone, labels: BTreeMap::new(), api_addr, data_dir }
+    }
+
+    /// Adds the node's other labels to its reports.
+    pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> NodeDirectory {
+        self.labels = labels;
+        self
     }
 
     /// What this node reports in its heartbeats (free space read now).
@@ -311,6 +321,7 @@ impl NodeDirectory {
             capacity_bytes,
             free_bytes,
             api_addr: self.api_addr.clone(),
+            labels: self.labels.clone(),
         }
     }
 
@@ -415,6 +426,7 @@ mod tests {
             capacity_bytes: 100 << 30,
             free_bytes: free_gib << 30,
             api_addr: String::new(),
+            labels: BTreeMap::new(),
         }
     }
 

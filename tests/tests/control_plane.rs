@@ -39,8 +39,16 @@ fn wait_all_alive(c: &Cluster, among: &[u64]) {
 
 #[test]
 fn a_placement_spreads_and_impossible_requests_say_why() {
-    let c = Cluster::start_with(5, &DEAD_AFTER);
+    let c = Cluster::start_with(5, &["--node-dead-after-s", "5", "--label", "rack=r1"]);
     wait_all_alive(&c, &FIVE);
+    let list = c.cli_json(2, &["node", "list"]);
+    let racks: Vec<&str> = list
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["report"]["labels"]["rack"].as_str())
+        .collect();
+    assert_eq!(racks, ["r1"; 5], "labels did not travel with the heartbeats: {list}");
     // Five copies fit five nodes; more copies than that are out of range anyway.
     c.create_volume(1, "wide", "16M", 4);
     assert_eq!(voters(&c, 1, "wide").unwrap().len(), 5);

@@ -571,6 +571,11 @@ fn print_nodes(nodes: &[NodeStatus]) {
                 format!("{:?}", v.liveness).to_lowercase(),
                 format!("{:?}", v.admin).to_lowercase(),
                 if v.report.zone.is_empty() { "-".into() } else { v.report.zone.clone() },
+                if v.report.labels.is_empty() {
+                    "-".into()
+                } else {
+                    v.report.labels.iter().map(|(k, val)| format!("{k}={val}")).collect::<Vec<_>>().join(",")
+                },
                 format_size(v.report.free_bytes),
                 n.copies.to_string(),
                 n.leads.to_string(),
@@ -578,7 +583,7 @@ fn print_nodes(nodes: &[NodeStatus]) {
             ]
         })
         .collect();
-    print_table(&["NODE", "STATE", "ADMIN", "ZONE", "FREE", "COPIES", "LEADS", "HEARD"], &rows);
+    print_table(&["NODE", "STATE", "ADMIN", "ZONE", "LABELS", "FREE", "COPIES", "LEADS", "HEARD"], &rows);
 }
 
 fn print_table(header: &[&str], rows: &[Vec<String>]) {

@@ -130,12 +130,15 @@ async fn run(config: Config) -> Result<()> {
             std::time::Instant::now(),
         )
         .context("loading the node table")?;
-        let dir = Arc::new(raftblk_daemon::nodes::NodeDirectory::new(
-            table,
-            config.cluster.zone.clone(),
-            config.api.listen.to_string(),
-            config.data_dir.clone(),
-        ));
+        let dir = Arc::new(
+            raftblk_daemon::nodes::NodeDirectory::new(
+                table,
+                config.cluster.zone.clone(),
+                config.api.listen.to_string(),
+                config.data_dir.clone(),
+            )
+            .with_labels(config.cluster.labels.clone()),
+        );
         volumes.attach_nodes(dir.clone());
         tokio::spawn(raftblk_daemon::cluster::heartbeat_loop(node.clone(), dir.clone(), shutdown.clone()));
         tokio::spawn(raftblk_daemon::healer::heal_loop(volumes.clone(), dir, shutdown.clone()));

@@ -5,6 +5,9 @@
 //! serves it two ways: the NBD server of `raftblk-blockdev` resolves export names
 //! through the manager, and the [`api`] router manages volumes over HTTP. Every
 //! served volume is wrapped in a [`metrics::MeteredBackend`].
+//! In a cluster, [`nodes`] tracks which nodes are alive (heartbeats) and what operators
+//! decided about them, [`healer`] replaces copies on dead or drained nodes and spreads
+//! leaders, and [`cluster`] carries the control messages between nodes.
 //! `raftblk` (the CLI) is a thin HTTP client of the same API.
 
 pub mod api;

@@ -4,7 +4,9 @@
 //! write-ahead log ([`wal`]). [`storage::GroupStorage`] is a group's `raft::Storage` on that
 //! WAL; [`volume::group::GroupDriver`] drives a group's `RawNode` sans-IO; [`volume::command`]
 //! is what the entries carry; [`volume::apply_commands`] applies them to any
-//! `raftblk_blockdev::BlockBackend`. [`transport`] carries Raft messages between nodes. A
+//! `raftblk_blockdev::BlockBackend`. [`transport`] carries Raft messages between nodes.
+//! Logs are compacted once applied; a replica that falls behind the compacted log (or loses
+//! its copy) pulls the volume from a peer as a [`snapshot`] and replays its log over it. A
 //! deterministic simulator (`sim`, tests only) runs 3 or 5 nodes with crashes, torn disks and
 //! a faulty network and checks the guarantees below.
 //!

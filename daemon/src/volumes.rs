@@ -1021,7 +1021,7 @@ impl VolumeManager {
     }
 
     /// One volume, with the rebuild progress of every copy (asked of each node holding one,
-    /// all at once; nodes that do not answer within [`INSPECT_TIMEOUT`] are left out). The
+    /// all at once; nodes that do not answer within `INSPECT_TIMEOUT` are left out). The
     /// local part is read after the peers answered, so it is never older than theirs.
     pub async fn inspect(&self, name: &str) -> Result<VolumeStatus, VolumeError> {
         let first = self.status(name)?;

@@ -1,6 +1,6 @@
 //! [`UringDisk`]: the WAL's files written through io_uring.
 //!
-//! The WAL runs on one thread that may block, so the ring ([`ring::WalRing`]) is used
+//! The WAL runs on one thread that may block, so the ring (`ring::WalRing`) is used
 //! synchronously: one ring per disk, shared by its files behind a mutex (only one thread
 //! uses it at a time; the lock is never contended in a node).
 //!

@@ -11,7 +11,6 @@
 //! after a crash.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -280,18 +279,7 @@ impl Membership {
         let err = |source| MembershipError::Write { path: self.path.clone(), source };
         let mut text = serde_json::to_vec_pretty(&stored).map_err(|e| err(std::io::Error::other(e)))?;
         text.push(b'\n');
-        let tmp = self.path.with_extension("json.tmp");
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            f.write_all(&text).map_err(err)?;
-            f.sync_all().map_err(err)?;
-        }
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
-        // The rename is durable only once the directory is synced.
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-        }
-        Ok(())
+        raftblk_replication::durable_file::write(&self.path, &text).map_err(err)
     }
 }
 

@@ -13,7 +13,6 @@
 //! processes.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -251,14 +250,7 @@ impl NodeTable {
         let err = |e: std::io::Error| NodeError::File { path: path.clone(), message: e.to_string() };
         let text = serde_json::to_string_pretty(admin)
             .map_err(|e| NodeError::File { path: path.clone(), message: e.to_string() })?;
-        let tmp = path.with_extension("json.tmp");
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            f.write_all(text.as_bytes()).map_err(err)?;
-            f.sync_all().map_err(err)?;
-        }
-        std::fs::rename(&tmp, path).map_err(err)?;
-        Ok(())
+        raftblk_replication::durable_file::write(path, text.as_bytes()).map_err(err)
     }
 
     /// Every node in `ids` (this node and its peers) as seen at `now`, by id.

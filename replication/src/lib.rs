@@ -41,6 +41,7 @@
 // for itself with a `// SAFETY:` comment on every block.
 #![deny(unsafe_code)]
 
+pub mod durable_file;
 pub mod node;
 #[cfg(test)]
 mod sim;

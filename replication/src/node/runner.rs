@@ -2,7 +2,6 @@
 //! Raft rounds (propose, collect, one WAL sync, send, apply, acknowledge).
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -900,15 +899,5 @@ fn read_applied(path: &std::path::Path) -> std::io::Result<u64> {
 }
 
 fn write_applied(path: &std::path::Path, applied: u64) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "{applied}")?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::durable_file::write(path, format!("{applied}\n").as_bytes())
 }

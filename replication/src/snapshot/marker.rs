@@ -4,9 +4,8 @@
 //!
 //! Contents: `rebuild <index> <offset>\n`: the store is being filled with the volume as of
 //! log index `index` (at least), and everything below `offset` has been copied and flushed.
-//! Written with write-to-temporary, fsync, rename, so it is either the old or the new one.
+//! Written through [`crate::durable_file`], so it is either the old or the new one.
 
-use std::io::Write as _;
 use std::path::Path;
 
 /// What a marker says.
@@ -75,30 +74,12 @@ pub fn read(path: &Path) -> std::io::Result<Option<Marker>> {
 
 /// Writes a marker durably.
 pub fn write(path: &Path, marker: Marker) -> std::io::Result<()> {
-    let tmp = path.with_extension("rebuild-tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "rebuild {} {}", marker.index, marker.offset)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    sync_dir(path)
+    crate::durable_file::write(path, format!("rebuild {} {}\n", marker.index, marker.offset).as_bytes())
 }
 
 /// Removes a marker durably (absent is fine).
 pub fn remove(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => sync_dir(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-fn sync_dir(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
-        _ => Ok(()),
-    }
+    crate::durable_file::remove(path)
 }
 
 #[cfg(test)]

@@ -244,32 +244,20 @@ impl Runner {
                 let _ = done.send(Ok(()));
             }
             Event::Write { group, commands, done } => {
-                let Some(slot) = self.groups.get_mut(&group) else {
-                    return fail(done, NodeError::NotMember(group));
+                let slot = match self.serving(group) {
+                    Ok(slot) => slot,
+                    Err(e) => return fail(done, e),
                 };
-                if let Some(why) = &slot.broken {
-                    return fail(done, NodeError::Internal(why.clone()));
-                }
-                if !slot.driver.is_leader() || slot.rebuild.is_some() {
-                    return fail(done, NodeError::NotLeader { leader: slot.driver.leader() });
-                }
                 let size = slot.store.backend.size_bytes();
-                let in_range = commands.iter().all(|c| match c {
-                    Command::Write { offset, data } => check_range(*offset, data.len() as u64, size).is_ok(),
-                    Command::Trim { offset, len } | Command::WriteZeroes { offset, len } => {
-                        check_range(*offset, *len, size).is_ok()
-                    }
-                    Command::Resize { .. } => true,
-                });
+                let in_range = commands
+                    .iter()
+                    .all(|c| c.range().is_none_or(|(off, len)| check_range(off, len, size).is_ok()));
                 if !in_range {
                     return fail(done, NodeError::OutOfRange);
                 }
                 // Proposals batch requests up to ENTRY_PAYLOAD_BYTES_MAX, and a larger one goes
                 // alone; one past the NBD maximum would not fit a WAL record.
-                let payload: usize = commands
-                    .iter()
-                    .map(|c| if let Command::Write { data, .. } = c { data.len() } else { 0 })
-                    .sum();
+                let payload: usize = commands.iter().map(Command::payload_len).sum();
                 if payload > REQUEST_PAYLOAD_BYTES_MAX {
                     return fail(
                         done,
@@ -281,17 +269,10 @@ impl Runner {
                 slot.new_writes.push((commands, done));
             }
             Event::Read { group, offset, len, done } => {
-                let Some(slot) = self.groups.get_mut(&group) else {
-                    return fail(done, NodeError::NotMember(group));
+                let slot = match self.serving(group) {
+                    Ok(slot) => slot,
+                    Err(e) => return fail(done, e),
                 };
-                if let Some(why) = &slot.broken {
-                    return fail(done, NodeError::Internal(why.clone()));
-                }
-                // A rebuilding store cannot answer reads; clients retry until leadership
-                // moves to a complete replica (see `tick_groups`).
-                if !slot.driver.is_leader() || slot.rebuild.is_some() {
-                    return fail(done, NodeError::NotLeader { leader: slot.driver.leader() });
-                }
                 if check_range(offset, len as u64, slot.store.backend.size_bytes()).is_err() {
                     return fail(done, NodeError::OutOfRange);
                 }
@@ -329,6 +310,21 @@ impl Runner {
             Event::RebuildDone { group, index, result } => self.rebuild_done(group, index, result),
             Event::Shutdown => {}
         }
+    }
+
+    /// The group's slot if this replica may serve client I/O now: it holds the group, its
+    /// store works, it leads, and its store is not being rebuilt (a rebuilding store cannot
+    /// answer reads or apply writes; clients retry until leadership moves to a complete
+    /// replica, see `tick_groups`).
+    fn serving(&mut self, group: GroupId) -> Result<&mut Slot, NodeError> {
+        let slot = self.groups.get_mut(&group).ok_or(NodeError::NotMember(group))?;
+        if let Some(why) = &slot.broken {
+            return Err(NodeError::Internal(why.clone()));
+        }
+        if !slot.driver.is_leader() || slot.rebuild.is_some() {
+            return Err(NodeError::NotLeader { leader: slot.driver.leader() });
+        }
+        Ok(slot)
     }
 
     fn open(&mut self, group: GroupId, voters: Vec<u64>, store: ReplicaStore) -> Result<(), NodeError> {
@@ -842,11 +838,7 @@ async fn apply_entries(store: &ReplicaStore, entries: Vec<CommittedEntry>) -> Re
     let mut wave = Vec::new();
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     for command in entries.into_iter().flat_map(|e| e.commands) {
-        let range = match &command {
-            Command::Write { offset, data } => Some((*offset, data.len() as u64)),
-            Command::Trim { offset, len } | Command::WriteZeroes { offset, len } => Some((*offset, *len)),
-            Command::Resize { .. } => None,
-        };
+        let range = command.range();
         let barrier = range.is_none_or(|r| ranges.iter().any(|&o| overlaps(r, o)));
         if barrier {
             finish_wave(std::mem::take(&mut wave)).await?;

@@ -38,6 +38,25 @@ pub enum Command {
     Resize { size: u64 },
 }
 
+impl Command {
+    /// The byte range `(offset, len)` the command changes (`None` for a resize).
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match self {
+            Command::Write { offset, data } => Some((*offset, data.len() as u64)),
+            Command::Trim { offset, len } | Command::WriteZeroes { offset, len } => Some((*offset, *len)),
+            Command::Resize { .. } => None,
+        }
+    }
+
+    /// Bytes of data the command carries (only writes carry any).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Command::Write { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// Why bytes are not a valid command batch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {

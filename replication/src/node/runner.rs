@@ -165,11 +165,7 @@ impl Runner {
     }
 
     fn random(&mut self) -> u64 {
-        // xorshift64: election timeouts only need to differ between nodes and groups.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        self.rng
+        crate::volume::group::xorshift64(&mut self.rng)
     }
 
     fn request_id(&mut self) -> RequestId {

@@ -36,6 +36,15 @@ use crate::storage::{GroupStorage, StorageError};
 use crate::wal::disk::WalDisk;
 use crate::wal::record::GroupId;
 
+/// xorshift64: election timeouts only need to differ between nodes, groups and elections,
+/// from a seed the caller controls (the simulator's runs must repeat). `state` must not be 0.
+pub(crate) fn xorshift64(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
 /// Request contexts with this bit set are lease renewals, not client reads (client request
 /// ids are counters far below it).
 const LEASE_PROBE_BIT: u64 = 1 << 63;
@@ -351,12 +360,9 @@ impl<D: WalDisk> GroupDriver<D> {
             return;
         }
         self.drawn_for = now;
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
         let (min, max) = self.election_range;
         let span = (max - min).max(1) as u64;
-        self.raw.raft.set_randomized_election_timeout(min + (self.rng % span) as usize);
+        self.raw.raft.set_randomized_election_timeout(min + (xorshift64(&mut self.rng) % span) as usize);
     }
 
     /// Advances the logical clock by one tick. A leader also gives up on snapshots nobody

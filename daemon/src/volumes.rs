@@ -890,24 +890,34 @@ impl VolumeManager {
         VolumeHealth::Healthy
     }
 
-    /// The volume's leader (0: none agreed) and its NBD connections summed over the nodes
-    /// holding a copy, asked of each of them at once.
-    pub async fn leader_and_clients(&self, record: &VolumeRecord) -> (u64, usize) {
-        let Some(node) = &self.replication else { return (0, 0) };
-        let asks = record.voters.iter().map(|&id| async move {
-            let msg = ControlMessage::GroupStatus { group_id: record.group_id };
+    /// `GroupStatus` answers of the nodes `ids` for `group_id`, asked all at once (this node
+    /// answers locally); nodes that do not answer within [`INSPECT_TIMEOUT`] are left out.
+    async fn group_statuses(&self, group_id: u64, ids: &[u64]) -> Vec<(u64, ControlAnswer)> {
+        let Some(node) = &self.replication else { return Vec::new() };
+        let asks = ids.iter().map(|&id| async move {
+            let msg = ControlMessage::GroupStatus { group_id };
             let answer = if id == node.node_id().0 {
                 self.send_control(node, id, &msg).await
             } else {
                 crate::cluster::send(node, id, &msg, INSPECT_TIMEOUT).await
             };
-            match answer {
-                Ok(ControlAnswer::Status { leader, connections, .. }) => Some((id, leader, connections)),
-                _ => None,
-            }
+            answer.ok().map(|a| (id, a))
         });
-        let answers: Vec<(u64, u64, usize)> =
-            futures::future::join_all(asks).await.into_iter().flatten().collect();
+        futures::future::join_all(asks).await.into_iter().flatten().collect()
+    }
+
+    /// The volume's leader (0: none agreed) and its NBD connections summed over the nodes
+    /// holding a copy.
+    pub async fn leader_and_clients(&self, record: &VolumeRecord) -> (u64, usize) {
+        let answers: Vec<(u64, u64, usize)> = self
+            .group_statuses(record.group_id, &record.voters)
+            .await
+            .into_iter()
+            .filter_map(|(id, a)| match a {
+                ControlAnswer::Status { leader, connections, .. } => Some((id, leader, connections)),
+                _ => None,
+            })
+            .collect();
         let leader = answers.iter().find(|(id, leader, _)| id == leader).map_or(0, |a| a.0);
         (leader, answers.iter().map(|a| a.2).sum())
     }
@@ -1020,9 +1030,8 @@ impl VolumeManager {
         Ok(self.status_of(&v))
     }
 
-    /// One volume, with the rebuild progress of every copy (asked of each node holding one,
-    /// all at once; nodes that do not answer within `INSPECT_TIMEOUT` are left out). The
-    /// local part is read after the peers answered, so it is never older than theirs.
+    /// One volume, with the rebuild progress of every copy (see `group_statuses`). The local
+    /// part is read after the peers answered, so it is never older than theirs.
     pub async fn inspect(&self, name: &str) -> Result<VolumeStatus, VolumeError> {
         let first = self.status(name)?;
         let Some(node) = &self.replication else { return Ok(first) };
@@ -1033,17 +1042,19 @@ impl VolumeManager {
         members.extend(repl.progress.iter().map(|(id, _)| *id));
         members.sort_unstable();
         members.dedup();
-        let asks = members.into_iter().filter(|m| *m != me).map(|member| async move {
-            let msg = ControlMessage::GroupStatus { group_id };
-            match crate::cluster::send(node, member, &msg, INSPECT_TIMEOUT).await {
-                Ok(ControlAnswer::Status { rebuild: Some(mut r), .. }) => {
+        members.retain(|m| *m != me);
+        let remote: Vec<RebuildView> = self
+            .group_statuses(group_id, &members)
+            .await
+            .into_iter()
+            .filter_map(|(member, a)| match a {
+                ControlAnswer::Status { rebuild: Some(mut r), .. } => {
                     r.node = member;
                     Some(r)
                 }
                 _ => None,
-            }
-        });
-        let remote: Vec<RebuildView> = futures::future::join_all(asks).await.into_iter().flatten().collect();
+            })
+            .collect();
         let mut status = self.status(name)?;
         if !remote.is_empty() && status.health == VolumeHealth::Healthy {
             status.health = VolumeHealth::Rebuilding;
@@ -1237,13 +1248,11 @@ impl VolumeManager {
     pub fn refresh_gauges(&self) {
         let volumes: Vec<Arc<Volume>> = lock(&self.open).values().cloned().collect();
         for v in volumes {
-            let health = self.status_of(&v).health;
-            let name = lock(&v.record).name.clone();
+            let VolumeStatus { name, health, allocated_bytes, .. } = self.status_of(&v);
             for h in [VolumeHealth::Healthy, VolumeHealth::Rebuilding, VolumeHealth::Degraded] {
                 self.metrics.volume_health.with_label_values(&[&name, h.label()]).set(i64::from(h == health));
             }
-            let allocated = v.file.as_ref().and_then(|f| f.allocated_bytes().ok()).unwrap_or(0);
-            self.metrics.volume_allocated.with_label_values(&[&name]).set(allocated as i64);
+            self.metrics.volume_allocated.with_label_values(&[&name]).set(allocated_bytes as i64);
             let status =
                 self.replication.as_ref().and_then(|node| node.status(GroupId(lock(&v.record).group_id)));
             if let Some(s) = status {

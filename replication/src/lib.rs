@@ -6,7 +6,9 @@
 //! is what the entries carry; [`volume::apply_commands`] applies them to any
 //! `raftblk_blockdev::BlockBackend`. [`transport`] carries Raft messages between nodes.
 //! Logs are compacted once applied; a replica that falls behind the compacted log (or loses
-//! its copy) pulls the volume from a peer as a [`snapshot`] and replays its log over it. A
+//! its copy) pulls the volume from a peer as a [`snapshot`] and replays its log over it.
+//! Groups that replicate a [`machine::StateMachine`] instead of a volume (the cluster
+//! catalog) share all of this; only what applying and snapshots mean differs. A
 //! deterministic simulator (`sim`, tests only) runs 3 or 5 nodes with crashes, torn disks and
 //! a faulty network and checks the guarantees below.
 //!
@@ -42,6 +44,7 @@
 #![deny(unsafe_code)]
 
 pub mod durable_file;
+pub mod machine;
 pub mod node;
 #[cfg(test)]
 mod sim;

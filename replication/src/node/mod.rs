@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::forward::{ForwardOp, ForwardRequest, ForwardStatus};
 use self::runner::{Event, Runner};
+use crate::machine::MachineStore;
 use crate::snapshot::chunk::Chunk;
 use crate::snapshot::pull::{ChunkFetcher, FetchError};
 use crate::transport::{ClusterId, FaultController, Inbound, RequestId, Transport, TransportError};
@@ -151,6 +152,22 @@ pub struct ReplicaStore {
     pub rebuild_path: PathBuf,
 }
 
+/// What a group's replica applies to: a volume's block store or a state machine.
+#[derive(Clone)]
+pub(crate) enum GroupStore {
+    Volume(ReplicaStore),
+    Machine(MachineStore),
+}
+
+impl GroupStore {
+    fn rebuild_path(&self) -> &std::path::Path {
+        match self {
+            GroupStore::Volume(s) => &s.rebuild_path,
+            GroupStore::Machine(s) => &s.rebuild_path,
+        }
+    }
+}
+
 /// A rebuild in progress, as [`GroupStatus::rebuild`] reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RebuildStatus {
@@ -196,7 +213,7 @@ pub struct GroupStatus {
 /// A replica's store as seen by peers that copy from it.
 #[derive(Clone)]
 struct SnapshotSource {
-    backend: Arc<dyn BlockBackend>,
+    store: GroupStore,
     /// Index the store has applied, 0 while it cannot serve (rebuilding, broken).
     servable: Arc<AtomicU64>,
 }
@@ -434,7 +451,21 @@ impl ReplicationNode {
         store: ReplicaStore,
     ) -> Result<(), NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::Open { group, voters, store, done: tx })?;
+        self.send(Event::Open { group, voters, store: GroupStore::Volume(store), done: tx })?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
+    }
+
+    /// Starts (or restarts) this node's replica of a state machine group (see
+    /// [`crate::machine`]); `voters` as for [`ReplicationNode::open_group`]. Propose to it
+    /// with [`ReplicationNode::local_write`] and [`Command::App`] at its leader.
+    pub async fn open_machine_group(
+        &self,
+        group: GroupId,
+        voters: Vec<u64>,
+        store: MachineStore,
+    ) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Open { group, voters, store: GroupStore::Machine(store), done: tx })?;
         rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 
@@ -585,7 +616,18 @@ impl ReplicationNode {
         if applied == 0 || applied < min_index {
             return ForwardStatus::NotReady;
         }
-        match crate::snapshot::serve::read_chunk(source.backend.as_ref(), offset, len, applied).await {
+        let chunk = match &source.store {
+            GroupStore::Volume(s) => {
+                crate::snapshot::serve::read_chunk(s.backend.as_ref(), offset, len, applied)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            GroupStore::Machine(s) => match crate::snapshot::image::image_chunk(s.machine.as_ref()) {
+                Ok(chunk) if chunk.source_applied < min_index => return ForwardStatus::NotReady,
+                other => other.map_err(|e| e.to_string()),
+            },
+        };
+        match chunk {
             Ok(chunk) => ForwardStatus::Ok(chunk.encode()),
             Err(e) => {
                 tracing::warn!(%group, offset, error = %e, "cannot read a snapshot chunk");

@@ -12,7 +12,10 @@ use raft::eraftpb::{ConfState, Message};
 use raftblk_blockdev::backend::{check_range, BackendError};
 use tokio::sync::oneshot;
 
-use super::{NodeConfig, NodeError, PeerFetcher, RebuildStatus, ReplicaStore, Shared, SnapshotSource};
+use super::{
+    GroupStore, NodeConfig, NodeError, PeerFetcher, RebuildStatus, ReplicaStore, Shared, SnapshotSource,
+};
+use crate::snapshot::image::pull_image;
 use crate::snapshot::marker::{self, Marker, OpenPlan};
 use crate::snapshot::pull::{pull, PullPlan, PullProgress};
 use crate::storage::GroupStorage;
@@ -40,7 +43,7 @@ pub(super) enum Event {
     Open {
         group: GroupId,
         voters: Vec<u64>,
-        store: ReplicaStore,
+        store: GroupStore,
         done: Reply<()>,
     },
     Close {
@@ -97,7 +100,7 @@ struct PendingRead {
 
 struct Slot {
     driver: GroupDriver<NodeDisk>,
-    store: ReplicaStore,
+    store: GroupStore,
     new_writes: Vec<(Vec<Command>, Reply<()>)>,
     new_reads: Vec<PendingRead>,
     writes: HashMap<RequestId, Reply<()>>,
@@ -244,12 +247,25 @@ impl Runner {
                     Ok(slot) => slot,
                     Err(e) => return fail(done, e),
                 };
-                let size = slot.store.backend.size_bytes();
-                let in_range = commands
-                    .iter()
-                    .all(|c| c.range().is_none_or(|(off, len)| check_range(off, len, size).is_ok()));
-                if !in_range {
-                    return fail(done, NodeError::OutOfRange);
+                let is_app = |c: &Command| matches!(c, Command::App { .. });
+                match &slot.store {
+                    GroupStore::Volume(store) => {
+                        let size = store.backend.size_bytes();
+                        let in_range = commands.iter().all(|c| {
+                            !is_app(c)
+                                && c.range().is_none_or(|(off, len)| check_range(off, len, size).is_ok())
+                        });
+                        if !in_range {
+                            return fail(done, NodeError::OutOfRange);
+                        }
+                    }
+                    GroupStore::Machine(_) if !commands.iter().all(is_app) => {
+                        return fail(
+                            done,
+                            NodeError::Internal("a state machine group takes only App commands".into()),
+                        );
+                    }
+                    GroupStore::Machine(_) => {}
                 }
                 // Proposals batch requests up to ENTRY_PAYLOAD_BYTES_MAX, and a larger one goes
                 // alone; one past the NBD maximum would not fit a WAL record.
@@ -269,7 +285,10 @@ impl Runner {
                     Ok(slot) => slot,
                     Err(e) => return fail(done, e),
                 };
-                if check_range(offset, len as u64, slot.store.backend.size_bytes()).is_err() {
+                let GroupStore::Volume(store) = &slot.store else {
+                    return fail(done, NodeError::Internal("state machine groups are read locally".into()));
+                };
+                if check_range(offset, len as u64, store.backend.size_bytes()).is_err() {
                     return fail(done, NodeError::OutOfRange);
                 }
                 slot.new_reads.push(PendingRead { offset, len, done });
@@ -323,7 +342,7 @@ impl Runner {
         Ok(slot)
     }
 
-    fn open(&mut self, group: GroupId, voters: Vec<u64>, store: ReplicaStore) -> Result<(), NodeError> {
+    fn open(&mut self, group: GroupId, voters: Vec<u64>, store: GroupStore) -> Result<(), NodeError> {
         if self.groups.contains_key(&group) {
             return Ok(());
         }
@@ -333,8 +352,11 @@ impl Runner {
             storage.initialize(ConfState::from((voters, Vec::new()))).map_err(|e| internal(&e))?;
             self.wal.lock().map_err(|_| internal(&"WAL lock poisoned"))?.sync().map_err(|e| internal(&e))?;
         }
-        let checkpointed = read_applied(&store.applied_path).map_err(|e| internal(&e))?;
-        let found = marker::read(&store.rebuild_path).map_err(|e| internal(&e))?;
+        let checkpointed = match &store {
+            GroupStore::Volume(s) => read_applied(&s.applied_path).map_err(|e| internal(&e))?,
+            GroupStore::Machine(s) => s.machine.applied_index(),
+        };
+        let found = marker::read(store.rebuild_path()).map_err(|e| internal(&e))?;
         let plan = marker::plan_open(
             checkpointed,
             storage.meta().snapshot_index,
@@ -344,7 +366,7 @@ impl Runner {
         let applied = match plan {
             OpenPlan::Replay { applied } => {
                 if found.is_some() {
-                    marker::remove(&store.rebuild_path).map_err(|e| internal(&e))?;
+                    marker::remove(store.rebuild_path()).map_err(|e| internal(&e))?;
                 }
                 applied
             }
@@ -365,7 +387,7 @@ impl Runner {
         tracing::info!(%group, applied, election_tick, ?plan, "replica opened");
         let servable = Arc::new(AtomicU64::new(0));
         if let Ok(mut m) = self.shared.sources.write() {
-            m.insert(group, SnapshotSource { backend: store.backend.clone(), servable: servable.clone() });
+            m.insert(group, SnapshotSource { store: store.clone(), servable: servable.clone() });
         }
         self.groups.insert(
             group,
@@ -425,8 +447,12 @@ impl Runner {
         let store = slot.store.clone();
         let p = progress.clone();
         let task = self.rt.spawn(async move {
-            let result = pull(&fetcher, &store, &plan, &p).await.map_err(|e| e.to_string());
-            let _ = events.send(Event::RebuildDone { group, index, result });
+            let result = match &store {
+                GroupStore::Volume(s) => pull(&fetcher, s, &plan, &p).await,
+                GroupStore::Machine(s) => pull_image(&fetcher, s, group, index, &plan.sources, &p).await,
+            };
+            let _ =
+                events.send(Event::RebuildDone { group, index, result: result.map_err(|e| e.to_string()) });
         });
         slot.rebuild = Some(Rebuild { index, progress, task, started: Instant::now() });
         // Visible before this replica acknowledges the snapshot (see `VolumeManager`'s
@@ -458,7 +484,7 @@ impl Runner {
         };
         let entries = replay.len();
         let store = slot.store.clone();
-        if let Err(e) = self.rt.block_on(apply_entries(&store, replay)) {
+        if let Err(e) = self.rt.block_on(apply_to(&store, replay)) {
             slot.rebuild = None;
             slot.broken = Some(format!("rebuild: replaying the log: {e}"));
             return;
@@ -470,7 +496,7 @@ impl Runner {
         let Some(mut slot) = self.groups.remove(&group) else { return };
         self.checkpoint_slot(group, &mut slot);
         if slot.checkpointed >= handed_out {
-            if let Err(e) = marker::remove(&slot.store.rebuild_path) {
+            if let Err(e) = marker::remove(slot.store.rebuild_path()) {
                 tracing::warn!(%group, error = %e, "cannot remove the rebuild marker");
             }
         }
@@ -560,7 +586,7 @@ impl Runner {
                         // The marker goes first: once the WAL sync makes the install durable,
                         // a restart must know the store is not the volume as of the log.
                         if let Some(slot) = self.groups.get(&group) {
-                            marker::write(&slot.store.rebuild_path, Marker { index: snap.index, offset: 0 })
+                            marker::write(slot.store.rebuild_path(), Marker { index: snap.index, offset: 0 })
                                 .map_err(|e| {
                                     NodeError::Internal(format!("group {group}: rebuild marker: {e}"))
                                 })?;
@@ -645,7 +671,7 @@ impl Runner {
                 continue;
             }
             let store = slot.store.clone();
-            jobs.push(async move { (group, last, apply_entries(&store, entries).await) });
+            jobs.push(async move { (group, last, apply_to(&store, entries).await) });
         }
         if jobs.is_empty() {
             return;
@@ -689,8 +715,10 @@ impl Runner {
         }
         for id in done.reads {
             let Some(reads) = slot.reads.remove(&id) else { continue };
+            // Only volume groups take reads (see `handle`).
+            let GroupStore::Volume(store) = &slot.store else { continue };
             for r in reads {
-                let backend = slot.store.backend.clone();
+                let backend = store.backend.clone();
                 // The store holds everything up to the read index: read it off this thread.
                 self.rt.spawn(async move {
                     let result = backend.read(r.offset, r.len).await.map_err(|e| match e {
@@ -753,17 +781,28 @@ impl Runner {
             return;
         }
         let applied = slot.applied;
-        let backend = slot.store.backend.clone();
-        if let Err(e) = self.rt.block_on(backend.flush()) {
-            tracing::warn!(%group, error = %e, "flushing the replica store failed; checkpoint skipped");
-            return;
-        }
-        match write_applied(&slot.store.applied_path, applied) {
-            Ok(()) => slot.checkpointed = applied,
-            Err(e) => {
-                tracing::warn!(%group, error = %e, "recording the applied index failed");
-                return;
+        match &slot.store {
+            GroupStore::Volume(store) => {
+                if let Err(e) = self.rt.block_on(store.backend.flush()) {
+                    tracing::warn!(%group, error = %e, "flushing the replica store failed; checkpoint skipped");
+                    return;
+                }
+                match write_applied(&store.applied_path, applied) {
+                    Ok(()) => slot.checkpointed = applied,
+                    Err(e) => {
+                        tracing::warn!(%group, error = %e, "recording the applied index failed");
+                        return;
+                    }
+                }
             }
+            // The machine records its applied index with its state.
+            GroupStore::Machine(store) => match store.machine.flush() {
+                Ok(durable) => slot.checkpointed = durable.min(applied),
+                Err(e) => {
+                    tracing::warn!(%group, error = %e, "flushing the state machine failed; checkpoint skipped");
+                    return;
+                }
+            },
         }
         self.compact(group, slot);
     }
@@ -828,6 +867,24 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
 }
 
+/// Applies entries in log order to a volume's store or a state machine.
+async fn apply_to(store: &GroupStore, entries: Vec<CommittedEntry>) -> Result<(), String> {
+    match store {
+        GroupStore::Volume(s) => apply_entries(s, entries).await.map_err(|e| e.to_string()),
+        GroupStore::Machine(s) => {
+            for e in entries {
+                let commands: Vec<Bytes> = e
+                    .commands
+                    .into_iter()
+                    .filter_map(|c| if let Command::App { data } = c { Some(data) } else { None })
+                    .collect();
+                s.machine.apply(e.index, &commands).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Applies entries in log order; commands run concurrently until one overlaps a
 /// command still in flight (or is a resize), which waits for the wave before it.
 async fn apply_entries(store: &ReplicaStore, entries: Vec<CommittedEntry>) -> Result<(), BackendError> {
@@ -854,7 +911,8 @@ async fn apply_entries(store: &ReplicaStore, entries: Vec<CommittedEntry>) -> Re
                 Command::Write { offset, data } => backend.write(offset, data, false).await,
                 Command::Trim { offset, len } => backend.trim(offset, len).await,
                 Command::WriteZeroes { offset, len } => backend.write_zeroes(offset, len, false, false).await,
-                Command::Resize { .. } => Ok(()),
+                // A volume has no state machine: never proposed to one (see `handle`).
+                Command::Resize { .. } | Command::App { .. } => Ok(()),
             };
             match r {
                 // Out of range is refused identically on every replica (the size is replicated).

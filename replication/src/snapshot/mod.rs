@@ -26,8 +26,12 @@
 //! Restartable: the marker records the flushed prefix; a replica restarted mid-copy resumes
 //! there (`marker::plan_open`), from any member. A data file lost with its checkpoint is
 //! rebuilt the same way, at the log start. Rate-limited: `PullPlan::rate_bytes_per_s`.
+//!
+//! State machine groups ([`crate::machine`]) use the same messages and marker, but their
+//! snapshot is one consistent image in one chunk ([`image`]).
 
 pub mod chunk;
+pub mod image;
 pub mod marker;
 pub mod pull;
 pub mod serve;

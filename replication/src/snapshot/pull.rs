@@ -67,6 +67,9 @@ pub enum PullError {
     /// no member to copy from
     #[error("no other member to copy the volume from")]
     NoSources,
+    /// a state machine refused the image
+    #[error(transparent)]
+    Machine(crate::machine::MachineError),
 }
 
 /// What a rebuild does.

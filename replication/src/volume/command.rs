@@ -9,6 +9,8 @@
 //!   2 Trim         offset u64, len u64
 //!   3 WriteZeroes  offset u64, len u64
 //!   4 Resize       size u64
+//!   5 App          len u32, data (len bytes): opaque to this crate, for groups whose
+//!                  replicas apply to a state machine ([`crate::machine`])
 //! ```
 //!
 //! All integers little-endian. Decoding slices write data out of the entry's buffer without
@@ -21,6 +23,7 @@ const KIND_WRITE: u8 = 1;
 const KIND_TRIM: u8 = 2;
 const KIND_WRITE_ZEROES: u8 = 3;
 const KIND_RESIZE: u8 = 4;
+const KIND_APP: u8 = 5;
 
 /// Largest number of commands in one batch.
 pub const BATCH_COMMANDS_MAX: usize = 4096;
@@ -36,6 +39,8 @@ pub enum Command {
     WriteZeroes { offset: u64, len: u64 },
     /// Grow the volume to `size` bytes.
     Resize { size: u64 },
+    /// A state machine's command (see [`crate::machine`]); volume stores ignore it.
+    App { data: Bytes },
 }
 
 impl Command {
@@ -44,14 +49,14 @@ impl Command {
         match self {
             Command::Write { offset, data } => Some((*offset, data.len() as u64)),
             Command::Trim { offset, len } | Command::WriteZeroes { offset, len } => Some((*offset, *len)),
-            Command::Resize { .. } => None,
+            Command::Resize { .. } | Command::App { .. } => None,
         }
     }
 
-    /// Bytes of data the command carries (only writes carry any).
+    /// Bytes of data the command carries (only writes and state machine commands carry any).
     pub fn payload_len(&self) -> usize {
         match self {
-            Command::Write { data, .. } => data.len(),
+            Command::Write { data, .. } | Command::App { data } => data.len(),
             _ => 0,
         }
     }
@@ -76,8 +81,7 @@ pub enum CommandError {
 
 /// Encodes a batch of commands.
 pub fn encode_batch(commands: &[Command]) -> Bytes {
-    let data_bytes: usize =
-        commands.iter().map(|c| if let Command::Write { data, .. } = c { data.len() + 13 } else { 17 }).sum();
+    let data_bytes: usize = commands.iter().map(|c| c.payload_len() + 17).sum();
     let mut out = BytesMut::with_capacity(9 + data_bytes);
     out.put_u8(VERSION);
     out.put_u32_le(commands.len() as u32);
@@ -102,6 +106,11 @@ pub fn encode_batch(commands: &[Command]) -> Bytes {
             Command::Resize { size } => {
                 out.put_u8(KIND_RESIZE);
                 out.put_u64_le(*size);
+            }
+            Command::App { data } => {
+                out.put_u8(KIND_APP);
+                out.put_u32_le(data.len() as u32);
+                out.put_slice(data);
             }
         }
     }
@@ -173,6 +182,11 @@ pub fn decode_batch(buf: &Bytes) -> Result<Vec<Command>, CommandError> {
             KIND_TRIM => Command::Trim { offset: c.u64()?, len: c.u64()? },
             KIND_WRITE_ZEROES => Command::WriteZeroes { offset: c.u64()?, len: c.u64()? },
             KIND_RESIZE => Command::Resize { size: c.u64()? },
+            KIND_APP => {
+                let len = c.u32()? as usize;
+                let r = c.take(len)?;
+                Command::App { data: buf.slice(r) }
+            }
             k => return Err(CommandError::Unknown(k)),
         };
         out.push(cmd);
@@ -194,6 +208,8 @@ mod tests {
             Command::WriteZeroes { offset: 512, len: 1 },
             Command::Resize { size: 1 << 30 },
             Command::Write { offset: u64::MAX - 1, data: Bytes::new() },
+            Command::App { data: Bytes::from_static(b"{\"op\":1}") },
+            Command::App { data: Bytes::new() },
         ]
     }
 

@@ -48,6 +48,8 @@ pub async fn apply_commands<B: BlockBackend + ?Sized>(
             Command::Trim { offset, len } => backend.trim(*offset, *len).await,
             Command::WriteZeroes { offset, len } => backend.write_zeroes(*offset, *len, false, false).await,
             Command::Resize { size } => resize(*size),
+            // State machine commands mean nothing to a volume (and are never proposed to one).
+            Command::App { .. } => Ok(()),
         };
         out.push(match result {
             Ok(()) => ApplyOutcome::Done,

@@ -24,15 +24,19 @@ struct KvMachine {
     installs: Mutex<u32>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl KvMachine {
     fn snapshot(&self) -> (u64, BTreeMap<String, String>) {
-        self.state.lock().unwrap().clone()
+        lock(&self.state).clone()
     }
 }
 
 impl StateMachine for KvMachine {
     fn apply(&self, index: u64, commands: &[Bytes]) -> Result<(), MachineError> {
-        let mut s = self.state.lock().unwrap();
+        let mut s = lock(&self.state);
         if index <= s.0 {
             return Ok(());
         }
@@ -54,7 +58,7 @@ impl StateMachine for KvMachine {
     }
 
     fn applied_index(&self) -> u64 {
-        self.state.lock().unwrap().0
+        lock(&self.state).0
     }
 
     fn flush(&self) -> Result<u64, MachineError> {
@@ -62,7 +66,7 @@ impl StateMachine for KvMachine {
     }
 
     fn image(&self) -> Result<(u64, Bytes), MachineError> {
-        let s = self.state.lock().unwrap();
+        let s = lock(&self.state);
         let text: String = s.1.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
         Ok((s.0, Bytes::from(text)))
     }
@@ -74,8 +78,8 @@ impl StateMachine for KvMachine {
             let (k, v) = line.split_once('=').ok_or_else(|| MachineError(format!("bad line {line:?}")))?;
             map.insert(k.to_string(), v.to_string());
         }
-        *self.state.lock().unwrap() = (index, map);
-        *self.installs.lock().unwrap() += 1;
+        *lock(&self.state) = (index, map);
+        *lock(&self.installs) += 1;
         Ok(())
     }
 }

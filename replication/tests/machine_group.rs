@@ -2,6 +2,9 @@
 //! the same entries, conditional commands included; a replica that joins after the log was
 //! compacted receives the state as an image and then follows the log.
 
+// The helpers below are test code too (clippy only exempts `#[test]` functions).
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

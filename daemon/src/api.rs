@@ -304,9 +304,20 @@ async fn node_action(
             }
         }
     }
-    dir.table
-        .set_admin(id, state)
-        .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string() })?;
+    if let Some(catalog) = s.volumes.cluster_catalog() {
+        let op = crate::cluster_catalog::op::CatalogOp::SetNodeAdmin { node: id, state };
+        catalog
+            .propose(op)
+            .await
+            .map_err(|e| ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: e.to_string() })?;
+        // This node's table follows its catalog replica, which the leader's answer means
+        // has applied the decision or is about to: take it over now so the answer shows it.
+        crate::cluster::reconcile_admin(&s.volumes, catalog);
+    } else {
+        dir.table
+            .set_admin(id, state)
+            .map_err(|e| ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: e.to_string() })?;
+    }
     tracing::info!(node = id, ?state, "node state set by an operator");
     Ok(Json(s.volumes.node_statuses()).into_response())
 }

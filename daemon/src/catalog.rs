@@ -108,6 +108,11 @@ impl Catalog {
         Ok(Catalog { volumes, deleted, db })
     }
 
+    /// The sled database the catalog lives in.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     /// Every volume, ordered by name.
     pub fn list(&self) -> Result<Vec<VolumeRecord>, CatalogError> {
         self.volumes

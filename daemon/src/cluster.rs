@@ -1,11 +1,11 @@
-//! Control messages between nodes: how volume records reach every node of a
-//! cluster (until the cluster catalog of issue 3/3 replaces this), carried as
-//! JSON in the replication transport's application messages.
+//! Control messages between nodes, carried as JSON in the replication transport's
+//! application messages, and the loops that keep a node in line with the cluster.
 //!
-//! A create, grow or delete is applied locally and then pushed to every peer.
-//! A peer that was down catches up through the sync loop: every
-//! [`SYNC_INTERVAL`] each node pulls every peer's records and tombstones and
-//! applies what it lacks. Tombstones keep a deleted volume from coming back.
+//! Volume records live in the cluster catalog ([`crate::cluster_catalog`]): a change is
+//! committed there first (`CatalogPropose` to the catalog leader), then pushed to the
+//! nodes concerned (`Upsert`, `Delete`) so they act on it at once. Every node also follows
+//! its own catalog replica ([`reconcile_loop`]), which is how a node that was down, or
+//! missed a push, catches up. Tombstones keep a deleted volume from coming back.
 //!
 //! Membership travels the same way: a node that accepts a join ([`accept_join`]) tells
 //! every other member (`AddPeer`), and the sync loop also pulls every peer's member list
@@ -20,6 +20,7 @@ use raftblk_replication::node::ReplicationNode;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::VolumeRecord;
+use crate::cluster_catalog::ClusterCatalog;
 use crate::membership::{Change, JoinAnswer, JoinRequest, Member, Membership, MembershipError};
 use crate::volumes::VolumeManager;
 
@@ -41,8 +42,8 @@ pub enum ControlMessage {
         /// The deleted volume's uuid.
         uuid: String,
     },
-    /// Send every record and tombstone.
-    List,
+    /// Commit a change to the cluster catalog (sent to the catalog leader).
+    CatalogPropose(crate::cluster_catalog::op::Proposal),
     /// If leading `group_id`, propose a membership change.
     Membership {
         /// The volume's group.
@@ -108,12 +109,13 @@ pub enum ControlAnswer {
         #[serde(default)]
         connections: usize,
     },
-    /// The answer to `List`.
-    List {
-        /// Every volume record.
-        volumes: Vec<VolumeRecord>,
-        /// Uuids of deleted volumes.
-        deleted: Vec<String>,
+    /// The answer to `CatalogPropose`: what applying the change did, and an index of the
+    /// catalog log at or after it.
+    Catalog {
+        /// What applying the change did.
+        outcome: crate::cluster_catalog::op::Outcome,
+        /// The leader's applied index when it answered.
+        index: u64,
     },
     /// The answer to `Members`: the answering node and every peer it knows.
     Members(Vec<Member>),
@@ -179,6 +181,13 @@ pub fn install_handler(node: &ReplicationNode, volumes: Arc<VolumeManager>, memb
                     Err(e) => ControlAnswer::Error(e.to_string()),
                 },
                 Ok(ControlMessage::Members) => ControlAnswer::Members(members_of(&membership)),
+                Ok(ControlMessage::CatalogPropose(proposal)) => match volumes.cluster_catalog() {
+                    Some(catalog) => match catalog.propose_here(&proposal).await {
+                        Ok((outcome, index)) => ControlAnswer::Catalog { outcome, index },
+                        Err(e) => ControlAnswer::Error(e),
+                    },
+                    None => ControlAnswer::Error("this node has no catalog replica".into()),
+                },
                 Ok(msg) => volumes.on_control(msg).await,
                 Err(e) => ControlAnswer::Error(format!("malformed control message: {e}")),
             };
@@ -281,7 +290,8 @@ pub async fn accept_join(membership: &Membership, req: JoinRequest) -> Result<Jo
     if change == Change::Unchanged {
         tracing::debug!(node = req.node_id, "re-join of a known member");
     }
-    Ok(JoinAnswer { cluster_id: membership.cluster_id(), members: members_of(membership) })
+    let catalog_voters = membership.catalog_voters()?;
+    Ok(JoinAnswer { cluster_id: membership.cluster_id(), members: members_of(membership), catalog_voters })
 }
 
 /// Pulls every peer's member list once and adds the members this node lacks.
@@ -346,40 +356,72 @@ pub async fn heartbeat_loop(
     }
 }
 
-/// Pulls every peer's records once and applies what this node lacks.
-pub async fn sync_once(node: &ReplicationNode, volumes: &VolumeManager) {
-    for peer in node.peer_ids() {
-        match send(node, peer, &ControlMessage::List, SYNC_TIMEOUT).await {
-            Ok(ControlAnswer::List { volumes: records, deleted }) => {
-                for uuid in deleted {
-                    if let Err(e) = volumes.delete_uuid(&uuid).await {
-                        tracing::warn!(peer, %uuid, error = %e, "cannot apply a peer's delete");
-                    }
-                }
-                for record in records {
-                    let name = record.name.clone();
-                    if let Err(e) = volumes.upsert(record).await {
-                        tracing::warn!(peer, volume = %name, error = %e, "cannot apply a peer's volume record");
-                    }
-                }
+/// Brings this node's volumes in line with its catalog replica: deleted volumes go, new
+/// or changed records are applied (each only if newer than what the node has, see
+/// [`VolumeManager::upsert`]), and operators' decisions reach the node table.
+pub async fn reconcile_once(volumes: &VolumeManager, catalog: &ClusterCatalog) {
+    let machine = catalog.machine();
+    let (records, deleted) = match (machine.volumes(), machine.deleted()) {
+        (Ok(r), Ok(d)) => (r, d),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the catalog replica");
+            return;
+        }
+    };
+    for uuid in deleted {
+        if volumes.holds_uuid(&uuid) {
+            if let Err(e) = volumes.delete_uuid(&uuid).await {
+                tracing::warn!(%uuid, error = %e, "cannot apply a delete from the catalog");
             }
-            Ok(other) => tracing::debug!(peer, ?other, "unexpected answer to List"),
-            Err(e) => tracing::debug!(peer, error = %e, "catalog sync with peer failed"),
+        }
+    }
+    for record in records {
+        if volumes.record(&record.name).as_ref() == Some(&record) {
+            continue;
+        }
+        let name = record.name.clone();
+        if let Err(e) = volumes.upsert(record).await {
+            tracing::warn!(volume = %name, error = %e, "cannot apply a volume record from the catalog");
+        }
+    }
+    reconcile_admin(volumes, catalog);
+}
+
+/// Takes operators' decisions about nodes from the catalog replica into the node table.
+pub fn reconcile_admin(volumes: &VolumeManager, catalog: &ClusterCatalog) {
+    match (volumes.nodes(), catalog.machine().admin()) {
+        (Some(dir), Ok(admin)) => {
+            if let Err(e) = dir.table.merge_admin(&admin) {
+                tracing::warn!(error = %e, "cannot record operators' decisions from the catalog");
+            }
+        }
+        (_, Err(e)) => tracing::warn!(error = %e, "cannot read operators' decisions from the catalog"),
+        (None, _) => {}
+    }
+}
+
+/// Runs [`reconcile_once`] whenever the catalog replica applies something (and every
+/// [`SYNC_INTERVAL`], to retry what failed) until `stop`.
+pub async fn reconcile_loop(
+    volumes: Arc<VolumeManager>,
+    catalog: Arc<ClusterCatalog>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut changed = catalog.machine().subscribe();
+    loop {
+        reconcile_once(&volumes, &catalog).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep(SYNC_INTERVAL) => {}
         }
     }
 }
 
-/// Runs [`sync_members_once`] and [`sync_once`] every [`SYNC_INTERVAL`] until `stop`.
-pub async fn sync_loop(
-    node: ReplicationNode,
-    volumes: Arc<VolumeManager>,
-    membership: Arc<Membership>,
-    stop: tokio_util::sync::CancellationToken,
-) {
+/// Runs [`sync_members_once`] every [`SYNC_INTERVAL`] until `stop`.
+pub async fn sync_loop(membership: Arc<Membership>, stop: tokio_util::sync::CancellationToken) {
     loop {
-        // Members first: a volume record may name a node this node has not heard of.
         sync_members_once(&membership).await;
-        sync_once(&node, &volumes).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(SYNC_INTERVAL) => {}
@@ -408,7 +450,13 @@ mod tests {
         for m in [
             ControlMessage::Upsert(record.clone()),
             ControlMessage::Delete { uuid: "u".into() },
-            ControlMessage::List,
+            ControlMessage::CatalogPropose(crate::cluster_catalog::op::Proposal {
+                id: 3,
+                op: crate::cluster_catalog::op::CatalogOp::PutVolume {
+                    record: record.clone(),
+                    expect: Some(3),
+                },
+            }),
             ControlMessage::TransferLeader { group_id: 9, to: 2 },
             ControlMessage::AddPeer { id: 4, peer_addr: "127.0.0.1:10841".parse().unwrap() },
             ControlMessage::Members,
@@ -416,7 +464,10 @@ mod tests {
             let bytes = serde_json::to_vec(&m).unwrap();
             assert_eq!(serde_json::from_slice::<ControlMessage>(&bytes).unwrap(), m);
         }
-        let a = ControlAnswer::List { volumes: vec![record], deleted: vec!["x".into()] };
+        let a = ControlAnswer::Catalog {
+            outcome: crate::cluster_catalog::op::Outcome::Conflict { current: Some(record) },
+            index: 12,
+        };
         assert_eq!(serde_json::from_slice::<ControlAnswer>(&serde_json::to_vec(&a).unwrap()).unwrap(), a);
     }
 }

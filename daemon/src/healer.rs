@@ -16,6 +16,10 @@
 //! least two volumes more than another node holding a copy of one of them, it moves that
 //! leadership over, one volume per pass. Volumes with NBD clients connected are left alone:
 //! their leader follows the client (`cluster.leader_follows_client`), which matters more.
+//!
+//! The cluster catalog's own membership is kept by its leader instead ([`catalog_loop`]):
+//! it changes quickly (a catalog replica holds kilobytes) and must not wait behind a volume
+//! copy that takes minutes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -138,6 +142,47 @@ pub async fn balance_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Optio
         Err(e) => {
             tracing::debug!(volume = %r.name, to, error = %e, "leader transfer for balance failed");
             None
+        }
+    }
+}
+
+/// How the catalog leader sees every node, for [`crate::cluster_catalog::plan_membership`].
+pub fn catalog_candidates(
+    volumes: &VolumeManager,
+    dir: &NodeDirectory,
+) -> Vec<crate::cluster_catalog::Candidate> {
+    let now = Instant::now();
+    volumes
+        .peer_ids()
+        .into_iter()
+        .chain(volumes.node_id())
+        .map(|id| {
+            let liveness = dir.table.liveness(id, now);
+            let admin = dir.table.admin(id);
+            crate::cluster_catalog::Candidate {
+                id,
+                alive: liveness == Liveness::Alive,
+                gone: liveness == Liveness::Dead || admin == crate::nodes::AdminState::Removed,
+                may_vote: !admin.evicts_copies(),
+                caught_up: false, // filled in from the leader's progress
+            }
+        })
+        .collect()
+}
+
+/// Every second, if this node leads the catalog, one step towards its wanted membership.
+pub async fn catalog_loop(
+    volumes: Arc<VolumeManager>,
+    dir: Arc<NodeDirectory>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if let Some(catalog) = volumes.cluster_catalog() {
+            catalog.keep_membership(&catalog_candidates(&volumes, &dir)).await;
         }
     }
 }

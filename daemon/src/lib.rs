@@ -7,12 +7,14 @@
 //! served volume is wrapped in a [`metrics::MeteredBackend`].
 //! In a cluster, [`nodes`] tracks which nodes are alive (heartbeats) and what operators
 //! decided about them, [`healer`] replaces copies on dead or drained nodes and spreads
-//! leaders, and [`cluster`] carries the control messages between nodes.
+//! leaders, [`cluster_catalog`] replicates volume records and operators' decisions through
+//! a Raft group of their own, and [`cluster`] carries the control messages between nodes.
 //! `raftblk` (the CLI) is a thin HTTP client of the same API.
 
 pub mod api;
 pub mod catalog;
 pub mod cluster;
+pub mod cluster_catalog;
 pub mod config;
 pub mod devcluster;
 pub mod healer;

@@ -51,6 +51,10 @@ pub struct JoinAnswer {
     pub cluster_id: u64,
     /// Every member, by id.
     pub members: Vec<Member>,
+    /// The voters the cluster catalog's Raft group started with (see
+    /// [`Membership::catalog_voters`]).
+    #[serde(default)]
+    pub catalog_voters: Vec<u64>,
 }
 
 /// What [`Membership::add`] changed.
@@ -94,6 +98,8 @@ struct Stored {
     cluster_id: u64,
     node_id: u64,
     peers: Vec<Member>,
+    #[serde(default)]
+    catalog_voters: Vec<u64>,
 }
 
 /// The membership of this node's cluster; see the [module docs](self).
@@ -108,6 +114,8 @@ pub struct Membership {
 struct State {
     cluster_id: u64,
     peers: BTreeMap<u64, SocketAddr>,
+    /// The catalog group's first voters (empty until known).
+    catalog_voters: Vec<u64>,
     /// Whether the file existed (a node that was a member before).
     stored: bool,
 }
@@ -146,12 +154,16 @@ impl Membership {
                         .filter(|m| m.id != node_id)
                         .map(|m| (m.id, m.peer_addr))
                         .collect(),
+                    catalog_voters: stored.catalog_voters,
                     stored: true,
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                State { cluster_id: default_cluster_id, peers: BTreeMap::new(), stored: false }
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
+                cluster_id: default_cluster_id,
+                peers: BTreeMap::new(),
+                catalog_voters: Vec::new(),
+                stored: false,
+            },
             Err(source) => return Err(MembershipError::Read { path, source }),
         };
         Ok(Membership { path, node_id, state: Mutex::new(state), node: OnceLock::new() })
@@ -177,6 +189,22 @@ impl Membership {
         lock(&self.state).peers.iter().map(|(&id, &peer_addr)| Member { id, peer_addr }).collect()
     }
 
+    /// The voters the cluster catalog's Raft group started with: learned from the join
+    /// answer, or, in a cluster started from a static peer list, the lowest ids of this node
+    /// and its peers (every node computes the same). Fixed once written: a replica of the
+    /// catalog that is new on a node starts from this membership and replays the log.
+    pub fn catalog_voters(&self) -> Result<Vec<u64>, MembershipError> {
+        let mut state = lock(&self.state);
+        if state.catalog_voters.is_empty() {
+            let ids = state.peers.keys().copied().chain(std::iter::once(self.node_id)).collect();
+            let voters = crate::cluster_catalog::initial_voters(ids);
+            self.write(state.cluster_id, &state.peers, &voters)?;
+            state.catalog_voters = voters;
+            state.stored = true;
+        }
+        Ok(state.catalog_voters.clone())
+    }
+
     /// From now on, applies every change to `node`'s transport too.
     pub fn attach(&self, node: ReplicationNode) {
         let _ = self.node.set(node);
@@ -197,7 +225,7 @@ impl Membership {
         }
         next.remove(&self.node_id);
         if next != state.peers {
-            self.write(state.cluster_id, &next)?;
+            self.write(state.cluster_id, &next, &state.catalog_voters)?;
             state.peers = next;
             state.stored = true;
         }
@@ -213,9 +241,19 @@ impl Membership {
                 next.insert(m.id, m.peer_addr);
             }
         }
-        if next != state.peers || answer.cluster_id != state.cluster_id || !state.stored {
-            self.write(answer.cluster_id, &next)?;
+        let voters = if state.catalog_voters.is_empty() {
+            answer.catalog_voters.clone()
+        } else {
+            state.catalog_voters.clone()
+        };
+        if next != state.peers
+            || answer.cluster_id != state.cluster_id
+            || !state.stored
+            || voters != state.catalog_voters
+        {
+            self.write(answer.cluster_id, &next, &voters)?;
             state.peers = next;
+            state.catalog_voters = voters;
             state.cluster_id = answer.cluster_id;
             state.stored = true;
         }
@@ -241,7 +279,7 @@ impl Membership {
             if change != Change::Unchanged {
                 let mut next = state.peers.clone();
                 next.insert(id, addr);
-                self.write(state.cluster_id, &next)?;
+                self.write(state.cluster_id, &next, &state.catalog_voters)?;
                 state.peers = next;
                 state.stored = true;
             }
@@ -270,11 +308,17 @@ impl Membership {
     }
 
     /// Writes the file atomically: a crash leaves the old or the new list, never half.
-    fn write(&self, cluster_id: u64, peers: &BTreeMap<u64, SocketAddr>) -> Result<(), MembershipError> {
+    fn write(
+        &self,
+        cluster_id: u64,
+        peers: &BTreeMap<u64, SocketAddr>,
+        catalog_voters: &[u64],
+    ) -> Result<(), MembershipError> {
         let stored = Stored {
             cluster_id,
             node_id: self.node_id,
             peers: peers.iter().map(|(&id, &peer_addr)| Member { id, peer_addr }).collect(),
+            catalog_voters: catalog_voters.to_vec(),
         };
         let err = |source| MembershipError::Write { path: self.path.clone(), source };
         let mut text = serde_json::to_vec_pretty(&stored).map_err(|e| err(std::io::Error::other(e)))?;
@@ -306,6 +350,7 @@ mod tests {
                 Member { id: 2, peer_addr: addr(2) },
                 Member { id: 3, peer_addr: addr(3) },
             ],
+            catalog_voters: vec![1, 2],
         };
         m.adopt(&answer).unwrap();
         assert_eq!(m.add(4, addr(4)).unwrap(), Change::Added);
@@ -323,6 +368,8 @@ mod tests {
         again.merge_static(&[PeerSetting { id: 1, addr: addr(11) }]).unwrap();
         assert_eq!(again.addr_of(1), Some(addr(11)));
         assert_eq!(again.member_at(addr(44)), Some(4));
+        // The catalog's first voters come from the join answer and never change.
+        assert_eq!(again.catalog_voters().unwrap(), vec![1, 2]);
 
         let e = Membership::open(dir.path(), 5, 7).err().unwrap().to_string();
         assert!(e.contains("belongs to node 3"), "{e}");

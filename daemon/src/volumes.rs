@@ -17,6 +17,9 @@ use raftblk_blockdev::nbd::{ExportCatalog, ExportInfo, OpenError, OpenExport};
 use raftblk_blockdev::store::{FileBackend, IoEngine};
 use raftblk_blockdev::{BackendError, BlockBackend};
 use raftblk_replication::node::{ReplicaStore, ReplicatedBackend, ReplicationNode};
+
+use crate::cluster_catalog::op::{CatalogOp, Outcome};
+use crate::cluster_catalog::ClusterCatalog;
 use raftblk_replication::wal::record::GroupId;
 use serde::{Deserialize, Serialize};
 
@@ -207,6 +210,8 @@ pub struct VolumeManager {
     leader_follows_client: std::sync::atomic::AtomicBool,
     /// Node liveness and operator decisions (cluster mode).
     nodes: std::sync::OnceLock<Arc<crate::nodes::NodeDirectory>>,
+    /// The cluster catalog, where every record change is committed first (cluster mode).
+    cluster_catalog: std::sync::OnceLock<Arc<ClusterCatalog>>,
 }
 
 /// How long a client must stay connected before the leader moves to its node: short
@@ -249,12 +254,54 @@ impl VolumeManager {
             control: tokio::sync::Mutex::new(()),
             leader_follows_client: std::sync::atomic::AtomicBool::new(false),
             nodes: std::sync::OnceLock::new(),
+            cluster_catalog: std::sync::OnceLock::new(),
         });
         for record in manager.catalog.list()? {
             manager.open_volume(record, false).await?;
         }
         manager.remove_orphans();
         Ok(manager)
+    }
+
+    /// The node's sled database (the cluster catalog's replica keeps a tree in it).
+    pub fn sled_db(&self) -> &sled::Db {
+        self.catalog.db()
+    }
+
+    /// Attaches the cluster catalog (cluster mode, once at start).
+    pub fn attach_catalog(&self, catalog: Arc<ClusterCatalog>) {
+        let _ = self.cluster_catalog.set(catalog);
+    }
+
+    /// The cluster catalog, if attached.
+    pub fn cluster_catalog(&self) -> Option<&Arc<ClusterCatalog>> {
+        self.cluster_catalog.get()
+    }
+
+    /// This node's record of volume `name`.
+    pub fn record(&self, name: &str) -> Option<VolumeRecord> {
+        lock(&self.open).get(name).map(|v| lock(&v.record).clone())
+    }
+
+    /// Whether this node has a volume with `uuid`.
+    pub fn holds_uuid(&self, uuid: &str) -> bool {
+        lock(&self.open).values().any(|v| lock(&v.record).uuid == uuid)
+    }
+
+    /// Commits a changed `record` (of generation `expect` before) to the cluster catalog.
+    /// A node alone has no catalog beyond its own, and skips this.
+    async fn commit_change(&self, record: &VolumeRecord, expect: u64) -> Result<(), VolumeError> {
+        let Some(catalog) = self.cluster_catalog() else { return Ok(()) };
+        let op = CatalogOp::PutVolume { record: record.clone(), expect: Some(expect) };
+        let outcome = catalog.propose(op).await.map_err(|e| VolumeError::Unavailable(e.to_string()))?;
+        match outcome {
+            o if o.holds(record) => Ok(()),
+            Outcome::Conflict { current: Some(c) } if c.uuid == record.uuid => Err(VolumeError::Unavailable(format!(
+                "volume {:?} was changed by another operation meanwhile (generation {} in the catalog, {expect} here); retry",
+                record.name, c.generation
+            ))),
+            _ => Err(VolumeError::NotFound(record.name.clone())),
+        }
     }
 
     /// Makes a volume's leader move to the node where its NBD client connects.
@@ -531,9 +578,25 @@ impl VolumeManager {
             initial_voters: voters.clone(),
             generation: 1,
         };
-        // Peers first, this node last: if this node dies in between, the peers that have the
-        // record give it back to it (and to a retried create, which then returns it), so the
-        // volume exists once; if it dies before any peer has it, it exists nowhere.
+        // The catalog decides: committed there, the volume exists (once: a create of the
+        // same name on another node, or this create retried, finds it taken); not committed,
+        // it exists nowhere. Only then do the nodes holding copies open them.
+        if let Some(catalog) = self.cluster_catalog() {
+            let op = CatalogOp::PutVolume { record: record.clone(), expect: None };
+            let outcome = catalog.propose(op).await.map_err(|e| VolumeError::Unavailable(e.to_string()))?;
+            match outcome {
+                o if o.holds(&record) => {}
+                Outcome::Conflict { current: Some(c) }
+                    if c.size_bytes == size_bytes && c.read_only == read_only && c.replicas == replicas =>
+                {
+                    // Idempotent across nodes too: the volume another attempt made.
+                    self.upsert_locked(c, false).await?;
+                    drop(_control);
+                    return self.status(name);
+                }
+                _ => return Err(VolumeError::Exists(name.to_string())),
+            }
+        }
         let told = self.broadcast(&ControlMessage::Upsert(record.clone()), &voters).await;
         self.upsert_locked(record.clone(), true).await?;
         tracing::info!(volume = name, size_bytes, replicas, ?voters, uuid = %record.uuid, "volume created");
@@ -807,6 +870,7 @@ impl VolumeManager {
             record.voters.push(target);
             record.replicas = (record.voters.len() - 1) as u8;
             record.generation += 1;
+            self.commit_change(&record, record.generation - 1).await?;
             self.upsert_locked_change(&v, record.clone()).await?;
             self.broadcast(&ControlMessage::Upsert(record.clone()), &[target]).await?;
         }
@@ -989,8 +1053,9 @@ impl VolumeManager {
         record.voters.retain(|&n| n != target);
         record.replicas = (record.voters.len() - 1) as u8;
         record.generation += 1;
+        self.commit_change(&record, record.generation - 1).await?;
         self.upsert_locked_change(&v, record.clone()).await?;
-        // Peers that miss it learn the new membership at their next sync (errors are logged).
+        // Peers that miss it follow their catalog replica (errors are logged).
         let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
         tracing::info!(volume = name, node = target, "copy removed");
         drop(_control);
@@ -1128,11 +1193,14 @@ impl VolumeManager {
         v.size.fetch_max(size_bytes, Ordering::SeqCst);
         record.size_bytes = size_bytes;
         record.generation += 1;
+        // The volume has grown already (through its own log); a failed commit here leaves
+        // the record behind the volume until the resize is retried, never the reverse.
+        self.commit_change(&record, record.generation - 1).await?;
         self.catalog.update(&record)?;
         *lock(&v.record) = record.clone();
         self.metrics.volume_size.with_label_values(&[name]).set(size_bytes as i64);
         tracing::info!(volume = name, size_bytes, "volume grown");
-        // Peers that miss it learn the new size at their next sync (errors are logged).
+        // Peers that miss it follow their catalog replica (errors are logged).
         let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
         drop(_control);
         self.status(name)
@@ -1147,9 +1215,13 @@ impl VolumeManager {
             return Err(VolumeError::InUse { name: name.to_string(), connections });
         }
         let record = lock(&v.record).clone();
+        if let Some(catalog) = self.cluster_catalog() {
+            let op = CatalogOp::DeleteVolume { name: name.to_string(), uuid: record.uuid.clone() };
+            catalog.propose(op).await.map_err(|e| VolumeError::Unavailable(e.to_string()))?;
+        }
         self.remove_locked(&record).await?;
         tracing::info!(volume = name, forced = force, connections, "volume deleted");
-        // Peers that miss it learn the delete at their next sync (errors are logged).
+        // Peers that miss it follow their catalog replica (errors are logged).
         let _ = self.broadcast(&ControlMessage::Delete { uuid: record.uuid.clone() }, &[]).await;
         Ok(())
     }
@@ -1283,9 +1355,6 @@ impl VolumeManager {
         let result = match msg {
             ControlMessage::Upsert(record) => self.upsert(record).await,
             ControlMessage::Delete { uuid } => self.delete_uuid(&uuid).await,
-            ControlMessage::List => {
-                return ControlAnswer::List { volumes: self.records(), deleted: self.tombstones() }
-            }
             ControlMessage::GroupStatus { group_id } => {
                 let Some(node) = &self.replication else {
                     return ControlAnswer::Error("not in a cluster".into());
@@ -1330,7 +1399,10 @@ impl VolumeManager {
                 }
                 None => Err(VolumeError::Invalid("not in a cluster".into())),
             },
-            ControlMessage::AddPeer { .. } | ControlMessage::Members | ControlMessage::Heartbeat { .. } => {
+            ControlMessage::AddPeer { .. }
+            | ControlMessage::Members
+            | ControlMessage::Heartbeat { .. }
+            | ControlMessage::CatalogPropose(_) => {
                 // cluster::install_handler answers these before they get here.
                 return ControlAnswer::Error("membership messages are not volume messages".into());
             }

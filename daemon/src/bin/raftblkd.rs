@@ -10,6 +10,8 @@ use clap::Parser;
 use raftblk_blockdev::nbd::NbdServer;
 use raftblk_blockdev::store::{EngineKind, IoEngine};
 use raftblk_daemon::api::{self, ApiState, NodeInfo};
+use raftblk_daemon::cluster_catalog::machine::CatalogMachine;
+use raftblk_daemon::cluster_catalog::ClusterCatalog;
 use raftblk_daemon::config::{
     join_target, Config, IoEngineSetting, LogFormat, Overrides, DEFAULT_CONFIG_TOML,
 };
@@ -141,20 +143,31 @@ async fn run(config: Config) -> Result<()> {
         );
         volumes.attach_nodes(dir.clone());
         tokio::spawn(raftblk_daemon::cluster::heartbeat_loop(node.clone(), dir.clone(), shutdown.clone()));
+        let catalog = open_cluster_catalog(&config, &membership, node, &volumes).await?;
+        volumes.attach_catalog(catalog.clone());
+        tokio::spawn(raftblk_daemon::cluster::reconcile_loop(volumes.clone(), catalog, shutdown.clone()));
+        tokio::spawn(raftblk_daemon::healer::catalog_loop(volumes.clone(), dir.clone(), shutdown.clone()));
         tokio::spawn(raftblk_daemon::healer::heal_loop(volumes.clone(), dir, shutdown.clone()));
-        sync_task = Some(tokio::spawn(raftblk_daemon::cluster::sync_loop(
-            node.clone(),
-            volumes.clone(),
-            membership.clone(),
-            shutdown.clone(),
-        )));
+        sync_task =
+            Some(tokio::spawn(raftblk_daemon::cluster::sync_loop(membership.clone(), shutdown.clone())));
     }
-    if volumes.is_empty() {
+    if volumes.is_empty() && !config.bootstrap_volumes.is_empty() {
+        let mut wanted = Vec::new();
         for v in &config.bootstrap_volumes {
-            let size = parse_size(&v.size)?;
-            if volumes.ensure(&v.name, size).await? {
-                tracing::info!(volume = %v.name, size = %v.size, "bootstrap volume created");
-            }
+            wanted.push((v.name.clone(), parse_size(&v.size)?));
+        }
+        if replication.is_none() {
+            ensure_volumes(&volumes, &wanted).await?;
+        } else {
+            // In a cluster the create waits for the catalog's quorum, which may be a while
+            // (the other nodes are starting too); the node serves meanwhile.
+            let volumes = volumes.clone();
+            tokio::spawn(async move {
+                while let Err(e) = ensure_volumes(&volumes, &wanted).await {
+                    tracing::warn!(error = %e, "bootstrap volumes not created yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            });
         }
     }
 
@@ -229,6 +242,38 @@ async fn run(config: Config) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     tracing::info!("flushed every volume; bye");
     Ok(())
+}
+
+/// Creates each `(name, size)` unless it exists.
+async fn ensure_volumes(volumes: &VolumeManager, wanted: &[(String, u64)]) -> Result<()> {
+    for (name, size) in wanted {
+        if volumes.ensure(name, *size).await? {
+            tracing::info!(volume = %name, size, "bootstrap volume created");
+        }
+    }
+    Ok(())
+}
+
+/// Opens this node's replica of the cluster catalog (a tree in the node's sled database).
+async fn open_cluster_catalog(
+    config: &Config,
+    membership: &Membership,
+    node: &ReplicationNode,
+    volumes: &VolumeManager,
+) -> Result<Arc<ClusterCatalog>> {
+    let machine =
+        CatalogMachine::open(volumes.sled_db(), "cluster_catalog").context("opening the catalog replica")?;
+    let voters = membership.catalog_voters().context("recording the catalog's voters")?;
+    let catalog = ClusterCatalog::open(
+        node.clone(),
+        Arc::new(machine),
+        voters.clone(),
+        config.data_dir.join("cluster_catalog.rebuild"),
+    )
+    .await
+    .context("starting the catalog replica")?;
+    tracing::info!(initial_voters = ?voters, "cluster catalog replica open");
+    Ok(Arc::new(catalog))
 }
 
 /// Starts the replication engine when the node has peers (static, joined or

@@ -175,6 +175,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/replicas", post(replicas))
         .route("/v1/cluster/join", post(join))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/catalog", get(catalog))
         .route("/v1/nodes/{id}/{action}", post(node_action))
         .route("/v1/debug/faults", post(faults))
         .fallback(|| async {
@@ -256,6 +257,16 @@ async fn nodes(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
         ));
     }
     Ok(Json(s.volumes.node_statuses()).into_response())
+}
+
+/// `GET /v1/catalog`: the cluster catalog's Raft group as this node sees it.
+async fn catalog(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    match s.volumes.cluster_catalog() {
+        Some(c) => Ok(Json(c.view()).into_response()),
+        None => Err(ApiError::bad_request(
+            "this node runs alone (no cluster.peers): its catalog is local; start a cluster (raftblk dev-cluster)".into(),
+        )),
+    }
 }
 
 /// `POST /v1/nodes/ID/cordon|uncordon|drain|remove`: records the operator decision; the

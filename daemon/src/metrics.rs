@@ -78,6 +78,12 @@ pub struct Metrics {
     pub volume_health: IntGaugeVec,
     /// Number of volumes on this node.
     pub volumes: IntGauge,
+    /// The cluster catalog's Raft positions on this node, by `kind`.
+    pub catalog_raft: IntGaugeVec,
+    /// The catalog's voters and learners as this node sees them, by `role`.
+    pub catalog_members: IntGaugeVec,
+    /// 1 while this node leads the catalog.
+    pub catalog_leader: IntGauge,
 }
 
 /// Why metrics could not be set up.
@@ -151,6 +157,25 @@ impl Metrics {
             &["volume", "state"],
         )?;
         let volumes = IntGauge::new("raftblk_volumes", "Volumes on this node")?;
+        let catalog_raft = IntGaugeVec::new(
+            Opts::new(
+                "raftblk_catalog_raft_index",
+                "Raft log positions of this node's cluster catalog replica: kind=commit, applied",
+            ),
+            &["kind"],
+        )?;
+        let catalog_members = IntGaugeVec::new(
+            Opts::new(
+                "raftblk_catalog_members",
+                "Cluster catalog replicas as this node sees them, by role (voter, learner); fewer than \
+                 3 voters leaves the catalog without fault tolerance",
+            ),
+            &["role"],
+        )?;
+        let catalog_leader = IntGauge::new(
+            "raftblk_catalog_is_leader",
+            "1 while this node leads the cluster catalog, else 0",
+        )?;
         registry.register(Box::new(ops.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
@@ -162,6 +187,9 @@ impl Metrics {
         registry.register(Box::new(volume_rebuild_remaining.clone()))?;
         registry.register(Box::new(volume_health.clone()))?;
         registry.register(Box::new(volumes.clone()))?;
+        registry.register(Box::new(catalog_raft.clone()))?;
+        registry.register(Box::new(catalog_members.clone()))?;
+        registry.register(Box::new(catalog_leader.clone()))?;
         Ok(Metrics {
             registry,
             ops,
@@ -173,6 +201,9 @@ impl Metrics {
             volume_connections,
             volume_raft,
             volume_rebuild_remaining,
+            catalog_raft,
+            catalog_members,
+            catalog_leader,
             volume_health,
             volumes,
         })

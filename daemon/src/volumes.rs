@@ -1336,6 +1336,15 @@ impl VolumeManager {
                 self.metrics.volume_rebuild_remaining.with_label_values(&[&name]).set(remaining as i64);
             }
         }
+        if let Some(catalog) = self.cluster_catalog() {
+            let c = catalog.view();
+            let m = &self.metrics;
+            m.catalog_raft.with_label_values(&["commit"]).set(c.commit_index as i64);
+            m.catalog_raft.with_label_values(&["applied"]).set(c.applied_index as i64);
+            m.catalog_members.with_label_values(&["voter"]).set(c.voters.len() as i64);
+            m.catalog_members.with_label_values(&["learner"]).set(c.learners.len() as i64);
+            m.catalog_leader.set(i64::from(c.leader != 0 && Some(c.leader) == self.node_id()));
+        }
     }
 
     /// Flushes every local copy (at shutdown).

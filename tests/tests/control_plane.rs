@@ -2,8 +2,10 @@
 //! its refusals, a dead node's copies replaced on the others (and its stale copies dropped
 //! when it returns), a node drained while fio writes. Nodes are declared dead after 5 s
 //! here (`--node-dead-after-s 5`; the default is 60 s). Also: leaders spread over the
-//! copy holders, and a create whose node is killed mid-way leaves the volume once or not
-//! at all (the client's retry through another node gets it back or makes it).
+//! copy holders, and a create whose node (or the catalog leader) is killed mid-way leaves
+//! the volume once or not at all (the client's retry through another node gets it back or
+//! makes it). The catalog's own votes follow the nodes: a dead node loses its vote and gets
+//! it back when it returns.
 
 use std::time::{Duration, Instant};
 
@@ -127,6 +129,16 @@ fn b_a_dead_nodes_copies_are_replaced_and_its_stale_copies_dropped_on_return() {
         Ok(())
     });
     let healed_after = t.elapsed();
+    // The catalog drops the dead node's vote too (four voters of the four live nodes).
+    poll("the catalog to drop the dead node's vote", LIMIT, || {
+        let v = catalog_view(&c, survivor)?;
+        let voters: Vec<u64> =
+            v["voters"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default();
+        if voters.contains(&victim) || voters.len() != 4 {
+            return Err(format!("catalog: {v}"));
+        }
+        Ok(())
+    });
     for (name, p) in &pats {
         let v = voters(&c, survivor, name).unwrap();
         let leader = c.wait_leader(name, &v, LIMIT);
@@ -170,6 +182,27 @@ fn b_a_dead_nodes_copies_are_replaced_and_its_stale_copies_dropped_on_return() {
             Err(format!("still there: {left:?}"))
         }
     });
+    // And it gets a catalog vote back, its replica having caught up.
+    poll("the returned node to vote in the catalog again", LIMIT, || {
+        let v = catalog_view(&c, victim)?;
+        let voters: Vec<u64> =
+            v["voters"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default();
+        if voters.len() == 5 && v["applied_index"] == v["commit_index"] {
+            Ok(())
+        } else {
+            Err(format!("catalog: {v}"))
+        }
+    });
+}
+
+/// `GET /v1/catalog` on node `via`.
+fn catalog_view(c: &Cluster, via: u64) -> Result<serde_json::Value, String> {
+    let (code, body) =
+        raftblk_tests::http_get(c.node(via).api_addr, "/v1/catalog").map_err(|e| e.to_string())?;
+    if code != 200 {
+        return Err(format!("HTTP {code}: {body}"));
+    }
+    serde_json::from_str(&body).map_err(|e| e.to_string())
 }
 
 #[test]
@@ -326,6 +359,119 @@ fn e_a_create_whose_node_is_killed_midway_leaves_the_volume_once_or_not_at_all()
         println!(
             "MEASURED create killed after {delay_ms} ms: first attempt {:?}; retry via node 2 -> {uuid}; every node agrees",
             first.as_ref().map(|(code, _)| *code)
+        );
+    }
+}
+
+/// The catalog leader as node `via` sees it (`Err` while there is none).
+fn catalog_leader(c: &Cluster, via: u64) -> Result<u64, String> {
+    let v = catalog_view(c, via)?;
+    match v["leader"].as_u64() {
+        Some(l) if l != 0 => Ok(l),
+        _ => Err(format!("no catalog leader: {v}")),
+    }
+}
+
+#[test]
+fn f_the_catalog_leader_killed_during_a_create_leaves_the_volume_once_or_not_at_all() {
+    let mut c = Cluster::start_with(3, &DEAD_AFTER);
+    wait_all_alive(&c, &[1, 2, 3]);
+    for (i, delay_ms) in [0u64, 5, 20, 60].into_iter().enumerate() {
+        let name = format!("cat{i}");
+        let leader = poll("a catalog leader", LIMIT, || catalog_leader(&c, 1));
+        // The create goes to a node that does not lead the catalog, which forwards the
+        // proposal to the leader; the leader dies mid-way.
+        let via = [1u64, 2, 3].into_iter().find(|&n| n != leader).expect("another node");
+        let api = c.node(via).api_addr;
+        let body = format!("{{\"name\": \"{name}\", \"size\": \"16M\", \"replicas\": 0}}");
+        let first = std::thread::spawn(move || raftblk_tests::http_post_json(api, "/v1/volumes", &body));
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        c.kill9(leader);
+        let first = first.join().expect("create thread");
+        let others: Vec<u64> = [1u64, 2, 3].into_iter().filter(|&n| n != leader).collect();
+        let new_leader = poll("a new catalog leader", LIMIT, || {
+            catalog_leader(&c, via).and_then(|l| {
+                if l == leader {
+                    Err("still the old one".into())
+                } else {
+                    Ok(l)
+                }
+            })
+        });
+        // Once or not at all: the surviving nodes agree on whether it exists, and on its uuid.
+        let seen = poll(&format!("the survivors to agree on {name}"), LIMIT, || {
+            let mut seen = Vec::new();
+            for &id in &others {
+                let list = c.cli_json(id, &["volume", "list"]);
+                let uuids: Vec<String> = list
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter(|v| v["name"] == name.as_str())
+                            .map(|v| v["uuid"].to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if uuids.len() > 1 {
+                    panic!("node {id} lists {name} twice: {uuids:?}");
+                }
+                seen.push(uuids.into_iter().next());
+            }
+            if seen.windows(2).all(|w| w[0] == w[1]) {
+                Ok(seen[0].clone())
+            } else {
+                Err(format!("nodes {others:?} see {seen:?}"))
+            }
+        });
+        if let Ok((201, body)) = &first {
+            let made: serde_json::Value = serde_json::from_str(body).expect("create answer");
+            assert_eq!(
+                seen.as_deref(),
+                Some(made["uuid"].to_string().as_str()),
+                "a create answered 201 is not in the catalog after its leader died"
+            );
+        }
+        // The client's retry (through the other survivor) gets the same volume, or makes it.
+        let retry_via = others.iter().copied().find(|&n| n != via).expect("a second survivor");
+        let retried = poll(&format!("a retried create of {name}"), LIMIT, || {
+            let out =
+                c.cli(retry_via, &["--json", "volume", "create", &name, "--size", "16M", "--replicas", "0"]);
+            if out.success() {
+                Ok(out.json())
+            } else if out.stderr.contains("HTTP 503") {
+                Err(out.stderr.clone())
+            } else {
+                panic!("the retried create was refused: {out}")
+            }
+        });
+        let uuid = retried["uuid"].to_string();
+        if let Some(existing) = &seen {
+            assert_eq!(existing, &uuid, "the retry made a second volume");
+        }
+        c.restart(leader);
+        poll(&format!("every node to hold {name} once"), LIMIT, || {
+            for id in [1, 2, 3] {
+                let list = c.cli_json(id, &["volume", "list"]);
+                let same: Vec<String> = list
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter(|v| v["name"] == name.as_str())
+                            .map(|v| v["uuid"].to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if same != [uuid.clone()] {
+                    return Err(format!("node {id}: {same:?}"));
+                }
+            }
+            Ok(())
+        });
+        println!(
+            "MEASURED catalog leader {leader} killed {delay_ms} ms into a create via node {via}: first answer {:?}, \
+             existed after: {}, new catalog leader {new_leader}; retry -> {uuid}; every node agrees",
+            first.as_ref().map(|(code, _)| *code),
+            seen.is_some()
         );
     }
 }

@@ -53,7 +53,20 @@ fn joined_node_is_a_full_member_that_everyone_remembers() {
     }
     assert!(c.node(3).data_dir().join("cluster.json").exists(), "node 3 did not persist its members");
 
-    // The new node learned the volume records too (the catalog sync).
+    // The new node gets a replica of the catalog (a learner, then a voter: the catalog had
+    // two voters and wants up to five) and learns the volume records from it.
+    poll("node 3 to vote in the catalog", LIMIT, || {
+        let (code, body) =
+            raftblk_tests::http_get(c.node(3).api_addr, "/v1/catalog").map_err(|e| e.to_string())?;
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("HTTP {code}: {e}"))?;
+        let voters: Vec<u64> =
+            v["voters"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default();
+        if voters == [1, 2, 3] && v["applied_index"] == v["commit_index"] {
+            Ok(())
+        } else {
+            Err(format!("{v}"))
+        }
+    });
     poll("node 3 to list volume \"before\"", LIMIT, || c.try_status(3, "before").map(|_| ()));
 
     // A volume created through node 3 with three copies: placement starts at node 3,

@@ -4,6 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use raftblk_daemon::api::NodeInfo;
+use raftblk_daemon::cluster_catalog::CatalogStatus;
 use raftblk_daemon::size::{format_size, parse_size};
 use raftblk_daemon::volumes::{NodeStatus, VolumeHealth, VolumeStatus};
 use serde_json::{json, Value};
@@ -220,8 +221,13 @@ fn run(cli: &Cli) -> Result<()> {
                 .ok()
                 .and_then(|v| serde_json::from_value(v).ok())
                 .unwrap_or_default();
+            let catalog: Option<CatalogStatus> =
+                client.call("GET", "/v1/catalog", None).ok().and_then(|v| serde_json::from_value(v).ok());
             if cli.json {
-                println!("{:#}", json!({ "node": node, "nodes": nodes, "volumes": volumes }));
+                println!(
+                    "{:#}",
+                    json!({ "node": node, "nodes": nodes, "catalog": catalog, "volumes": volumes })
+                );
             } else {
                 println!(
                     "raftblkd {}  engine {}  nbd {} and {}  data {}",
@@ -230,6 +236,17 @@ fn run(cli: &Cli) -> Result<()> {
                 if !nodes.is_empty() {
                     println!();
                     print_nodes(&nodes);
+                }
+                if let Some(c) = &catalog {
+                    let leader = if c.leader == 0 {
+                        "none (no quorum)".to_string()
+                    } else {
+                        format!("node {}", c.leader)
+                    };
+                    println!(
+                        "\ncatalog: leader {leader}, term {}, voters {:?}, learners {:?}, applied {} of {}",
+                        c.term, c.voters, c.learners, c.applied_index, c.commit_index
+                    );
                 }
                 println!();
                 print_volumes(&volumes);

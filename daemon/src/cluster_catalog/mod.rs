@@ -121,6 +121,23 @@ pub fn plan_membership(
     None
 }
 
+/// The catalog group as one node sees it (`GET /v1/catalog`, `raftblk status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CatalogStatus {
+    /// The catalog leader this node knows of (0: none).
+    pub leader: u64,
+    /// Raft term.
+    pub term: u64,
+    /// Voting replicas.
+    pub voters: Vec<u64>,
+    /// Non-voting replicas.
+    pub learners: Vec<u64>,
+    /// Highest committed entry known here.
+    pub commit_index: u64,
+    /// Highest entry this node's replica applied.
+    pub applied_index: u64,
+}
+
 /// This node's handle on the catalog group.
 pub struct ClusterCatalog {
     node: ReplicationNode,
@@ -155,6 +172,21 @@ impl ClusterCatalog {
     /// The catalog group as this node sees it.
     pub fn status(&self) -> Option<GroupStatus> {
         self.node.status(CATALOG_GROUP)
+    }
+
+    /// [`ClusterCatalog::status`] in the API's form.
+    pub fn view(&self) -> CatalogStatus {
+        let mut s = self.status().unwrap_or_default();
+        s.voters.sort_unstable();
+        s.learners.sort_unstable();
+        CatalogStatus {
+            leader: s.leader,
+            term: s.term,
+            voters: s.voters,
+            learners: s.learners,
+            commit_index: s.commit_index,
+            applied_index: self.machine.applied_index(),
+        }
     }
 
     /// Commits `op` through the catalog leader and returns what applying it did, once this

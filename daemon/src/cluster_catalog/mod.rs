@@ -109,9 +109,14 @@ pub fn plan_membership(
         }
     }
     // A voter that should not vote leaves once its replacement votes, or when there is no
-    // replacement to wait for (then removing it lowers the quorum it is not part of).
+    // replacement to wait for (then removing it lowers the quorum it is not part of). A dead
+    // one stays while it is one of three or fewer voters: two voters need both, just as three
+    // with one dead need the other two, so removing it gains nothing, and it votes again the
+    // moment it returns. Operators' removals and drains go through regardless.
     if let Some(v) = voters.iter().find(|v| **v != me && !votes_well(**v)) {
-        if good_voters >= target || voters.len() > CATALOG_VOTERS_MAX {
+        let wanted_out = node(*v).is_none_or(|n| !n.may_vote);
+        let replaced = good_voters >= target || voters.len() > CATALOG_VOTERS_MAX;
+        if replaced && (voters.len() > 3 || wanted_out) {
             return Some(MembershipChange::Remove(*v));
         }
     }
@@ -322,6 +327,10 @@ mod tests {
         let small =
             vec![node(1, true, false), node(2, false, true), node(3, true, false), node(4, true, false)];
         assert_eq!(plan_membership(1, &[1, 2, 3, 4], &[], &small), Some(MembershipChange::Remove(2)));
+        // Three voters, one dead, nobody to promote: it keeps its vote (removing it would
+        // leave two voters that need each other, and it votes again when it returns).
+        let three = vec![node(1, true, false), node(2, false, true), node(3, true, false)];
+        assert_eq!(plan_membership(1, &[1, 2, 3], &[], &three), None);
         // A gone learner is dropped.
         assert_eq!(plan_membership(1, &[1, 3, 4], &[2], &small), Some(MembershipChange::Remove(2)));
         // The leader never plans its own removal.

@@ -35,8 +35,12 @@ pub struct ApiState {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FaultRequest {
-    /// Nodes to cut off; empty heals.
+    /// Nodes to cut off in both directions.
+    #[serde(default)]
     block: Vec<u64>,
+    /// Nodes whose messages to this node are dropped (this node still reaches them).
+    #[serde(default)]
+    block_inbound: Vec<u64>,
 }
 
 /// Static facts about the running node.
@@ -370,8 +374,9 @@ async fn faults(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response,
             message: "fault injection is off; start raftblkd with --fault-injection true (tests only)".into(),
         });
     }
-    let req: FaultRequest = parse_json(&body, r#"{"block": [2, 3]} (or [] to heal)"#)?;
-    s.volumes.set_partition(&req.block)?;
+    let req: FaultRequest =
+        parse_json(&body, r#"{"block": [2, 3], "block_inbound": [4]} (both empty or left out: heal)"#)?;
+    s.volumes.set_partition(&req.block, &req.block_inbound)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

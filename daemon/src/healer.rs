@@ -65,6 +65,13 @@ pub async fn heal_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Vec<Stri
                 dir.table.liveness(id, now) == Liveness::Dead || dir.table.admin(id).evicts_copies()
             })
             .collect();
+        let source = record.voters.iter().any(|&id| dir.table.liveness(id, now) != Liveness::Dead);
+        if !leaving.is_empty() && !source {
+            // A replacement would wait forever for data nobody reachable holds: the volume is
+            // unavailable until one of its nodes returns (replicas=0 risks exactly this).
+            tracing::warn!(volume = %record.name, voters = ?record.voters, "every copy is on a dead node; nothing to copy from");
+            continue;
+        }
         for old in leaving {
             let views = dir.views(&volumes.peer_ids());
             let new = match crate::nodes::place(&views, 1, &record.voters, None) {

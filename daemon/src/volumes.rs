@@ -874,6 +874,10 @@ impl VolumeManager {
             self.upsert_locked_change(&v, record.clone()).await?;
             self.broadcast(&ControlMessage::Upsert(record.clone()), &[target]).await?;
         }
+        // The record is settled; what follows is waiting on the volume's own group, which
+        // must not hold up every other volume operation on this node (a copy can take
+        // minutes to catch up).
+        drop(_control);
         if !learners.contains(&target) {
             self.propose_membership(&record, "add_learner", target, deadline).await?;
         }
@@ -902,7 +906,6 @@ impl VolumeManager {
         }
         self.propose_membership(&record, "promote", target, deadline).await?;
         tracing::info!(volume = name, node = target, "learner caught up and promoted to voter");
-        drop(_control);
         self.status(name)
     }
 
@@ -1009,9 +1012,8 @@ impl VolumeManager {
         if self.replication.is_none() {
             return Err(VolumeError::Invalid("this node runs alone; there are no replicas to remove".into()));
         }
-        let _control = self.control.lock().await;
         let v = self.get(name)?;
-        let mut record = lock(&v.record).clone();
+        let record = lock(&v.record).clone();
         if !record.voters.contains(&target) {
             return Err(VolumeError::Invalid(format!(
                 "node {target} holds no copy of {name:?}; copies are on {:?}",
@@ -1050,13 +1052,19 @@ impl VolumeManager {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        record.voters.retain(|&n| n != target);
-        record.replicas = (record.voters.len() - 1) as u8;
-        record.generation += 1;
-        self.commit_change(&record, record.generation - 1).await?;
-        self.upsert_locked_change(&v, record.clone()).await?;
-        // Peers that miss it follow their catalog replica (errors are logged).
-        let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
+        // Only the record change needs the control lock (the waits above do not); the record
+        // is read again under it, as another operation may have changed it meanwhile.
+        let _control = self.control.lock().await;
+        let mut record = lock(&v.record).clone();
+        if record.voters.contains(&target) {
+            record.voters.retain(|&n| n != target);
+            record.replicas = (record.voters.len() - 1) as u8;
+            record.generation += 1;
+            self.commit_change(&record, record.generation - 1).await?;
+            self.upsert_locked_change(&v, record.clone()).await?;
+            // Peers that miss it follow their catalog replica (errors are logged).
+            let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
+        }
         tracing::info!(volume = name, node = target, "copy removed");
         drop(_control);
         self.status(name)
@@ -1298,7 +1306,7 @@ impl VolumeManager {
     }
 
     /// Cuts this node off from `block` (both directions) after healing every earlier cut.
-    pub fn set_partition(&self, block: &[u64]) -> Result<(), VolumeError> {
+    pub fn set_partition(&self, block: &[u64], block_inbound: &[u64]) -> Result<(), VolumeError> {
         let Some(node) = &self.replication else {
             return Err(VolumeError::Invalid("this node runs alone; there is nothing to partition".into()));
         };
@@ -1307,7 +1315,10 @@ impl VolumeManager {
         for &peer in block {
             faults.block(raftblk_replication::wal::record::NodeId(peer));
         }
-        tracing::warn!(?block, "fault injection: traffic to and from these nodes is dropped");
+        for &peer in block_inbound {
+            faults.block_inbound(raftblk_replication::wal::record::NodeId(peer));
+        }
+        tracing::warn!(?block, ?block_inbound, "fault injection: traffic with these nodes is dropped");
         Ok(())
     }
 

@@ -1312,6 +1312,20 @@ impl Cluster {
         );
     }
 
+    /// Makes node `id` drop everything `peers` send it, while its own messages still reach
+    /// them (a one-way partition: its requests arrive, their answers do not).
+    #[track_caller]
+    pub fn deafen(&self, id: u64, peers: &[u64]) {
+        let list = peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+        let body = format!("{{\"block_inbound\":[{list}]}}");
+        let (code, answer) = http_post_json(self.node(id).api_addr, "/v1/debug/faults", &body)
+            .unwrap_or_else(|e| panic!("POST /v1/debug/faults on node {id}: {e}"));
+        assert!(
+            (200..300).contains(&code),
+            "POST /v1/debug/faults {body} on node {id}: HTTP {code}: {answer}"
+        );
+    }
+
     /// Heals every cut made on node `id`.
     #[track_caller]
     pub fn heal(&self, id: u64) {

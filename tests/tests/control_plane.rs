@@ -475,3 +475,59 @@ fn f_the_catalog_leader_killed_during_a_create_leaves_the_volume_once_or_not_at_
         );
     }
 }
+
+/// Names and uuids of volume `name` as node `id` lists it.
+fn listed(c: &Cluster, id: u64, name: &str) -> Vec<String> {
+    let list = c.cli_json(id, &["volume", "list"]);
+    list.as_array()
+        .map(|a| a.iter().filter(|v| v["name"] == name).map(|v| v["uuid"].to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn g_a_create_whose_answer_is_lost_is_not_made_twice_by_its_retry() {
+    let mut c = Cluster::start_with(3, &DEAD_AFTER);
+    wait_all_alive(&c, &[1, 2, 3]);
+    let leader = poll("a catalog leader", LIMIT, || catalog_leader(&c, 1));
+    let mut others = [1u64, 2, 3].into_iter().filter(|&n| n != leader);
+    let (via, third) = (others.next().expect("a node"), others.next().expect("another node"));
+    // `via` still reaches the catalog leader, which commits its proposal with `third`, but
+    // hears nothing back: the create times out there, as if the answer had been lost.
+    c.deafen(via, &[leader]);
+    let t = Instant::now();
+    let first = c.cli(via, &["--json", "volume", "create", "lost", "--size", "16M", "--replicas", "0"]);
+    assert!(
+        !first.success() && first.stderr.contains("HTTP 503"),
+        "the create should have timed out: {first}"
+    );
+    let timed_out_after = t.elapsed();
+    let committed = poll("the lost create to show on the third node", LIMIT, || {
+        let seen = listed(&c, third, "lost");
+        if seen.len() == 1 {
+            Ok(seen[0].clone())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    });
+    // The client retries through another node: it gets the volume the first attempt made.
+    let retried = c.cli(third, &["--json", "volume", "create", "lost", "--size", "16M", "--replicas", "0"]);
+    assert!(retried.success(), "the retry failed: {retried}");
+    assert_eq!(retried.json()["uuid"].to_string(), committed, "the retry made a second volume");
+    // The catalog leader dies, `via` hears again: both survivors hold the one volume.
+    c.kill9(leader);
+    c.heal(via);
+    poll("both survivors to hold the volume once", LIMIT, || {
+        for id in [via, third] {
+            let seen = listed(&c, id, "lost");
+            if seen != [committed.clone()] {
+                return Err(format!("node {id}: {seen:?}"));
+            }
+        }
+        Ok(())
+    });
+    println!(
+        "MEASURED lost answer: create via node {via} timed out after {timed_out_after:?} (HTTP 503) though committed \
+         by catalog leader {leader}; retry via node {third} returned the same volume {committed}; after the leader's \
+         kill both survivors list it once"
+    );
+}

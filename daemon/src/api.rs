@@ -93,6 +93,8 @@ struct CreateRequest {
     read_only: bool,
     #[serde(default)]
     replicas: u8,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,7 +238,14 @@ async fn list(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
 async fn create(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
     let req: CreateRequest = parse_json(&body, r#"{"name": "db", "size": "10G", "replicas": 2}"#)?;
     let size = req.size.bytes()?;
-    let status = s.volumes.create(&req.name, size, req.read_only, req.replicas).await?;
+    let spec = crate::volumes::VolumeSpec {
+        name: req.name,
+        size_bytes: size,
+        read_only: req.read_only,
+        replicas: req.replicas,
+        labels: req.labels,
+    };
+    let status = s.volumes.create(&spec).await?;
     Ok((StatusCode::CREATED, Json(status)).into_response())
 }
 

@@ -43,6 +43,10 @@ pub struct VolumeRecord {
     /// (such as its copy being replaced).
     #[serde(default)]
     pub generation: u64,
+    /// Operator's labels (e.g. `app=db`, a CSI driver's PVC name), shown and kept, not
+    /// interpreted.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Most extra copies a volume may have.
@@ -71,6 +75,43 @@ pub fn validate_name(name: &str) -> Result<(), String> {
         return Err(format!("volume name {name:?} is not allowed; {rule}"));
     }
     Ok(())
+}
+
+/// Most labels on one volume.
+pub const LABELS_MAX: usize = 16;
+/// Longest label key or value.
+pub const LABEL_LEN_MAX: usize = 63;
+
+/// Parses `KEY=VALUE` (a `--label` argument); the error says what a good label looks like.
+pub fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("label {text:?} is not KEY=VALUE; write e.g. --label rack=r12"))?;
+    check_label(key, value)?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+fn check_label(key: &str, value: &str) -> Result<(), String> {
+    let word = |w: &str| w.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'));
+    if key.is_empty() || key.len() > LABEL_LEN_MAX || !word(key) {
+        return Err(format!(
+            "label key {key:?} is not allowed; use 1 to {LABEL_LEN_MAX} letters, digits, '.', '-', '_' or '/'"
+        ));
+    }
+    if value.len() > LABEL_LEN_MAX || !word(value) {
+        return Err(format!(
+            "label value {value:?} (key {key:?}) is not allowed; use up to {LABEL_LEN_MAX} letters, digits, '.', '-', '_' or '/'"
+        ));
+    }
+    Ok(())
+}
+
+/// Validates a volume's labels.
+pub fn validate_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > LABELS_MAX {
+        return Err(format!("{} labels given; a volume takes at most {LABELS_MAX}", labels.len()));
+    }
+    labels.iter().try_for_each(|(k, v)| check_label(k, v))
 }
 
 /// Validates a volume size; the error says what to use instead.
@@ -198,7 +239,22 @@ mod tests {
             group_id: 0,
             initial_voters: Vec::new(),
             generation: 0,
+            labels: Default::default(),
         }
+    }
+
+    #[test]
+    fn labels_are_checked() {
+        assert_eq!(parse_label("app=db").unwrap(), ("app".into(), "db".into()));
+        assert_eq!(parse_label("k8s.io/pvc=data-0").unwrap().0, "k8s.io/pvc");
+        assert_eq!(parse_label("empty=").unwrap().1, "");
+        assert!(parse_label("novalue").unwrap_err().contains("KEY=VALUE"));
+        assert!(parse_label("=x").unwrap_err().contains("key"));
+        assert!(parse_label("a b=c").is_err());
+        assert!(parse_label(&format!("k={}", "v".repeat(64))).unwrap_err().contains("value"));
+        let many: std::collections::BTreeMap<String, String> =
+            (0..17).map(|i| (format!("k{i}"), "v".to_string())).collect();
+        assert!(validate_labels(&many).unwrap_err().contains("at most 16"));
     }
 
     #[test]

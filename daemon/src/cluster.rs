@@ -446,6 +446,7 @@ mod tests {
             group_id: 9,
             initial_voters: vec![1, 2, 3],
             generation: 4,
+            labels: [("app".to_string(), "db".to_string())].into(),
         };
         for m in [
             ControlMessage::Upsert(record.clone()),

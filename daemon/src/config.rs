@@ -398,17 +398,9 @@ impl Config {
         }
         if let Some(v) = &o.labels {
             for l in v.iter().filter(|l| !l.is_empty()) {
-                let (key, value) = l.split_once('=').ok_or_else(|| ConfigError::Invalid {
-                    key: "cluster.labels",
-                    message: format!("label {l:?} is not KEY=VALUE; write e.g. --label rack=r12"),
-                })?;
-                if key.is_empty() {
-                    return Err(ConfigError::Invalid {
-                        key: "cluster.labels",
-                        message: format!("label {l:?} has an empty key; write e.g. --label rack=r12"),
-                    });
-                }
-                self.cluster.labels.insert(key.to_string(), value.to_string());
+                let (key, value) = crate::catalog::parse_label(l)
+                    .map_err(|message| ConfigError::Invalid { key: "cluster.labels", message })?;
+                self.cluster.labels.insert(key, value);
             }
         }
         if let Some(v) = o.node_dead_after_s {

@@ -182,9 +182,39 @@ pub struct VolumeStatus {
     /// healthy, degraded or rebuilding (see `VolumeManager::health_of`).
     #[serde(default)]
     pub health: VolumeHealth,
+    /// Operator's labels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Raft state (cluster mode only).
     #[serde(default)]
     pub replication: Option<ReplicationStatus>,
+}
+
+/// What a create asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// Name (also the NBD export name).
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Serve read-only.
+    pub read_only: bool,
+    /// Extra copies.
+    pub replicas: u8,
+    /// Operator's labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl VolumeSpec {
+    /// Whether an existing volume is what this spec asks for (a retried create then gets it
+    /// back instead of a conflict).
+    pub fn matches(&self, r: &VolumeRecord) -> bool {
+        r.name == self.name
+            && r.size_bytes == self.size_bytes
+            && r.read_only == self.read_only
+            && r.replicas == self.replicas
+            && r.labels == self.labels
+    }
 }
 
 struct Volume {
@@ -537,23 +567,19 @@ impl VolumeManager {
         Ok((0..=replicas as usize).map(|k| ids[(start + k) % ids.len()]).collect())
     }
 
-    /// Creates a thin volume with `replicas` extra copies.
-    pub async fn create(
-        &self,
-        name: &str,
-        size_bytes: u64,
-        read_only: bool,
-        replicas: u8,
-    ) -> Result<VolumeStatus, VolumeError> {
+    /// Creates a thin volume as `spec` says.
+    pub async fn create(&self, spec: &VolumeSpec) -> Result<VolumeStatus, VolumeError> {
+        let VolumeSpec { name, size_bytes, read_only, replicas, labels } = spec;
+        let (name, size_bytes, read_only, replicas) = (name.as_str(), *size_bytes, *read_only, *replicas);
         validate_name(name).map_err(VolumeError::Invalid)?;
         validate_size(size_bytes).map_err(VolumeError::Invalid)?;
+        crate::catalog::validate_labels(labels).map_err(VolumeError::Invalid)?;
         let _control = self.control.lock().await;
         let existing = lock(&self.open).get(name).cloned();
         if let Some(v) = existing {
             // Idempotent, as CSI's CreateVolume must be: a create retried after a timeout finds
             // the volume the first attempt made and gets it back, rather than an error.
-            let r = lock(&v.record).clone();
-            if r.size_bytes == size_bytes && r.read_only == read_only && r.replicas == replicas {
+            if spec.matches(&lock(&v.record)) {
                 drop(_control);
                 return self.status(name);
             }
@@ -577,6 +603,7 @@ impl VolumeManager {
             group_id,
             initial_voters: voters.clone(),
             generation: 1,
+            labels: labels.clone(),
         };
         // The catalog decides: committed there, the volume exists (once: a create of the
         // same name on another node, or this create retried, finds it taken); not committed,
@@ -586,9 +613,7 @@ impl VolumeManager {
             let outcome = catalog.propose(op).await.map_err(|e| VolumeError::Unavailable(e.to_string()))?;
             match outcome {
                 o if o.holds(&record) => {}
-                Outcome::Conflict { current: Some(c) }
-                    if c.size_bytes == size_bytes && c.read_only == read_only && c.replicas == replicas =>
-                {
+                Outcome::Conflict { current: Some(c) } if spec.matches(&c) => {
                     // Idempotent across nodes too: the volume another attempt made.
                     self.upsert_locked(c, false).await?;
                     drop(_control);
@@ -1172,6 +1197,7 @@ impl VolumeManager {
             created_unix_s: r.created_unix_s,
             replicas: r.replicas,
             voters: r.voters,
+            labels: r.labels,
             replication,
         }
     }
@@ -1272,7 +1298,8 @@ impl VolumeManager {
 
     /// Creates `name` unless a volume of that name exists (used for bootstrap volumes).
     pub async fn ensure(&self, name: &str, size_bytes: u64) -> Result<bool, VolumeError> {
-        match self.create(name, size_bytes, false, 0).await {
+        let spec = VolumeSpec { name: name.to_string(), size_bytes, ..VolumeSpec::default() };
+        match self.create(&spec).await {
             Ok(_) => Ok(true),
             Err(VolumeError::Exists(_)) => Ok(false),
             Err(e) => Err(e),

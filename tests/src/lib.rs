@@ -534,6 +534,13 @@ impl Daemon {
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.api_addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}\nlog:\n{}", self.log()))
     }
+
+    /// `POST path` with a JSON `body` on the API.
+    #[track_caller]
+    pub fn post_json(&self, path: &str, body: &str) -> (u16, String) {
+        http_post_json(self.api_addr, path, body)
+            .unwrap_or_else(|e| panic!("POST {path}: {e}\nlog:\n{}", self.log()))
+    }
 }
 
 impl Drop for Daemon {

@@ -22,8 +22,19 @@ fn volume_lifecycle_json_and_tables() {
     assert_eq!(d.cli_json(&["volume", "list"]), Value::Array(vec![]));
 
     // create --json
-    let v = d.cli_json(&["volume", "create", "db-1", "--size", "256M"]);
+    let v = d.cli_json(&[
+        "volume",
+        "create",
+        "db-1",
+        "--size",
+        "256M",
+        "--label",
+        "app=db",
+        "--label",
+        "tier=gold",
+    ]);
     assert_eq!(v["name"], "db-1", "{v}");
+    assert_eq!(v["labels"], serde_json::json!({"app": "db", "tier": "gold"}), "{v}");
     assert_eq!(v["size_bytes"], 256 * MIB, "{v}");
     assert_eq!(v["read_only"], false, "{v}");
     assert_eq!(v["connections"], 0, "{v}");
@@ -146,6 +157,17 @@ fn refusals_say_what_to_fix() {
     refused(&d, &["volume", "delete", "../vol"], &["not allowed"]);
     // 63 characters is fine
     d.create_volume(&"b".repeat(63), "4K");
+
+    // bad labels (checked by the CLI, and by the daemon for API clients)
+    refused(&d, &["volume", "create", "l1", "--size", "1M", "--label", "novalue"], &["KEY=VALUE"]);
+    refused(
+        &d,
+        &["volume", "create", "l2", "--size", "1M", "--label", "a b=c"],
+        &["label key", "letters, digits"],
+    );
+    let (code, body) =
+        d.post_json("/v1/volumes", r#"{"name": "l3", "size": "1M", "labels": {"k": "with space"}}"#);
+    assert!(code == 400 && body.contains("label value"), "HTTP {code}: {body}");
 
     // bad sizes
     refused(&d, &["volume", "create", "x1", "--size", "10X"], &["10X", "unknown unit", "K, M, G"]);

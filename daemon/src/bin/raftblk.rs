@@ -96,6 +96,9 @@ enum VolumeCommand {
         /// Extra copies on other nodes (0 to 4); a cluster of at least replicas+1 nodes is needed
         #[arg(long, short, default_value_t = 0)]
         replicas: u8,
+        /// A label KEY=VALUE kept with the volume (repeat for more)
+        #[arg(long = "label")]
+        labels: Vec<String>,
     },
     /// Add a copy on NODE: it joins as a learner, catches up from the log, then votes
     AddReplica {
@@ -329,12 +332,16 @@ fn signal_hook_flag(sig: libc::c_int, flag: std::sync::Arc<std::sync::atomic::At
 
 fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
     match cmd {
-        VolumeCommand::Create { name, size, read_only, replicas } => {
+        VolumeCommand::Create { name, size, read_only, replicas, labels } => {
             let bytes = parse_size(size).map_err(|e| anyhow!("--size: {e}"))?;
+            let labels: std::collections::BTreeMap<String, String> = labels
+                .iter()
+                .map(|l| raftblk_daemon::catalog::parse_label(l).map_err(|e| anyhow!("--label: {e}")))
+                .collect::<Result<_>>()?;
             let v = client.call(
                 "POST",
                 "/v1/volumes",
-                Some(json!({"name": name, "size": bytes, "read_only": read_only, "replicas": replicas})),
+                Some(json!({"name": name, "size": bytes, "read_only": read_only, "replicas": replicas, "labels": labels})),
             )?;
             show_one(cli, v, "created")?;
         }
@@ -442,6 +449,10 @@ fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
     ];
     for (k, val) in rows {
         println!("{k:<12} {val}");
+    }
+    if !s.labels.is_empty() {
+        let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("{:<12} {}", "labels", labels.join(", "));
     }
     if let Some(r) = &s.replication {
         let leader = if r.leader == 0 { "none".to_string() } else { format!("node {}", r.leader) };

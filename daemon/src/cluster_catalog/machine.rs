@@ -306,6 +306,7 @@ mod tests {
             group_id: 3,
             initial_voters: vec![1, 2],
             generation,
+            labels: Default::default(),
         }
     }
 

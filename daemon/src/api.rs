@@ -182,6 +182,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/cluster/join", post(join))
         .route("/v1/nodes", get(nodes))
         .route("/v1/catalog", get(catalog))
+        .route("/v1/cluster/settings", get(cluster_settings).put(set_cluster_settings))
         .route("/v1/nodes/{id}/{action}", post(node_action))
         .route("/v1/debug/faults", post(faults))
         .fallback(|| async {
@@ -280,6 +281,47 @@ async fn catalog(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
             "this node runs alone (no cluster.peers): its catalog is local; start a cluster (raftblk dev-cluster)".into(),
         )),
     }
+}
+
+fn cluster_catalog(s: &ApiState) -> Result<&Arc<crate::cluster_catalog::ClusterCatalog>, ApiError> {
+    s.volumes.cluster_catalog().ok_or_else(|| {
+        ApiError::bad_request(
+            "this node runs alone (no cluster.peers): it has no cluster settings; its configuration applies"
+                .into(),
+        )
+    })
+}
+
+/// `GET /v1/cluster/settings`: every cluster setting and the value in force here.
+async fn cluster_settings(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let catalog = cluster_catalog(&s)?;
+    Ok(Json(crate::cluster::settings_view(&s.volumes, catalog)).into_response())
+}
+
+/// `PUT /v1/cluster/settings` with `{"KEY": VALUE, ...}`: every value is checked before any
+/// is committed to the catalog.
+async fn set_cluster_settings(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    let catalog = cluster_catalog(&s)?;
+    let wanted: std::collections::BTreeMap<String, serde_json::Value> =
+        parse_json(&body, r#"{"node_dead_after_s": 120}"#)?;
+    if wanted.is_empty() {
+        return Err(ApiError::bad_request(
+            r#"no setting given; send e.g. {"node_dead_after_s": 120}"#.into(),
+        ));
+    }
+    for (key, value) in &wanted {
+        crate::cluster_catalog::settings::validate(key, value).map_err(ApiError::bad_request)?;
+    }
+    for (key, value) in wanted {
+        let op = crate::cluster_catalog::op::CatalogOp::SetSetting { key, value };
+        catalog
+            .propose(op)
+            .await
+            .map_err(|e| ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: e.to_string() })?;
+    }
+    crate::cluster::apply_settings(&s.volumes, catalog);
+    tracing::info!(body = %String::from_utf8_lossy(&body), "cluster settings changed by an operator");
+    Ok(Json(crate::cluster::settings_view(&s.volumes, catalog)).into_response())
 }
 
 /// `POST /v1/nodes/ID/cordon|uncordon|drain|remove`: records the operator decision; the

@@ -20,6 +20,8 @@ use raftblk_replication::node::ReplicationNode;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::VolumeRecord;
+use crate::cluster_catalog::op::{CatalogOp, NodeRecord};
+use crate::cluster_catalog::settings::{SettingView, SETTINGS};
 use crate::cluster_catalog::ClusterCatalog;
 use crate::membership::{Change, JoinAnswer, JoinRequest, Member, Membership, MembershipError};
 use crate::volumes::VolumeManager;
@@ -385,6 +387,89 @@ pub async fn reconcile_once(volumes: &VolumeManager, catalog: &ClusterCatalog) {
         }
     }
     reconcile_admin(volumes, catalog);
+    if let (Some(dir), Ok(nodes)) = (volumes.nodes(), machine.nodes()) {
+        dir.table.set_registered(nodes.into_iter().map(|(id, n)| (id, n.report)).collect());
+    }
+    apply_settings(volumes, catalog);
+}
+
+/// Puts the cluster settings made in the catalog into effect on this node.
+pub fn apply_settings(volumes: &VolumeManager, catalog: &ClusterCatalog) {
+    let settings = match catalog.machine().settings() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(error = %e, "cannot read the cluster settings"),
+    };
+    if let (Some(dir), Some(s)) =
+        (volumes.nodes(), settings.get("node_dead_after_s").and_then(|v| v.as_u64()))
+    {
+        dir.table.set_dead_after(Some(Duration::from_secs(s)));
+    }
+    if let Some(mib) = settings.get("rebuild_rate_mib_s").and_then(|v| v.as_u64()) {
+        catalog.node().set_rebuild_rate(mib.saturating_mul(1 << 20));
+    }
+    if let Some(on) = settings.get("leader_follows_client").and_then(|v| v.as_bool()) {
+        volumes.set_leader_follows_client(on);
+    }
+}
+
+/// Every cluster setting with the value in force on this node.
+pub fn settings_view(volumes: &VolumeManager, catalog: &ClusterCatalog) -> Vec<SettingView> {
+    let set = catalog.machine().settings().unwrap_or_default();
+    SETTINGS
+        .iter()
+        .map(|def| {
+            let here = match def.key {
+                "node_dead_after_s" => volumes.nodes().map(|d| d.table.timing().dead_after.as_secs()).into(),
+                "rebuild_rate_mib_s" => (catalog.node().rebuild_rate() >> 20).into(),
+                _ => volumes.leader_follows_client().into(),
+            };
+            let (value, source) = match set.get(def.key) {
+                Some(v) => (v.clone(), "cluster"),
+                None => (here, "node configuration"),
+            };
+            SettingView { key: def.key.into(), value, source: source.into(), help: def.help.into() }
+        })
+        .collect()
+}
+
+/// How often a node compares its registration in the catalog with what it reports.
+const REGISTER_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Whether `registered` no longer describes the node: anything but free space changed, or
+/// free space moved by more than 1 % of the capacity (so the log does not grow with every
+/// byte written).
+fn registration_stale(registered: &NodeRecord, now: &NodeRecord) -> bool {
+    let (a, b) = (&registered.report, &now.report);
+    let moved = a.free_bytes.abs_diff(b.free_bytes) > b.capacity_bytes / 100;
+    registered.peer_addr != now.peer_addr
+        || a.zone != b.zone
+        || a.labels != b.labels
+        || a.api_addr != b.api_addr
+        || a.capacity_bytes != b.capacity_bytes
+        || moved
+}
+
+/// Keeps this node's registration in the catalog current (every [`REGISTER_INTERVAL`]).
+pub async fn register_loop(
+    dir: Arc<crate::nodes::NodeDirectory>,
+    catalog: Arc<ClusterCatalog>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let mine =
+            NodeRecord { report: dir.my_report(), peer_addr: catalog.node().peer_listen().to_string() };
+        let registered = catalog.machine().nodes().ok().and_then(|mut n| n.remove(&mine.report.id));
+        if registered.is_none_or(|r| registration_stale(&r, &mine)) {
+            match catalog.propose(CatalogOp::PutNode { node: mine }).await {
+                Ok(_) => tracing::debug!("registration in the catalog updated"),
+                Err(e) => tracing::debug!(error = %e, "cannot register in the catalog yet; retrying"),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(REGISTER_INTERVAL) => {}
+        }
+    }
 }
 
 /// Takes operators' decisions about nodes from the catalog replica into the node table.

@@ -132,6 +132,10 @@ pub enum NodeError {
 struct Inner {
     heard: BTreeMap<u64, (NodeReport, Instant)>,
     admin: BTreeMap<u64, AdminEntry>,
+    /// `timing.dead_after`, or the cluster setting that replaced it.
+    dead_after: Duration,
+    /// What nodes registered in the cluster catalog (shown until they are heard from).
+    registered: BTreeMap<u64, NodeReport>,
 }
 
 /// This node's view of every node.
@@ -165,7 +169,12 @@ impl NodeTable {
             timing,
             started: now,
             path,
-            inner: Mutex::new(Inner { heard: BTreeMap::new(), admin }),
+            inner: Mutex::new(Inner {
+                heard: BTreeMap::new(),
+                admin,
+                dead_after: timing.dead_after,
+                registered: BTreeMap::new(),
+            }),
         })
     }
 
@@ -181,7 +190,17 @@ impl NodeTable {
 
     /// The liveness timing.
     pub fn timing(&self) -> LivenessTiming {
-        self.timing
+        LivenessTiming { dead_after: self.lock().dead_after, ..self.timing }
+    }
+
+    /// Takes the nodes' registrations from the cluster catalog.
+    pub fn set_registered(&self, registered: BTreeMap<u64, NodeReport>) {
+        self.lock().registered = registered;
+    }
+
+    /// Replaces the dead timeout (a cluster setting changed); `None` restores the node's own.
+    pub fn set_dead_after(&self, dead_after: Option<Duration>) {
+        self.lock().dead_after = dead_after.unwrap_or(self.timing.dead_after);
     }
 
     /// Records a heartbeat (or an answer to one) from `report.id`.
@@ -196,9 +215,12 @@ impl NodeTable {
         if id == self.me {
             return Liveness::Alive;
         }
-        let since = self.lock().heard.get(&id).map_or(self.started, |(_, at)| *at);
+        let (since, dead_after) = {
+            let inner = self.lock();
+            (inner.heard.get(&id).map_or(self.started, |(_, at)| *at), inner.dead_after)
+        };
         let silent = now.saturating_duration_since(since);
-        if silent >= self.timing.dead_after {
+        if silent >= dead_after {
             Liveness::Dead
         } else if silent >= self.timing.suspect_after || !self.lock().heard.contains_key(&id) {
             Liveness::Suspect
@@ -260,13 +282,17 @@ impl NodeTable {
         ids.dedup();
         ids.into_iter()
             .map(|id| {
-                let heard = self.lock().heard.get(&id).cloned();
+                let (heard, registered) = {
+                    let inner = self.lock();
+                    (inner.heard.get(&id).cloned(), inner.registered.get(&id).cloned())
+                };
                 let (report, last_heard_ms) = if id == self.me {
                     (mine.clone(), Some(0))
                 } else {
                     match heard {
                         Some((r, at)) => (r, Some(now.saturating_duration_since(at).as_millis() as u64)),
-                        None => (NodeReport { id, ..NodeReport::default() }, None),
+                        // Not heard from since this node started: what it registered, if anything.
+                        None => (registered.unwrap_or(NodeReport { id, ..NodeReport::default() }), None),
                     }
                 };
                 NodeView {

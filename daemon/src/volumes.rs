@@ -339,6 +339,11 @@ impl VolumeManager {
         self.leader_follows_client.store(on, Ordering::SeqCst);
     }
 
+    /// Whether a volume's leader moves to the node where its NBD client connects.
+    pub fn leader_follows_client(&self) -> bool {
+        self.leader_follows_client.load(Ordering::SeqCst)
+    }
+
     /// After [`LEADER_FOLLOW_DELAY`], if the client is still connected here, this node
     /// holds a copy and another node leads, asks that leader to hand over to this node.
     fn follow_client(&self, v: &Arc<Volume>) {

@@ -85,6 +85,46 @@ fn a_placement_spreads_and_impossible_requests_say_why() {
 }
 
 #[test]
+fn h_cluster_settings_and_node_registrations_live_in_the_catalog() {
+    let mut c = Cluster::start_with(3, &["--node-dead-after-s", "60", "--zone", "z9"]);
+    wait_all_alive(&c, &[1, 2, 3]);
+    // A setting made through one node is in force on every node.
+    let out = c.cli(2, &["cluster", "set", "node_dead_after_s", "7"]);
+    assert!(out.success(), "{out}");
+    poll("node 3 to use the new dead timeout", LIMIT, || {
+        let v = c.cli_json(3, &["cluster", "settings"]);
+        let dead = v.as_array().and_then(|a| a.iter().find(|s| s["key"] == "node_dead_after_s")).cloned();
+        match dead {
+            Some(d) if d["value"] == 7 && d["source"] == "cluster" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    for (args, says) in [
+        (vec!["cluster", "set", "node_dead_after_s", "2"], "5 to 86400"),
+        (vec!["cluster", "set", "dead_after", "9"], "node_dead_after_s"),
+        (vec!["cluster", "set", "leader_follows_client", "maybe"], "true or false"),
+    ] {
+        let out = c.cli(1, &args);
+        assert!(!out.success() && out.stderr.contains(says), "{args:?} was not refused clearly: {out}");
+    }
+    // Registrations: node 1, restarted while node 3 is down, has never heard from node 3,
+    // yet knows its zone from the catalog.
+    c.kill9(3);
+    c.sigterm(1, LIMIT);
+    c.restart(1);
+    poll("node 1 to show node 3's registered zone", LIMIT, || {
+        let list = c.cli_json(1, &["node", "list"]);
+        let three =
+            list.as_array().and_then(|a| a.iter().find(|n| n["id"] == 3)).cloned().ok_or("no node 3")?;
+        if three["report"]["zone"] == "z9" && three["last_heard_ms"].is_null() {
+            Ok(())
+        } else {
+            Err(format!("{three}"))
+        }
+    });
+}
+
+#[test]
 fn b_a_dead_nodes_copies_are_replaced_and_its_stale_copies_dropped_on_return() {
     if !require_tools("self-healing", &["qemu-io"]) {
         return;

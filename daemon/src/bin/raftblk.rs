@@ -4,6 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use raftblk_daemon::api::NodeInfo;
+use raftblk_daemon::cluster_catalog::settings::SettingView;
 use raftblk_daemon::cluster_catalog::CatalogStatus;
 use raftblk_daemon::size::{format_size, parse_size};
 use raftblk_daemon::volumes::{NodeStatus, VolumeHealth, VolumeStatus};
@@ -32,6 +33,9 @@ enum Command {
     /// Manage nodes: list, cordon, drain, remove
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Cluster-wide settings, kept in the cluster catalog
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Run a local cluster of raftblkd processes on loopback until Ctrl-C
     DevCluster {
         /// Number of nodes
@@ -46,6 +50,19 @@ enum Command {
         /// Size of the volume "vol0" created on the first start ("0" for none)
         #[arg(long, default_value = "1G")]
         volume_size: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Every cluster setting, its value in force and where it comes from
+    Settings,
+    /// Set a cluster setting for every node, e.g. `cluster set node_dead_after_s 120`
+    Set {
+        /// Setting (see `raftblk cluster settings`)
+        key: String,
+        /// Value: a number, true or false
+        value: String,
     },
 }
 
@@ -265,6 +282,24 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Node(cmd) => node_command(cli, &client, cmd)?,
+        Command::Cluster(cmd) => {
+            let v = match cmd {
+                ClusterCommand::Settings => client.call("GET", "/v1/cluster/settings", None)?,
+                ClusterCommand::Set { key, value } => {
+                    let value = raftblk_daemon::cluster_catalog::settings::parse_cli_value(value);
+                    client.call("PUT", "/v1/cluster/settings", Some(json!({ key.as_str(): value })))?
+                }
+            };
+            if cli.json {
+                println!("{v:#}");
+            } else {
+                let settings: Vec<SettingView> = serde_json::from_value(v)?;
+                println!("{:<24} {:<8} {:<20} MEANING", "SETTING", "VALUE", "FROM");
+                for s in settings {
+                    println!("{:<24} {:<8} {:<20} {}", s.key, s.value.to_string(), s.source, s.help);
+                }
+            }
+        }
         Command::Volume(cmd) => volume(cli, &client, cmd)?,
         Command::DevCluster { nodes, base_dir, base_port, volume_size } => {
             dev_cluster(*nodes, base_dir, *base_port, volume_size)?

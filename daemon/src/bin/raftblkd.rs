@@ -145,7 +145,12 @@ async fn run(config: Config) -> Result<()> {
         tokio::spawn(raftblk_daemon::cluster::heartbeat_loop(node.clone(), dir.clone(), shutdown.clone()));
         let catalog = open_cluster_catalog(&config, &membership, node, &volumes).await?;
         volumes.attach_catalog(catalog.clone());
-        tokio::spawn(raftblk_daemon::cluster::reconcile_loop(volumes.clone(), catalog, shutdown.clone()));
+        tokio::spawn(raftblk_daemon::cluster::reconcile_loop(
+            volumes.clone(),
+            catalog.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(raftblk_daemon::cluster::register_loop(dir.clone(), catalog, shutdown.clone()));
         tokio::spawn(raftblk_daemon::healer::catalog_loop(volumes.clone(), dir.clone(), shutdown.clone()));
         tokio::spawn(raftblk_daemon::healer::heal_loop(volumes.clone(), dir, shutdown.clone()));
         sync_task =

@@ -8,6 +8,8 @@
 //! v/<volume name>    VolumeRecord (JSON)
 //! t/<volume uuid>    empty: the volume was deleted (a record with it is never accepted again)
 //! a/<node id, 20 digits>  AdminEntry (JSON); its generation is the entry's log index
+//! n/<node id, 20 digits>  NodeRecord (JSON): what the node registered about itself
+//! s/<setting key>    the setting's value (JSON)
 //! ```
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -18,7 +20,7 @@ use bytes::Bytes;
 use raftblk_replication::machine::{MachineError, StateMachine};
 use serde::{Deserialize, Serialize};
 
-use super::op::{CatalogOp, Outcome, Proposal};
+use super::op::{CatalogOp, NodeRecord, Outcome, Proposal};
 use crate::catalog::VolumeRecord;
 use crate::nodes::AdminEntry;
 
@@ -37,6 +39,12 @@ pub struct Image {
     pub deleted: Vec<String>,
     /// Operators' decisions about nodes.
     pub admin: BTreeMap<u64, AdminEntry>,
+    /// Nodes' registrations.
+    #[serde(default)]
+    pub nodes: BTreeMap<u64, NodeRecord>,
+    /// Cluster settings.
+    #[serde(default)]
+    pub settings: BTreeMap<String, serde_json::Value>,
 }
 
 /// The catalog state machine on one node.
@@ -69,6 +77,14 @@ fn deleted_key(uuid: &str) -> Vec<u8> {
 
 fn admin_key(node: u64) -> Vec<u8> {
     format!("a/{node:020}").into_bytes()
+}
+
+fn node_key(node: u64) -> Vec<u8> {
+    format!("n/{node:020}").into_bytes()
+}
+
+fn setting_key(key: &str) -> Vec<u8> {
+    format!("s/{key}").into_bytes()
 }
 
 /// Reads through an entry's own earlier changes (one entry may carry several proposals).
@@ -147,11 +163,35 @@ impl CatalogMachine {
 
     /// Operators' decisions about nodes.
     pub fn admin(&self) -> Result<BTreeMap<u64, AdminEntry>, MachineError> {
+        self.by_node(b"a/")
+    }
+
+    /// Nodes' registrations.
+    pub fn nodes(&self) -> Result<BTreeMap<u64, NodeRecord>, MachineError> {
+        self.by_node(b"n/")
+    }
+
+    /// Cluster settings that were set.
+    pub fn settings(&self) -> Result<BTreeMap<String, serde_json::Value>, MachineError> {
         self.tree
-            .scan_prefix(b"a/")
+            .scan_prefix(b"s/")
             .map(|kv| {
                 let (k, v) = kv.map_err(err)?;
-                let id = String::from_utf8_lossy(&k[2..]).parse::<u64>().map_err(err)?;
+                Ok((String::from_utf8_lossy(&k[2..]).into_owned(), serde_json::from_slice(&v).map_err(err)?))
+            })
+            .collect()
+    }
+
+    /// The JSON values under `prefix`, by the node id that follows it.
+    fn by_node<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &[u8],
+    ) -> Result<BTreeMap<u64, T>, MachineError> {
+        self.tree
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv.map_err(err)?;
+                let id = String::from_utf8_lossy(&k[prefix.len()..]).parse::<u64>().map_err(err)?;
                 Ok((id, serde_json::from_slice(&v).map_err(err)?))
             })
             .collect()
@@ -189,6 +229,14 @@ impl CatalogMachine {
             CatalogOp::SetNodeAdmin { node, state } => {
                 let entry = AdminEntry { state, generation: index };
                 o.set(admin_key(node), Some(serde_json::to_vec(&entry).map_err(err)?));
+                Ok(Outcome::Applied)
+            }
+            CatalogOp::PutNode { node } => {
+                o.set(node_key(node.report.id), Some(serde_json::to_vec(&node).map_err(err)?));
+                Ok(Outcome::Applied)
+            }
+            CatalogOp::SetSetting { key, value } => {
+                o.set(setting_key(&key), Some(serde_json::to_vec(&value).map_err(err)?));
                 Ok(Outcome::Applied)
             }
         }
@@ -258,6 +306,8 @@ impl StateMachine for CatalogMachine {
             volumes: self.volumes()?,
             deleted: self.deleted()?,
             admin: self.admin()?,
+            nodes: self.nodes()?,
+            settings: self.settings()?,
         };
         Ok((image.applied, Bytes::from(serde_json::to_vec(&image).map_err(err)?)))
     }
@@ -280,6 +330,12 @@ impl StateMachine for CatalogMachine {
         }
         for (node, entry) in &image.admin {
             batch.insert(admin_key(*node), serde_json::to_vec(entry).map_err(err)?);
+        }
+        for (node, record) in &image.nodes {
+            batch.insert(node_key(*node), serde_json::to_vec(record).map_err(err)?);
+        }
+        for (key, value) in &image.settings {
+            batch.insert(setting_key(key), serde_json::to_vec(value).map_err(err)?);
         }
         batch.insert(APPLIED_KEY, &index.to_be_bytes());
         self.tree.apply_batch(batch).map_err(err)?;
@@ -366,7 +422,16 @@ mod tests {
                 Proposal { id: 3, op: CatalogOp::SetNodeAdmin { node: 4, state: AdminState::Draining } };
             m.apply(2, &[admin.encode()]).unwrap();
             let del = Proposal { id: 4, op: CatalogOp::DeleteVolume { name: "b".into(), uuid: "ub".into() } };
-            m.apply(3, &[del.encode()]).unwrap();
+            let node = NodeRecord {
+                report: crate::nodes::NodeReport { id: 4, zone: "z1".into(), ..Default::default() },
+                peer_addr: "10.0.0.4:10811".into(),
+            };
+            let reg = Proposal { id: 5, op: CatalogOp::PutNode { node } };
+            let set = Proposal {
+                id: 6,
+                op: CatalogOp::SetSetting { key: "node_dead_after_s".into(), value: serde_json::json!(90) },
+            };
+            m.apply(3, &[del.encode(), reg.encode(), set.encode()]).unwrap();
             assert_eq!(m.flush().unwrap(), 3);
             m.image().unwrap()
         };
@@ -383,6 +448,8 @@ mod tests {
         assert_eq!(n.volumes().unwrap(), m.volumes().unwrap());
         assert_eq!(n.deleted().unwrap(), vec!["ub".to_string()]);
         assert_eq!(n.admin().unwrap(), m.admin().unwrap());
+        assert_eq!(n.nodes().unwrap()[&4].report.zone, "z1");
+        assert_eq!(n.settings().unwrap()["node_dead_after_s"], serde_json::json!(90));
         assert_eq!(n.image().unwrap(), image);
         // An image offered under another index is refused.
         assert!(n.install(4, image.1).is_err());

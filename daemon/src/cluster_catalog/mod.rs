@@ -21,6 +21,7 @@
 
 pub mod machine;
 pub mod op;
+pub mod settings;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -172,6 +173,11 @@ impl ClusterCatalog {
     /// The local replica's state.
     pub fn machine(&self) -> &Arc<CatalogMachine> {
         &self.machine
+    }
+
+    /// The replication node the catalog runs on.
+    pub fn node(&self) -> &ReplicationNode {
+        &self.node
     }
 
     /// The catalog group as this node sees it.

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::VolumeRecord;
-use crate::nodes::AdminState;
+use crate::nodes::{AdminState, NodeReport};
 
 /// One change to the catalog, with the proposer's id for it (to find its [`Outcome`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +28,19 @@ pub enum CatalogOp {
     DeleteVolume { name: String, uuid: String },
     /// Records an operator's decision about a node.
     SetNodeAdmin { node: u64, state: AdminState },
+    /// Registers a node (or updates its registration): what it reports about itself.
+    PutNode { node: NodeRecord },
+    /// Sets a cluster setting (checked by [`super::settings::validate`] before proposing).
+    SetSetting { key: String, value: serde_json::Value },
+}
+
+/// A node as the catalog records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Its report: id, zone, labels, capacity, free space, API address.
+    pub report: NodeReport,
+    /// Where its peers reach it.
+    pub peer_addr: String,
 }
 
 /// What applying a proposal did.

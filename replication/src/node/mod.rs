@@ -229,6 +229,9 @@ struct Shared {
     next_request: AtomicU64,
     /// Local stores peers may copy snapshot chunks from, registered by the runner.
     sources: RwLock<HashMap<GroupId, SnapshotSource>>,
+    /// The rebuild rate limit now (starts as the configuration's; see
+    /// [`ReplicationNode::set_rebuild_rate`]).
+    rebuild_rate_bytes_per_s: AtomicU64,
 }
 
 /// Sends `request` to node `to` over `transport` and waits for its answer (up to `timeout`).
@@ -343,6 +346,7 @@ impl ReplicationNode {
         let transport = Arc::new(transport);
         let (events, events_rx) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared::default());
+        shared.rebuild_rate_bytes_per_s.store(config.rebuild_rate_bytes_per_s, Ordering::Relaxed);
         let runner = Runner::new(
             config.clone(),
             wal,
@@ -435,6 +439,16 @@ impl ReplicationNode {
     /// only talk to it once a volume's membership names it.
     pub fn add_peer(&self, id: u64, addr: SocketAddr) -> Result<(), NodeError> {
         Ok(self.inner.transport.add_peer(NodeId(id), addr)?)
+    }
+
+    /// The rebuild rate limit in force (0: unlimited).
+    pub fn rebuild_rate(&self) -> u64 {
+        self.inner.shared.rebuild_rate_bytes_per_s.load(Ordering::Relaxed)
+    }
+
+    /// Changes the rebuild rate limit (0: unlimited) for rebuilds that start from now on.
+    pub fn set_rebuild_rate(&self, bytes_per_s: u64) {
+        self.inner.shared.rebuild_rate_bytes_per_s.store(bytes_per_s, Ordering::Relaxed);
     }
 
     /// The transport's fault injector (for tests).

@@ -426,7 +426,7 @@ impl Runner {
         let me = self.config.node_id.0;
         let fetcher = PeerFetcher { shared: self.shared.clone(), transport: self.transport.clone() };
         let chunk_bytes = self.config.snapshot_chunk_bytes;
-        let rate = self.config.rebuild_rate_bytes_per_s;
+        let rate = self.shared.rebuild_rate_bytes_per_s.load(Ordering::Relaxed);
         let events = self.rebuild_events.clone();
         let Some(slot) = self.groups.get_mut(&group) else { return };
         if let Some(old) = slot.rebuild.take() {

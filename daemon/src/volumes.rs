@@ -4,8 +4,9 @@
 //! Two modes. A node without peers serves each volume straight from its local
 //! file. A node in a cluster serves every volume through a [`ReplicatedBackend`]:
 //! the volume's voters keep a copy each and form its Raft group, and any node,
-//! voter or not, forwards client I/O to the group's leader. Volume records reach
-//! every node through control messages ([`crate::cluster`]).
+//! voter or not, forwards client I/O to the group's leader. Every record change is
+//! committed to the cluster catalog first ([`crate::cluster_catalog`]); nodes follow it
+//! (and take pushes of committed records, [`crate::cluster`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,14 +18,13 @@ use raftblk_blockdev::nbd::{ExportCatalog, ExportInfo, OpenError, OpenExport};
 use raftblk_blockdev::store::{FileBackend, IoEngine};
 use raftblk_blockdev::{BackendError, BlockBackend};
 use raftblk_replication::node::{ReplicaStore, ReplicatedBackend, ReplicationNode};
-
-use crate::cluster_catalog::op::{CatalogOp, Outcome};
-use crate::cluster_catalog::ClusterCatalog;
 use raftblk_replication::wal::record::GroupId;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{validate_name, validate_size, Catalog, CatalogError, VolumeRecord, REPLICAS_MAX};
 use crate::cluster::{ControlAnswer, ControlMessage};
+use crate::cluster_catalog::op::{CatalogOp, Outcome};
+use crate::cluster_catalog::ClusterCatalog;
 use crate::metrics::{MeteredBackend, Metrics};
 
 /// A learner is promoted once its log is at most this many entries behind the commit index.

@@ -211,3 +211,64 @@ async fn replicas_agree_and_a_late_member_gets_an_image() {
         n.node.shutdown().await;
     }
 }
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+/// A group that goes quiet must not keep the WAL from shrinking while another group writes:
+/// its last entries would sit in the oldest segment and pin every segment after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_group_does_not_pin_the_wal() {
+    let n = start(1, 4).await;
+    let store = |name: &str, m: &Arc<KvMachine>| MachineStore {
+        machine: m.clone(),
+        rebuild_path: n._dir.path().join(format!("{name}.rebuild")),
+    };
+    let (busy, quiet) = (GroupId(4), GroupId(6));
+    let quiet_machine = Arc::new(KvMachine::default());
+    n.node.open_machine_group(busy, vec![1], store("busy", &n.machine)).await.unwrap();
+    n.node.open_machine_group(quiet, vec![1], store("quiet", &quiet_machine)).await.unwrap();
+    let write = |group: GroupId, command: String| {
+        let node = n.node.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match node.local_write(group, vec![Command::App { data: Bytes::from(command.clone()) }]).await
+                {
+                    Ok(()) => return,
+                    Err(NodeError::NotLeader { .. } | NodeError::Dropped) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(e) => panic!("write to {group}: {e}"),
+                }
+            }
+        }
+    };
+    for i in 0..3 {
+        write(quiet, format!("q{i}=x")).await;
+    }
+    let big = "v".repeat(1 << 20);
+    for i in 0..320 {
+        write(busy, format!("k{}={big}", i % 8)).await;
+    }
+    let wal = n._dir.path().join("wal");
+    let peak = dir_bytes(&wal);
+    assert!(peak > 256 << 20, "the busy group should have written several segments ({peak} bytes)");
+    // Two checkpoint intervals: the quiet group is seen idle and gives up its entries; the
+    // busy one keeps writing, so syncs run and old segments can go.
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut i = 0;
+    while Instant::now() < until {
+        write(busy, format!("k{}=small", i % 8)).await;
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = dir_bytes(&wal);
+    assert!(
+        after < 160 << 20,
+        "the WAL kept {after} bytes (peak {peak}): segments older than the quiet group's last entries were not deleted"
+    );
+    assert_eq!(quiet_machine.snapshot().1.len(), 3);
+    n.node.shutdown().await;
+}

@@ -442,16 +442,7 @@ fn f_the_catalog_leader_killed_during_a_create_leaves_the_volume_once_or_not_at_
         let seen = poll(&format!("the survivors to agree on {name}"), LIMIT, || {
             let mut seen = Vec::new();
             for &id in &others {
-                let list = c.cli_json(id, &["volume", "list"]);
-                let uuids: Vec<String> = list
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter(|v| v["name"] == name.as_str())
-                            .map(|v| v["uuid"].to_string())
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let uuids = listed(&c, id, &name);
                 if uuids.len() > 1 {
                     panic!("node {id} lists {name} twice: {uuids:?}");
                 }
@@ -491,16 +482,7 @@ fn f_the_catalog_leader_killed_during_a_create_leaves_the_volume_once_or_not_at_
         c.restart(leader);
         poll(&format!("every node to hold {name} once"), LIMIT, || {
             for id in [1, 2, 3] {
-                let list = c.cli_json(id, &["volume", "list"]);
-                let same: Vec<String> = list
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter(|v| v["name"] == name.as_str())
-                            .map(|v| v["uuid"].to_string())
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let same = listed(&c, id, &name);
                 if same != [uuid.clone()] {
                     return Err(format!("node {id}: {same:?}"));
                 }
@@ -516,7 +498,7 @@ fn f_the_catalog_leader_killed_during_a_create_leaves_the_volume_once_or_not_at_
     }
 }
 
-/// Names and uuids of volume `name` as node `id` lists it.
+/// The uuids (JSON-quoted) of the volumes called `name` that node `id` lists.
 fn listed(c: &Cluster, id: u64, name: &str) -> Vec<String> {
     let list = c.cli_json(id, &["volume", "list"]);
     list.as_array()

@@ -777,7 +777,16 @@ impl Runner {
     /// re-applies the log from there (entries are idempotent block writes).
     fn checkpoint_slot(&self, group: GroupId, slot: &mut Slot) {
         slot.last_checkpoint = Instant::now();
-        if slot.applied <= slot.checkpointed || slot.broken.is_some() || slot.rebuild.is_some() {
+        if slot.broken.is_some() || slot.rebuild.is_some() {
+            return;
+        }
+        if slot.applied <= slot.checkpointed {
+            // Nothing applied for a whole interval: the group is idle. The entries it keeps
+            // for lagging peers would pin every WAL segment written after them (see the
+            // WAL's deletion rule) while other groups keep writing, so the WAL would grow
+            // without bound; an idle group gives them up (a peer that still needs them gets a
+            // snapshot instead).
+            self.compact_to(group, slot, slot.checkpointed + 1);
             return;
         }
         let applied = slot.applied;
@@ -819,7 +828,11 @@ impl Runner {
                 return;
             }
         };
-        let to = by_count.max(by_bytes);
+        self.compact_to(group, slot, by_count.max(by_bytes));
+    }
+
+    /// Drops the group's log entries below `to` (nothing if they are gone already).
+    fn compact_to(&self, group: GroupId, slot: &mut Slot, to: u64) {
         if to <= slot.driver.storage().meta().snapshot_index + 1 {
             return;
         }

@@ -53,7 +53,8 @@
 //! never above the true ones, so such an entry is not below its mark. Replay accepts a gap by
 //! restarting the group's log at that entry, and checks at the end that every group's log
 //! starts exactly at its mark. A group that stops advancing its mark keeps every segment from
-//! its oldest entry on alive: removing groups (deleted volumes) needs a record kind of its own.
+//! its oldest entry on alive, which is why the node runner compacts an idle group's whole log
+//! (see `node::runner`); removing groups (deleted volumes) needs a record kind of its own.
 //!
 //! # Memory
 //!

@@ -44,6 +44,7 @@
 #![deny(unsafe_code)]
 
 pub mod durable_file;
+pub mod fuzzing;
 pub mod machine;
 pub mod node;
 #[cfg(test)]

@@ -363,16 +363,7 @@ fn e_a_create_whose_node_is_killed_midway_leaves_the_volume_once_or_not_at_all()
         let first = first.join().expect("create thread");
         // The client retries elsewhere, as after a timeout, until it gets an answer that is
         // not "try again" (a copy placed on the node that just died is not confirmed: 503).
-        let retried = poll(&format!("a retried create of {name} to succeed"), LIMIT, || {
-            let out = c.cli(2, &["--json", "volume", "create", &name, "--size", "16M", "--replicas", "1"]);
-            if out.success() {
-                Ok(out.json())
-            } else if out.stderr.contains("HTTP 503") {
-                Err(out.stderr.clone())
-            } else {
-                panic!("the retried create was refused: {out}")
-            }
-        });
+        let retried = retry_create(&c, 2, &name, "1");
         let uuid = retried["uuid"].as_str().expect("uuid").to_string();
         if let Ok((201, body)) = &first {
             let made: serde_json::Value = serde_json::from_str(body).expect("create answer");
@@ -401,6 +392,22 @@ fn e_a_create_whose_node_is_killed_midway_leaves_the_volume_once_or_not_at_all()
             first.as_ref().map(|(code, _)| *code)
         );
     }
+}
+
+/// Creates 16 MiB volume `name` through node `via` as a client retrying after a timeout
+/// would: again and again while the answer is "try again" (503), failing the test on any
+/// other refusal. Returns the volume.
+fn retry_create(c: &Cluster, via: u64, name: &str, replicas: &str) -> serde_json::Value {
+    poll(&format!("a retried create of {name} to succeed"), LIMIT, || {
+        let out = c.cli(via, &["--json", "volume", "create", name, "--size", "16M", "--replicas", replicas]);
+        if out.success() {
+            Ok(out.json())
+        } else if out.stderr.contains("HTTP 503") {
+            Err(out.stderr.clone())
+        } else {
+            panic!("the retried create was refused: {out}")
+        }
+    })
 }
 
 /// The catalog leader as node `via` sees it (`Err` while there is none).
@@ -464,17 +471,7 @@ fn f_the_catalog_leader_killed_during_a_create_leaves_the_volume_once_or_not_at_
         }
         // The client's retry (through the other survivor) gets the same volume, or makes it.
         let retry_via = others.iter().copied().find(|&n| n != via).expect("a second survivor");
-        let retried = poll(&format!("a retried create of {name}"), LIMIT, || {
-            let out =
-                c.cli(retry_via, &["--json", "volume", "create", &name, "--size", "16M", "--replicas", "0"]);
-            if out.success() {
-                Ok(out.json())
-            } else if out.stderr.contains("HTTP 503") {
-                Err(out.stderr.clone())
-            } else {
-                panic!("the retried create was refused: {out}")
-            }
-        });
+        let retried = retry_create(&c, retry_via, &name, "0");
         let uuid = retried["uuid"].to_string();
         if let Some(existing) = &seen {
             assert_eq!(existing, &uuid, "the retry made a second volume");

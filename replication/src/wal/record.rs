@@ -256,7 +256,7 @@ impl Record {
 }
 
 /// CRC over a whole framed record, skipping the CRC field (bytes 4..8).
-fn checksum(record: &[u8]) -> u32 {
+pub(crate) fn checksum(record: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&record[..4]);
     hasher.update(&record[8..]);

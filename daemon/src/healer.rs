@@ -177,17 +177,21 @@ pub fn catalog_candidates(
         .collect()
 }
 
+/// Waits `interval`; false (at once) when `stop` is cancelled.
+async fn pause(stop: &tokio_util::sync::CancellationToken, interval: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(interval) => true,
+    }
+}
+
 /// Every second, if this node leads the catalog, one step towards its wanted membership.
 pub async fn catalog_loop(
     volumes: Arc<VolumeManager>,
     dir: Arc<NodeDirectory>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
+    while pause(&stop, Duration::from_secs(1)).await {
         if let Some(catalog) = volumes.cluster_catalog() {
             catalog.keep_membership(&catalog_candidates(&volumes, &dir)).await;
         }
@@ -200,11 +204,7 @@ pub async fn heal_loop(
     dir: Arc<NodeDirectory>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(HEAL_INTERVAL) => {}
-        }
+    while pause(&stop, HEAL_INTERVAL).await {
         if !is_acting(&volumes, &dir) {
             continue;
         }

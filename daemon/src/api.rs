@@ -275,18 +275,14 @@ async fn nodes(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
 
 /// `GET /v1/catalog`: the cluster catalog's Raft group as this node sees it.
 async fn catalog(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
-    match s.volumes.cluster_catalog() {
-        Some(c) => Ok(Json(c.view()).into_response()),
-        None => Err(ApiError::bad_request(
-            "this node runs alone (no cluster.peers): its catalog is local; start a cluster (raftblk dev-cluster)".into(),
-        )),
-    }
+    Ok(Json(cluster_catalog(&s)?.view()).into_response())
 }
 
+/// The cluster catalog, or the refusal a node running alone gives.
 fn cluster_catalog(s: &ApiState) -> Result<&Arc<crate::cluster_catalog::ClusterCatalog>, ApiError> {
     s.volumes.cluster_catalog().ok_or_else(|| {
         ApiError::bad_request(
-            "this node runs alone (no cluster.peers): it has no cluster settings; its configuration applies"
+            "this node runs alone (no cluster.peers): it has no cluster catalog or settings (its own catalog and configuration apply); start a cluster (raftblk dev-cluster)"
                 .into(),
         )
     })
@@ -314,10 +310,7 @@ async fn set_cluster_settings(State(s): State<Arc<ApiState>>, body: Bytes) -> Re
     }
     for (key, value) in wanted {
         let op = crate::cluster_catalog::op::CatalogOp::SetSetting { key, value };
-        catalog
-            .propose(op)
-            .await
-            .map_err(|e| ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: e.to_string() })?;
+        catalog.propose(op).await.map_err(crate::volumes::VolumeError::from)?;
     }
     crate::cluster::apply_settings(&s.volumes, catalog);
     tracing::info!(body = %String::from_utf8_lossy(&body), "cluster settings changed by an operator");
@@ -372,10 +365,7 @@ async fn node_action(
     }
     if let Some(catalog) = s.volumes.cluster_catalog() {
         let op = crate::cluster_catalog::op::CatalogOp::SetNodeAdmin { node: id, state };
-        catalog
-            .propose(op)
-            .await
-            .map_err(|e| ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: e.to_string() })?;
+        catalog.propose(op).await.map_err(crate::volumes::VolumeError::from)?;
         // This node's table follows its catalog replica, which the leader's answer means
         // has applied the decision or is about to: take it over now so the answer shows it.
         crate::cluster::reconcile_admin(&s.volumes, catalog);

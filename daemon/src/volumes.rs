@@ -63,6 +63,12 @@ pub enum VolumeError {
     Store { name: String, message: String },
 }
 
+impl From<crate::cluster_catalog::CatalogGroupError> for VolumeError {
+    fn from(e: crate::cluster_catalog::CatalogGroupError) -> Self {
+        VolumeError::Unavailable(e.to_string())
+    }
+}
+
 /// Replication state of a volume as this node sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct ReplicationStatus {
@@ -323,7 +329,7 @@ impl VolumeManager {
     async fn commit_change(&self, record: &VolumeRecord, expect: u64) -> Result<(), VolumeError> {
         let Some(catalog) = self.cluster_catalog() else { return Ok(()) };
         let op = CatalogOp::PutVolume { record: record.clone(), expect: Some(expect) };
-        let outcome = catalog.propose(op).await.map_err(|e| VolumeError::Unavailable(e.to_string()))?;
+        let outcome = catalog.propose(op).await?;
         match outcome {
             o if o.holds(record) => Ok(()),
             Outcome::Conflict { current: Some(c) } if c.uuid == record.uuid => Err(VolumeError::Unavailable(format!(
@@ -615,7 +621,7 @@ impl VolumeManager {
         // it exists nowhere. Only then do the nodes holding copies open them.
         if let Some(catalog) = self.cluster_catalog() {
             let op = CatalogOp::PutVolume { record: record.clone(), expect: None };
-            let outcome = catalog.propose(op).await.map_err(|e| VolumeError::Unavailable(e.to_string()))?;
+            let outcome = catalog.propose(op).await?;
             match outcome {
                 o if o.holds(&record) => {}
                 Outcome::Conflict { current: Some(c) } if spec.matches(&c) => {
@@ -1256,7 +1262,7 @@ impl VolumeManager {
         let record = lock(&v.record).clone();
         if let Some(catalog) = self.cluster_catalog() {
             let op = CatalogOp::DeleteVolume { name: name.to_string(), uuid: record.uuid.clone() };
-            catalog.propose(op).await.map_err(|e| VolumeError::Unavailable(e.to_string()))?;
+            catalog.propose(op).await?;
         }
         self.remove_locked(&record).await?;
         tracing::info!(volume = name, forced = force, connections, "volume deleted");

@@ -464,9 +464,7 @@ impl ReplicationNode {
         voters: Vec<u64>,
         store: ReplicaStore,
     ) -> Result<(), NodeError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Event::Open { group, voters, store: GroupStore::Volume(store), done: tx })?;
-        rx.await.map_err(|_| NodeError::ShuttingDown)?
+        self.open_store(group, voters, GroupStore::Volume(store)).await
     }
 
     /// Starts (or restarts) this node's replica of a state machine group (see
@@ -478,8 +476,12 @@ impl ReplicationNode {
         voters: Vec<u64>,
         store: MachineStore,
     ) -> Result<(), NodeError> {
+        self.open_store(group, voters, GroupStore::Machine(store)).await
+    }
+
+    async fn open_store(&self, group: GroupId, voters: Vec<u64>, store: GroupStore) -> Result<(), NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::Open { group, voters, store: GroupStore::Machine(store), done: tx })?;
+        self.send(Event::Open { group, voters, store, done: tx })?;
         rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 

@@ -39,6 +39,9 @@ pub enum BackendError {
     /// The backend is shutting down and takes no new work.
     #[error("backend is shutting down")]
     ShuttingDown,
+    /// Stored data failed its integrity check and no intact copy was found (EIO).
+    #[error("{what} (at offset {offset}, length {len})")]
+    Corrupt { offset: u64, len: u64, what: &'static str },
     /// An I/O error from the operating system.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -53,6 +56,7 @@ impl BackendError {
             BackendError::NotSupported => libc::ENOTSUP,
             BackendError::NoSpace => libc::ENOSPC,
             BackendError::ShuttingDown => libc::ESHUTDOWN,
+            BackendError::Corrupt { .. } => libc::EIO,
             BackendError::Io(e) => match e.raw_os_error() {
                 Some(libc::ENOSPC) | Some(libc::EDQUOT) => libc::ENOSPC,
                 Some(libc::EOVERFLOW) => libc::EOVERFLOW,

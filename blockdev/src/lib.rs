@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod nbd;
+pub mod seal;
 pub mod store;
 
 pub use backend::{BackendError, BackendResult, BlockBackend, Extent, ExtentKind};

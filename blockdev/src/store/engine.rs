@@ -88,7 +88,7 @@ impl EngineError {
 
 /// What a `fallocate` call does; both keep the file size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FallocMode {
+pub enum FallocMode {
     /// Deallocate the range (`FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`).
     PunchHole,
     /// Make the range read as zeroes, keeping it allocated
@@ -98,12 +98,21 @@ pub(crate) enum FallocMode {
 
 impl FallocMode {
     /// The `mode` argument of `fallocate(2)`.
-    pub(crate) fn bits(self) -> i32 {
+    pub fn bits(self) -> i32 {
         match self {
             FallocMode::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             FallocMode::ZeroRange => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
         }
     }
+}
+
+/// One step of [`IoEngine::chain`].
+#[derive(Debug)]
+pub enum ChainStep {
+    /// Write all of `data` at `offset`.
+    Write { file: Arc<File>, offset: u64, data: Bytes },
+    /// `fallocate` the range (punch a hole, or zero it keeping its allocation).
+    Fallocate { file: Arc<File>, mode: FallocMode, offset: u64, len: u64 },
 }
 
 /// A handle on a running I/O engine. Clones share the engine; the io_uring
@@ -206,6 +215,16 @@ impl IoEngine {
         match &self.inner {
             Inner::Uring(u) => u.fdatasync(file.clone()).await,
             Inner::Sync(s) => s.fdatasync(file.clone()).await,
+        }
+    }
+
+    /// Runs `steps` in order, each starting only after the one before it completed in
+    /// full (not merely submitted): what a store needs to put metadata on the page cache
+    /// or the disk before the data it describes. Stops at the first failure.
+    pub async fn chain(&self, steps: Vec<ChainStep>) -> Result<(), EngineError> {
+        match &self.inner {
+            Inner::Uring(u) => u.chain(steps).await,
+            Inner::Sync(s) => s.chain(steps).await,
         }
     }
 

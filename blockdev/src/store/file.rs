@@ -45,7 +45,7 @@ use bytes::Bytes;
 use rustix::fs::{SeekFrom, StatxFlags};
 
 use super::aligned::{AlignedBuf, DIRECT_IO_ALIGN_BYTES};
-use super::engine::{EngineError, IoEngine};
+use super::engine::{ChainStep, EngineError, FallocMode, IoEngine};
 use crate::backend::{check_range, BackendError, BackendResult, BlockBackend, Extent, ExtentKind};
 
 /// Most extents one block-status reply carries; the rest of the range is left
@@ -208,12 +208,40 @@ impl FileBackend {
     }
 
     async fn write_at(&self, offset: u64, data: Bytes) -> BackendResult<()> {
-        let (file, data) = match self.direct_for(offset, data.len() as u64) {
+        let (file, data) = self.write_target(offset, data);
+        self.engine.write_at(file, offset, data).await.map_err(backend_error)
+    }
+
+    /// The descriptor a write of `data` at `offset` goes through, and the buffer to write
+    /// (copied into an aligned one if it goes direct from a misaligned address).
+    fn write_target(&self, offset: u64, data: Bytes) -> (&Arc<File>, Bytes) {
+        match self.direct_for(offset, data.len() as u64) {
             Some(direct) if AlignedBuf::is_aligned(&data) => (direct, data),
             Some(direct) => (direct, AlignedBuf::copy_from(&data).into_bytes()),
             None => (&self.buffered, data),
-        };
-        self.engine.write_at(file, offset, data).await.map_err(backend_error)
+        }
+    }
+
+    /// A [`ChainStep`] writing `data` at `offset` the way [`BlockBackend::write`] would.
+    pub fn write_step(&self, offset: u64, data: Bytes) -> ChainStep {
+        let (file, data) = self.write_target(offset, data);
+        ChainStep::Write { file: file.clone(), offset, data }
+    }
+
+    /// A [`ChainStep`] deallocating (`punch`) or zeroing a range of the file.
+    pub fn fallocate_step(&self, punch: bool, offset: u64, len: u64) -> ChainStep {
+        let mode = if punch { FallocMode::PunchHole } else { FallocMode::ZeroRange };
+        ChainStep::Fallocate { file: self.buffered.clone(), mode, offset, len }
+    }
+
+    /// Runs `steps` through the engine (see [`IoEngine::chain`]).
+    pub async fn run_chain(&self, steps: Vec<ChainStep>) -> BackendResult<()> {
+        self.engine.chain(steps).await.map_err(backend_error)
+    }
+
+    /// Writes zeroes over the range without `fallocate` (for file systems that lack it).
+    pub async fn write_zeroes_by_writing(&self, offset: u64, len: u64) -> BackendResult<()> {
+        self.write_zeroes_slowly(offset, len).await
     }
 }
 
@@ -388,7 +416,7 @@ fn open_direct(path: &Path) -> Option<File> {
 }
 
 /// Maps an engine error onto the backend's errors.
-fn backend_error(e: EngineError) -> BackendError {
+pub(crate) fn backend_error(e: EngineError) -> BackendError {
     match e {
         EngineError::Io(e) => match e.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => BackendError::NoSpace,

@@ -12,6 +12,9 @@
 //!   write payloads into one gets zero-copy direct writes.
 //! - [`MemBackend`] ([`mem`]) keeps a volume in memory; it is the model the file
 //!   store is tested against.
+//! - [`SealedFile`] ([`sealed`]) is a [`FileBackend`] plus a metadata file: a checksum
+//!   (and for encrypted volumes a nonce and tag) for every 4 KiB block, checked on every
+//!   read. Every volume's copy is one (see [`crate::seal`]).
 //!
 //! `unsafe` code in this crate lives in [`uring`] only.
 
@@ -20,6 +23,7 @@ pub mod engine;
 pub mod file;
 #[cfg_attr(test, allow(clippy::unwrap_used))]
 pub mod mem;
+pub mod sealed;
 mod sync;
 pub mod uring;
 
@@ -27,7 +31,8 @@ pub mod uring;
 mod proptests;
 
 pub use aligned::{AlignedBuf, DIRECT_IO_ALIGN_BYTES};
-pub use engine::{EngineError, EngineKind, IoEngine};
+pub use engine::{ChainStep, EngineError, EngineKind, FallocMode, IoEngine};
 pub use file::{FileBackend, FileError, BLOCK_STATUS_EXTENTS_MAX};
 pub use mem::MemBackend;
+pub use sealed::{SealedError, SealedFile};
 pub use uring::UringError;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::aligned::AlignedBuf;
-use super::engine::{EngineError, FallocMode};
+use super::engine::{ChainStep, EngineError, FallocMode};
 
 /// The sync engine; it holds no state.
 #[derive(Debug, Clone, Copy, Default)]
@@ -46,6 +46,19 @@ impl SyncEngine {
     pub(crate) async fn fdatasync(&self, file: Arc<File>) -> Result<(), EngineError> {
         // `sync_data` is fdatasync(2), retried on EINTR.
         blocking(move || file.sync_data()).await
+    }
+
+    pub(crate) async fn chain(&self, steps: Vec<ChainStep>) -> Result<(), EngineError> {
+        blocking(move || {
+            for step in steps {
+                match step {
+                    ChainStep::Write { file, offset, data } => file.write_all_at(&data, offset)?,
+                    ChainStep::Fallocate { file, mode, offset, len } => fallocate(&file, mode, offset, len)?,
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     pub(crate) async fn fallocate(

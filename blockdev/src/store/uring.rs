@@ -44,7 +44,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::aligned::AlignedBuf;
-use super::engine::{EngineError, FallocMode};
+use super::engine::{ChainStep, EngineError, FallocMode};
 
 /// Submission queue entries per ring (the completion queue gets twice as many).
 pub const RING_ENTRIES: u32 = 256;
@@ -111,6 +111,12 @@ enum Request {
     },
     Fdatasync {
         file: Arc<File>,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    /// Operations run one after the other; each starts only once the previous one has
+    /// completed in full (see [`super::engine::ChainStep`]).
+    Chain {
+        steps: Vec<ChainStep>,
         reply: oneshot::Sender<io::Result<()>>,
     },
     Fallocate {
@@ -212,6 +218,10 @@ impl UringEngine {
         self.call(|reply| Request::Fdatasync { file, reply }).await
     }
 
+    pub(crate) async fn chain(&self, steps: Vec<ChainStep>) -> Result<(), EngineError> {
+        self.call(|reply| Request::Chain { steps, reply }).await
+    }
+
     pub(crate) async fn fallocate(
         &self,
         file: Arc<File>,
@@ -297,6 +307,8 @@ struct Op {
     kind: OpKind,
     reply: Reply,
     retries: u32,
+    /// Steps of a chain still to run after this one, in order.
+    then: VecDeque<ChainStep>,
 }
 
 enum OpKind {
@@ -321,7 +333,7 @@ enum OpKind {
 }
 
 impl Op {
-    fn new(request: Request) -> Op {
+    fn new(request: Request) -> Option<Op> {
         let (file, kind, reply) = match request {
             Request::Read { file, offset, buf, reply } => {
                 (file, OpKind::Read { offset, buf, done: 0 }, Reply::Bytes(reply))
@@ -333,8 +345,28 @@ impl Op {
             Request::Fallocate { file, mode, offset, len, reply } => {
                 (file, OpKind::Fallocate { mode: mode.bits(), offset, len }, Reply::Unit(reply))
             }
+            Request::Chain { steps, reply } => {
+                let mut then: VecDeque<ChainStep> = steps.into();
+                let Some(first) = then.pop_front() else {
+                    // An empty chain: nothing to wait for.
+                    let _ = reply.send(Ok(()));
+                    return None;
+                };
+                let (file, kind) = step_kind(first);
+                return Some(Op { file, kind, reply: Reply::Unit(reply), retries: 0, then });
+            }
         };
-        Op { file, kind, reply, retries: 0 }
+        Some(Op { file, kind, reply, retries: 0, then: VecDeque::new() })
+    }
+
+    /// Moves on to the next step of a chain; false if there is none.
+    fn advance(&mut self) -> bool {
+        let Some(step) = self.then.pop_front() else { return false };
+        let (file, kind) = step_kind(step);
+        self.file = file;
+        self.kind = kind;
+        self.retries = 0;
+        true
     }
 
     /// The SQE for the (rest of the) operation. The pointers in it stay valid as
@@ -370,6 +402,15 @@ impl Op {
                 let _ = tx.send(Ok(()));
             }
             (_, reply) => reply.fail(io::Error::other("io_uring engine: reply of the wrong type")),
+        }
+    }
+}
+
+fn step_kind(step: ChainStep) -> (Arc<File>, OpKind) {
+    match step {
+        ChainStep::Write { file, offset, data } => (file, OpKind::Write { offset, data, done: 0 }),
+        ChainStep::Fallocate { file, mode, offset, len } => {
+            (file, OpKind::Fallocate { mode: mode.bits(), offset, len })
         }
     }
 }
@@ -479,8 +520,10 @@ impl RingThread {
         while taken < SUBMIT_BATCH_MAX && self.in_flight < IN_FLIGHT_MAX {
             match self.requests.try_recv() {
                 Ok(request) => {
-                    let index = self.insert(Op::new(request));
-                    self.pending.push_back(index);
+                    if let Some(op) = Op::new(request) {
+                        let index = self.insert(op);
+                        self.pending.push_back(index);
+                    }
                     taken += 1;
                 }
                 Err(TryRecvError::Empty) => break,
@@ -653,6 +696,12 @@ impl RingThread {
                 OpKind::Fdatasync | OpKind::Fallocate { .. } => Outcome::Done,
             }
         };
+        // The kernel is done with this step's buffer; a chain's next step starts only now,
+        // which is the ordering a chain promises.
+        let outcome = match outcome {
+            Outcome::Done if op.advance() => Outcome::Resubmit,
+            other => other,
+        };
         match outcome {
             Outcome::Resubmit => self.pending.push_back(index),
             Outcome::Done => {
@@ -673,10 +722,11 @@ impl RingThread {
     /// use them. Requests still in the channel fail when it is dropped.
     fn abandon(mut self, error: io::Error) {
         for op in self.ops.drain(..).flatten() {
-            let Op { file, kind, reply, .. } = op;
+            let Op { file, kind, reply, then, .. } = op;
             reply.fail(io::Error::new(error.kind(), error.to_string()));
             std::mem::forget(file);
             std::mem::forget(kind);
+            drop(then); // steps not started: the kernel never saw them
         }
         if self.eventfd_armed {
             std::mem::forget(std::mem::replace(&mut self.eventfd_buf, Box::new([0u8; 8])));

@@ -13,7 +13,7 @@ pub const VOLUME_SIZE_MAX_BYTES: u64 = 16 << 40;
 pub const VOLUME_NAME_MAX_LEN: usize = 63;
 
 /// What the catalog knows about one volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct VolumeRecord {
     /// Unique name; also the NBD export name.
     pub name: String,
@@ -47,6 +47,14 @@ pub struct VolumeRecord {
     /// interpreted.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Blocks are encrypted (AES-256-GCM) under the volume's own data key; copies hold only
+    /// ciphertext.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
+    /// The volume's data key wrapped by a cluster KEK (`WrappedKey::to_text`); more than one
+    /// only while a rotation is under way. The KEK itself is never stored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wrapped_keys: Vec<String>,
 }
 
 /// Most extra copies a volume may have.
@@ -240,6 +248,7 @@ mod tests {
             initial_voters: Vec::new(),
             generation: 0,
             labels: Default::default(),
+            ..VolumeRecord::default()
         }
     }
 

@@ -532,6 +532,8 @@ mod tests {
             initial_voters: vec![1, 2, 3],
             generation: 4,
             labels: [("app".to_string(), "db".to_string())].into(),
+            encrypted: false,
+            wrapped_keys: Vec::new(),
         };
         for m in [
             ControlMessage::Upsert(record.clone()),

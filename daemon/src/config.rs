@@ -156,6 +156,17 @@ pub struct StorageConfig {
     pub wal_engine: IoEngineSetting,
 }
 
+/// Encryption keys.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// The cluster's key-encryption key: a file of 32 bytes (or 64 hex digits), mode 0600,
+    /// owned by the daemon's user. Empty: no KEK; encrypted volumes cannot be created or
+    /// served on this node.
+    #[serde(default)]
+    pub kek_file: PathBuf,
+}
+
 /// Async runtime settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,6 +211,9 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Async runtime.
     pub runtime: RuntimeConfig,
+    /// Encryption keys.
+    #[serde(default)]
+    pub security: SecurityConfig,
     /// Logging.
     pub log: LogConfig,
     /// Volumes made on first start.
@@ -287,6 +301,9 @@ pub struct Overrides {
     #[arg(long, env = "RAFTBLK_LOG_LEVEL")]
     pub log_level: Option<String>,
     /// Volumes to create on first start, NAME:SIZE, comma-separated; "none" for none
+    /// The key-encryption key file (security.kek_file) [env: RAFTBLK_KEK_FILE]
+    #[arg(long, env = "RAFTBLK_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
     /// [env: RAFTBLK_BOOTSTRAP_VOLUMES]
     #[arg(long, env = "RAFTBLK_BOOTSTRAP_VOLUMES", value_delimiter = ',')]
     pub bootstrap_volumes: Option<Vec<String>>,
@@ -362,6 +379,9 @@ impl Config {
     fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
         if let Some(v) = &o.data_dir {
             self.data_dir = v.clone();
+        }
+        if let Some(v) = &o.kek_file {
+            self.security.kek_file = v.clone();
         }
         if let Some(v) = o.nbd_listen {
             self.nbd.listen = v;

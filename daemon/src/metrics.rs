@@ -84,6 +84,10 @@ pub struct Metrics {
     pub catalog_members: IntGaugeVec,
     /// 1 while this node leads the catalog.
     pub catalog_leader: IntGauge,
+    /// Blocks that failed an integrity check, by volume and kind.
+    integrity_errors: IntCounterVec,
+    /// Damaged blocks rewritten from a good copy, by volume.
+    blocks_repaired: IntCounterVec,
 }
 
 /// Why metrics could not be set up.
@@ -176,6 +180,25 @@ impl Metrics {
             "raftblk_catalog_is_leader",
             "1 while this node leads the cluster catalog, else 0",
         )?;
+        let integrity_errors = IntCounterVec::new(
+            Opts::new(
+                "raftblk_volume_integrity_errors_total",
+                "Blocks that failed an integrity check on this node, by volume and kind: checksum \
+                 (data does not match its crc32c), metadata (the block's records are damaged), \
+                 authentication (an encrypted block's tag fails), unrecoverable (a request failed: \
+                 no copy of the block was intact)",
+            ),
+            &["volume", "kind"],
+        )?;
+        let blocks_repaired = IntCounterVec::new(
+            Opts::new(
+                "raftblk_volume_blocks_repaired_total",
+                "Damaged blocks of this node's copies rewritten from another copy, by volume",
+            ),
+            &["volume"],
+        )?;
+        registry.register(Box::new(integrity_errors.clone()))?;
+        registry.register(Box::new(blocks_repaired.clone()))?;
         registry.register(Box::new(ops.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
@@ -206,6 +229,19 @@ impl Metrics {
             catalog_leader,
             volume_health,
             volumes,
+            integrity_errors,
+            blocks_repaired,
+        })
+    }
+
+    /// The integrity reporter of one volume: counts and logs every failure and repair.
+    pub fn integrity(&self, volume: &str) -> Arc<IntegrityCounters> {
+        use raftblk_blockdev::seal::IntegrityKind as K;
+        let kinds = [K::Checksum, K::Metadata, K::Authentication, K::Unrecoverable];
+        Arc::new(IntegrityCounters {
+            volume: volume.to_string(),
+            errors: kinds.map(|k| self.integrity_errors.with_label_values(&[volume, k.label()])),
+            repaired: self.blocks_repaired.with_label_values(&[volume]),
         })
     }
 
@@ -235,6 +271,10 @@ impl Metrics {
             let _ = self.volume_raft.remove_label_values(&[volume, kind]);
         }
         let _ = self.volume_rebuild_remaining.remove_label_values(&[volume]);
+        for kind in ["checksum", "metadata", "authentication", "unrecoverable"] {
+            let _ = self.integrity_errors.remove_label_values(&[volume, kind]);
+        }
+        let _ = self.blocks_repaired.remove_label_values(&[volume]);
         for state in ["healthy", "rebuilding", "degraded"] {
             let _ = self.volume_health.remove_label_values(&[volume, state]);
         }
@@ -248,6 +288,40 @@ impl Metrics {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// One volume's integrity counters; also its [`IntegrityReporter`], which logs each
+/// failure with the volume, the copy and the offset.
+pub struct IntegrityCounters {
+    volume: String,
+    errors: [IntCounter; 4],
+    repaired: IntCounter,
+}
+
+impl IntegrityCounters {
+    /// Failures counted so far, of one kind.
+    pub fn errors(&self, kind: raftblk_blockdev::seal::IntegrityKind) -> u64 {
+        self.errors[kind as usize].get()
+    }
+}
+
+impl raftblk_blockdev::seal::IntegrityReporter for IntegrityCounters {
+    fn damaged(&self, e: raftblk_blockdev::seal::IntegrityEvent) {
+        self.errors[e.kind as usize].inc();
+        tracing::warn!(
+            volume = %self.volume,
+            copy = ?e.copy,
+            block = e.block,
+            offset = e.block * raftblk_blockdev::seal::BLOCK,
+            kind = e.kind.label(),
+            "block failed an integrity check"
+        );
+    }
+
+    fn repaired(&self, block: u64, copy: Option<u64>) {
+        self.repaired.inc();
+        tracing::info!(volume = %self.volume, copy = ?copy, block, offset = block * raftblk_blockdev::seal::BLOCK, "damaged block rewritten from a good copy");
     }
 }
 

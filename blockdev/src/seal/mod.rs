@@ -273,6 +273,24 @@ impl BlockImage {
         Some(BlockImage { first: read.first, states: read.states.clone(), data: data.freeze() })
     }
 
+    /// The blocks as a read returns them: every block's bytes, zeroes where no data travels
+    /// (no copy when every block is sealed).
+    pub fn into_blocks(self) -> SealedBlocks {
+        if self.states.iter().all(|s| matches!(s, BlockState::Sealed { .. })) {
+            return SealedBlocks { first: self.first, data: self.data, states: self.states };
+        }
+        let mut data = crate::store::AlignedBuf::zeroed(self.states.len() * BLOCK_BYTES);
+        let mut at = 0;
+        for (i, s) in self.states.iter().enumerate() {
+            if matches!(s, BlockState::Sealed { .. }) {
+                data.as_mut_slice()[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES]
+                    .copy_from_slice(&self.data[at..at + BLOCK_BYTES]);
+                at += BLOCK_BYTES;
+            }
+        }
+        SealedBlocks { first: self.first, data: data.into_bytes(), states: self.states }
+    }
+
     /// Whether the states and the data agree (sealed blocks match their seals).
     pub fn check(&self) -> BackendResult<()> {
         let sealed = self.states.iter().filter(|s| matches!(s, BlockState::Sealed { .. })).count();

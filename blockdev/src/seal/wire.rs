@@ -6,11 +6,16 @@
 //!        kind 2 adds [key generation u32][nonce 12][tag 16]
 //! state: [tag u8: 1 sealed | 2 zero | 3 damaged]
 //!        sealed: [version u64][seal]    zero: [version u64]    damaged: [damage u8]
+//! blocks: [first u64][count u32] count × state, then the stored bytes of the sealed
+//!        blocks only, in order (zero and damaged blocks carry none)
 //! ```
 
-use bytes::{Buf, BufMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::{BlockState, CipherSeal, Damage, Seal, NONCE_BYTES, TAG_BYTES};
+use super::{BlockImage, BlockState, CipherSeal, Damage, Seal, SealedBlocks, BLOCK_BYTES, NONCE_BYTES, TAG_BYTES};
+
+/// Most blocks one encoded run may hold (64 MiB of data; reads and chunks stay far below).
+pub const BLOCKS_MAX: u32 = 1 << 14;
 
 const SEAL_PLAIN: u8 = 1;
 const SEAL_GCM: u8 = 2;
@@ -30,6 +35,9 @@ pub enum WireError {
     /// An unknown kind or tag byte.
     #[error("unknown sealed block metadata kind {0}")]
     Unknown(u8),
+    /// Counts and lengths that contradict each other.
+    #[error("malformed sealed blocks: {0}")]
+    Malformed(&'static str),
 }
 
 /// Bytes [`put_seal`] writes for `seal`.
@@ -142,6 +150,44 @@ pub fn get_state(buf: &mut impl Buf) -> Result<BlockState, WireError> {
     }
 }
 
+/// Encodes blocks as read (only sealed blocks' bytes travel).
+pub fn encode_blocks(read: &SealedBlocks) -> Bytes {
+    let sealed = read.states.iter().filter(|s| matches!(s, BlockState::Sealed { .. })).count();
+    let meta: usize = read.states.iter().map(state_len).sum();
+    let mut out = BytesMut::with_capacity(12 + meta + sealed * BLOCK_BYTES);
+    out.put_u64_le(read.first);
+    out.put_u32_le(read.states.len() as u32);
+    for s in &read.states {
+        put_state(&mut out, s);
+    }
+    for (i, s) in read.states.iter().enumerate() {
+        if matches!(s, BlockState::Sealed { .. }) {
+            out.put_slice(read.block(i));
+        }
+    }
+    out.freeze()
+}
+
+/// Decodes [`encode_blocks`] into an image (its data a zero-copy slice of `bytes`). The
+/// states may include damaged blocks; [`BlockImage::check`] refuses those for storing.
+pub fn decode_image(mut bytes: Bytes) -> Result<BlockImage, WireError> {
+    need(&bytes, 12)?;
+    let first = bytes.get_u64_le();
+    let count = bytes.get_u32_le();
+    if count > BLOCKS_MAX {
+        return Err(WireError::Malformed("too many blocks"));
+    }
+    let mut states = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        states.push(get_state(&mut bytes)?);
+    }
+    let sealed = states.iter().filter(|s| matches!(s, BlockState::Sealed { .. })).count();
+    if bytes.len() != sealed * BLOCK_BYTES {
+        return Err(WireError::Malformed("data length does not match the sealed blocks"));
+    }
+    Ok(BlockImage { first, states, data: bytes })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -157,6 +203,25 @@ mod tests {
             BlockState::Damaged(Damage::Checksum),
             BlockState::Damaged(Damage::Metadata),
         ]
+    }
+
+    #[test]
+    fn blocks_round_trip_with_only_sealed_data() {
+        let states = samples();
+        let mut data = vec![0u8; states.len() * BLOCK_BYTES];
+        data[..BLOCK_BYTES].fill(1);
+        data[BLOCK_BYTES..2 * BLOCK_BYTES].fill(2);
+        let read = SealedBlocks { first: 9, data: Bytes::from(data), states: states.clone() };
+        let enc = encode_blocks(&read);
+        let image = decode_image(enc.clone()).unwrap();
+        assert_eq!(image.data.len(), 2 * BLOCK_BYTES, "zero and damaged blocks carry no bytes");
+        let back = image.into_blocks();
+        assert_eq!(back.states, states);
+        assert_eq!(back.block(1), read.block(1));
+        assert!(back.block(2).iter().all(|&b| b == 0));
+        for cut in [0, 5, 13, enc.len() - 1] {
+            assert!(decode_image(enc.slice(..cut)).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -363,6 +363,7 @@ mod tests {
             initial_voters: vec![1, 2],
             generation,
             labels: Default::default(),
+            ..VolumeRecord::default()
         }
     }
 

@@ -1,7 +1,9 @@
-//! [`ReplicatedBackend`]: a replicated volume as a [`BlockBackend`], usable by any
-//! front end on any node. Requests go to the local replica when it leads, and are
-//! forwarded to the leader otherwise; on a leader change they are retried until a
-//! leader answers or the I/O timeout passes (then the client sees EIO).
+//! [`ReplicatedStore`]: a replicated volume as a [`SealedStore`], usable on any node (a
+//! `SealingBackend` over it is what front ends see). Requests go to the local replica when
+//! it leads, and are forwarded to the leader otherwise, as sealed blocks: the node a client
+//! writes to encrypts and checksums, and only that node ever holds its plaintext. On a
+//! leader change requests are retried until a leader answers or the I/O timeout passes
+//! (then the client sees EIO).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -9,10 +11,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use raftblk_blockdev::backend::{check_range, BackendError, BackendResult, BlockBackend, Extent, ExtentKind};
+use raftblk_blockdev::backend::{check_range, BackendError, BackendResult, Extent, ExtentKind};
+use raftblk_blockdev::seal::{
+    wire, BlockWrite, CopyStore, SealedBlocks, SealedStore, WriteOutcome, BLOCK,
+};
 
 use super::forward::{ForwardOp, ForwardRequest, ForwardStatus};
-use super::{NodeError, ReplicationNode};
+use super::{Answer, NodeError, ReplicationNode};
 use crate::wal::record::GroupId;
 
 /// Longest one attempt may take before it is retried elsewhere: a deposed leader's
@@ -29,34 +34,45 @@ const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_millis(200);
 
 /// One replicated volume as seen from one node.
-pub struct ReplicatedBackend {
+pub struct ReplicatedStore {
     node: ReplicationNode,
     group: GroupId,
     voters: Vec<u64>,
     size_bytes: Arc<AtomicU64>,
-    local: Option<Arc<dyn BlockBackend>>,
+    local: Option<Arc<dyn CopyStore>>,
 }
 
 /// How long one attempt at `op` may take.
 fn attempt_timeout(op: &ForwardOp) -> Duration {
     let bytes = match op {
-        ForwardOp::Write { data, .. } => data.len() as u64,
-        ForwardOp::Read { len, .. } => u64::from(*len),
+        ForwardOp::Write(w) => w.data.len() as u64,
+        ForwardOp::Read { count, .. } => u64::from(*count) * BLOCK,
         _ => 0,
     };
     ATTEMPT_TIMEOUT + Duration::from_secs_f64(bytes as f64 / ATTEMPT_BYTES_PER_S as f64)
 }
 
 enum Outcome {
-    Done(Bytes),
+    Done(Answer),
     OutOfRange,
+    GuardFailed(u64),
     Retry { leader_hint: u64 },
 }
 
-impl ReplicatedBackend {
+impl ReplicatedStore {
     /// Grows the volume on every replica through the log.
     pub async fn resize(&self, size_bytes: u64) -> BackendResult<()> {
         self.execute(ForwardOp::Resize { size: size_bytes }).await.map(|_| ())
+    }
+
+    /// The volume's Raft group.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// The node this store runs on.
+    pub fn node(&self) -> &ReplicationNode {
+        &self.node
     }
 
     /// A volume of `size_bytes` replicated by `voters`; `local` is this node's replica, if any.
@@ -65,9 +81,9 @@ impl ReplicatedBackend {
         group: GroupId,
         voters: Vec<u64>,
         size_bytes: Arc<AtomicU64>,
-        local: Option<Arc<dyn BlockBackend>>,
+        local: Option<Arc<dyn CopyStore>>,
     ) -> Self {
-        ReplicatedBackend { node, group, voters, size_bytes, local }
+        ReplicatedStore { node, group, voters, size_bytes, local }
     }
 
     fn is_member(&self) -> bool {
@@ -95,18 +111,32 @@ impl ReplicatedBackend {
 
     async fn attempt_at(&self, target: u64, op: &ForwardOp, timeout: Duration) -> Outcome {
         let me = self.node.node_id().0;
-        let result = if target == me {
+        if target == me {
             let local = self.node.run_local(self.group, op.clone());
-            match tokio::time::timeout(timeout, local).await {
-                Ok(r) => r.map(ForwardStatus::Ok),
-                Err(_) => Err(NodeError::Timeout),
-            }
-        } else {
-            let request = ForwardRequest { group: self.group, op: op.clone() };
-            self.node.forward(target, request, timeout).await
-        };
+            return match tokio::time::timeout(timeout, local).await {
+                Ok(Ok(answer)) => Outcome::Done(answer),
+                Ok(Err(NodeError::OutOfRange)) => Outcome::OutOfRange,
+                Ok(Err(NodeError::GuardFailed { block })) => Outcome::GuardFailed(block),
+                Ok(Err(NodeError::NotLeader { leader })) => Outcome::Retry { leader_hint: leader },
+                Ok(Err(_)) | Err(_) => Outcome::Retry { leader_hint: 0 },
+            };
+        }
+        let request = ForwardRequest { group: self.group, op: op.clone() };
+        let result = self.node.forward(target, request, timeout).await;
         match result {
-            Ok(ForwardStatus::Ok(data)) => Outcome::Done(data),
+            Ok(ForwardStatus::Ok(data)) => match op {
+                ForwardOp::Read { first, count } => match wire::decode_image(data) {
+                    Ok(image) if image.first == *first && image.states.len() == *count as usize => {
+                        Outcome::Done(Answer::Blocks(image.into_blocks()))
+                    }
+                    _ => {
+                        tracing::warn!(group = %self.group, target, "leader answered a read with malformed blocks");
+                        Outcome::Retry { leader_hint: 0 }
+                    }
+                },
+                _ => Outcome::Done(Answer::Done),
+            },
+            Ok(ForwardStatus::GuardFailed(block)) | Err(NodeError::GuardFailed { block }) => Outcome::GuardFailed(block),
             Ok(ForwardStatus::OutOfRange) | Err(NodeError::OutOfRange) => Outcome::OutOfRange,
             Ok(ForwardStatus::NotLeader(leader)) | Err(NodeError::NotLeader { leader }) => {
                 Outcome::Retry { leader_hint: leader }
@@ -118,7 +148,8 @@ impl ReplicatedBackend {
     }
 
     /// Runs `op` at the leader, retrying through leader changes until the I/O timeout.
-    async fn execute(&self, op: ForwardOp) -> BackendResult<Bytes> {
+    /// Out-of-range refusals come back with the request's own offset and length.
+    async fn execute(&self, op: ForwardOp) -> BackendResult<Result<Answer, u64>> {
         let deadline = Instant::now() + self.node.io_timeout();
         let me = self.node.node_id().0;
         let mut rotation = 0usize;
@@ -130,9 +161,17 @@ impl ReplicatedBackend {
         };
         loop {
             match self.attempt(target, &op).await {
-                Outcome::Done(data) => return Ok(data),
+                Outcome::Done(answer) => return Ok(Ok(answer)),
+                Outcome::GuardFailed(block) => return Ok(Err(block)),
                 Outcome::OutOfRange => {
-                    return Err(BackendError::OutOfRange { offset: 0, len: 0, size: self.size_bytes() })
+                    let (offset, len) = match &op {
+                        ForwardOp::Read { first, count } => (first * BLOCK, u64::from(*count) * BLOCK),
+                        ForwardOp::Write(w) => (w.first * BLOCK, w.count() * BLOCK),
+                        ForwardOp::Zero { first, count, .. } => (first * BLOCK, count * BLOCK),
+                        ForwardOp::Resize { size } => (*size, 0),
+                        _ => (0, 0),
+                    };
+                    return Err(BackendError::OutOfRange { offset, len, size: self.size_bytes() });
                 }
                 Outcome::Retry { leader_hint } => {
                     if Instant::now() >= deadline {
@@ -164,57 +203,50 @@ impl ReplicatedBackend {
 }
 
 #[async_trait]
-impl BlockBackend for ReplicatedBackend {
+impl SealedStore for ReplicatedStore {
     fn size_bytes(&self) -> u64 {
         self.size_bytes.load(Ordering::SeqCst)
     }
 
-    async fn read(&self, offset: u64, len: u32) -> BackendResult<Bytes> {
-        check_range(offset, len as u64, self.size_bytes())?;
-        if len == 0 {
-            return Ok(Bytes::new());
+    async fn read_blocks(&self, first: u64, count: u32) -> BackendResult<SealedBlocks> {
+        check_range(first.saturating_mul(BLOCK), u64::from(count) * BLOCK, self.size_bytes())?;
+        if count == 0 {
+            return Ok(SealedBlocks { first, data: Bytes::new(), states: Vec::new() });
         }
-        self.execute(ForwardOp::Read { offset, len }).await
+        match self.execute(ForwardOp::Read { first, count }).await? {
+            Ok(Answer::Blocks(read)) => Ok(read),
+            _ => Err(BackendError::Io(std::io::Error::other("the leader answered a read with no blocks"))),
+        }
     }
 
-    async fn write(&self, offset: u64, data: Bytes, _fua: bool) -> BackendResult<()> {
+    async fn write_blocks(&self, write: BlockWrite) -> BackendResult<WriteOutcome> {
         // FUA needs nothing more: an acknowledged write is committed, i.e. fdatasynced
         // in the WAL of a majority of the volume's replicas.
-        check_range(offset, data.len() as u64, self.size_bytes())?;
-        if data.is_empty() {
+        check_range(write.first.saturating_mul(BLOCK), write.count() * BLOCK, self.size_bytes())?;
+        if write.seals.is_empty() {
+            return Ok(WriteOutcome::Written);
+        }
+        match self.execute(ForwardOp::Write(write)).await? {
+            Ok(_) => Ok(WriteOutcome::Written),
+            Err(block) => Ok(WriteOutcome::GuardFailed { block }),
+        }
+    }
+
+    async fn zero_blocks(&self, first: u64, count: u64, deallocate: bool) -> BackendResult<()> {
+        check_range(first.saturating_mul(BLOCK), count.saturating_mul(BLOCK), self.size_bytes())?;
+        if count == 0 {
             return Ok(());
         }
-        self.execute(ForwardOp::Write { offset, data }).await.map(|_| ())
+        self.execute(ForwardOp::Zero { first, count, deallocate }).await.map(|_| ())
     }
 
     async fn flush(&self) -> BackendResult<()> {
-        // Every acknowledged write is already durable on a majority (see `write`).
+        // Every acknowledged write is already durable on a majority (see `write_blocks`).
         Ok(())
     }
 
-    async fn trim(&self, offset: u64, len: u64) -> BackendResult<()> {
-        check_range(offset, len, self.size_bytes())?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.execute(ForwardOp::Trim { offset, len }).await.map(|_| ())
-    }
-
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_trim: bool,
-        _fast_only: bool,
-    ) -> BackendResult<()> {
-        check_range(offset, len, self.size_bytes())?;
-        if len == 0 {
-            return Ok(());
-        }
-        // Both are fallocate calls on every replica, so the fast path always holds.
-        let op =
-            if may_trim { ForwardOp::Trim { offset, len } } else { ForwardOp::WriteZeroes { offset, len } };
-        self.execute(op).await.map(|_| ())
+    fn needs_flush(&self) -> bool {
+        false
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> BackendResult<Vec<Extent>> {

@@ -1,25 +1,37 @@
 //! The wire form of client I/O forwarded from the node a client is connected to
 //! to the volume's leader (carried as transport application messages), sans-IO.
 //!
-//! Request:  `[op u8][group u64][offset u64][len u64][data]` (little-endian; data only for
-//! writes, control messages, and a chunk read's minimum index)
-//! Response: `[status u8][leader hint u64][data]` (data only for a successful read)
+//! Request:  `[op u8][group u64][a u64][b u64][data]` (little-endian):
+//!
+//! ```text
+//! 0 Read       a = first block, b = count
+//! 1 Write      data = a command batch holding one Write (sealed blocks, see volume::command)
+//! 2 Zero       a = first block, b = count, data = [deallocate u8]
+//! 4 Resize     a = size
+//! 5 Control    data = the daemon's message
+//! 6 ReadChunk  a = offset, b = length, data = [min index u64]   (snapshot chunks)
+//! 7 ReadCopy   a = first block, b = count, data = [min applied u64]  (repairs)
+//! ```
+//!
+//! Response: `[status u8][hint u64][data]`; data only for a successful read (sealed blocks
+//! as `raftblk_blockdev::seal::wire::encode_blocks` writes them) or chunk. Blocks travel
+//! sealed both ways: an encrypted volume's plaintext never crosses the network.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use raftblk_blockdev::seal::{BlockWrite, BLOCK};
 
+use crate::volume::command::{decode_batch, encode_batch, Command};
 use crate::wal::record::GroupId;
 
 /// What a forwarded request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardOp {
-    /// Linearizable read of `len` bytes.
-    Read { offset: u64, len: u32 },
-    /// Replicated write.
-    Write { offset: u64, data: Bytes },
-    /// Replicated trim.
-    Trim { offset: u64, len: u64 },
-    /// Replicated zeroing.
-    WriteZeroes { offset: u64, len: u64 },
+    /// Linearizable read of `count` sealed blocks.
+    Read { first: u64, count: u32 },
+    /// Replicated write of sealed blocks.
+    Write(BlockWrite),
+    /// Replicated zeroing of blocks.
+    Zero { first: u64, count: u64, deallocate: bool },
     /// Replicated grow to `size` bytes.
     Resize { size: u64 },
     /// A control-plane message for the daemon (the group is ignored); opaque here.
@@ -27,6 +39,9 @@ pub enum ForwardOp {
     /// A snapshot chunk: `len` bytes at `offset` of the receiver's store, which must have
     /// applied at least `min_index` (see [`crate::snapshot`]).
     ReadChunk { offset: u64, len: u64, min_index: u64 },
+    /// Blocks of the receiver's own copy, which must have applied at least `min_applied`
+    /// (to repair a damaged copy elsewhere; no leadership needed).
+    ReadCopy { first: u64, count: u32, min_applied: u64 },
 }
 
 /// A forwarded request.
@@ -54,6 +69,8 @@ pub enum ForwardStatus {
     /// The receiver's store has not applied the index a snapshot chunk needs (or is being
     /// rebuilt itself): ask another member.
     NotReady,
+    /// A guarded write found the block changed: read it again and retry.
+    GuardFailed(u64),
 }
 
 /// Why bytes are not a forwarded request or response.
@@ -68,6 +85,9 @@ pub enum ForwardError {
     /// A read longer than the largest NBD request.
     #[error("forwarded read of {0} bytes is too long")]
     TooLong(u64),
+    /// A write whose sealed blocks do not decode.
+    #[error("forwarded write is malformed")]
+    Malformed,
 }
 
 const HEADER_BYTES: usize = 1 + 8 + 8 + 8;
@@ -77,52 +97,81 @@ pub const FORWARD_READ_MAX_BYTES: u64 = 32 << 20;
 impl ForwardRequest {
     /// Encodes the request.
     pub fn encode(&self) -> Bytes {
-        let min_index_bytes;
-        let (op, offset, len, data) = match &self.op {
-            ForwardOp::Read { offset, len } => (0u8, *offset, *len as u64, None),
-            ForwardOp::Write { offset, data } => (1, *offset, data.len() as u64, Some(data)),
-            ForwardOp::Trim { offset, len } => (2, *offset, *len, None),
-            ForwardOp::WriteZeroes { offset, len } => (3, *offset, *len, None),
+        let tail;
+        let (op, a, b, data): (u8, u64, u64, Option<&[u8]>) = match &self.op {
+            ForwardOp::Read { first, count } => (0, *first, u64::from(*count), None),
+            ForwardOp::Write(w) => {
+                tail = encode_batch(&[Command::Write(w.clone())]);
+                (1, w.first, w.count(), Some(&tail[..]))
+            }
+            ForwardOp::Zero { first, count, deallocate } => {
+                (2, *first, *count, Some(if *deallocate { &[1u8][..] } else { &[0u8][..] }))
+            }
             ForwardOp::Resize { size } => (4, *size, 0, None),
-            ForwardOp::Control { payload } => (5, 0, payload.len() as u64, Some(payload)),
+            ForwardOp::Control { payload } => (5, 0, payload.len() as u64, Some(&payload[..])),
             ForwardOp::ReadChunk { offset, len, min_index } => {
-                min_index_bytes = Bytes::copy_from_slice(&min_index.to_le_bytes());
-                (6, *offset, *len, Some(&min_index_bytes))
+                tail = Bytes::copy_from_slice(&min_index.to_le_bytes());
+                (6, *offset, *len, Some(&tail[..]))
+            }
+            ForwardOp::ReadCopy { first, count, min_applied } => {
+                tail = Bytes::copy_from_slice(&min_applied.to_le_bytes());
+                (7, *first, u64::from(*count), Some(&tail[..]))
             }
         };
-        let mut b = BytesMut::with_capacity(HEADER_BYTES + data.map_or(0, |d| d.len()));
-        b.put_u8(op);
-        b.put_u64_le(self.group.0);
-        b.put_u64_le(offset);
-        b.put_u64_le(len);
+        let mut out = BytesMut::with_capacity(HEADER_BYTES + data.map_or(0, <[u8]>::len));
+        out.put_u8(op);
+        out.put_u64_le(self.group.0);
+        out.put_u64_le(a);
+        out.put_u64_le(b);
         if let Some(d) = data {
-            b.put_slice(d);
+            out.put_slice(d);
         }
-        b.freeze()
+        out.freeze()
     }
 
-    /// Decodes a request; the write payload is a zero-copy slice of `bytes`.
+    /// Decodes a request; a write's payload is a zero-copy slice of `bytes`.
     pub fn decode(mut bytes: Bytes) -> Result<ForwardRequest, ForwardError> {
         if bytes.len() < HEADER_BYTES {
             return Err(ForwardError::Truncated);
         }
         let op = bytes.get_u8();
         let group = GroupId(bytes.get_u64_le());
-        let offset = bytes.get_u64_le();
-        let len = bytes.get_u64_le();
+        let a = bytes.get_u64_le();
+        let b = bytes.get_u64_le();
+        let blocks = |count: u64| {
+            if count.saturating_mul(BLOCK) > FORWARD_READ_MAX_BYTES {
+                Err(ForwardError::TooLong(count.saturating_mul(BLOCK)))
+            } else {
+                Ok(count as u32)
+            }
+        };
         let op = match op {
-            0 if len > FORWARD_READ_MAX_BYTES => return Err(ForwardError::TooLong(len)),
-            0 => ForwardOp::Read { offset, len: len as u32 },
-            1 if bytes.len() as u64 != len => return Err(ForwardError::Truncated),
-            1 => ForwardOp::Write { offset, data: bytes },
-            2 => ForwardOp::Trim { offset, len },
-            3 => ForwardOp::WriteZeroes { offset, len },
-            4 => ForwardOp::Resize { size: offset },
-            5 if bytes.len() as u64 != len => return Err(ForwardError::Truncated),
+            0 => ForwardOp::Read { first: a, count: blocks(b)? },
+            1 => match decode_batch(&bytes).map_err(|_| ForwardError::Malformed)?.as_mut_slice() {
+                [Command::Write(w)] if w.first == a && w.count() == b => ForwardOp::Write(std::mem::replace(
+                    w,
+                    BlockWrite { first: 0, data: Bytes::new(), seals: vec![], guards: vec![] },
+                )),
+                _ => return Err(ForwardError::Malformed),
+            },
+            2 if bytes.len() != 1 => return Err(ForwardError::Truncated),
+            2 => ForwardOp::Zero {
+                first: a,
+                count: b,
+                deallocate: match bytes.get_u8() {
+                    0 => false,
+                    1 => true,
+                    other => return Err(ForwardError::Unknown(other)),
+                },
+            },
+            4 => ForwardOp::Resize { size: a },
+            5 if bytes.len() as u64 != b => return Err(ForwardError::Truncated),
             5 => ForwardOp::Control { payload: bytes },
-            6 if len > FORWARD_READ_MAX_BYTES => return Err(ForwardError::TooLong(len)),
+            6 if b > FORWARD_READ_MAX_BYTES => return Err(ForwardError::TooLong(b)),
             6 if bytes.len() != 8 => return Err(ForwardError::Truncated),
-            6 => ForwardOp::ReadChunk { offset, len, min_index: bytes.get_u64_le() },
+            6 => ForwardOp::ReadChunk { offset: a, len: b, min_index: bytes.get_u64_le() },
+            7 if bytes.len() != 8 => return Err(ForwardError::Truncated),
+            7 => ForwardOp::ReadCopy { first: a, count: blocks(b)?, min_applied: bytes.get_u64_le() },
             other => return Err(ForwardError::Unknown(other)),
         };
         Ok(ForwardRequest { group, op })
@@ -139,6 +188,7 @@ impl ForwardStatus {
             ForwardStatus::OutOfRange => (3, 0, None),
             ForwardStatus::Failed => (4, 0, None),
             ForwardStatus::NotReady => (5, 0, None),
+            ForwardStatus::GuardFailed(block) => (6, *block, None),
         };
         let mut b = BytesMut::with_capacity(9 + data.map_or(0, |d| d.len()));
         b.put_u8(code);
@@ -163,6 +213,7 @@ impl ForwardStatus {
             3 => ForwardStatus::OutOfRange,
             4 => ForwardStatus::Failed,
             5 => ForwardStatus::NotReady,
+            6 => ForwardStatus::GuardFailed(hint),
             other => return Err(ForwardError::Unknown(other)),
         })
     }
@@ -172,16 +223,23 @@ impl ForwardStatus {
 mod tests {
     use super::*;
 
+    fn write() -> BlockWrite {
+        let data = Bytes::from(vec![5u8; 4096]);
+        let seals = vec![raftblk_blockdev::seal::Seal::plain(2, &data)];
+        BlockWrite { first: 2, data, seals, guards: vec![raftblk_blockdev::seal::Guard { block: 2, version: 9 }] }
+    }
+
     #[test]
     fn requests_round_trip() {
         for op in [
-            ForwardOp::Read { offset: 4096, len: 512 },
-            ForwardOp::Write { offset: 8192, data: Bytes::from_static(b"hello") },
-            ForwardOp::Trim { offset: 1, len: 2 },
-            ForwardOp::WriteZeroes { offset: 3, len: 4 },
+            ForwardOp::Read { first: 1, count: 8 },
+            ForwardOp::Write(write()),
+            ForwardOp::Zero { first: 1, count: 2, deallocate: true },
+            ForwardOp::Zero { first: 3, count: 4, deallocate: false },
             ForwardOp::Resize { size: 1 << 30 },
             ForwardOp::Control { payload: Bytes::from_static(b"{}") },
             ForwardOp::ReadChunk { offset: 1 << 20, len: 4 << 20, min_index: 77 },
+            ForwardOp::ReadCopy { first: 5, count: 2, min_applied: 88 },
         ] {
             let r = ForwardRequest { group: GroupId(7), op };
             assert_eq!(ForwardRequest::decode(r.encode()), Ok(r));
@@ -198,6 +256,7 @@ mod tests {
             ForwardStatus::OutOfRange,
             ForwardStatus::Failed,
             ForwardStatus::NotReady,
+            ForwardStatus::GuardFailed(12),
         ] {
             assert_eq!(ForwardStatus::decode(s.encode()), Ok(s));
         }
@@ -206,16 +265,10 @@ mod tests {
     #[test]
     fn garbage_is_refused_not_panicked_on() {
         assert_eq!(ForwardRequest::decode(Bytes::from_static(&[1, 2, 3])), Err(ForwardError::Truncated));
-        let mut w = ForwardRequest {
-            group: GroupId(1),
-            op: ForwardOp::Write { offset: 0, data: Bytes::from_static(b"abc") },
-        }
-        .encode()
-        .to_vec();
+        let mut w = ForwardRequest { group: GroupId(1), op: ForwardOp::Write(write()) }.encode().to_vec();
         w.pop();
-        assert_eq!(ForwardRequest::decode(Bytes::from(w)), Err(ForwardError::Truncated));
-        let mut r =
-            ForwardRequest { group: GroupId(1), op: ForwardOp::Read { offset: 0, len: 1 } }.encode().to_vec();
+        assert_eq!(ForwardRequest::decode(Bytes::from(w)), Err(ForwardError::Malformed));
+        let mut r = ForwardRequest { group: GroupId(1), op: ForwardOp::Read { first: 0, count: 1 } }.encode().to_vec();
         r[0] = 9;
         assert_eq!(ForwardRequest::decode(Bytes::from(r)), Err(ForwardError::Unknown(9)));
         let mut big = BytesMut::new();

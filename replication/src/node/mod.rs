@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod forward;
+pub(crate) mod repair;
 mod runner;
 
 use std::collections::HashMap;
@@ -25,7 +26,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use raftblk_blockdev::backend::{BackendError, BlockBackend};
+use raftblk_blockdev::backend::BackendError;
+use raftblk_blockdev::seal::{CopyStore, IntegrityReporter, SealedBlocks};
 use tokio::sync::{mpsc, oneshot};
 
 use self::forward::{ForwardOp, ForwardRequest, ForwardStatus};
@@ -39,7 +41,7 @@ use crate::wal::disk::{NodeDisk, WalEngine};
 use crate::wal::record::{GroupId, NodeId};
 use crate::wal::{Wal, WalOptions};
 
-pub use self::backend::ReplicatedBackend;
+pub use self::backend::ReplicatedStore;
 
 /// Most inbound messages queued from the transport before it waits.
 const INBOUND_QUEUE_MAX: usize = 4096;
@@ -121,6 +123,9 @@ pub enum NodeError {
     /// The request reached past the volume's end.
     #[error("request past the end of the volume")]
     OutOfRange,
+    /// A guarded write found its block changed since it was read.
+    #[error("block {block} changed since it was read; read it again")]
+    GuardFailed { block: u64 },
     /// The write's entry was replaced by a new leader; retry.
     #[error("proposal dropped by a leader change; retry")]
     Dropped,
@@ -141,8 +146,10 @@ pub enum NodeError {
 /// What a volume's replica applies committed entries to.
 #[derive(Clone)]
 pub struct ReplicaStore {
-    /// The local copy of the volume.
-    pub backend: Arc<dyn BlockBackend>,
+    /// The local copy of the volume (sealed blocks, checked on every read).
+    pub backend: Arc<dyn CopyStore>,
+    /// Where damaged blocks found and repaired in this copy are reported.
+    pub reporter: Arc<dyn IntegrityReporter>,
     /// Grows the local copy (a replicated resize).
     pub grow: Arc<dyn Fn(u64) -> Result<(), BackendError> + Send + Sync>,
     /// File that records the index applied *and flushed* to `backend`.
@@ -232,6 +239,15 @@ struct Shared {
     /// The rebuild rate limit now (starts as the configuration's; see
     /// [`ReplicationNode::set_rebuild_rate`]).
     rebuild_rate_bytes_per_s: AtomicU64,
+}
+
+/// What a volume operation run on the local replica returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A write, zeroing or resize is done.
+    Done,
+    /// A read's blocks.
+    Blocks(SealedBlocks),
 }
 
 /// Sends `request` to node `to` over `transport` and waits for its answer (up to `timeout`).
@@ -537,28 +553,29 @@ impl ReplicationNode {
         rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 
-    /// Linearizable read through the local replica, which must be the leader.
-    pub async fn local_read(&self, group: GroupId, offset: u64, len: u32) -> Result<Bytes, NodeError> {
+    /// Linearizable read of sealed blocks through the local replica, which must be the
+    /// leader. Damaged blocks of the local copy are repaired from another copy first where
+    /// one is intact.
+    pub async fn local_read(&self, group: GroupId, first: u64, count: u32) -> Result<SealedBlocks, NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.send(Event::Read { group, offset, len, done: tx })?;
+        self.send(Event::Read { group, first, count, done: tx })?;
         rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 
     /// Runs one volume operation through the local replica, which must lead the group:
     /// reads by ReadIndex, everything else as a replicated command. Control messages
     /// are not volume I/O and are refused.
-    pub async fn run_local(&self, group: GroupId, op: ForwardOp) -> Result<Bytes, NodeError> {
+    pub async fn run_local(&self, group: GroupId, op: ForwardOp) -> Result<Answer, NodeError> {
         let command = match op {
-            ForwardOp::Read { offset, len } => return self.local_read(group, offset, len).await,
-            ForwardOp::Write { offset, data } => Command::Write { offset, data },
-            ForwardOp::Trim { offset, len } => Command::Trim { offset, len },
-            ForwardOp::WriteZeroes { offset, len } => Command::WriteZeroes { offset, len },
+            ForwardOp::Read { first, count } => return self.local_read(group, first, count).await.map(Answer::Blocks),
+            ForwardOp::Write(w) => Command::Write(w),
+            ForwardOp::Zero { first, count, deallocate } => Command::Zero { first, count, deallocate },
             ForwardOp::Resize { size } => Command::Resize { size },
-            ForwardOp::Control { .. } | ForwardOp::ReadChunk { .. } => {
+            ForwardOp::Control { .. } | ForwardOp::ReadChunk { .. } | ForwardOp::ReadCopy { .. } => {
                 return Err(NodeError::Internal("not volume I/O".into()))
             }
         };
-        self.local_write(group, vec![command]).await.map(|()| Bytes::new())
+        self.local_write(group, vec![command]).await.map(|()| Answer::Done)
     }
 
     /// Sends `request` to node `to` and waits for its answer (up to `timeout`).
@@ -612,14 +629,39 @@ impl ReplicationNode {
         if let ForwardOp::ReadChunk { offset, len, min_index } = request.op {
             return self.serve_chunk(request.group, offset, len, min_index).await;
         }
+        if let ForwardOp::ReadCopy { first, count, min_applied } = request.op {
+            return self.serve_copy(request.group, first, count, min_applied).await;
+        }
         let result = self.run_local(request.group, request.op).await;
         match result {
-            Ok(data) => ForwardStatus::Ok(data),
+            Ok(Answer::Done) => ForwardStatus::Ok(Bytes::new()),
+            Ok(Answer::Blocks(read)) => ForwardStatus::Ok(raftblk_blockdev::seal::wire::encode_blocks(&read)),
             Err(NodeError::NotLeader { leader }) => ForwardStatus::NotLeader(leader),
             Err(NodeError::NotMember(_)) => ForwardStatus::NotMember,
             Err(NodeError::OutOfRange) => ForwardStatus::OutOfRange,
+            Err(NodeError::GuardFailed { block }) => ForwardStatus::GuardFailed(block),
             Err(NodeError::Dropped) => ForwardStatus::NotLeader(0),
             Err(_) => ForwardStatus::Failed,
+        }
+    }
+
+    /// Blocks of the local copy for a peer repairing its own, if the copy has applied
+    /// `min_applied` (checked before reading). Damaged blocks travel as such (no data).
+    async fn serve_copy(&self, group: GroupId, first: u64, count: u32, min_applied: u64) -> ForwardStatus {
+        let source = self.inner.shared.sources.read().ok().and_then(|m| m.get(&group).cloned());
+        let Some(source) = source else { return ForwardStatus::NotMember };
+        let applied = source.servable.load(Ordering::Acquire);
+        if applied == 0 || applied < min_applied {
+            return ForwardStatus::NotReady;
+        }
+        let GroupStore::Volume(store) = &source.store else { return ForwardStatus::Failed };
+        match store.backend.read_blocks(first, count).await {
+            Ok(read) => ForwardStatus::Ok(raftblk_blockdev::seal::wire::encode_blocks(&read)),
+            Err(BackendError::OutOfRange { .. }) => ForwardStatus::OutOfRange,
+            Err(e) => {
+                tracing::warn!(%group, first, error = %e, "cannot read blocks for a peer's repair");
+                ForwardStatus::Failed
+            }
         }
     }
 

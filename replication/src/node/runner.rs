@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use raft::eraftpb::{ConfState, Message};
 use raftblk_blockdev::backend::{check_range, BackendError};
+use raftblk_blockdev::seal::{SealedBlocks, BLOCK};
 use tokio::sync::oneshot;
 
-use super::{
-    GroupStore, NodeConfig, NodeError, PeerFetcher, RebuildStatus, ReplicaStore, Shared, SnapshotSource,
-};
+use super::repair::{read_repaired, RepairContext};
+use super::{GroupStore, NodeConfig, NodeError, PeerFetcher, RebuildStatus, Shared, SnapshotSource};
 use crate::snapshot::image::pull_image;
 use crate::snapshot::marker::{self, Marker, OpenPlan};
 use crate::snapshot::pull::{pull, PullPlan, PullProgress};
@@ -22,6 +22,7 @@ use crate::storage::GroupStorage;
 use crate::transport::Transport;
 use crate::volume::command::{Command, BATCH_COMMANDS_MAX};
 use crate::volume::group::{CommittedEntry, GroupConfig, GroupDriver, InstalledSnapshot, RequestId};
+use crate::volume::{apply_entries, ApplyReport};
 use crate::wal::disk::NodeDisk;
 use crate::wal::record::{GroupId, NodeId};
 use crate::wal::Wal;
@@ -57,9 +58,9 @@ pub(super) enum Event {
     },
     Read {
         group: GroupId,
-        offset: u64,
-        len: u32,
-        done: Reply<Bytes>,
+        first: u64,
+        count: u32,
+        done: Reply<SealedBlocks>,
     },
     Raft {
         from: NodeId,
@@ -93,9 +94,9 @@ struct Rebuild {
 }
 
 struct PendingRead {
-    offset: u64,
-    len: u32,
-    done: Reply<Bytes>,
+    first: u64,
+    count: u32,
+    done: Reply<SealedBlocks>,
 }
 
 struct Slot {
@@ -105,6 +106,11 @@ struct Slot {
     new_reads: Vec<PendingRead>,
     writes: HashMap<RequestId, Reply<()>>,
     reads: HashMap<RequestId, Vec<PendingRead>>,
+    /// Guarded writes this leader proposed, by (entry index, position): which request to
+    /// tell if the guard fails when the entry is applied.
+    guarded: HashMap<(u64, usize), RequestId>,
+    /// Requests whose guarded write was skipped (the block had changed).
+    guard_failed: HashMap<RequestId, u64>,
     /// Highest index applied to the store.
     applied: u64,
     /// Highest index applied and flushed, as the applied file records.
@@ -280,7 +286,7 @@ impl Runner {
                 }
                 slot.new_writes.push((commands, done));
             }
-            Event::Read { group, offset, len, done } => {
+            Event::Read { group, first, count, done } => {
                 let slot = match self.serving(group) {
                     Ok(slot) => slot,
                     Err(e) => return fail(done, e),
@@ -288,10 +294,11 @@ impl Runner {
                 let GroupStore::Volume(store) = &slot.store else {
                     return fail(done, NodeError::Internal("state machine groups are read locally".into()));
                 };
-                if check_range(offset, len as u64, store.backend.size_bytes()).is_err() {
+                let (offset, len) = (first.saturating_mul(BLOCK), u64::from(count) * BLOCK);
+                if check_range(offset, len, store.backend.size_bytes()).is_err() {
                     return fail(done, NodeError::OutOfRange);
                 }
-                slot.new_reads.push(PendingRead { offset, len, done });
+                slot.new_reads.push(PendingRead { first, count, done });
             }
             Event::Raft { from, group, bytes } => {
                 let Some(slot) = self.groups.get_mut(&group) else {
@@ -398,6 +405,8 @@ impl Runner {
                 new_reads: Vec::new(),
                 writes: HashMap::new(),
                 reads: HashMap::new(),
+                guarded: HashMap::new(),
+                guard_failed: HashMap::new(),
                 applied,
                 checkpointed: applied,
                 last_checkpoint: Instant::now(),
@@ -484,6 +493,8 @@ impl Runner {
         };
         let entries = replay.len();
         let store = slot.store.clone();
+        // Guards decide the same way as on the first apply (see `apply_entries`); nobody
+        // waits for their outcome here.
         if let Err(e) = self.rt.block_on(apply_to(&store, replay)) {
             slot.rebuild = None;
             slot.broken = Some(format!("rebuild: replaying the log: {e}"));
@@ -518,11 +529,9 @@ impl Runner {
                 let mut commands = Vec::new();
                 let mut bytes = 0usize;
                 let mut batch = Vec::new();
+                let mut guarded = Vec::new();
                 while let Some((cmds, _)) = writes.first() {
-                    let size: usize = cmds
-                        .iter()
-                        .map(|c| if let Command::Write { data, .. } = c { data.len() } else { 16 })
-                        .sum();
+                    let size: usize = cmds.iter().map(|c| c.payload_len().max(16)).sum();
                     let fits = commands.len() + cmds.len() <= BATCH_COMMANDS_MAX
                         && (batch.is_empty() || bytes + size <= ENTRY_PAYLOAD_BYTES_MAX);
                     if !fits {
@@ -530,14 +539,22 @@ impl Runner {
                     }
                     let (cmds, done) = writes.remove(0);
                     bytes += size;
-                    commands.extend(cmds);
                     let id = self.request_id();
+                    for (i, c) in cmds.iter().enumerate() {
+                        if matches!(c, Command::Write(w) if !w.guards.is_empty()) {
+                            guarded.push((commands.len() + i, id));
+                        }
+                    }
+                    commands.extend(cmds);
                     batch.push((id, done));
                 }
                 let Some(slot) = self.groups.get_mut(&group) else { break };
                 let ids: Vec<RequestId> = batch.iter().map(|(id, _)| *id).collect();
                 match slot.driver.propose(&commands, ids) {
-                    Ok(()) => slot.writes.extend(batch),
+                    Ok(index) => {
+                        slot.writes.extend(batch);
+                        slot.guarded.extend(guarded.into_iter().map(|(position, id)| ((index, position), id)));
+                    }
                     Err(e) => {
                         let leader = slot.driver.leader();
                         for (_, done) in batch {
@@ -680,7 +697,12 @@ impl Runner {
         for (group, last, result) in results {
             let Some(slot) = self.groups.get_mut(&group) else { continue };
             match result {
-                Ok(()) => {
+                Ok(report) => {
+                    for at in report.guard_failures {
+                        if let Some(id) = slot.guarded.remove(&at) {
+                            slot.guard_failed.insert(id, at.0);
+                        }
+                    }
                     slot.applied = slot.applied.max(last);
                     if slot.broken.is_none() {
                         slot.servable.store(slot.applied, Ordering::Release);
@@ -705,23 +727,42 @@ impl Runner {
         let done = slot.driver.applied(slot.applied);
         for id in done.writes {
             if let Some(tx) = slot.writes.remove(&id) {
-                let _ = tx.send(Ok(()));
+                match slot.guard_failed.remove(&id) {
+                    Some(block) => fail(tx, NodeError::GuardFailed { block }),
+                    None => {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
             }
         }
+        let applied = slot.applied;
+        slot.guarded.retain(|&(index, _), _| index > applied);
         for id in done.failed {
             if let Some(tx) = slot.writes.remove(&id) {
                 fail(tx, NodeError::Dropped);
             }
         }
+        let me = self.config.node_id.0;
         for id in done.reads {
             let Some(reads) = slot.reads.remove(&id) else { continue };
             // Only volume groups take reads (see `handle`).
             let GroupStore::Volume(store) = &slot.store else { continue };
+            let status = slot.driver.raft_status();
+            let peers: Vec<u64> =
+                status.voters.iter().chain(&status.learners).copied().filter(|&n| n != me).collect();
+            let ctx = Arc::new(RepairContext {
+                shared: self.shared.clone(),
+                transport: self.transport.clone(),
+                group,
+                me,
+                peers,
+            });
             for r in reads {
-                let backend = store.backend.clone();
-                // The store holds everything up to the read index: read it off this thread.
+                let (store, ctx) = (store.clone(), ctx.clone());
+                // The store holds everything up to the read index: read it off this thread
+                // (repairing damaged blocks from another copy on the way).
                 self.rt.spawn(async move {
-                    let result = backend.read(r.offset, r.len).await.map_err(|e| match e {
+                    let result = read_repaired(&ctx, &store, r.first, r.count, applied).await.map_err(|e| match e {
                         BackendError::OutOfRange { .. } => NodeError::OutOfRange,
                         other => NodeError::Internal(other.to_string()),
                     });
@@ -876,14 +917,13 @@ fn fail_all(slot: Slot, e: impl Fn() -> NodeError) {
     }
 }
 
-fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
-    a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
-}
-
-/// Applies entries in log order to a volume's store or a state machine.
-async fn apply_to(store: &GroupStore, entries: Vec<CommittedEntry>) -> Result<(), String> {
+/// Applies entries in log order to a volume's copy or a state machine.
+async fn apply_to(store: &GroupStore, entries: Vec<CommittedEntry>) -> Result<ApplyReport, String> {
     match store {
-        GroupStore::Volume(s) => apply_entries(s, entries).await.map_err(|e| e.to_string()),
+        GroupStore::Volume(s) => {
+            let grow = |size| (s.grow)(size);
+            apply_entries(s.backend.as_ref(), &grow, entries).await.map_err(|e| e.to_string())
+        }
         GroupStore::Machine(s) => {
             for e in entries {
                 let commands: Vec<Bytes> = e
@@ -893,57 +933,9 @@ async fn apply_to(store: &GroupStore, entries: Vec<CommittedEntry>) -> Result<()
                     .collect();
                 s.machine.apply(e.index, &commands).map_err(|e| e.to_string())?;
             }
-            Ok(())
+            Ok(ApplyReport::default())
         }
     }
-}
-
-/// Applies entries in log order; commands run concurrently until one overlaps a
-/// command still in flight (or is a resize), which waits for the wave before it.
-async fn apply_entries(store: &ReplicaStore, entries: Vec<CommittedEntry>) -> Result<(), BackendError> {
-    let mut wave = Vec::new();
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for command in entries.into_iter().flat_map(|e| e.commands) {
-        let range = command.range();
-        let barrier = range.is_none_or(|r| ranges.iter().any(|&o| overlaps(r, o)));
-        if barrier {
-            finish_wave(std::mem::take(&mut wave)).await?;
-            ranges.clear();
-        }
-        if let Command::Resize { size } = command {
-            (store.grow)(size)?;
-            continue;
-        }
-        if let Some(r) = range {
-            ranges.push(r);
-        }
-        let backend = store.backend.clone();
-        wave.push(async move {
-            // fua = false: committed entries are durable in the WAL of a majority.
-            let r = match command {
-                Command::Write { offset, data } => backend.write(offset, data, false).await,
-                Command::Trim { offset, len } => backend.trim(offset, len).await,
-                Command::WriteZeroes { offset, len } => backend.write_zeroes(offset, len, false, false).await,
-                // A volume has no state machine: never proposed to one (see `handle`).
-                Command::Resize { .. } | Command::App { .. } => Ok(()),
-            };
-            match r {
-                // Out of range is refused identically on every replica (the size is replicated).
-                Err(BackendError::OutOfRange { .. }) => Ok(()),
-                other => other,
-            }
-        });
-    }
-    finish_wave(wave).await
-}
-
-async fn finish_wave<F: std::future::Future<Output = Result<(), BackendError>>>(
-    wave: Vec<F>,
-) -> Result<(), BackendError> {
-    for r in futures::future::join_all(wave).await {
-        r?;
-    }
-    Ok(())
 }
 
 fn read_applied(path: &std::path::Path) -> std::io::Result<u64> {

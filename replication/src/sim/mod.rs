@@ -14,8 +14,12 @@
 //!
 //! * every read (ReadIndex on a node) returns a value the model allows: after a write to a
 //!   block is acknowledged, only that value or later ones; never anything older;
-//! * once healed, every replica applies the same log and their stores are byte-identical;
-//! * every acknowledged write is read back with its data at the end.
+//! * once healed, every replica applies the same log and their copies hold the same blocks
+//!   under the same versions;
+//! * every acknowledged write is read back with its data at the end;
+//! * no damaged byte reaches a client: the simulator rots blocks on its disks (a flipped
+//!   data bit, a lost metadata record), a read of a damaged block on the leader is repaired
+//!   from another copy by the production rule (`repair::usable`) or fails, never returns it.
 //!
 //! Replay a failure with `SEED=<n> cargo test -p raftblk-replication sim_ -- --nocapture`.
 
@@ -28,14 +32,14 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::Bytes;
 use raft::eraftpb::{ConfState, Message};
-use raftblk_blockdev::backend::BlockBackend;
-use raftblk_blockdev::store::MemBackend;
+use raftblk_blockdev::seal::{BlockImage, BlockState, BlockWrite, CopyStore, MemSealedStore, Seal, SealedBlocks};
 
 use crate::snapshot::marker::{plan_open, Marker, OpenPlan};
 use crate::storage::GroupStorage;
 use crate::volume::command::Command;
 use crate::volume::group::{GroupConfig, GroupDriver, RequestId};
-use crate::volume::{apply_commands, ApplyOutcome};
+use crate::node::repair::usable;
+use crate::volume::apply_entries;
 use crate::wal::disk::SimDisk;
 use crate::wal::record::GroupId;
 use crate::wal::{Wal, WalOptions};
@@ -111,9 +115,9 @@ struct Node {
     disk: SimDisk,
     driver: Option<GroupDriver<SimDisk>>,
     /// The store as the running node sees it (the page cache, in production).
-    store: MemBackend,
+    store: MemSealedStore,
     /// What the last checkpoint flushed (plus blocks a rebuild copied and recorded).
-    durable: MemBackend,
+    durable: MemSealedStore,
     /// Index the store has applied (meaningless while rebuilding).
     applied: u64,
     /// Index the last checkpoint recorded.
@@ -126,22 +130,18 @@ struct Node {
     snapshots: u64,
 }
 
-/// A copy of a store's blocks.
-fn copy_store(from: &MemBackend) -> MemBackend {
-    let to = MemBackend::new(from.size_bytes());
-    for b in 0..BLOCKS {
-        copy_block(from, &to, b);
-    }
-    to
+fn read_block(store: &MemSealedStore, block: u64) -> SealedBlocks {
+    now(CopyStore::read_blocks(store, block, 1)).expect("read")
 }
 
-fn copy_block(from: &MemBackend, to: &MemBackend, block: u64) {
-    let data = now(from.read(block * BLOCK_BYTES, BLOCK_BYTES as u32)).expect("read");
-    if data.iter().all(|&b| b == 0) {
-        now(to.trim(block * BLOCK_BYTES, BLOCK_BYTES)).expect("trim");
-    } else {
-        now(to.write(block * BLOCK_BYTES, data, false)).expect("write");
+/// The sealed write of `value` to `block` (0: a zeroing).
+fn write_command(block: u64, value: u64) -> Command {
+    if value == 0 {
+        return Command::Zero { first: block, count: 1, deallocate: true };
     }
+    let data = block_data(value);
+    let seals = vec![Seal::plain(block, &data)];
+    Command::Write(BlockWrite { first: block, data, seals, guards: vec![] })
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -171,6 +171,8 @@ pub struct SimOptions {
     pub rebuild_without_replay: bool,
     /// Leaders serve reads by a lease of this many steps (0: always ReadIndex).
     pub read_lease_steps: u64,
+    /// Test hook: return damaged blocks to the client unrepaired (a bug the run must catch).
+    pub serve_damaged: bool,
 }
 
 struct Sim {
@@ -193,6 +195,10 @@ struct Sim {
     acked_writes: u64,
     reads_ok: u64,
     crashes: u64,
+    /// Blocks the simulator damaged, damaged blocks repaired, reads that failed (EIO).
+    rots: u64,
+    repairs: u64,
+    eio_reads: u64,
 }
 
 /// Prints the run's events when `SIM_TRACE` is set (for replaying one seed).
@@ -227,8 +233,8 @@ impl Sim {
             nodes.push(Node {
                 disk,
                 driver: None,
-                store: MemBackend::new(BLOCKS * BLOCK_BYTES),
-                durable: MemBackend::new(BLOCKS * BLOCK_BYTES),
+                store: MemSealedStore::new(BLOCKS * BLOCK_BYTES),
+                durable: MemSealedStore::new(BLOCKS * BLOCK_BYTES),
                 applied: 0,
                 checkpointed: 0,
                 next_checkpoint: 0,
@@ -255,6 +261,9 @@ impl Sim {
             acked_writes: 0,
             reads_ok: 0,
             crashes: 0,
+            rots: 0,
+            repairs: 0,
+            eio_reads: 0,
         };
         for i in 0..sim.nodes.len() {
             sim.start(i);
@@ -278,10 +287,10 @@ impl Sim {
         let n = &mut self.nodes[i];
         let wal = Wal::open(n.disk.clone(), WalOptions { segment_target_bytes: 64 << 10 }).expect("reopen");
         let st = GroupStorage::open(Arc::new(Mutex::new(wal)), GROUP).expect("storage");
-        let store = copy_store(&n.durable);
+        let store = n.durable.duplicate();
         for (b, &kept) in keep.iter().enumerate() {
             if kept && n.rebuild.is_none() && n.marker.is_none() {
-                copy_block(&n.store, &store, b as u64);
+                store.copy_block_from(&n.store, b as u64);
             }
         }
         n.store = store;
@@ -319,7 +328,7 @@ impl Sim {
         if n.rebuild.is_some() {
             return;
         }
-        n.durable = copy_store(&n.store);
+        n.durable = n.store.duplicate();
         n.checkpointed = n.applied;
         trace!("t{} n{} checkpoint {}", self.now, i + 1, n.checkpointed);
         let to = (n.checkpointed + 1).saturating_sub(LOG_RETAIN_ENTRIES);
@@ -364,8 +373,13 @@ impl Sim {
                 j + 1,
                 src.applied
             );
-            copy_block(&src.store, &dst.store, next);
-            copy_block(&src.store, &dst.durable, next);
+            // As in production, a damaged block never travels (read_chunk refuses it): the
+            // copy asks again later, maybe another member.
+            if read_block(&src.store, next).damaged().next().is_some() {
+                return;
+            }
+            dst.store.copy_block_from(&src.store, next);
+            dst.durable.copy_block_from(&src.store, next);
             dst.rebuild = Some((index, next + 1));
             dst.marker = Some(Marker { index, offset: (next + 1) * BLOCK_BYTES });
             return;
@@ -374,14 +388,13 @@ impl Sim {
         let d = n.driver.as_mut().expect("driver");
         let handed_out = d.handed_out();
         let replay = if self.opts.rebuild_without_replay { index + 1 } else { handed_out + 1 };
-        for e in d.committed_entries(index + 1, replay).expect("replay") {
-            let store = &n.store;
-            now(apply_commands(store, &e.commands, &|size| {
-                store.grow(size);
-                Ok(())
-            }))
-            .expect("replay");
-        }
+        let entries = d.committed_entries(index + 1, replay).expect("replay");
+        let store = &n.store;
+        let grow = |size| {
+            store.grow_to(size);
+            Ok(())
+        };
+        now(apply_entries(store, &grow, entries)).expect("replay");
         trace!("t{} n{} rebuilt at {index}, replayed to {handed_out}", self.now, i + 1);
         n.applied = handed_out;
         n.rebuild = None;
@@ -472,13 +485,6 @@ impl Sim {
             return;
         }
         for e in &committed {
-            let store = &n.store;
-            let out = now(apply_commands(store, &e.commands, &|size| {
-                store.grow(size);
-                Ok(())
-            }))
-            .expect("apply");
-            assert!(out.iter().all(|o| *o == ApplyOutcome::Done));
             trace!(
                 "t{} n{} applies {} {:?}",
                 self.now,
@@ -487,14 +493,24 @@ impl Sim {
                 e.commands
                     .iter()
                     .map(|c| match c {
-                        Command::Write { offset, data } =>
-                            format!("W{}={:?}", offset / BLOCK_BYTES, value_of(data)),
+                        Command::Write(w) => format!("W{}={:?}", w.first, value_of(&w.data)),
                         other => format!("{other:?}"),
                     })
                     .collect::<Vec<_>>()
             );
-            n.applied = e.index;
         }
+        let Some(last) = committed.last().map(|e| e.index) else {
+            self.complete_applied(i);
+            return;
+        };
+        let store = &n.store;
+        let grow = |size| {
+            store.grow_to(size);
+            Ok(())
+        };
+        let report = now(apply_entries(store, &grow, committed)).expect("apply");
+        assert!(report.guard_failures.is_empty(), "the simulator's writes carry no guards");
+        n.applied = last;
         self.complete_applied(i);
     }
 
@@ -514,10 +530,76 @@ impl Sim {
             if op.node != i {
                 continue;
             }
-            let data =
-                now(self.nodes[i].store.read(op.block * BLOCK_BYTES, BLOCK_BYTES as u32)).expect("read");
-            self.complete(id.0, Some(data));
+            let block = op.block;
+            match self.read_repaired(i, block) {
+                Some(data) => self.complete(id.0, Some(data)),
+                None => {
+                    // EIO for this request (no intact copy reachable): the client tries again.
+                    self.eio_reads += 1;
+                    self.retry(id.0);
+                }
+            }
         }
+    }
+
+    /// Node `i` reads `block` of its copy; a damaged block is repaired from another copy
+    /// that holds it intact at a version node `i` has applied (the production rule), or the
+    /// read fails. Never returns damaged bytes.
+    fn read_repaired(&mut self, i: usize, block: u64) -> Option<Bytes> {
+        let read = read_block(&self.nodes[i].store, block);
+        let state = read.states[0];
+        if !matches!(state, BlockState::Damaged(_)) || self.opts.serve_damaged {
+            return Some(read.data);
+        }
+        let applied = self.nodes[i].applied;
+        for j in 0..self.nodes.len() {
+            let n = &self.nodes[j];
+            let reachable = j != i
+                && n.driver.is_some()
+                && n.rebuild.is_none()
+                && n.applied >= applied
+                && self.partition.as_ref().is_none_or(|p| p[i] == p[j]);
+            if !reachable {
+                continue;
+            }
+            let theirs = read_block(&n.store, block);
+            if !usable(&theirs.states[0], applied) {
+                continue;
+            }
+            let image = BlockImage::of(&theirs).expect("intact");
+            now(CopyStore::restore(&self.nodes[i].store, image, true)).expect("restore");
+            self.repairs += 1;
+            trace!("t{} n{} repaired block {block} from n{}", self.now, i + 1, j + 1);
+            let read = read_block(&self.nodes[i].store, block);
+            assert!(!matches!(read.states[0], BlockState::Damaged(_)), "a repair left damage");
+            return Some(read.data);
+        }
+        None
+    }
+
+    /// Rots one block of one copy (on disk: the page cache and the durable image alike),
+    /// at most one copy of a block at a time.
+    fn rot(&mut self) {
+        let i = self.rng.below(self.nodes.len() as u64) as usize;
+        let block = self.rng.below(BLOCKS);
+        let elsewhere = (0..self.nodes.len())
+            .any(|j| j != i && read_block(&self.nodes[j].store, block).damaged().next().is_some());
+        if elsewhere || self.nodes[i].rebuild.is_some() {
+            return;
+        }
+        let n = &mut self.nodes[i];
+        let byte = self.rng.below(BLOCK_BYTES) as usize;
+        if self.rng.chance(50) {
+            if !n.store.damage_data(block, byte) {
+                return;
+            }
+            n.durable.damage_data(block, byte);
+        } else {
+            n.store.damage_record(block);
+            n.durable.damage_record(block);
+        }
+        self.rots += 1;
+        trace!("t{} n{} block {block} rots", self.now, i + 1);
     }
 
     fn complete(&mut self, id: u64, read: Option<Bytes>) {
@@ -581,11 +663,7 @@ impl Sim {
         let Some(d) = self.nodes[node].driver.as_mut() else { return };
         match kind {
             OpKind::Write(v) => {
-                let cmd = if v == 0 {
-                    Command::Trim { offset: block * BLOCK_BYTES, len: BLOCK_BYTES }
-                } else {
-                    Command::Write { offset: block * BLOCK_BYTES, data: block_data(v) }
-                };
+                let cmd = write_command(block, v);
                 if d.propose(&[cmd], vec![RequestId(id)]).is_ok() && ack_early {
                     self.complete(id, None);
                 }
@@ -639,6 +717,9 @@ impl Sim {
             if self.nodes[i].driver.is_none() && self.rng.chance(5) {
                 self.start(i);
             }
+        }
+        if self.rng.chance(3) {
+            self.rot();
         }
         if self.partition.is_none() && self.rng.chance(2) {
             self.partition = Some((0..n).map(|_| self.rng.chance(50)).collect());
@@ -739,21 +820,37 @@ impl Sim {
                 "replicas did not converge: (commit, applied, rebuilding) {commits:?} {leaders:?}"
             ));
         }
-        let images: Vec<Bytes> = self
+        // What a scrub does: damage left in any copy is repaired from an intact one.
+        for i in 0..self.nodes.len() {
+            for b in 0..BLOCKS {
+                if read_block(&self.nodes[i].store, b).damaged().next().is_some()
+                    && self.read_repaired(i, b).is_none()
+                {
+                    self.seed_fail(format!("block {b} of node {} has no intact copy anywhere", i + 1));
+                }
+            }
+        }
+        let images: Vec<SealedBlocks> = self
             .nodes
             .iter()
-            .map(|n| now(n.store.read(0, (BLOCKS * BLOCK_BYTES) as u32)).expect("read"))
+            .map(|n| now(CopyStore::read_blocks(&n.store, 0, BLOCKS as u32)).expect("read"))
             .collect();
         for (i, img) in images.iter().enumerate() {
             if *img != images[0] {
                 let blocks: Vec<String> = (0..BLOCKS as usize)
                     .map(|b| {
                         let r = b * BLOCK_BYTES as usize..(b + 1) * BLOCK_BYTES as usize;
-                        format!("{:?}", images.iter().map(|im| value_of(&im[r.clone()])).collect::<Vec<_>>())
+                        format!(
+                            "{:?}",
+                            images
+                                .iter()
+                                .map(|im| (value_of(&im.data[r.clone()]), im.states[b].version()))
+                                .collect::<Vec<_>>()
+                        )
                     })
                     .collect();
                 self.seed_fail(format!(
-                    "replica {} differs from replica 1 after healing; per block, each replica's value: {blocks:?}",
+                    "replica {} differs from replica 1 after healing; per block, each replica's (value, version): {blocks:?}",
                     i + 1
                 ));
             }
@@ -773,6 +870,9 @@ pub struct SimReport {
     pub crashes: u64,
     pub commit_index: u64,
     pub snapshots: u64,
+    pub rots: u64,
+    pub repairs: u64,
+    pub eio_reads: u64,
 }
 
 /// Runs one seed; panics with the seed and the replay command if an invariant breaks.
@@ -786,6 +886,9 @@ pub fn run_seed(seed: u64, opts: SimOptions) -> SimReport {
         crashes: sim.crashes,
         commit_index: sim.nodes[0].driver.as_ref().map_or(0, |d| d.commit_index()),
         snapshots: sim.nodes.iter().map(|n| n.snapshots).sum(),
+        rots: sim.rots,
+        repairs: sim.repairs,
+        eio_reads: sim.eio_reads,
     }
 }
 
@@ -798,6 +901,7 @@ pub fn options_for(seed: u64) -> SimOptions {
         ack_before_commit: false,
         rebuild_without_replay: false,
         read_lease_steps: if seed.is_multiple_of(2) { READ_LEASE_STEPS } else { 0 },
+        serve_damaged: false,
     }
 }
 
@@ -816,7 +920,16 @@ mod tests {
             None => (0..env_u64("SIM_SEEDS").unwrap_or(500)).collect(),
         };
         let start = std::time::Instant::now();
-        let mut total = SimReport { acked_writes: 0, reads_ok: 0, crashes: 0, commit_index: 0, snapshots: 0 };
+        let mut total = SimReport {
+            acked_writes: 0,
+            reads_ok: 0,
+            crashes: 0,
+            commit_index: 0,
+            snapshots: 0,
+            rots: 0,
+            repairs: 0,
+            eio_reads: 0,
+        };
         for &seed in &seeds {
             let r = run_seed(seed, options_for(seed));
             if seeds.len() == 1 {
@@ -827,17 +940,30 @@ mod tests {
             total.crashes += r.crashes;
             total.commit_index += r.commit_index;
             total.snapshots += r.snapshots;
+            total.rots += r.rots;
+            total.repairs += r.repairs;
+            total.eio_reads += r.eio_reads;
         }
         println!("{} seeds in {:?}: {total:?}", seeds.len(), start.elapsed());
         assert!(total.acked_writes > 0 && total.reads_ok > 0);
         if seeds.len() >= 50 {
             assert!(total.snapshots > 0, "no run installed a snapshot: the rebuild path went untested");
+            assert!(total.rots > 0 && total.repairs > 0, "no block rotted or was repaired: the damage path went untested");
         }
     }
 
     #[test]
     fn sim_is_deterministic() {
         assert_eq!(run_seed(7, options_for(7)), run_seed(7, options_for(7)));
+    }
+
+    #[test]
+    fn sim_catches_damaged_blocks_served_as_data() {
+        let caught = (0..100u64).any(|seed| {
+            let opts = SimOptions { serve_damaged: true, ..options_for(seed) };
+            std::panic::catch_unwind(|| run_seed(seed, opts)).is_err()
+        });
+        assert!(caught, "the simulator did not catch damaged blocks returned to the client");
     }
 
     #[test]

@@ -1,39 +1,34 @@
-//! The wire form of one snapshot chunk, sans-IO: a range of the source's volume as extents
-//! (data or hole) plus the bytes of the data extents, under one CRC.
+//! The wire form of one snapshot chunk, sans-IO: a range of the source's copy under one
+//! CRC. A volume's chunk carries sealed blocks (every block's state and version, and the
+//! stored bytes of the sealed ones only, so holes and zeroed blocks cost a few bytes); a
+//! state machine's chunk carries its image.
 //!
 //! ```text
-//! [volume_size u64][source_applied u64][offset u64][count u32]
-//! count × [len u64][kind u8: 0 hole, 1 data]
-//! [data: the bytes of every data extent, in order]
+//! [volume_size u64][source_applied u64][offset u64][body_len u32][body]
 //! [crc32 u32 over everything before it]
+//! body (volume): raftblk_blockdev::seal::wire::encode_blocks (first block = offset / 4096)
+//! body (machine): the image
 //! ```
 //!
-//! All integers little-endian. Holes carry no bytes, which is how a snapshot ships only the
-//! allocated extents.
+//! All integers little-endian. An encrypted volume's chunks hold only ciphertext: blocks
+//! travel exactly as stored, seals included, and the receiver checks them again.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use raftblk_blockdev::backend::ExtentKind;
-
-/// Most extents in one chunk (a chunk of 4 MiB in 4 KiB blocks alternating data and hole
-/// has 1024).
-pub const CHUNK_EXTENTS_MAX: usize = 1 << 16;
+use raftblk_blockdev::seal::{wire, BlockImage, BLOCK};
 
 const FIXED_BYTES: usize = 8 + 8 + 8 + 4;
-const EXTENT_BYTES: usize = 9;
 
-/// One chunk of a volume as a source sends it.
+/// One chunk of a copy as a source sends it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
-    /// The source volume's size when the chunk was read.
+    /// The source's size when the chunk was read (a volume's, or the image's length).
     pub volume_size: u64,
     /// The index the source's store had applied when the chunk was read.
     pub source_applied: u64,
-    /// Where the chunk starts in the volume.
+    /// Where the chunk starts.
     pub offset: u64,
-    /// Runs of data and holes, in order from `offset`.
-    pub extents: Vec<(u64, ExtentKind)>,
-    /// The bytes of the data extents, concatenated.
-    pub data: Bytes,
+    /// Encoded sealed blocks (a volume), or the image (a state machine).
+    pub body: Bytes,
 }
 
 /// Why bytes are not a valid chunk.
@@ -51,100 +46,85 @@ pub enum ChunkError {
 }
 
 impl Chunk {
-    /// Bytes the extents cover.
-    pub fn len_bytes(&self) -> u64 {
-        self.extents.iter().map(|(len, _)| len).sum()
+    /// The chunk of a volume holding `image`.
+    pub fn of_blocks(volume_size: u64, source_applied: u64, read: &raftblk_blockdev::seal::SealedBlocks) -> Chunk {
+        Chunk { volume_size, source_applied, offset: read.first * BLOCK, body: wire::encode_blocks(read) }
+    }
+
+    /// The sealed blocks of a volume's chunk, checked against the chunk's place and size.
+    pub fn blocks(&self) -> Result<BlockImage, ChunkError> {
+        let image = wire::decode_image(self.body.clone()).map_err(|_| ChunkError::Malformed("undecodable blocks"))?;
+        if image.first * BLOCK != self.offset {
+            return Err(ChunkError::Malformed("blocks start elsewhere than the chunk"));
+        }
+        let end = (image.first + image.states.len() as u64).saturating_mul(BLOCK);
+        if end > self.volume_size {
+            return Err(ChunkError::Malformed("blocks reach past the volume"));
+        }
+        Ok(image)
     }
 
     /// Encodes the chunk with its CRC.
     pub fn encode(&self) -> Bytes {
-        let mut b =
-            BytesMut::with_capacity(FIXED_BYTES + EXTENT_BYTES * self.extents.len() + self.data.len() + 4);
+        let mut b = BytesMut::with_capacity(FIXED_BYTES + self.body.len() + 4);
         b.put_u64_le(self.volume_size);
         b.put_u64_le(self.source_applied);
         b.put_u64_le(self.offset);
-        b.put_u32_le(self.extents.len() as u32);
-        for (len, kind) in &self.extents {
-            b.put_u64_le(*len);
-            b.put_u8(u8::from(*kind == ExtentKind::Data));
-        }
-        b.put_slice(&self.data);
+        b.put_u32_le(self.body.len() as u32);
+        b.put_slice(&self.body);
         let crc = crc32fast::hash(&b);
         b.put_u32_le(crc);
         b.freeze()
     }
 
-    /// Decodes and checks a chunk; `data` is a zero-copy slice of `bytes`.
+    /// Decodes and checks a chunk; `body` is a zero-copy slice of `bytes`.
     pub fn decode(mut bytes: Bytes) -> Result<Chunk, ChunkError> {
         if bytes.len() < FIXED_BYTES + 4 {
             return Err(ChunkError::Truncated);
         }
-        let body_len = bytes.len() - 4;
-        let crc = u32::from_le_bytes(bytes[body_len..].try_into().map_err(|_| ChunkError::Truncated)?);
-        if crc32fast::hash(&bytes[..body_len]) != crc {
+        let body_end = bytes.len() - 4;
+        let crc = u32::from_le_bytes(bytes[body_end..].try_into().map_err(|_| ChunkError::Truncated)?);
+        if crc32fast::hash(&bytes[..body_end]) != crc {
             return Err(ChunkError::Checksum);
         }
-        bytes.truncate(body_len);
+        bytes.truncate(body_end);
         let volume_size = bytes.get_u64_le();
         let source_applied = bytes.get_u64_le();
         let offset = bytes.get_u64_le();
-        let count = bytes.get_u32_le() as usize;
-        if count > CHUNK_EXTENTS_MAX {
-            return Err(ChunkError::Malformed("too many extents"));
-        }
-        if bytes.len() < count * EXTENT_BYTES {
+        let len = bytes.get_u32_le() as usize;
+        if bytes.len() != len {
             return Err(ChunkError::Truncated);
         }
-        let mut extents = Vec::with_capacity(count);
-        let mut data_len = 0u64;
-        let mut end = offset;
-        for _ in 0..count {
-            let len = bytes.get_u64_le();
-            let kind = match bytes.get_u8() {
-                0 => ExtentKind::Hole,
-                1 => ExtentKind::Data,
-                _ => return Err(ChunkError::Malformed("unknown extent kind")),
-            };
-            if len == 0 {
-                return Err(ChunkError::Malformed("empty extent"));
-            }
-            end = end.checked_add(len).ok_or(ChunkError::Malformed("extents overflow"))?;
-            if kind == ExtentKind::Data {
-                data_len += len;
-            }
-            extents.push((len, kind));
-        }
-        if end > volume_size {
-            return Err(ChunkError::Malformed("extents reach past the volume"));
-        }
-        if bytes.len() as u64 != data_len {
-            return Err(ChunkError::Malformed("data length does not match the data extents"));
-        }
-        Ok(Chunk { volume_size, source_applied, offset, extents, data: bytes })
+        Ok(Chunk { volume_size, source_applied, offset, body: bytes })
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
+    use raftblk_blockdev::seal::{BlockState, Seal, SealedBlocks, BLOCK_BYTES};
+
     use super::*;
 
     fn sample() -> Chunk {
-        Chunk {
-            volume_size: 1 << 20,
-            source_applied: 42,
-            offset: 8192,
-            extents: vec![(4096, ExtentKind::Data), (8192, ExtentKind::Hole), (4096, ExtentKind::Data)],
-            data: Bytes::from((0..8192u32).map(|i| i as u8).collect::<Vec<u8>>()),
-        }
+        let mut data = vec![0u8; 3 * BLOCK_BYTES];
+        data[..BLOCK_BYTES].fill(3);
+        let states = vec![
+            BlockState::Sealed { seal: Seal::plain(2, &data[..BLOCK_BYTES]), version: 4097 },
+            BlockState::Zero { version: 0 },
+            BlockState::Zero { version: 8193 },
+        ];
+        Chunk::of_blocks(1 << 20, 42, &SealedBlocks { first: 2, data: Bytes::from(data), states })
     }
 
     #[test]
     fn round_trips() {
         let c = sample();
-        assert_eq!(c.len_bytes(), 16384);
-        assert_eq!(Chunk::decode(c.encode()), Ok(c));
-        let empty = Chunk { extents: Vec::new(), data: Bytes::new(), ..sample() };
-        assert_eq!(Chunk::decode(empty.encode()), Ok(empty));
+        assert_eq!(Chunk::decode(c.encode()), Ok(c.clone()));
+        let image = c.blocks().unwrap();
+        assert_eq!(image.states.len(), 3);
+        assert_eq!(image.data.len(), BLOCK_BYTES, "only the sealed block's bytes travel");
+        image.check().unwrap();
     }
 
     #[test]
@@ -169,17 +149,14 @@ mod tests {
     fn structural_lies_are_refused_even_with_a_good_crc() {
         let good = sample().encode();
         let body = &good[..good.len() - 4];
-        // Data one byte short of what the data extents claim.
-        assert!(matches!(Chunk::decode(sealed(&body[..body.len() - 1])), Err(ChunkError::Malformed(_))));
-        // A count far larger than the extents present.
+        assert_eq!(Chunk::decode(sealed(&body[..body.len() - 1])), Err(ChunkError::Truncated));
+        // Blocks past the volume end, or elsewhere than the chunk says.
         let mut b = body.to_vec();
-        b[24..28].copy_from_slice(&1000u32.to_le_bytes());
-        assert_eq!(Chunk::decode(sealed(&b)), Err(ChunkError::Truncated));
-        // Extents past the volume end.
+        b[0..8].copy_from_slice(&8192u64.to_le_bytes());
+        assert!(matches!(Chunk::decode(sealed(&b)).unwrap().blocks(), Err(ChunkError::Malformed(_))));
         let mut b = body.to_vec();
-        b[0..8].copy_from_slice(&100u64.to_le_bytes());
-        assert!(matches!(Chunk::decode(sealed(&b)), Err(ChunkError::Malformed(_))));
-        // Short inputs of every length fail cleanly.
+        b[16..24].copy_from_slice(&0u64.to_le_bytes());
+        assert!(matches!(Chunk::decode(sealed(&b)).unwrap().blocks(), Err(ChunkError::Malformed(_))));
         for n in 0..40 {
             assert!(Chunk::decode(Bytes::from(vec![0u8; n])).is_err());
         }

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use raftblk_blockdev::backend::ExtentKind;
 
 use super::chunk::Chunk;
 use super::marker::{self, Marker};
@@ -31,8 +30,7 @@ pub fn image_chunk(machine: &dyn StateMachine) -> Result<Chunk, MachineError> {
             "the state image has {len} bytes, more than a snapshot carries ({IMAGE_BYTES_MAX})"
         )));
     }
-    let extents = if len > 0 { vec![(len, ExtentKind::Data)] } else { Vec::new() };
-    Ok(Chunk { volume_size: len, source_applied: index, offset: 0, extents, data: image })
+    Ok(Chunk { volume_size: len, source_applied: index, offset: 0, body: image })
 }
 
 /// Fetches an image taken at `index` or later from the first of `sources` that has one and
@@ -57,7 +55,7 @@ pub async fn pull_image(
         attempt += 1;
         match fetcher.fetch(source, group, 0, IMAGE_BYTES_MAX, index).await {
             Ok(chunk) if chunk.offset == 0 && chunk.source_applied >= index => {
-                let image: Bytes = chunk.data;
+                let image: Bytes = chunk.body;
                 progress.total_bytes.store(image.len() as u64, Ordering::Relaxed);
                 progress.source.store(source, Ordering::Relaxed);
                 store.machine.install(chunk.source_applied, image.clone()).map_err(PullError::Machine)?;

@@ -36,13 +36,11 @@ pub mod marker;
 pub mod pull;
 pub mod serve;
 
-/// Largest single read issued while serving a chunk.
-const READ_BYTES_MAX: u64 = 4 << 20;
-
 /// Volume bytes per chunk by default.
 pub const CHUNK_BYTES_DEFAULT: u64 = 4 << 20;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,8 +48,8 @@ mod tests {
 
     use async_trait::async_trait;
     use bytes::Bytes;
-    use raftblk_blockdev::backend::BlockBackend;
-    use raftblk_blockdev::store::MemBackend;
+    use raftblk_blockdev::seal::backend::LogReporter;
+    use raftblk_blockdev::seal::{BlockWrite, CopyStore, MemSealedStore, Seal, BLOCK, BLOCK_BYTES};
 
     use super::chunk::{Chunk, ChunkError};
     use super::pull::{pull, ChunkFetcher, FetchError, PullPlan, PullProgress};
@@ -60,7 +58,7 @@ mod tests {
     use crate::wal::record::GroupId;
 
     struct Source {
-        store: Arc<MemBackend>,
+        store: Arc<MemSealedStore>,
         applied: u64,
         /// Fail this many fetches before answering.
         fail_first: AtomicU64,
@@ -103,17 +101,18 @@ mod tests {
         }
     }
 
-    fn source(store: Arc<MemBackend>, applied: u64) -> Source {
+    fn source(store: Arc<MemSealedStore>, applied: u64) -> Source {
         Source { store, applied, fail_first: AtomicU64::new(0), corrupt_first: AtomicU64::new(0) }
     }
 
-    fn target(size: u64, dir: &std::path::Path) -> (Arc<MemBackend>, ReplicaStore) {
-        let mem = Arc::new(MemBackend::new(size));
+    fn target(size: u64, dir: &std::path::Path) -> (Arc<MemSealedStore>, ReplicaStore) {
+        let mem = Arc::new(MemSealedStore::new(size));
         let grow_mem = mem.clone();
         let store = ReplicaStore {
             backend: mem.clone(),
+            reporter: Arc::new(LogReporter),
             grow: Arc::new(move |s| {
-                grow_mem.grow(s);
+                grow_mem.grow_to(s);
                 Ok(())
             }),
             applied_path: dir.join("v.applied"),
@@ -129,21 +128,32 @@ mod tests {
         d
     }
 
-    async fn all(b: &dyn BlockBackend) -> Vec<u8> {
-        b.read(0, b.size_bytes() as u32).await.unwrap().to_vec()
+    async fn fill(store: &MemSealedStore, offset: u64, byte: u8, len: usize, version: u64) {
+        let data = Bytes::from(vec![byte; len]);
+        let first = offset / BLOCK;
+        let seals = (0..len / BLOCK_BYTES)
+            .map(|i| Seal::plain(first + i as u64, &data[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES]))
+            .collect();
+        CopyStore::apply_write(store, BlockWrite { first, data, seals, guards: vec![] }, version).await.unwrap();
+    }
+
+    async fn all(b: &MemSealedStore) -> raftblk_blockdev::seal::SealedBlocks {
+        CopyStore::read_blocks(b, 0, (b.size() / BLOCK) as u32).await.unwrap()
     }
 
     #[tokio::test]
-    async fn copies_data_zeroes_holes_grows_and_survives_bad_sources() {
+    async fn copies_blocks_and_versions_zeroes_holes_grows_and_survives_bad_sources() {
         let dir = tempdir("copy");
         let size = 3 << 20;
-        let src = Arc::new(MemBackend::new(size + (1 << 20)));
+        let src = Arc::new(MemSealedStore::new(size + (1 << 20)));
         for (off, byte) in [(0u64, 1u8), (1 << 20, 2), ((2 << 20) + 4096, 3), (size + 8192, 4)] {
-            src.write(off, Bytes::from(vec![byte; 8192]), false).await.unwrap();
+            fill(&src, off, byte, 8192, 4096 * (byte as u64 + 1)).await;
         }
+        // A zeroed block keeps its version across the copy.
+        CopyStore::apply_zero(src.as_ref(), 5, 1, true, 9999).await.unwrap();
         let (dst, store) = target(size, &dir);
         // Garbage where the source has a hole must be zeroed.
-        dst.write(512 << 10, Bytes::from(vec![9u8; 4096]), false).await.unwrap();
+        fill(&dst, 512 << 10, 9, 4096, 77).await;
         let behind = source(src.clone(), 3);
         let flaky = source(src.clone(), 10);
         flaky.fail_first.store(2, Ordering::Relaxed);
@@ -160,17 +170,17 @@ mod tests {
         };
         let progress = PullProgress::default();
         pull(&fetcher, &store, &plan, &progress).await.unwrap();
-        assert_eq!(dst.size_bytes(), src.size_bytes(), "the copy grows to the source's size");
-        assert_eq!(all(dst.as_ref()).await, all(src.as_ref()).await);
-        assert_eq!(progress.done_bytes.load(Ordering::Relaxed), src.size_bytes());
+        assert_eq!(dst.size(), src.size(), "the copy grows to the source's size");
+        assert_eq!(all(&dst).await, all(&src).await, "same blocks, same versions");
+        assert_eq!(progress.done_bytes.load(Ordering::Relaxed), src.size());
         assert!(
             progress.retries.load(Ordering::Relaxed) >= 4,
             "behind, unknown, down and damaged were retried"
         );
-        // Only allocated extents travel: 4 × 8 KiB of data.
+        // Only sealed blocks' bytes travel: 4 × 8 KiB of data.
         assert_eq!(progress.copied_bytes.load(Ordering::Relaxed), 4 * 8192);
         let m = marker::read(&store.rebuild_path).unwrap().unwrap();
-        assert_eq!((m.index, m.offset), (5, src.size_bytes()));
+        assert_eq!((m.index, m.offset), (5, src.size()));
         let asked = fetcher.asked.lock().unwrap();
         assert!(asked.contains(&2) && asked.contains(&4), "every source was tried: {asked:?}");
     }
@@ -178,8 +188,8 @@ mod tests {
     #[tokio::test]
     async fn resumes_at_the_marker_offset() {
         let dir = tempdir("resume");
-        let src = Arc::new(MemBackend::new(2 << 20));
-        src.write(0, Bytes::from(vec![7u8; 2 << 20]), false).await.unwrap();
+        let src = Arc::new(MemSealedStore::new(2 << 20));
+        fill(&src, 0, 7, 2 << 20, 4096).await;
         let (dst, store) = target(2 << 20, &dir);
         let fetcher =
             Fetcher { sources: HashMap::from([(2, source(src.clone(), 9))]), asked: Mutex::new(Vec::new()) };
@@ -193,21 +203,23 @@ mod tests {
         };
         let progress = PullProgress::default();
         pull(&fetcher, &store, &plan, &progress).await.unwrap();
-        let got = all(dst.as_ref()).await;
-        assert!(got[..1 << 20].iter().all(|&b| b == 0), "the prefix before the marker is not copied again");
-        assert!(got[1 << 20..].iter().all(|&b| b == 7));
+        let got = all(&dst).await;
+        assert!(got.data[..1 << 20].iter().all(|&b| b == 0), "the prefix before the marker is not copied again");
+        assert!(got.data[1 << 20..].iter().all(|&b| b == 7));
         assert_eq!(fetcher.asked.lock().unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_source_block_never_travels() {
+        let src = MemSealedStore::new(1 << 20);
+        fill(&src, 0, 1, 8192, 4096).await;
+        src.damage_data(1, 3);
+        assert!(serve::read_chunk(&src, 0, 1 << 20, 1).await.is_err());
     }
 
     #[test]
     fn a_damaged_chunk_is_an_error_not_data() {
-        let c = Chunk {
-            volume_size: 4096,
-            source_applied: 1,
-            offset: 0,
-            extents: vec![(4096, raftblk_blockdev::backend::ExtentKind::Data)],
-            data: Bytes::from(vec![1u8; 4096]),
-        };
+        let c = Chunk { volume_size: 4096, source_applied: 1, offset: 0, body: Bytes::from(vec![1u8; 4096]) };
         let mut b = c.encode().to_vec();
         b[100] ^= 4;
         assert_eq!(Chunk::decode(Bytes::from(b)), Err(ChunkError::Checksum));

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use raftblk_blockdev::backend::{BackendError, ExtentKind};
+use raftblk_blockdev::backend::BackendError;
 
 use super::chunk::{Chunk, ChunkError};
 use super::marker::{self, Marker};
@@ -130,31 +130,22 @@ pub async fn pull(
     let mut copied = 0u64;
     let mut next_source = 0usize;
     while offset < size {
-        let chunk = fetch_any(fetcher, plan, offset, chunk_bytes, &mut next_source, progress).await;
-        if chunk.volume_size > store.backend.size_bytes() {
-            (store.grow)(chunk.volume_size)?;
+        let (volume_size, image) = fetch_any(fetcher, plan, offset, chunk_bytes, &mut next_source, progress).await;
+        if volume_size > store.backend.size_bytes() {
+            (store.grow)(volume_size)?;
         }
-        size = chunk.volume_size;
+        size = volume_size;
         progress.total_bytes.store(size, Ordering::Relaxed);
-        if chunk.extents.is_empty() {
+        if image.states.is_empty() {
             break;
         }
-        let mut at = offset;
-        let mut data_at = 0usize;
-        for (len, kind) in &chunk.extents {
-            match kind {
-                ExtentKind::Data => {
-                    let data = chunk.data.slice(data_at..data_at + *len as usize);
-                    store.backend.write(at, data, false).await?;
-                    data_at += *len as usize;
-                }
-                // Zeroes, not trim: whatever the store held there before must go.
-                ExtentKind::Hole => store.backend.write_zeroes(at, *len, true, false).await?,
-            }
-            at += len;
-        }
-        offset = at;
-        copied += chunk.data.len() as u64;
+        // Every block as the source holds it, versions and zero blocks included: whatever
+        // this copy held there before must go.
+        let blocks = image.states.len() as u64;
+        let data_len = image.data.len() as u64;
+        store.backend.restore(image, false).await?;
+        offset += blocks * raftblk_blockdev::seal::BLOCK;
+        copied += data_len;
         progress.done_bytes.store(offset, Ordering::Relaxed);
         progress.copied_bytes.store(copied, Ordering::Relaxed);
         if last_save.elapsed() >= SAVE_INTERVAL {
@@ -192,15 +183,19 @@ async fn fetch_any(
     chunk_bytes: u64,
     next_source: &mut usize,
     progress: &PullProgress,
-) -> Chunk {
+) -> (u64, raftblk_blockdev::seal::BlockImage) {
     let mut failures = 0usize;
     loop {
         let source = plan.sources[*next_source % plan.sources.len()];
         match fetcher.fetch(source, plan.group, offset, chunk_bytes, plan.index).await {
-            Ok(chunk) if chunk.offset == offset && chunk.source_applied >= plan.index => {
-                progress.source.store(source, Ordering::Relaxed);
-                return chunk;
-            }
+            Ok(chunk) if chunk.offset == offset && chunk.source_applied >= plan.index => match chunk.blocks() {
+                Ok(image) if image.check().is_ok() => {
+                    progress.source.store(source, Ordering::Relaxed);
+                    return (chunk.volume_size, image);
+                }
+                Ok(_) => tracing::warn!(group = %plan.group, source, offset, "source sent blocks that fail their seals"),
+                Err(e) => tracing::warn!(group = %plan.group, source, offset, error = %e, "source sent a malformed chunk"),
+            },
             Ok(chunk) => {
                 tracing::warn!(group = %plan.group, source, offset, got = chunk.offset, "source answered the wrong chunk");
             }

@@ -1,58 +1,27 @@
-//! The source side: reading one chunk of a replica's store.
+//! The source side: reading one chunk of a replica's copy.
 
-use bytes::{Bytes, BytesMut};
-use raftblk_blockdev::backend::{BackendError, BlockBackend, ExtentKind};
+use raftblk_blockdev::backend::{check_range, BackendError};
+use raftblk_blockdev::seal::{CopyStore, BLOCK};
 
 use super::chunk::Chunk;
 
-/// Reads `len` bytes of `backend` from `offset` (cut at the volume's end) as a chunk:
-/// block status finds the allocated extents, and only those are read. `applied` is the
-/// index the store had applied before the first read (the caller checked it is enough).
-pub async fn read_chunk(
-    backend: &dyn BlockBackend,
-    offset: u64,
-    len: u64,
-    applied: u64,
-) -> Result<Chunk, BackendError> {
-    let size = backend.size_bytes();
-    let len = len.min(size.saturating_sub(offset));
-    let mut extents: Vec<(u64, ExtentKind)> = Vec::new();
-    if len > 0 {
-        let mut at = offset;
-        for e in backend.block_status(offset, len).await? {
-            let take = e.len_bytes.min(offset + len - at);
-            if take == 0 {
-                break;
-            }
-            match extents.last_mut() {
-                Some((l, k)) if *k == e.kind => *l += take,
-                _ => extents.push((take, e.kind)),
-            }
-            at += take;
-        }
-        if at < offset + len {
-            // Block status may answer for less than asked; what it did not describe is
-            // copied as data (always correct, merely not sparse).
-            match extents.last_mut() {
-                Some((l, ExtentKind::Data)) => *l += offset + len - at,
-                _ => extents.push((offset + len - at, ExtentKind::Data)),
-            }
-        }
+/// Reads `len` bytes of `store` from `offset` (cut at the volume's end, whole blocks) as a
+/// chunk of sealed blocks, exactly as stored (seals and versions included). `applied` is the
+/// index the store had applied before the read (the caller checked it is enough). A
+/// damaged block fails the chunk (the receiver asks another member) rather than travel.
+pub async fn read_chunk(store: &dyn CopyStore, offset: u64, len: u64, applied: u64) -> Result<Chunk, BackendError> {
+    let size = store.size_bytes();
+    let first = offset / BLOCK;
+    let end = offset.saturating_add(len).min(size).div_ceil(BLOCK);
+    check_range(first * BLOCK, end.saturating_sub(first) * BLOCK, size)?;
+    let count = u32::try_from(end.saturating_sub(first)).unwrap_or(u32::MAX);
+    let read = store.read_blocks(first, count).await?;
+    if let Some((block, _)) = read.damaged().next() {
+        return Err(BackendError::Corrupt {
+            offset: block * BLOCK,
+            len: BLOCK,
+            what: "a damaged block in this copy (another member is asked for the chunk)",
+        });
     }
-    let data_len: u64 = extents.iter().filter(|(_, k)| *k == ExtentKind::Data).map(|(l, _)| l).sum();
-    let mut data = BytesMut::with_capacity(data_len as usize);
-    let mut at = offset;
-    for (l, kind) in &extents {
-        if *kind == ExtentKind::Data {
-            let mut done = 0u64;
-            while done < *l {
-                let piece = (*l - done).min(super::READ_BYTES_MAX);
-                data.extend_from_slice(&backend.read(at + done, piece as u32).await?);
-                done += piece;
-            }
-        }
-        at += l;
-    }
-    let data: Bytes = data.freeze();
-    Ok(Chunk { volume_size: size, source_applied: applied, offset, extents, data })
+    Ok(Chunk::of_blocks(size, applied, &read))
 }

@@ -3,40 +3,59 @@
 //! One entry carries a batch of commands (several client writes proposed together):
 //!
 //! ```text
-//! [version u8 = 1][count u32] count × command [crc32 u32 over everything before it]
+//! [version u8 = 2][count u32] count × command [crc32 u32 over everything before it]
 //! command: [kind u8] then
-//!   1 Write        offset u64, len u32, data (len bytes)
-//!   2 Trim         offset u64, len u64
-//!   3 WriteZeroes  offset u64, len u64
 //!   4 Resize       size u64
 //!   5 App          len u32, data (len bytes): opaque to this crate, for groups whose
 //!                  replicas apply to a state machine ([`crate::machine`])
+//!   6 Write        first block u64, count u32, guards u16,
+//!                  guards × [block u64, version u64], count × seal, count × 4096 bytes
+//!   7 Zero         first block u64, count u64, deallocate u8
 //! ```
 //!
-//! All integers little-endian. Decoding slices write data out of the entry's buffer without
-//! copying it.
+//! All integers little-endian; seals as `raftblk_blockdev::seal::wire` writes them.
+//! Writes carry *sealed* blocks: the crc32c (and, for encrypted volumes, the ciphertext,
+//! nonce and tag) made on the node that received the client's write, so the log, the WAL
+//! and the peer traffic never hold an encrypted volume's plaintext, and every copy checks
+//! the blocks again before storing them. Decoding slices write data out of the entry's
+//! buffer without copying it. Version 1 (byte-addressed, unsealed writes) is no longer
+//! read: a log from before sealing must be drained (every node checkpointed) first.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use raftblk_blockdev::seal::{wire, BlockWrite, Guard, BLOCK, BLOCK_BYTES};
 
-const VERSION: u8 = 1;
-const KIND_WRITE: u8 = 1;
-const KIND_TRIM: u8 = 2;
-const KIND_WRITE_ZEROES: u8 = 3;
+const VERSION: u8 = 2;
 const KIND_RESIZE: u8 = 4;
 const KIND_APP: u8 = 5;
+const KIND_WRITE: u8 = 6;
+const KIND_ZERO: u8 = 7;
 
 /// Largest number of commands in one batch.
 pub const BATCH_COMMANDS_MAX: usize = 4096;
+/// Bits of a block version below the log index: a version is `index << 12 | position`
+/// of the command in its entry, unique per write and the same on every copy.
+pub const VERSION_POSITION_BITS: u32 = 12;
+const _: () = assert!(BATCH_COMMANDS_MAX <= 1 << VERSION_POSITION_BITS);
+/// Most guards one write carries (a read-modify-write guards its two partial ends).
+pub const GUARDS_MAX: usize = 8;
+
+/// The version blocks written by command `position` of the entry at `index` get.
+pub fn block_version(index: u64, position: usize) -> u64 {
+    (index << VERSION_POSITION_BITS) | position as u64
+}
+
+/// The log index of the write that produced a block version.
+pub fn version_index(version: u64) -> u64 {
+    version >> VERSION_POSITION_BITS
+}
 
 /// One change to a replicated volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Write `data` at `offset`.
-    Write { offset: u64, data: Bytes },
-    /// Discard a range (reads return zeroes).
-    Trim { offset: u64, len: u64 },
-    /// Zero a range.
-    WriteZeroes { offset: u64, len: u64 },
+    /// Store sealed blocks (if the guards hold).
+    Write(BlockWrite),
+    /// Zero `count` blocks from `first`; `deallocate` may free them.
+    Zero { first: u64, count: u64, deallocate: bool },
     /// Grow the volume to `size` bytes.
     Resize { size: u64 },
     /// A state machine's command (see [`crate::machine`]); volume stores ignore it.
@@ -47,8 +66,8 @@ impl Command {
     /// The byte range `(offset, len)` the command changes (`None` for a resize).
     pub fn range(&self) -> Option<(u64, u64)> {
         match self {
-            Command::Write { offset, data } => Some((*offset, data.len() as u64)),
-            Command::Trim { offset, len } | Command::WriteZeroes { offset, len } => Some((*offset, *len)),
+            Command::Write(w) => Some((w.first * BLOCK, w.count() * BLOCK)),
+            Command::Zero { first, count, .. } => Some((first * BLOCK, count * BLOCK)),
             Command::Resize { .. } | Command::App { .. } => None,
         }
     }
@@ -56,8 +75,18 @@ impl Command {
     /// Bytes of data the command carries (only writes and state machine commands carry any).
     pub fn payload_len(&self) -> usize {
         match self {
-            Command::Write { data, .. } | Command::App { data } => data.len(),
+            Command::Write(w) => w.data.len() + w.seals.iter().map(wire::seal_len).sum::<usize>(),
+            Command::App { data } => data.len(),
             _ => 0,
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        match self {
+            Command::Write(w) => 1 + 8 + 4 + 2 + 16 * w.guards.len() + self.payload_len(),
+            Command::Zero { .. } => 1 + 8 + 8 + 1,
+            Command::Resize { .. } => 1 + 8,
+            Command::App { data } => 1 + 4 + data.len(),
         }
     }
 }
@@ -81,27 +110,31 @@ pub enum CommandError {
 
 /// Encodes a batch of commands.
 pub fn encode_batch(commands: &[Command]) -> Bytes {
-    let data_bytes: usize = commands.iter().map(|c| c.payload_len() + 17).sum();
-    let mut out = BytesMut::with_capacity(9 + data_bytes);
+    let len: usize = commands.iter().map(Command::encoded_len).sum();
+    let mut out = BytesMut::with_capacity(9 + len);
     out.put_u8(VERSION);
     out.put_u32_le(commands.len() as u32);
     for c in commands {
         match c {
-            Command::Write { offset, data } => {
+            Command::Write(w) => {
                 out.put_u8(KIND_WRITE);
-                out.put_u64_le(*offset);
-                out.put_u32_le(data.len() as u32);
-                out.put_slice(data);
+                out.put_u64_le(w.first);
+                out.put_u32_le(w.seals.len() as u32);
+                out.put_u16_le(w.guards.len() as u16);
+                for g in &w.guards {
+                    out.put_u64_le(g.block);
+                    out.put_u64_le(g.version);
+                }
+                for seal in &w.seals {
+                    wire::put_seal(&mut out, seal);
+                }
+                out.put_slice(&w.data);
             }
-            Command::Trim { offset, len } => {
-                out.put_u8(KIND_TRIM);
-                out.put_u64_le(*offset);
-                out.put_u64_le(*len);
-            }
-            Command::WriteZeroes { offset, len } => {
-                out.put_u8(KIND_WRITE_ZEROES);
-                out.put_u64_le(*offset);
-                out.put_u64_le(*len);
+            Command::Zero { first, count, deallocate } => {
+                out.put_u8(KIND_ZERO);
+                out.put_u64_le(*first);
+                out.put_u64_le(*count);
+                out.put_u8(u8::from(*deallocate));
             }
             Command::Resize { size } => {
                 out.put_u8(KIND_RESIZE);
@@ -135,6 +168,20 @@ impl Cursor<'_> {
     fn u8(&mut self) -> Result<u8, CommandError> {
         let r = self.take(1)?;
         Ok(self.buf[r.start])
+    }
+    fn u16(&mut self) -> Result<u16, CommandError> {
+        let r = self.take(2)?;
+        Ok(u16::from_le_bytes([self.buf[r.start], self.buf[r.start + 1]]))
+    }
+    fn seal(&mut self) -> Result<raftblk_blockdev::seal::Seal, CommandError> {
+        let mut rest = &self.buf[self.at..self.end];
+        let before = rest.remaining();
+        let seal = wire::get_seal(&mut rest).map_err(|e| match e {
+            wire::WireError::Unknown(k) => CommandError::Unknown(k),
+            _ => CommandError::Truncated,
+        })?;
+        self.at += before - rest.remaining();
+        Ok(seal)
     }
     fn u32(&mut self) -> Result<u32, CommandError> {
         let r = self.take(4)?;
@@ -174,13 +221,36 @@ pub fn decode_batch(buf: &Bytes) -> Result<Vec<Command>, CommandError> {
     for _ in 0..count {
         let cmd = match c.u8()? {
             KIND_WRITE => {
-                let offset = c.u64()?;
-                let len = c.u32()? as usize;
-                let r = c.take(len)?;
-                Command::Write { offset, data: buf.slice(r) }
+                let first = c.u64()?;
+                let count = c.u32()? as usize;
+                let guards = c.u16()? as usize;
+                if guards > GUARDS_MAX || count > wire::BLOCKS_MAX as usize {
+                    return Err(CommandError::Malformed);
+                }
+                let mut g = Vec::with_capacity(guards);
+                for _ in 0..guards {
+                    g.push(Guard { block: c.u64()?, version: c.u64()? });
+                }
+                let mut seals = Vec::with_capacity(count);
+                for _ in 0..count {
+                    seals.push(c.seal()?);
+                }
+                let r = c.take(count * BLOCK_BYTES)?;
+                let write = BlockWrite { first, data: buf.slice(r), seals, guards: g };
+                if !write.is_well_formed() {
+                    return Err(CommandError::Malformed);
+                }
+                Command::Write(write)
             }
-            KIND_TRIM => Command::Trim { offset: c.u64()?, len: c.u64()? },
-            KIND_WRITE_ZEROES => Command::WriteZeroes { offset: c.u64()?, len: c.u64()? },
+            KIND_ZERO => {
+                let (first, count) = (c.u64()?, c.u64()?);
+                let deallocate = match c.u8()? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(CommandError::Unknown(other)),
+                };
+                Command::Zero { first, count, deallocate }
+            }
             KIND_RESIZE => Command::Resize { size: c.u64()? },
             KIND_APP => {
                 let len = c.u32()? as usize;
@@ -202,12 +272,20 @@ mod tests {
     use super::*;
 
     fn sample() -> Vec<Command> {
+        let data = Bytes::from(vec![7u8; 2 * BLOCK_BYTES]);
+        let seals = vec![
+            raftblk_blockdev::seal::Seal::plain(4, &data[..BLOCK_BYTES]),
+            raftblk_blockdev::seal::Seal {
+                crc: 9,
+                cipher: Some(raftblk_blockdev::seal::CipherSeal { key_generation: 1, nonce: [3; 12], tag: [4; 16] }),
+            },
+        ];
         vec![
-            Command::Write { offset: 4096, data: Bytes::from(vec![7u8; 100]) },
-            Command::Trim { offset: 0, len: 8192 },
-            Command::WriteZeroes { offset: 512, len: 1 },
+            Command::Write(BlockWrite { first: 4, data, seals, guards: vec![Guard { block: 5, version: 77 }] }),
+            Command::Zero { first: 0, count: 2, deallocate: true },
+            Command::Zero { first: 9, count: 1, deallocate: false },
             Command::Resize { size: 1 << 30 },
-            Command::Write { offset: u64::MAX - 1, data: Bytes::new() },
+            Command::Write(BlockWrite { first: u64::MAX - 1, data: Bytes::new(), seals: vec![], guards: vec![] }),
             Command::App { data: Bytes::from_static(b"{\"op\":1}") },
             Command::App { data: Bytes::new() },
         ]

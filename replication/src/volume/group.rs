@@ -308,14 +308,16 @@ impl<D: WalDisk> GroupDriver<D> {
     }
 
     /// Proposes a batch of commands as one entry; `requests` complete when it is applied.
-    pub fn propose(&mut self, commands: &[Command], requests: Vec<RequestId>) -> Result<(), GroupError> {
+    /// Returns the entry's index (command `i` of the batch writes version
+    /// `block_version(index, i)`).
+    pub fn propose(&mut self, commands: &[Command], requests: Vec<RequestId>) -> Result<u64, GroupError> {
         if !self.is_leader() {
             return Err(GroupError::NotLeader { leader: self.leader() });
         }
         self.raw.propose(Vec::new(), encode_batch(commands).to_vec())?;
         let index = self.raw.raft.raft_log.last_index();
         self.proposals.insert(index, (self.raw.raft.term, requests));
-        Ok(())
+        Ok(index)
     }
 
     /// Proposes a membership change (raft-rs applies it when its entry commits; see

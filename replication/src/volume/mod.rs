@@ -1,6 +1,6 @@
 //! The replicated volume, sans-IO: commands carried in Raft entries ([`command`]), the
-//! driver of a volume's Raft group ([`group`]), and applying committed commands to a
-//! [`BlockBackend`] ([`apply_commands`]).
+//! driver of a volume's Raft group ([`group`]), and applying committed entries to a copy
+//! ([`apply_entries`]).
 //!
 //! # Why FLUSH and FUA need no work of their own
 //!
@@ -18,44 +18,87 @@
 pub mod command;
 pub mod group;
 
-use raftblk_blockdev::backend::{BackendError, BlockBackend};
+use raftblk_blockdev::backend::BackendError;
+use raftblk_blockdev::seal::{CopyStore, WriteOutcome};
 
-use self::command::Command;
+use self::command::{block_version, Command};
+use self::group::CommittedEntry;
 
-/// What applying one command did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ApplyOutcome {
-    /// Applied.
-    Done,
-    /// Refused identically on every replica (e.g. out of range: the size is replicated
-    /// state), so skipping it keeps the replicas identical.
-    Skipped,
+/// What applying entries did besides storing them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Guarded writes whose guard failed, as `(entry index, position in the entry)`: they
+    /// were skipped identically on every copy, and their proposer retries them.
+    pub guard_failures: Vec<(u64, usize)>,
 }
 
-/// Applies committed commands to `backend` in order. `resize` grows the store (the
-/// [`BlockBackend`] trait has no resize of its own). Errors other than deterministic refusals
-/// mean this replica can no longer follow the log and must stop.
-pub async fn apply_commands<B: BlockBackend + ?Sized>(
-    backend: &B,
-    commands: &[Command],
-    resize: &(dyn Fn(u64) -> Result<(), BackendError> + Sync),
-) -> Result<Vec<ApplyOutcome>, BackendError> {
-    let mut out = Vec::with_capacity(commands.len());
-    for c in commands {
-        let result = match c {
-            // fua = false: durability comes from the WAL (see the module docs).
-            Command::Write { offset, data } => backend.write(*offset, data.clone(), false).await,
-            Command::Trim { offset, len } => backend.trim(*offset, *len).await,
-            Command::WriteZeroes { offset, len } => backend.write_zeroes(*offset, *len, false, false).await,
-            Command::Resize { size } => resize(*size),
-            // State machine commands mean nothing to a volume (and are never proposed to one).
-            Command::App { .. } => Ok(()),
-        };
-        out.push(match result {
-            Ok(()) => ApplyOutcome::Done,
-            Err(BackendError::OutOfRange { .. }) => ApplyOutcome::Skipped,
-            Err(e) => return Err(e),
-        });
+/// Applies committed entries to a volume's copy, in log order: commands run concurrently
+/// until one overlaps a command still in flight (or is a resize), which waits for the wave
+/// before it. Each write's blocks get the version of its place in the log, the same on
+/// every copy. Deterministic refusals (out of range, a guard that failed) are skipped,
+/// which keeps the copies identical; any other error means this copy can no longer follow
+/// the log and must stop. The one apply of volume entries: the node runner and the
+/// simulator both call it.
+pub async fn apply_entries(
+    store: &dyn CopyStore,
+    grow: &(dyn Fn(u64) -> Result<(), BackendError> + Sync),
+    entries: Vec<CommittedEntry>,
+) -> Result<ApplyReport, BackendError> {
+    let mut report = ApplyReport::default();
+    let mut wave = Vec::new();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for entry in entries {
+        for (position, command) in entry.commands.into_iter().enumerate() {
+            let range = command.range();
+            let barrier = range.is_none_or(|r| ranges.iter().any(|&o| overlaps(r, o)));
+            if barrier {
+                finish_wave(std::mem::take(&mut wave), &mut report).await?;
+                ranges.clear();
+            }
+            if let Command::Resize { size } = command {
+                grow(size)?;
+                continue;
+            }
+            if let Some(r) = range {
+                ranges.push(r);
+            }
+            let version = block_version(entry.index, position);
+            let at = (entry.index, position);
+            wave.push(async move {
+                let r = match command {
+                    Command::Write(w) => store.apply_write(w, version).await,
+                    Command::Zero { first, count, deallocate } => {
+                        store.apply_zero(first, count, deallocate, version).await.map(|()| WriteOutcome::Written)
+                    }
+                    // A volume has no state machine: never proposed to one.
+                    Command::Resize { .. } | Command::App { .. } => Ok(WriteOutcome::Written),
+                };
+                match r {
+                    // Out of range is refused identically on every copy (the size is replicated).
+                    Err(BackendError::OutOfRange { .. }) => Ok(None),
+                    Ok(WriteOutcome::GuardFailed { .. }) => Ok(Some(at)),
+                    Ok(WriteOutcome::Written) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            });
+        }
     }
-    Ok(out)
+    finish_wave(wave, &mut report).await?;
+    Ok(report)
+}
+
+async fn finish_wave<F: std::future::Future<Output = Result<Option<(u64, usize)>, BackendError>>>(
+    wave: Vec<F>,
+    report: &mut ApplyReport,
+) -> Result<(), BackendError> {
+    for r in futures::future::join_all(wave).await {
+        if let Some(at) = r? {
+            report.guard_failures.push(at);
+        }
+    }
+    Ok(())
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.0.saturating_add(b.1) && b.0 < a.0.saturating_add(a.1)
 }

@@ -95,6 +95,8 @@ struct CreateRequest {
     replicas: u8,
     #[serde(default)]
     labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    encrypted: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +247,7 @@ async fn create(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response,
         read_only: req.read_only,
         replicas: req.replicas,
         labels: req.labels,
+        encrypted: req.encrypted,
     };
     let status = s.volumes.create(&spec).await?;
     Ok((StatusCode::CREATED, Json(status)).into_response())

@@ -9,6 +9,9 @@
 //! decided about them, [`healer`] replaces copies on dead or drained nodes and spreads
 //! leaders, [`cluster_catalog`] replicates volume records and operators' decisions through
 //! a Raft group of their own, and [`cluster`] carries the control messages between nodes.
+//! Every volume's copy is a sealed file (checksums, and for encrypted volumes AES-256-GCM,
+//! see `raftblk_blockdev::seal`); [`keys`] holds the key-encryption keys that unwrap
+//! encrypted volumes' data keys, and the node's nonce reservation.
 //! `raftblk` (the CLI) is a thin HTTP client of the same API.
 
 pub mod api;
@@ -18,6 +21,7 @@ pub mod cluster_catalog;
 pub mod config;
 pub mod devcluster;
 pub mod healer;
+pub mod keys;
 pub mod membership;
 pub mod metrics;
 pub mod nodes;

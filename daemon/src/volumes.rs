@@ -2,7 +2,7 @@
 //! catalog the NBD server resolves export names through.
 //!
 //! Two modes. A node without peers serves each volume straight from its local
-//! file. A node in a cluster serves every volume through a [`ReplicatedBackend`]:
+//! file. A node in a cluster serves every volume through a [`ReplicatedStore`] (sealed by a `SealingBackend`):
 //! the volume's voters keep a copy each and form its Raft group, and any node,
 //! voter or not, forwards client I/O to the group's leader. Every record change is
 //! committed to the cluster catalog first ([`crate::cluster_catalog`]); nodes follow it
@@ -15,9 +15,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use raftblk_blockdev::nbd::{ExportCatalog, ExportInfo, OpenError, OpenExport};
-use raftblk_blockdev::store::{FileBackend, IoEngine};
+use raftblk_blockdev::seal::backend::VolumeCrypto;
+use raftblk_blockdev::seal::{CopyStore, NonceSource, SealedStore, SealingBackend};
+use raftblk_blockdev::store::{IoEngine, SealedFile};
 use raftblk_blockdev::{BackendError, BlockBackend};
-use raftblk_replication::node::{ReplicaStore, ReplicatedBackend, ReplicationNode};
+use raftblk_replication::node::{ReplicaStore, ReplicatedStore, ReplicationNode};
 use raftblk_replication::wal::record::GroupId;
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +27,7 @@ use crate::catalog::{validate_name, validate_size, Catalog, CatalogError, Volume
 use crate::cluster::{ControlAnswer, ControlMessage};
 use crate::cluster_catalog::op::{CatalogOp, Outcome};
 use crate::cluster_catalog::ClusterCatalog;
+use crate::keys::{volume_id, Keyring};
 use crate::metrics::{MeteredBackend, Metrics};
 
 /// A learner is promoted once its log is at most this many entries behind the commit index.
@@ -191,6 +194,12 @@ pub struct VolumeStatus {
     /// Operator's labels.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Whether blocks are encrypted at rest.
+    #[serde(default)]
+    pub encrypted: bool,
+    /// Set when this node cannot serve the volume (it lacks the KEK its key is wrapped by).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked: Option<String>,
     /// Raft state (cluster mode only).
     #[serde(default)]
     pub replication: Option<ReplicationStatus>,
@@ -209,6 +218,8 @@ pub struct VolumeSpec {
     pub replicas: u8,
     /// Operator's labels.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Encrypt the volume's blocks (AES-256-GCM under a data key of its own).
+    pub encrypted: bool,
 }
 
 impl VolumeSpec {
@@ -220,13 +231,17 @@ impl VolumeSpec {
             && r.read_only == self.read_only
             && r.replicas == self.replicas
             && r.labels == self.labels
+            && r.encrypted == self.encrypted
     }
 }
 
 struct Volume {
     record: Mutex<VolumeRecord>,
-    file: Option<Arc<FileBackend>>,
-    replicated: Option<Arc<ReplicatedBackend>>,
+    /// This node's copy (data and metadata files), if it holds one.
+    file: Option<Arc<SealedFile>>,
+    replicated: Option<Arc<ReplicatedStore>>,
+    /// Why this node cannot serve the volume (an encrypted volume without its KEK here).
+    locked: Option<String>,
     size: Arc<AtomicU64>,
     served: Arc<MeteredBackend>,
     connections: Arc<AtomicUsize>,
@@ -248,6 +263,19 @@ pub struct VolumeManager {
     nodes: std::sync::OnceLock<Arc<crate::nodes::NodeDirectory>>,
     /// The cluster catalog, where every record change is committed first (cluster mode).
     cluster_catalog: std::sync::OnceLock<Arc<ClusterCatalog>>,
+    /// Key-encryption keys (for encrypted volumes' data keys).
+    keys: Arc<Keyring>,
+    /// This node's nonces for encrypting blocks.
+    nonces: Arc<NonceSource>,
+}
+
+/// What encrypted volumes need of the node: its KEKs and its nonce counter.
+#[derive(Clone)]
+pub struct Security {
+    /// The node's key-encryption keys.
+    pub keys: Arc<Keyring>,
+    /// The node's nonces.
+    pub nonces: Arc<NonceSource>,
 }
 
 /// How long a client must stay connected before the leader moves to its node: short
@@ -273,6 +301,7 @@ impl VolumeManager {
         engine: IoEngine,
         metrics: Arc<Metrics>,
         replication: Option<ReplicationNode>,
+        security: Security,
     ) -> Result<Arc<Self>, VolumeError> {
         let volumes_dir = data_dir.join("volumes");
         std::fs::create_dir_all(&volumes_dir).map_err(|e| VolumeError::Store {
@@ -291,6 +320,8 @@ impl VolumeManager {
             leader_follows_client: std::sync::atomic::AtomicBool::new(false),
             nodes: std::sync::OnceLock::new(),
             cluster_catalog: std::sync::OnceLock::new(),
+            keys: security.keys,
+            nonces: security.nonces,
         });
         for record in manager.catalog.list()? {
             manager.open_volume(record, false).await?;
@@ -424,6 +455,8 @@ impl VolumeManager {
         let path = self.data_path(&record.uuid);
         let applied_path = self.applied_path(&record.uuid);
         let rebuild_path = self.rebuild_path(&record.uuid);
+        let integrity = self.metrics.integrity(&name);
+        let me = self.node_id();
         let file = if self.holds_copy(&record) {
             let fresh = create || (self.replication.is_some() && !path.exists());
             if fresh && self.replication.is_some() {
@@ -434,20 +467,26 @@ impl VolumeManager {
                 }
                 let _ = std::fs::remove_file(&applied_path);
                 let _ = std::fs::remove_file(&rebuild_path);
+                let _ = std::fs::remove_file(raftblk_blockdev::store::sealed::meta_path(&path));
             }
+            let reporter = integrity.clone() as Arc<dyn raftblk_blockdev::seal::IntegrityReporter>;
             let file = if fresh {
-                FileBackend::create(&path, record.size_bytes, self.engine.clone())
+                SealedFile::create(&path, record.size_bytes, self.engine.clone(), reporter)
             } else {
-                FileBackend::open(&path, self.engine.clone())
+                SealedFile::open(&path, self.engine.clone(), reporter).await
             }
             .map_err(|e| store_err(&name, format!("{}: {e}", path.display())))?;
+            let file = match me {
+                Some(id) => file.with_copy_id(id),
+                None => file,
+            };
             // In a cluster the copy is a cache of the replicated WAL, flushed at checkpoints:
             // the page cache takes its writes (see FileBackend::buffered_only).
             let file = if self.replication.is_some() { file.buffered_only() } else { file };
-            let file_size = file.size_bytes();
+            let file_size = SealedStore::size_bytes(&file);
             if file_size < record.size_bytes {
                 // A grow's truncate did not reach the disk before a crash; redo it.
-                file.grow(record.size_bytes).map_err(|e| store_err(&name, e))?;
+                file.grow_to(record.size_bytes).map_err(|e| store_err(&name, e))?;
             } else if file_size > record.size_bytes && self.replication.is_none() {
                 // The grow reached the file but not the catalog; the larger size was never
                 // acknowledged, but keeping it loses nothing.
@@ -459,7 +498,7 @@ impl VolumeManager {
             None
         };
         let size = Arc::new(AtomicU64::new(record.size_bytes));
-        let (inner, replicated): (Arc<dyn BlockBackend>, _) = match (&self.replication, &file) {
+        let (sealed, replicated): (Arc<dyn SealedStore>, _) = match (&self.replication, &file) {
             (None, Some(f)) => (f.clone(), None),
             (None, None) => return Err(store_err(&name, "no local copy on a node without peers")),
             (Some(node), local) => {
@@ -468,10 +507,9 @@ impl VolumeManager {
                     let (grow_file, grow_size) = (f.clone(), size.clone());
                     let store = ReplicaStore {
                         backend: f.clone(),
+                        reporter: integrity.clone(),
                         grow: Arc::new(move |new_size| {
-                            grow_file
-                                .grow(new_size)
-                                .map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
+                            CopyStore::grow(grow_file.as_ref(), new_size)?;
                             grow_size.fetch_max(new_size, Ordering::SeqCst);
                             Ok(())
                         }),
@@ -487,16 +525,31 @@ impl VolumeManager {
                         .await
                         .map_err(|e| store_err(&name, format!("starting its replica: {e}")))?;
                 }
-                let local: Option<Arc<dyn BlockBackend>> = local.clone().map(|f| f as Arc<dyn BlockBackend>);
-                let r = Arc::new(ReplicatedBackend::new(
-                    node.clone(),
-                    group,
-                    record.voters.clone(),
-                    size.clone(),
-                    local,
-                ));
+                let local: Option<Arc<dyn CopyStore>> = local.clone().map(|f| f as Arc<dyn CopyStore>);
+                let r = Arc::new(ReplicatedStore::new(node.clone(), group, record.voters.clone(), size.clone(), local));
                 (r.clone(), Some(r))
             }
+        };
+        // Encrypted volumes are sealed and opened on the node a client talks to; the copies
+        // below only ever see ciphertext.
+        let mut locked = None;
+        let inner: Arc<dyn BlockBackend> = if record.encrypted {
+            let id = volume_id(&record.uuid);
+            match self.keys.unwrap(&name, &id, &record.wrapped_keys) {
+                Ok(key) => Arc::new(SealingBackend::encrypted(
+                    sealed,
+                    VolumeCrypto { key, volume: id, nonces: self.nonces.clone() },
+                    integrity.clone(),
+                )),
+                Err(e) => {
+                    tracing::warn!(volume = %name, error = %e, "encrypted volume is locked on this node");
+                    let why = e.to_string();
+                    locked = Some(why.clone());
+                    Arc::new(Locked { why, size: size.clone() })
+                }
+            }
+        } else {
+            Arc::new(SealingBackend::plain(sealed, integrity.clone()))
         };
         let served = Arc::new(MeteredBackend::new(inner, self.metrics.volume(&name)));
         self.metrics.volume_size.with_label_values(&[&name]).set(record.size_bytes as i64);
@@ -504,7 +557,7 @@ impl VolumeManager {
             .volume_connections
             .with_label_values(&[&name])
             .set(connections.load(Ordering::SeqCst) as i64);
-        let volume = Volume { record: Mutex::new(record), file, replicated, size, served, connections };
+        let volume = Volume { record: Mutex::new(record), file, replicated, locked, size, served, connections };
         let mut open = lock(&self.open);
         open.insert(name, Arc::new(volume));
         self.metrics.volumes.set(open.len() as i64);
@@ -516,7 +569,7 @@ impl VolumeManager {
         let Ok(entries) = std::fs::read_dir(&self.volumes_dir) else { return };
         for entry in entries.flatten() {
             let file_name = entry.file_name().to_string_lossy().into_owned();
-            let Some(uuid) = [".img", ".applied", ".rebuild"].iter().find_map(|s| file_name.strip_suffix(s))
+            let Some(uuid) = [".img", ".meta", ".applied", ".rebuild"].iter().find_map(|s| file_name.strip_suffix(s))
             else {
                 continue;
             };
@@ -580,7 +633,7 @@ impl VolumeManager {
 
     /// Creates a thin volume as `spec` says.
     pub async fn create(&self, spec: &VolumeSpec) -> Result<VolumeStatus, VolumeError> {
-        let VolumeSpec { name, size_bytes, read_only, replicas, labels } = spec;
+        let VolumeSpec { name, size_bytes, read_only, replicas, labels, encrypted } = spec;
         let (name, size_bytes, read_only, replicas) = (name.as_str(), *size_bytes, *read_only, *replicas);
         validate_name(name).map_err(VolumeError::Invalid)?;
         validate_size(size_bytes).map_err(VolumeError::Invalid)?;
@@ -598,6 +651,13 @@ impl VolumeManager {
         }
         let voters = self.place(replicas)?;
         let uuid = uuid::Uuid::new_v4();
+        // The data key is made (and wrapped by the cluster KEK) here, once: every node that
+        // serves the volume unwraps the same key from the record.
+        let wrapped_keys = if *encrypted {
+            vec![self.keys.new_volume_key(uuid.as_bytes()).map_err(|e| VolumeError::Invalid(e.to_string()))?.to_text()]
+        } else {
+            Vec::new()
+        };
         let group_id = if self.replication.is_some() {
             u64::from_le_bytes(uuid.as_bytes()[..8].try_into().unwrap_or([1; 8])) | 1
         } else {
@@ -615,6 +675,8 @@ impl VolumeManager {
             initial_voters: voters.clone(),
             generation: 1,
             labels: labels.clone(),
+            encrypted: *encrypted,
+            wrapped_keys,
         };
         // The catalog decides: committed there, the volume exists (once: a create of the
         // same name on another node, or this create retried, finds it taken); not committed,
@@ -635,7 +697,7 @@ impl VolumeManager {
         }
         let told = self.broadcast(&ControlMessage::Upsert(record.clone()), &voters).await;
         self.upsert_locked(record.clone(), true).await?;
-        tracing::info!(volume = name, size_bytes, replicas, ?voters, uuid = %record.uuid, "volume created");
+        tracing::info!(volume = name, size_bytes, replicas, ?voters, uuid = %record.uuid, encrypted, "volume created");
         if let Err(e) = told {
             return Err(VolumeError::Unavailable(format!(
                 "volume {name:?} was created, but {e}; it may not be writable until they are back. Delete it and retry, or wait for them"
@@ -1209,6 +1271,8 @@ impl VolumeManager {
             replicas: r.replicas,
             voters: r.voters,
             labels: r.labels,
+            encrypted: r.encrypted,
+            locked: v.locked.clone(),
             replication,
         }
     }
@@ -1232,7 +1296,7 @@ impl VolumeManager {
             (Some(r), _) => r.resize(size_bytes).await.map_err(|e| {
                 VolumeError::Unavailable(format!("growing volume {name:?} through its replicas failed: {e}"))
             })?,
-            (None, Some(f)) => f.grow(size_bytes).map_err(|e| store_err(name, e))?,
+            (None, Some(f)) => f.grow_to(size_bytes).map_err(|e| store_err(name, e))?,
             (None, None) => return Err(store_err(name, "no local copy")),
         }
         v.size.fetch_max(size_bytes, Ordering::SeqCst);
@@ -1300,7 +1364,9 @@ impl VolumeManager {
             let _ = node.close_group(GroupId(record.group_id)).await;
         }
         if v.file.is_some() {
-            std::fs::remove_file(self.data_path(&record.uuid)).map_err(|e| store_err(name, e))?;
+            let path = self.data_path(&record.uuid);
+            std::fs::remove_file(&path).map_err(|e| store_err(name, e))?;
+            let _ = std::fs::remove_file(raftblk_blockdev::store::sealed::meta_path(&path));
             let _ = std::fs::remove_file(self.applied_path(&record.uuid));
             let _ = std::fs::remove_file(self.rebuild_path(&record.uuid));
         }
@@ -1402,7 +1468,8 @@ impl VolumeManager {
         for v in volumes {
             if let Some(f) = &v.file {
                 let name = lock(&v.record).name.clone();
-                f.flush().await.map_err(|e| store_err(&name, e))?;
+                // Flushed and marked clean: the next open trusts every record at once.
+                f.close().await.map_err(|e| store_err(&name, e))?;
             }
         }
         Ok(())
@@ -1478,6 +1545,48 @@ impl VolumeManager {
     }
 }
 
+/// What serves an encrypted volume on a node that lacks its KEK: every request fails with
+/// the reason (exports refuse it before a client gets this far).
+struct Locked {
+    why: String,
+    size: Arc<AtomicU64>,
+}
+
+impl Locked {
+    fn refuse<T>(&self) -> raftblk_blockdev::backend::BackendResult<T> {
+        Err(BackendError::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, self.why.clone())))
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockBackend for Locked {
+    fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::SeqCst)
+    }
+    async fn read(&self, _: u64, _: u32) -> raftblk_blockdev::backend::BackendResult<bytes::Bytes> {
+        self.refuse()
+    }
+    async fn write(&self, _: u64, _: bytes::Bytes, _: bool) -> raftblk_blockdev::backend::BackendResult<()> {
+        self.refuse()
+    }
+    async fn flush(&self) -> raftblk_blockdev::backend::BackendResult<()> {
+        self.refuse()
+    }
+    async fn trim(&self, _: u64, _: u64) -> raftblk_blockdev::backend::BackendResult<()> {
+        self.refuse()
+    }
+    async fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> raftblk_blockdev::backend::BackendResult<()> {
+        self.refuse()
+    }
+    async fn block_status(
+        &self,
+        _: u64,
+        _: u64,
+    ) -> raftblk_blockdev::backend::BackendResult<Vec<raftblk_blockdev::Extent>> {
+        self.refuse()
+    }
+}
+
 fn store_err(name: &str, e: impl std::fmt::Display) -> VolumeError {
     VolumeError::Store { name: name.to_string(), message: e.to_string() }
 }
@@ -1522,6 +1631,9 @@ impl ExportCatalog for VolumeManager {
             name.to_string()
         };
         let v = self.get(&name).map_err(|_| OpenError::NotFound(name.clone()))?;
+        if let Some(why) = &v.locked {
+            return Err(OpenError::Refused(why.clone()));
+        }
         let record = lock(&v.record).clone();
         v.connections.fetch_add(1, Ordering::SeqCst);
         let gauge = self.metrics.volume_connections.with_label_values(&[&name]);

@@ -64,16 +64,16 @@ fn volume_lifecycle_json_and_tables() {
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "SIZE", "ALLOCATED", "MODE", "CONNECTIONS", "HEALTH", "COPIES", "ON"],
+        ["NAME", "SIZE", "ALLOCATED", "MODE", "CONNECTIONS", "HEALTH", "ENCRYPTED", "COPIES", "ON"],
         "{out}"
     );
     let row: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(row[0], "db-1", "{out}");
     assert_eq!(&row[1..3], ["256.0", "MiB"], "{out}");
-    assert_eq!(row[row.len() - 4..], ["rw", "0", "healthy", "-"], "{out}");
+    assert_eq!(row[row.len() - 5..], ["rw", "0", "healthy", "no", "-"], "{out}");
     let row: Vec<&str> = lines[2].split_whitespace().collect();
     assert_eq!(row[0], "logs", "{out}");
-    assert_eq!(row[row.len() - 4..], ["ro", "0", "healthy", "-"], "{out}");
+    assert_eq!(row[row.len() - 5..], ["ro", "0", "healthy", "no", "-"], "{out}");
     // columns line up: every row's second column starts where SIZE does
     let col = lines[0].find("SIZE").expect("SIZE column");
     for l in &lines[1..] {

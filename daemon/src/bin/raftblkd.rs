@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use raftblk_blockdev::nbd::NbdServer;
+use raftblk_blockdev::seal::NonceSource;
 use raftblk_blockdev::store::{EngineKind, IoEngine};
 use raftblk_daemon::api::{self, ApiState, NodeInfo};
 use raftblk_daemon::cluster_catalog::machine::CatalogMachine;
@@ -16,9 +17,10 @@ use raftblk_daemon::config::{
     join_target, Config, IoEngineSetting, LogFormat, Overrides, DEFAULT_CONFIG_TOML,
 };
 use raftblk_daemon::membership::{JoinAnswer, JoinRequest, Membership};
+use raftblk_daemon::keys::{FileReserver, Keyring};
 use raftblk_daemon::metrics::Metrics;
 use raftblk_daemon::size::parse_size;
-use raftblk_daemon::volumes::VolumeManager;
+use raftblk_daemon::volumes::{Security, VolumeManager};
 use raftblk_replication::node::{NodeConfig, ReplicationNode};
 use raftblk_replication::transport::ClusterId;
 use raftblk_replication::wal::disk::WalEngine;
@@ -112,7 +114,8 @@ async fn run(config: Config) -> Result<()> {
         join(&config, &membership, was_member).await?;
     }
     let replication = start_replication(&config, &membership).await?;
-    let volumes = VolumeManager::open(&config.data_dir, engine, metrics.clone(), replication.clone())
+    let security = security(&config).await?;
+    let volumes = VolumeManager::open(&config.data_dir, engine, metrics.clone(), replication.clone(), security)
         .await
         .with_context(|| format!("opening volumes in {}", config.data_dir.display()))?;
     volumes.set_leader_follows_client(config.cluster.leader_follows_client);
@@ -247,6 +250,20 @@ async fn run(config: Config) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     tracing::info!("flushed every volume; bye");
     Ok(())
+}
+
+/// The node's KEKs (refusing to start with a KEK file others may read) and its nonces,
+/// counted above a durable reservation in the data directory.
+async fn security(config: &Config) -> Result<Security> {
+    let keys = Keyring::load(&config.security.kek_file, Some(&config.data_dir))
+        .context("loading the key-encryption key (security.kek_file)")?;
+    let prefix = u32::try_from(config.cluster.node_id)
+        .context("cluster.node_id must fit 32 bits (it prefixes every nonce this node makes)")?;
+    let reserver = Arc::new(FileReserver::new(config.data_dir.join(raftblk_daemon::keys::NONCE_FILE)));
+    let nonces = NonceSource::start(prefix, reserver, raftblk_blockdev::seal::nonce::RESERVE_BATCH_DEFAULT)
+        .await
+        .context("reserving nonces")?;
+    Ok(Security { keys: Arc::new(keys), nonces })
 }
 
 /// Creates each `(name, size)` unless it exists.

@@ -253,22 +253,23 @@ pub fn volume_id(uuid: &str) -> [u8; VOLUME_ID_BYTES] {
     }
 }
 
-/// The nonce high-water mark in a file of the data directory (write, fsync, rename).
+/// The nonce high-water mark in a file of the data directory (write, fsync, rename): the
+/// reserver of a node alone.
 #[derive(Debug)]
 pub struct FileReserver {
     path: PathBuf,
+    lock: tokio::sync::Mutex<()>,
 }
 
 impl FileReserver {
     /// A reserver keeping its mark at `path`.
     pub fn new(path: PathBuf) -> FileReserver {
-        FileReserver { path }
+        FileReserver { path, lock: tokio::sync::Mutex::new(()) }
     }
 }
 
-#[async_trait]
-impl NonceReserver for FileReserver {
-    async fn load(&self) -> Result<u64, NonceError> {
+impl FileReserver {
+    fn mark(&self) -> Result<u64, NonceError> {
         match std::fs::read_to_string(&self.path) {
             Ok(s) => s
                 .trim()
@@ -279,12 +280,14 @@ impl NonceReserver for FileReserver {
         }
     }
 
-    async fn advance(&self, mark: u64) -> Result<u64, NonceError> {
-        let path = self.path.clone();
-        let had = self.load().await?;
+    /// Raises the recorded mark to `mark` (never lowers it), durably.
+    pub async fn raise(&self, mark: u64) -> Result<u64, NonceError> {
+        let _one = self.lock.lock().await;
+        let had = self.mark()?;
         if mark <= had {
             return Ok(had);
         }
+        let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
             raftblk_replication::durable_file::write(&path, format!("{mark}\n").as_bytes())
         })
@@ -292,6 +295,66 @@ impl NonceReserver for FileReserver {
         .map_err(|e| NonceError::Reserve(e.to_string()))?
         .map_err(|e| NonceError::Reserve(format!("{}: {e}", self.path.display())))?;
         Ok(mark)
+    }
+}
+
+#[async_trait]
+impl NonceReserver for FileReserver {
+    async fn reserve(&self, at_least: u64, count: u64) -> Result<(u64, u64), NonceError> {
+        let from = self.mark()?.max(at_least);
+        let to = from.checked_add(count).ok_or(NonceError::Exhausted)?;
+        self.raise(to).await?;
+        Ok((from, to))
+    }
+}
+
+/// How long a reservation waits for the cluster catalog to be attached and answer.
+const CATALOG_RESERVE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The reserver of a node in a cluster: runs are granted by the replicated catalog (so a
+/// node whose disk was wiped, rejoining under its old id, still continues above every value
+/// it ever used), and recorded in the data directory as well.
+pub struct CatalogReserver {
+    node: u64,
+    catalog: Arc<std::sync::OnceLock<Arc<crate::cluster_catalog::ClusterCatalog>>>,
+    local: FileReserver,
+}
+
+impl CatalogReserver {
+    /// A reserver for node `node`; the catalog is attached once it is open.
+    pub fn new(node: u64, local: FileReserver) -> CatalogReserver {
+        CatalogReserver { node, catalog: Arc::new(std::sync::OnceLock::new()), local }
+    }
+
+    /// Where the daemon puts the catalog once it has opened it.
+    pub fn catalog_slot(&self) -> Arc<std::sync::OnceLock<Arc<crate::cluster_catalog::ClusterCatalog>>> {
+        self.catalog.clone()
+    }
+}
+
+#[async_trait]
+impl NonceReserver for CatalogReserver {
+    async fn reserve(&self, at_least: u64, count: u64) -> Result<(u64, u64), NonceError> {
+        let deadline = std::time::Instant::now() + CATALOG_RESERVE_WAIT;
+        let catalog = loop {
+            if let Some(c) = self.catalog.get() {
+                break c.clone();
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(NonceError::Reserve("the cluster catalog is not open yet".into()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        let at_least = at_least.max(self.local.mark()?);
+        let op = crate::cluster_catalog::op::CatalogOp::ReserveNonces { node: self.node, at_least, count };
+        match catalog.propose(op).await {
+            Ok(crate::cluster_catalog::op::Outcome::Reserved { from, to }) => {
+                self.local.raise(to).await?;
+                Ok((from, to))
+            }
+            Ok(other) => Err(NonceError::Reserve(format!("the catalog answered {other:?}"))),
+            Err(e) => Err(NonceError::Reserve(e.to_string())),
+        }
     }
 }
 
@@ -351,10 +414,10 @@ mod tests {
     async fn the_nonce_mark_survives_restarts_and_never_goes_back() {
         let dir = tempfile::tempdir().unwrap();
         let r = FileReserver::new(dir.path().join(NONCE_FILE));
-        assert_eq!(r.load().await.unwrap(), 0);
-        assert_eq!(r.advance(100).await.unwrap(), 100);
-        assert_eq!(r.advance(50).await.unwrap(), 100, "never lower");
+        assert_eq!(r.reserve(0, 100).await.unwrap(), (0, 100));
+        assert_eq!(r.reserve(10, 5).await.unwrap(), (100, 105), "never a value twice");
+        assert_eq!(r.raise(50).await.unwrap(), 105, "never lower");
         let again = FileReserver::new(dir.path().join(NONCE_FILE));
-        assert_eq!(again.load().await.unwrap(), 100);
+        assert_eq!(again.reserve(0, 1).await.unwrap(), (105, 106), "a restart continues above");
     }
 }

@@ -349,7 +349,7 @@ mod tests {
     use crate::seal::nonce::MemReserver;
 
     pub(crate) async fn crypto() -> VolumeCrypto {
-        let nonces = NonceSource::start(3, Arc::new(MemReserver::default()), 64).await.unwrap();
+        let nonces = NonceSource::new(3, Arc::new(MemReserver::default()), 64);
         VolumeCrypto { key: DataKey::generate(1).unwrap(), volume: [4; 16], nonces }
     }
 

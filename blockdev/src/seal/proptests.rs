@@ -77,7 +77,7 @@ async fn run(b: &SealingBackend, ops: &[Op]) {
 }
 
 async fn crypto() -> VolumeCrypto {
-    let nonces = NonceSource::start(9, Arc::new(MemReserver::default()), 1000).await.unwrap();
+    let nonces = NonceSource::new(9, Arc::new(MemReserver::default()), 1000);
     VolumeCrypto { key: DataKey::generate(1).unwrap(), volume: [1; 16], nonces }
 }
 

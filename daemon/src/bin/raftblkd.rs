@@ -17,7 +17,7 @@ use raftblk_daemon::config::{
     join_target, Config, IoEngineSetting, LogFormat, Overrides, DEFAULT_CONFIG_TOML,
 };
 use raftblk_daemon::membership::{JoinAnswer, JoinRequest, Membership};
-use raftblk_daemon::keys::{FileReserver, Keyring};
+use raftblk_daemon::keys::{CatalogReserver, FileReserver, Keyring};
 use raftblk_daemon::metrics::Metrics;
 use raftblk_daemon::size::parse_size;
 use raftblk_daemon::volumes::{Security, VolumeManager};
@@ -114,7 +114,7 @@ async fn run(config: Config) -> Result<()> {
         join(&config, &membership, was_member).await?;
     }
     let replication = start_replication(&config, &membership).await?;
-    let security = security(&config).await?;
+    let (security, catalog_slot) = security(&config, replication.is_some())?;
     let volumes = VolumeManager::open(&config.data_dir, engine, metrics.clone(), replication.clone(), security)
         .await
         .with_context(|| format!("opening volumes in {}", config.data_dir.display()))?;
@@ -148,6 +148,9 @@ async fn run(config: Config) -> Result<()> {
         tokio::spawn(raftblk_daemon::cluster::heartbeat_loop(node.clone(), dir.clone(), shutdown.clone()));
         let catalog = open_cluster_catalog(&config, &membership, node, &volumes).await?;
         volumes.attach_catalog(catalog.clone());
+        if let Some(slot) = &catalog_slot {
+            let _ = slot.set(catalog.clone());
+        }
         tokio::spawn(raftblk_daemon::cluster::reconcile_loop(
             volumes.clone(),
             catalog.clone(),
@@ -252,18 +255,27 @@ async fn run(config: Config) -> Result<()> {
     Ok(())
 }
 
-/// The node's KEKs (refusing to start with a KEK file others may read) and its nonces,
-/// counted above a durable reservation in the data directory.
-async fn security(config: &Config) -> Result<Security> {
+/// Where the catalog goes once open, for a cluster node's nonce reservations.
+type CatalogSlot = Arc<std::sync::OnceLock<Arc<ClusterCatalog>>>;
+
+/// The node's KEKs (refusing to start with a KEK file others may read) and its nonces:
+/// runs reserved durably in the data directory (a node alone) or granted by the cluster
+/// catalog (a node in a cluster).
+fn security(config: &Config, clustered: bool) -> Result<(Security, Option<CatalogSlot>)> {
     let keys = Keyring::load(&config.security.kek_file, Some(&config.data_dir))
         .context("loading the key-encryption key (security.kek_file)")?;
     let prefix = u32::try_from(config.cluster.node_id)
         .context("cluster.node_id must fit 32 bits (it prefixes every nonce this node makes)")?;
-    let reserver = Arc::new(FileReserver::new(config.data_dir.join(raftblk_daemon::keys::NONCE_FILE)));
-    let nonces = NonceSource::start(prefix, reserver, raftblk_blockdev::seal::nonce::RESERVE_BATCH_DEFAULT)
-        .await
-        .context("reserving nonces")?;
-    Ok(Security { keys: Arc::new(keys), nonces })
+    let local = FileReserver::new(config.data_dir.join(raftblk_daemon::keys::NONCE_FILE));
+    let batch = raftblk_blockdev::seal::nonce::RESERVE_BATCH_DEFAULT;
+    let (nonces, slot) = if clustered {
+        let reserver = CatalogReserver::new(config.cluster.node_id, local);
+        let slot = reserver.catalog_slot();
+        (NonceSource::new(prefix, Arc::new(reserver), batch), Some(slot))
+    } else {
+        (NonceSource::new(prefix, Arc::new(local), batch), None)
+    };
+    Ok((Security { keys: Arc::new(keys), nonces }, slot))
 }
 
 /// Creates each `(name, size)` unless it exists.

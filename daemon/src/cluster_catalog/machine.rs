@@ -45,6 +45,9 @@ pub struct Image {
     /// Cluster settings.
     #[serde(default)]
     pub settings: BTreeMap<String, serde_json::Value>,
+    /// Each node's nonce high-water mark (no counter value at or above it was reserved).
+    #[serde(default)]
+    pub nonce_marks: BTreeMap<u64, u64>,
 }
 
 /// The catalog state machine on one node.
@@ -85,6 +88,10 @@ fn node_key(node: u64) -> Vec<u8> {
 
 fn setting_key(key: &str) -> Vec<u8> {
     format!("s/{key}").into_bytes()
+}
+
+fn nonce_key(node: u64) -> Vec<u8> {
+    format!("r/{node:020}").into_bytes()
 }
 
 /// Reads through an entry's own earlier changes (one entry may carry several proposals).
@@ -171,6 +178,18 @@ impl CatalogMachine {
         self.by_node(b"n/")
     }
 
+    /// Each node's nonce high-water mark.
+    pub fn nonce_marks(&self) -> Result<BTreeMap<u64, u64>, MachineError> {
+        self.tree
+            .scan_prefix(b"r/")
+            .map(|kv| {
+                let (k, v) = kv.map_err(err)?;
+                let id = String::from_utf8_lossy(&k[2..]).parse::<u64>().map_err(err)?;
+                Ok((id, decode_u64(&v)))
+            })
+            .collect()
+    }
+
     /// Cluster settings that were set.
     pub fn settings(&self) -> Result<BTreeMap<String, serde_json::Value>, MachineError> {
         self.tree
@@ -238,6 +257,15 @@ impl CatalogMachine {
             CatalogOp::SetSetting { key, value } => {
                 o.set(setting_key(&key), Some(serde_json::to_vec(&value).map_err(err)?));
                 Ok(Outcome::Applied)
+            }
+            CatalogOp::ReserveNonces { node, at_least, count } => {
+                let mark = o.get(&nonce_key(node))?.map_or(0, |v| decode_u64(&v));
+                let from = mark.max(at_least);
+                let Some(to) = from.checked_add(count) else {
+                    return Ok(Outcome::Conflict { current: None });
+                };
+                o.set(nonce_key(node), Some(to.to_be_bytes().to_vec()));
+                Ok(Outcome::Reserved { from, to })
             }
         }
     }
@@ -308,6 +336,7 @@ impl StateMachine for CatalogMachine {
             admin: self.admin()?,
             nodes: self.nodes()?,
             settings: self.settings()?,
+            nonce_marks: self.nonce_marks()?,
         };
         Ok((image.applied, Bytes::from(serde_json::to_vec(&image).map_err(err)?)))
     }
@@ -336,6 +365,9 @@ impl StateMachine for CatalogMachine {
         }
         for (key, value) in &image.settings {
             batch.insert(setting_key(key), serde_json::to_vec(value).map_err(err)?);
+        }
+        for (node, mark) in &image.nonce_marks {
+            batch.insert(nonce_key(*node), &mark.to_be_bytes());
         }
         batch.insert(APPLIED_KEY, &index.to_be_bytes());
         self.tree.apply_batch(batch).map_err(err)?;

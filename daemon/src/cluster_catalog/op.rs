@@ -32,6 +32,10 @@ pub enum CatalogOp {
     PutNode { node: NodeRecord },
     /// Sets a cluster setting (checked by [`super::settings::validate`] before proposing).
     SetSetting { key: String, value: serde_json::Value },
+    /// Reserves `count` of node `node`'s nonce counter values, at or above `at_least` and
+    /// above every value reserved for it before ([`Outcome::Reserved`] says which). A retry
+    /// applied twice reserves twice, which wastes values and never repeats one.
+    ReserveNonces { node: u64, at_least: u64, count: u64 },
 }
 
 /// A node as the catalog records it.
@@ -51,6 +55,8 @@ pub enum Outcome {
     Applied,
     /// The condition did not hold; `current` is the record the name has now (if any).
     Conflict { current: Option<VolumeRecord> },
+    /// Nonce counter values `[from, to)` are the proposer's.
+    Reserved { from: u64, to: u64 },
 }
 
 impl Proposal {
@@ -73,6 +79,7 @@ impl Outcome {
         match self {
             Outcome::Applied => true,
             Outcome::Conflict { current } => current.as_ref() == Some(wanted),
+            Outcome::Reserved { .. } => false,
         }
     }
 }

@@ -179,6 +179,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes", get(list).post(create))
         .route("/v1/volumes/{name}", get(inspect).delete(delete))
         .route("/v1/volumes/{name}/resize", post(resize))
+        .route("/v1/volumes/{name}/scrub", post(scrub_start).get(scrub_status))
         .route("/v1/volumes/{name}/transfer-leader", post(transfer_leader))
         .route("/v1/volumes/{name}/replicas", post(replicas))
         .route("/v1/cluster/join", post(join))
@@ -265,6 +266,14 @@ async fn resize(
     let req: ResizeRequest = parse_json(&body, r#"{"size": "20G"}"#)?;
     let size = req.size.bytes()?;
     Ok(Json(s.volumes.resize(&name, size).await?).into_response())
+}
+
+async fn scrub_start(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(s.volumes.start_scrub(&name)?)).into_response())
+}
+
+async fn scrub_status(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(s.volumes.scrub_status(&name)?).into_response())
 }
 
 async fn nodes(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {

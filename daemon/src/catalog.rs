@@ -55,6 +55,17 @@ pub struct VolumeRecord {
     /// only while a rotation is under way. The KEK itself is never stored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wrapped_keys: Vec<String>,
+    /// When the last scrub finished (seconds since the epoch; 0: never).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub scrubbed_unix_s: u64,
+    /// Copies (node ids; 0 for a node alone) the last scrub left damaged or disagreeing:
+    /// the volume is degraded until they are repaired or replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub damaged_copies: Vec<u64>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Most extra copies a volume may have.

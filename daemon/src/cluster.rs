@@ -410,6 +410,12 @@ pub fn apply_settings(volumes: &VolumeManager, catalog: &ClusterCatalog) {
     if let Some(on) = settings.get("leader_follows_client").and_then(|v| v.as_bool()) {
         volumes.set_leader_follows_client(on);
     }
+    if let Some(h) = settings.get("scrub_interval_h").and_then(|v| v.as_u64()) {
+        volumes.set_scrub_interval_h(h);
+    }
+    if let Some(mib) = settings.get("scrub_rate_mib_s").and_then(|v| v.as_u64()) {
+        volumes.set_scrub_rate_mib_s(mib);
+    }
 }
 
 /// Every cluster setting with the value in force on this node.
@@ -421,6 +427,8 @@ pub fn settings_view(volumes: &VolumeManager, catalog: &ClusterCatalog) -> Vec<S
             let here = match def.key {
                 "node_dead_after_s" => volumes.nodes().map(|d| d.table.timing().dead_after.as_secs()).into(),
                 "rebuild_rate_mib_s" => (catalog.node().rebuild_rate() >> 20).into(),
+                "scrub_interval_h" => volumes.scrub_interval_h().into(),
+                "scrub_rate_mib_s" => volumes.scrub_rate_mib_s().into(),
                 _ => volumes.leader_follows_client().into(),
             };
             let (value, source) = match set.get(def.key) {
@@ -532,8 +540,7 @@ mod tests {
             initial_voters: vec![1, 2, 3],
             generation: 4,
             labels: [("app".to_string(), "db".to_string())].into(),
-            encrypted: false,
-            wrapped_keys: Vec::new(),
+            ..VolumeRecord::default()
         };
         for m in [
             ControlMessage::Upsert(record.clone()),

@@ -131,6 +131,20 @@ pub struct ClusterConfig {
     pub log_retain_mib: u64,
     /// Most MiB/s a replica being rebuilt copies from its peers (0: unlimited).
     pub rebuild_rate_mib_s: u64,
+    /// Hours between background scrubs of each volume (0: no background scrub).
+    #[serde(default = "default_scrub_interval_h")]
+    pub scrub_interval_h: u64,
+    /// Most MiB/s of allocated data a scrub reads (0: unlimited).
+    #[serde(default = "default_scrub_rate_mib_s")]
+    pub scrub_rate_mib_s: u64,
+}
+
+fn default_scrub_interval_h() -> u64 {
+    crate::volumes::SCRUB_INTERVAL_H_DEFAULT
+}
+
+fn default_scrub_rate_mib_s() -> u64 {
+    crate::volumes::SCRUB_RATE_MIB_S_DEFAULT
 }
 
 fn default_node_dead_after_s() -> u64 {
@@ -279,6 +293,9 @@ pub struct Overrides {
     /// Rebuild copy rate limit in MiB/s, 0 = unlimited [env: RAFTBLK_REBUILD_RATE_MIB_S]
     #[arg(long, env = "RAFTBLK_REBUILD_RATE_MIB_S")]
     pub rebuild_rate_mib_s: Option<u64>,
+    /// Hours between background scrubs, 0 = none [env: RAFTBLK_SCRUB_INTERVAL_H]
+    #[arg(long, env = "RAFTBLK_SCRUB_INTERVAL_H")]
+    pub scrub_interval_h: Option<u64>,
     /// Raft tick length in ms [env: RAFTBLK_TICK_MS]
     #[arg(long, env = "RAFTBLK_TICK_MS")]
     pub tick_ms: Option<u64>,
@@ -440,6 +457,9 @@ impl Config {
         }
         if let Some(v) = o.rebuild_rate_mib_s {
             self.cluster.rebuild_rate_mib_s = v;
+        }
+        if let Some(v) = o.scrub_interval_h {
+            self.cluster.scrub_interval_h = v;
         }
         if let Some(v) = o.io_engine {
             self.storage.io_engine = v;

@@ -1,4 +1,5 @@
-//! Self-healing: copies on dead, draining or removed nodes are replaced.
+//! Self-healing: copies on dead, draining or removed nodes are replaced, and so are copies
+//! a scrub found damaged beyond repair (their replacement is copied from the good ones).
 //!
 //! One node acts: the lowest-id node that is alive and not removed in its own view (every
 //! node runs the loop; the others find they are not the one and wait). Views can differ
@@ -62,7 +63,10 @@ pub async fn heal_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Vec<Stri
             .iter()
             .copied()
             .filter(|&id| {
-                dir.table.liveness(id, now) == Liveness::Dead || dir.table.admin(id).evicts_copies()
+                dir.table.liveness(id, now) == Liveness::Dead
+                    || dir.table.admin(id).evicts_copies()
+                    // A copy a scrub could not repair is rebuilt elsewhere from the good ones.
+                    || (record.damaged_copies.contains(&id) && record.voters.len() > 1)
             })
             .collect();
         let source = record.voters.iter().any(|&id| dir.table.liveness(id, now) != Liveness::Dead);

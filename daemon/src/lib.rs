@@ -25,5 +25,6 @@ pub mod keys;
 pub mod membership;
 pub mod metrics;
 pub mod nodes;
+pub mod scrub;
 pub mod size;
 pub mod volumes;

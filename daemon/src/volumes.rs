@@ -259,6 +259,12 @@ pub struct VolumeManager {
     control: tokio::sync::Mutex<()>,
     /// Whether a volume's leader moves to the node where its client connects.
     leader_follows_client: std::sync::atomic::AtomicBool,
+    /// Scrubs by volume name: the running one, or the last one run from this node.
+    scrubs: Mutex<HashMap<String, crate::scrub::SharedJob>>,
+    /// Most allocated bytes per second a scrub reads (0: unlimited).
+    scrub_rate_bytes_per_s: AtomicU64,
+    /// Hours between background scrubs of a volume (0: none).
+    scrub_interval_h: AtomicU64,
     /// Node liveness and operator decisions (cluster mode).
     nodes: std::sync::OnceLock<Arc<crate::nodes::NodeDirectory>>,
     /// The cluster catalog, where every record change is committed first (cluster mode).
@@ -277,6 +283,11 @@ pub struct Security {
     /// The node's nonces.
     pub nonces: Arc<NonceSource>,
 }
+
+/// Scrub read rate until configured (MiB/s of allocated data).
+pub const SCRUB_RATE_MIB_S_DEFAULT: u64 = 100;
+/// Hours between background scrubs until configured.
+pub const SCRUB_INTERVAL_H_DEFAULT: u64 = 168;
 
 /// How long a client must stay connected before the leader moves to its node: short
 /// probes (nbdinfo, a health check) should not move it.
@@ -318,6 +329,9 @@ impl VolumeManager {
             open: Mutex::new(HashMap::new()),
             control: tokio::sync::Mutex::new(()),
             leader_follows_client: std::sync::atomic::AtomicBool::new(false),
+            scrubs: Mutex::new(HashMap::new()),
+            scrub_rate_bytes_per_s: AtomicU64::new(SCRUB_RATE_MIB_S_DEFAULT << 20),
+            scrub_interval_h: AtomicU64::new(SCRUB_INTERVAL_H_DEFAULT),
             nodes: std::sync::OnceLock::new(),
             cluster_catalog: std::sync::OnceLock::new(),
             keys: security.keys,
@@ -677,6 +691,7 @@ impl VolumeManager {
             labels: labels.clone(),
             encrypted: *encrypted,
             wrapped_keys,
+            ..VolumeRecord::default()
         };
         // The catalog decides: committed there, the volume exists (once: a create of the
         // same name on another node, or this create retried, finds it taken); not committed,
@@ -733,6 +748,14 @@ impl VolumeManager {
             let mut current = lock(&v.record);
             if current.uuid != record.uuid {
                 return Err(VolumeError::Exists(record.name.clone()));
+            }
+            if record.generation > current.generation {
+                // What a newer record may change besides size and copies.
+                current.scrubbed_unix_s = record.scrubbed_unix_s;
+                current.damaged_copies = record.damaged_copies.clone();
+                current.wrapped_keys = record.wrapped_keys.clone();
+                current.labels = record.labels.clone();
+                self.catalog.update(&current)?;
             }
             current.generation = current.generation.max(record.generation);
             if record.size_bytes > current.size_bytes {
@@ -1040,6 +1063,10 @@ impl VolumeManager {
     /// being added or copied from a snapshot. Degraded: a copy sits on a node that is not
     /// heard from (or is being drained or removed), or copies are missing.
     fn health_of(&self, r: &VolumeRecord, repl: Option<&ReplicationStatus>) -> VolumeHealth {
+        // A copy a scrub could not repair (0: a node alone's only copy).
+        if r.damaged_copies.iter().any(|n| *n == 0 || r.voters.contains(n)) {
+            return VolumeHealth::Degraded;
+        }
         let Some(dir) = self.nodes.get() else { return VolumeHealth::Healthy };
         let now = std::time::Instant::now();
         let bad = r.voters.iter().any(|&id| {
@@ -1156,6 +1183,9 @@ impl VolumeManager {
         let mut record = lock(&v.record).clone();
         if record.voters.contains(&target) {
             record.voters.retain(|&n| n != target);
+            // A damaged copy that is gone no longer degrades the volume (and a new copy
+            // on that node later starts clean).
+            record.damaged_copies.retain(|&n| n != target);
             record.replicas = (record.voters.len() - 1) as u8;
             record.generation += 1;
             self.commit_change(&record, record.generation - 1).await?;
@@ -1473,6 +1503,122 @@ impl VolumeManager {
             }
         }
         Ok(())
+    }
+
+    /// Sets the scrub rate limit (MiB/s of allocated data read; 0: unlimited).
+    pub fn set_scrub_rate_mib_s(&self, mib: u64) {
+        self.scrub_rate_bytes_per_s.store(mib.saturating_mul(1 << 20), Ordering::Relaxed);
+    }
+
+    /// The scrub rate limit in MiB/s.
+    pub fn scrub_rate_mib_s(&self) -> u64 {
+        self.scrub_rate_bytes_per_s.load(Ordering::Relaxed) >> 20
+    }
+
+    /// Sets the hours between background scrubs (0: none).
+    pub fn set_scrub_interval_h(&self, hours: u64) {
+        self.scrub_interval_h.store(hours, Ordering::Relaxed);
+    }
+
+    /// Hours between background scrubs (0: none).
+    pub fn scrub_interval_h(&self) -> u64 {
+        self.scrub_interval_h.load(Ordering::Relaxed)
+    }
+
+    /// Starts a scrub of `name` (or returns the one running). It reads every block of
+    /// every copy, repairs damage from good copies, and records what it found in the
+    /// volume's record (a copy left damaged makes the volume degraded).
+    pub fn start_scrub(self: &Arc<Self>, name: &str) -> Result<crate::scrub::ScrubStatus, VolumeError> {
+        let v = self.get(name)?;
+        if let Some(why) = &v.locked {
+            if self.replication.is_none() {
+                return Err(VolumeError::Unavailable(why.clone()));
+            }
+        }
+        let job = {
+            let mut scrubs = lock(&self.scrubs);
+            if let Some(j) = scrubs.get(name).filter(|j| !j.finished.load(Ordering::SeqCst)) {
+                return Ok(j.status());
+            }
+            let job = Arc::new(crate::scrub::ScrubJob::default());
+            crate::scrub::begin(&job, name);
+            scrubs.insert(name.to_string(), job.clone());
+            job
+        };
+        let me = self.clone();
+        let name = name.to_string();
+        let run = job.clone();
+        tokio::spawn(async move {
+            let rate = me.scrub_rate_bytes_per_s.load(Ordering::Relaxed);
+            let copies = lock(&v.record).voters.clone();
+            match (&v.replicated, &me.replication, &v.file) {
+                (Some(store), Some(node), _) => {
+                    let c = crate::scrub::ClusterScrub { store: store.as_ref(), node, copies };
+                    crate::scrub::scrub_replicated(c, &run, rate).await;
+                }
+                (None, _, Some(file)) => {
+                    crate::scrub::scrub_local(file.as_ref(), &run, rate).await;
+                }
+                _ => {}
+            }
+            let summary = crate::scrub::end(&run);
+            tracing::info!(volume = %name, blocks = summary.blocks_checked, bad_copies = ?summary.bad_copies(), error = ?summary.error, "scrub finished");
+            if let Err(e) = me.record_scrub(&name, &summary).await {
+                tracing::warn!(volume = %name, error = %e, "cannot record the scrub's findings");
+            }
+        });
+        Ok(job.status())
+    }
+
+    /// The running scrub of `name`, or the last one run from this node, or what the volume's
+    /// record says of the last one anywhere.
+    pub fn scrub_status(&self, name: &str) -> Result<crate::scrub::ScrubStatus, VolumeError> {
+        let v = self.get(name)?;
+        if let Some(j) = lock(&self.scrubs).get(name) {
+            return Ok(j.status());
+        }
+        let r = lock(&v.record).clone();
+        Ok(crate::scrub::ScrubStatus {
+            running: false,
+            summary: (r.scrubbed_unix_s > 0).then(|| crate::scrub::ScrubSummary {
+                volume: r.name.clone(),
+                finished_unix_s: r.scrubbed_unix_s,
+                copies: r.damaged_copies.iter().map(|&n| (n, crate::scrub::CopyFindings { unrepaired: 1, ..Default::default() })).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// Records a finished scrub in the volume's record (through the catalog in a cluster).
+    async fn record_scrub(&self, name: &str, summary: &crate::scrub::ScrubSummary) -> Result<(), VolumeError> {
+        if summary.error.is_some() && summary.blocks_checked == 0 {
+            return Ok(());
+        }
+        for _ in 0..5 {
+            let _control = self.control.lock().await;
+            let v = self.get(name)?;
+            let mut record = lock(&v.record).clone();
+            let expect = record.generation;
+            record.scrubbed_unix_s = summary.finished_unix_s;
+            record.damaged_copies = summary.bad_copies();
+            record.generation += 1;
+            match self.commit_change(&record, expect).await {
+                Ok(()) => {
+                    self.catalog.update(&record)?;
+                    *lock(&v.record) = record;
+                    return Ok(());
+                }
+                Err(VolumeError::Unavailable(why)) if why.contains("changed") => {
+                    // This node's copy of the record is behind the catalog: let it catch up.
+                    drop(_control);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(VolumeError::Unavailable(format!("volume {name:?} kept changing; its scrub findings were not recorded")))
     }
 
     /// Answers a peer's control message.

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use raftblk_daemon::api::NodeInfo;
 use raftblk_daemon::cluster_catalog::settings::SettingView;
 use raftblk_daemon::cluster_catalog::CatalogStatus;
+use raftblk_daemon::scrub::ScrubStatus;
 use raftblk_daemon::size::{format_size, parse_size};
 use raftblk_daemon::volumes::{NodeStatus, VolumeHealth, VolumeStatus};
 use serde_json::{json, Value};
@@ -161,6 +162,17 @@ enum VolumeCommand {
         /// Keep showing rebuild progress (a bar per copy being rebuilt) until none is left
         #[arg(long)]
         watch: bool,
+    },
+    /// Read and check every block of every copy; repair damage from good copies
+    Scrub {
+        /// Volume name
+        name: String,
+        /// Start it and return (`volume scrub NAME --status` shows how it goes)
+        #[arg(long)]
+        no_wait: bool,
+        /// Show the running (or last) scrub instead of starting one
+        #[arg(long)]
+        status: bool,
     },
     /// Grow a volume (shrinking is refused)
     #[command(alias = "grow")]
@@ -400,6 +412,20 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
                 watch_rebuilds(client, &path, v)?;
             }
         }
+        VolumeCommand::Scrub { name, no_wait, status } => {
+            let path = format!("/v1/volumes/{}/scrub", path_segment(name)?);
+            let v = if *status { client.call("GET", &path, None)? } else { client.call("POST", &path, None)? };
+            let v = if *no_wait || *status { v } else { watch_scrub(client, &path, v, cli.json)? };
+            let s: ScrubStatus = serde_json::from_value(v.clone())?;
+            if cli.json {
+                println!("{:#}", serde_json::to_value(&s.summary)?);
+            } else {
+                print_scrub(name, &s);
+            }
+            if !s.running && s.summary.as_ref().is_some_and(|x| !x.bad_copies().is_empty()) {
+                std::process::exit(3);
+            }
+        }
         VolumeCommand::Resize { name, size } => {
             let bytes = parse_size(size).map_err(|e| anyhow!("size: {e}"))?;
             let v = client.call(
@@ -573,6 +599,63 @@ fn watch_rebuilds(client: &Client, path: &str, mut v: Value) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
         v = client.call("GET", path, None)?;
+    }
+}
+
+/// Shows a progress bar until the scrub finishes; returns its final status.
+fn watch_scrub(client: &Client, path: &str, mut v: Value, quiet: bool) -> Result<Value> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout()) && !quiet;
+    loop {
+        let s: ScrubStatus = serde_json::from_value(v.clone())?;
+        if !s.running {
+            if tty {
+                println!();
+            }
+            return Ok(v);
+        }
+        if tty {
+            print!("\rscrub {} {}/{}   ", bar(s.done_bytes, s.total_bytes, 30), format_size(s.done_bytes), format_size(s.total_bytes));
+            std::io::Write::flush(&mut std::io::stdout())?;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        v = client.call("GET", path, None)?;
+    }
+}
+
+fn print_scrub(name: &str, s: &ScrubStatus) {
+    let Some(sum) = &s.summary else {
+        println!("volume {name} was never scrubbed; `raftblk volume scrub {name}` runs one");
+        return;
+    };
+    let state = if s.running { "running" } else { "finished" };
+    println!(
+        "scrub of {name} {state}: {} blocks checked on each copy, {} of data",
+        sum.blocks_checked,
+        format_size(sum.data_bytes)
+    );
+    if let Some(e) = &sum.error {
+        println!("stopped early: {e}");
+    }
+    let rows: Vec<Vec<String>> = sum
+        .copies
+        .iter()
+        .map(|(node, f)| {
+            vec![
+                if *node == 0 { "this node".to_string() } else { node.to_string() },
+                f.damaged.to_string(),
+                f.repaired.to_string(),
+                f.unrepaired.to_string(),
+                f.mismatched.to_string(),
+                f.chunks_missed.to_string(),
+                if f.is_clean() { "ok" } else { "DAMAGED" }.to_string(),
+            ]
+        })
+        .collect();
+    print_table(&["COPY", "DAMAGED", "REPAIRED", "UNREPAIRED", "MISMATCHED", "CHUNKS MISSED", "STATE"], &rows);
+    for (node, f) in &sum.copies {
+        if !f.unrepaired_blocks.is_empty() {
+            println!("copy {node}: unrepaired blocks (4 KiB each) {:?}", f.unrepaired_blocks);
+        }
     }
 }
 

@@ -23,6 +23,13 @@ fn mib_per_s(v: &Value) -> Result<(), String> {
     v.as_u64().map(|_| ()).ok_or_else(|| format!("{v} is not a whole number of MiB/s (0: unlimited)"))
 }
 
+fn hours(v: &Value) -> Result<(), String> {
+    match v.as_u64() {
+        Some(h) if h <= 8760 => Ok(()),
+        _ => Err(format!("{v} is not a number of hours from 0 (never) to 8760 (a year)")),
+    }
+}
+
 fn boolean(v: &Value) -> Result<(), String> {
     v.as_bool().map(|_| ()).ok_or_else(|| format!("{v} is not true or false"))
 }
@@ -37,6 +44,16 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef {
         key: "rebuild_rate_mib_s",
         help: "most MiB/s a copy being rebuilt pulls from its peers (0: unlimited); applies to rebuilds that start later",
+        check: mib_per_s,
+    },
+    SettingDef {
+        key: "scrub_interval_h",
+        help: "hours between background scrubs of each volume (0: none; 0 to 8760)",
+        check: hours,
+    },
+    SettingDef {
+        key: "scrub_rate_mib_s",
+        help: "most MiB/s of allocated data a scrub reads on each copy (0: unlimited)",
         check: mib_per_s,
     },
     SettingDef {

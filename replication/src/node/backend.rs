@@ -65,6 +65,17 @@ impl ReplicatedStore {
         self.execute(ForwardOp::Resize { size: size_bytes }).await.map(|_| ())
     }
 
+    /// Commits a scrub of `count` blocks from `first` (scrub `id`) through the log: every
+    /// copy checks them as of that entry (see [`ReplicationNode::scrub_result`]).
+    pub async fn scrub(&self, id: u64, first: u64, count: u32) -> BackendResult<()> {
+        self.execute(ForwardOp::Scrub { id, first, count }).await.map(|_| ())
+    }
+
+    /// The nodes holding copies (as this store was opened with).
+    pub fn voters(&self) -> &[u64] {
+        &self.voters
+    }
+
     /// The volume's Raft group.
     pub fn group(&self) -> GroupId {
         self.group

@@ -11,6 +11,9 @@
 //! 5 Control    data = the daemon's message
 //! 6 ReadChunk  a = offset, b = length, data = [min index u64]   (snapshot chunks)
 //! 7 ReadCopy   a = first block, b = count, data = [min applied u64]  (repairs)
+//! 8 Scrub      a = first block, b = count, data = [scrub id u64]      (through the log)
+//! 9 ScrubResult a = first block, data = [scrub id u64]   (what the receiver's copy found)
+//! 10 Repair    a = first block, b = count   (the receiver repairs its own copy's damage)
 //! ```
 //!
 //! Response: `[status u8][hint u64][data]`; data only for a successful read (sealed blocks
@@ -42,6 +45,13 @@ pub enum ForwardOp {
     /// Blocks of the receiver's own copy, which must have applied at least `min_applied`
     /// (to repair a damaged copy elsewhere; no leadership needed).
     ReadCopy { first: u64, count: u32, min_applied: u64 },
+    /// A scrub command committed through the log (every copy checks the blocks).
+    Scrub { id: u64, first: u64, count: u32 },
+    /// What the receiver's copy found for scrub `id` at `first` (NotReady until it applied it).
+    ScrubResult { id: u64, first: u64 },
+    /// The receiver repairs damaged blocks of its own copy from the other copies; answers
+    /// `[repaired u32][still damaged u32]`.
+    Repair { first: u64, count: u32 },
 }
 
 /// A forwarded request.
@@ -117,6 +127,15 @@ impl ForwardRequest {
                 tail = Bytes::copy_from_slice(&min_applied.to_le_bytes());
                 (7, *first, u64::from(*count), Some(&tail[..]))
             }
+            ForwardOp::Scrub { id, first, count } => {
+                tail = Bytes::copy_from_slice(&id.to_le_bytes());
+                (8, *first, u64::from(*count), Some(&tail[..]))
+            }
+            ForwardOp::ScrubResult { id, first } => {
+                tail = Bytes::copy_from_slice(&id.to_le_bytes());
+                (9, *first, 0, Some(&tail[..]))
+            }
+            ForwardOp::Repair { first, count } => (10, *first, u64::from(*count), None),
         };
         let mut out = BytesMut::with_capacity(HEADER_BYTES + data.map_or(0, <[u8]>::len));
         out.put_u8(op);
@@ -172,6 +191,13 @@ impl ForwardRequest {
             6 => ForwardOp::ReadChunk { offset: a, len: b, min_index: bytes.get_u64_le() },
             7 if bytes.len() != 8 => return Err(ForwardError::Truncated),
             7 => ForwardOp::ReadCopy { first: a, count: blocks(b)?, min_applied: bytes.get_u64_le() },
+            8 | 9 if bytes.len() != 8 => return Err(ForwardError::Truncated),
+            8 if b > u64::from(crate::volume::command::SCRUB_BLOCKS_MAX) => {
+                return Err(ForwardError::TooLong(b.saturating_mul(BLOCK)))
+            }
+            8 => ForwardOp::Scrub { id: bytes.get_u64_le(), first: a, count: b as u32 },
+            9 => ForwardOp::ScrubResult { id: bytes.get_u64_le(), first: a },
+            10 => ForwardOp::Repair { first: a, count: blocks(b)? },
             other => return Err(ForwardError::Unknown(other)),
         };
         Ok(ForwardRequest { group, op })
@@ -240,6 +266,9 @@ mod tests {
             ForwardOp::Control { payload: Bytes::from_static(b"{}") },
             ForwardOp::ReadChunk { offset: 1 << 20, len: 4 << 20, min_index: 77 },
             ForwardOp::ReadCopy { first: 5, count: 2, min_applied: 88 },
+            ForwardOp::Scrub { id: 9, first: 256, count: 256 },
+            ForwardOp::ScrubResult { id: 9, first: 256 },
+            ForwardOp::Repair { first: 3, count: 1 },
         ] {
             let r = ForwardRequest { group: GroupId(7), op };
             assert_eq!(ForwardRequest::decode(r.encode()), Ok(r));

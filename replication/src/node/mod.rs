@@ -239,6 +239,32 @@ struct Shared {
     /// The rebuild rate limit now (starts as the configuration's; see
     /// [`ReplicationNode::set_rebuild_rate`]).
     rebuild_rate_bytes_per_s: AtomicU64,
+    /// What this node's copies found for scrub commands, until a coordinator asks.
+    scrubs: Mutex<ScrubResults>,
+}
+
+/// Most scrub findings kept per node (a coordinator collects each within seconds).
+const SCRUB_RESULTS_MAX: usize = 4096;
+
+/// Scrub findings by (group, scrub id, first block), oldest dropped first.
+#[derive(Default)]
+struct ScrubResults {
+    found: HashMap<(GroupId, u64, u64), crate::volume::ScrubChunk>,
+    order: std::collections::VecDeque<(GroupId, u64, u64)>,
+}
+
+impl ScrubResults {
+    fn insert(&mut self, group: GroupId, chunk: crate::volume::ScrubChunk) {
+        let key = (group, chunk.id, chunk.first);
+        if self.found.insert(key, chunk).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > SCRUB_RESULTS_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.found.remove(&old);
+            }
+        }
+    }
 }
 
 /// What a volume operation run on the local replica returned.
@@ -571,9 +597,12 @@ impl ReplicationNode {
             ForwardOp::Write(w) => Command::Write(w),
             ForwardOp::Zero { first, count, deallocate } => Command::Zero { first, count, deallocate },
             ForwardOp::Resize { size } => Command::Resize { size },
-            ForwardOp::Control { .. } | ForwardOp::ReadChunk { .. } | ForwardOp::ReadCopy { .. } => {
-                return Err(NodeError::Internal("not volume I/O".into()))
-            }
+            ForwardOp::Scrub { id, first, count } => Command::Scrub { id, first, count },
+            ForwardOp::Control { .. }
+            | ForwardOp::ReadChunk { .. }
+            | ForwardOp::ReadCopy { .. }
+            | ForwardOp::ScrubResult { .. }
+            | ForwardOp::Repair { .. } => return Err(NodeError::Internal("not volume I/O".into())),
         };
         self.local_write(group, vec![command]).await.map(|()| Answer::Done)
     }
@@ -632,6 +661,25 @@ impl ReplicationNode {
         if let ForwardOp::ReadCopy { first, count, min_applied } = request.op {
             return self.serve_copy(request.group, first, count, min_applied).await;
         }
+        if let ForwardOp::ScrubResult { id, first } = request.op {
+            return match self.local_scrub_result(request.group, id, first) {
+                Some(chunk) => ForwardStatus::Ok(chunk.encode()),
+                None => ForwardStatus::NotReady,
+            };
+        }
+        if let ForwardOp::Repair { first, count } = request.op {
+            return match self.repair_local(request.group, first, count).await {
+                Ok((repaired, damaged)) => {
+                    let mut b = Vec::with_capacity(8);
+                    b.extend_from_slice(&repaired.to_le_bytes());
+                    b.extend_from_slice(&damaged.to_le_bytes());
+                    ForwardStatus::Ok(Bytes::from(b))
+                }
+                Err(NodeError::NotMember(_)) => ForwardStatus::NotMember,
+                Err(NodeError::OutOfRange) => ForwardStatus::OutOfRange,
+                Err(_) => ForwardStatus::Failed,
+            };
+        }
         let result = self.run_local(request.group, request.op).await;
         match result {
             Ok(Answer::Done) => ForwardStatus::Ok(Bytes::new()),
@@ -643,6 +691,88 @@ impl ReplicationNode {
             Err(NodeError::Dropped) => ForwardStatus::NotLeader(0),
             Err(_) => ForwardStatus::Failed,
         }
+    }
+
+    /// What this node's copy of `group` found for scrub `id` at block `first`, once applied.
+    pub fn local_scrub_result(&self, group: GroupId, id: u64, first: u64) -> Option<crate::volume::ScrubChunk> {
+        lock(&self.inner.shared.scrubs).found.remove(&(group, id, first))
+    }
+
+    /// What node `node`'s copy found for scrub `id` at block `first` (`None`: not applied
+    /// there yet).
+    pub async fn scrub_result(
+        &self,
+        node: u64,
+        group: GroupId,
+        id: u64,
+        first: u64,
+    ) -> Result<Option<crate::volume::ScrubChunk>, NodeError> {
+        if node == self.node_id().0 {
+            return Ok(self.local_scrub_result(group, id, first));
+        }
+        let request = ForwardRequest { group, op: ForwardOp::ScrubResult { id, first } };
+        match self.forward(node, request, Duration::from_secs(5)).await? {
+            ForwardStatus::Ok(b) => crate::volume::ScrubChunk::decode(&b)
+                .map(Some)
+                .map_err(|e| NodeError::Internal(format!("node {node} sent an undecodable scrub result: {e}"))),
+            ForwardStatus::NotReady => Ok(None),
+            ForwardStatus::NotMember => Err(NodeError::NotMember(group)),
+            other => Err(NodeError::Internal(format!("node {node} answered {other:?}"))),
+        }
+    }
+
+    /// Has node `node` repair damaged blocks of its copy of `group` in `[first, first +
+    /// count)` from the other copies; returns (repaired, still damaged).
+    pub async fn repair_copy(&self, node: u64, group: GroupId, first: u64, count: u32) -> Result<(u32, u32), NodeError> {
+        if node == self.node_id().0 {
+            return self.repair_local(group, first, count).await;
+        }
+        let request = ForwardRequest { group, op: ForwardOp::Repair { first, count } };
+        match self.forward(node, request, Duration::from_secs(30)).await? {
+            ForwardStatus::Ok(b) if b.len() == 8 => {
+                let n = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+                Ok((n(0), n(4)))
+            }
+            ForwardStatus::NotMember => Err(NodeError::NotMember(group)),
+            other => Err(NodeError::Internal(format!("node {node} answered a repair with {other:?}"))),
+        }
+    }
+
+    /// Repairs damaged blocks of the local copy from the group's other copies (the version
+    /// rule of [`repair`] at the copy's applied index).
+    async fn repair_local(&self, group: GroupId, first: u64, count: u32) -> Result<(u32, u32), NodeError> {
+        let source = self.inner.shared.sources.read().ok().and_then(|m| m.get(&group).cloned());
+        let Some(source) = source else { return Err(NodeError::NotMember(group)) };
+        let GroupStore::Volume(store) = &source.store else { return Err(NodeError::NotMember(group)) };
+        let applied = source.servable.load(Ordering::Acquire);
+        if applied == 0 {
+            return Err(NodeError::Internal("the copy is being rebuilt".into()));
+        }
+        let before = store.backend.read_blocks(first, count).await.map_err(|e| match e {
+            BackendError::OutOfRange { .. } => NodeError::OutOfRange,
+            other => NodeError::Internal(other.to_string()),
+        })?;
+        let damaged_before = before.damaged().count() as u32;
+        if damaged_before == 0 {
+            return Ok((0, 0));
+        }
+        let me = self.node_id().0;
+        let peers: Vec<u64> = self
+            .status(group)
+            .map(|s| s.voters.into_iter().chain(s.learners).filter(|&n| n != me).collect())
+            .unwrap_or_default();
+        let ctx = repair::RepairContext {
+            shared: self.inner.shared.clone(),
+            transport: self.inner.transport.clone(),
+            group,
+            me,
+            peers,
+        };
+        let after = repair::read_repaired(&ctx, store, first, count, applied)
+            .await
+            .map_err(|e| NodeError::Internal(e.to_string()))?;
+        let damaged_after = after.damaged().count() as u32;
+        Ok((damaged_before - damaged_after, damaged_after))
     }
 
     /// Blocks of the local copy for a peer repairing its own, if the copy has applied

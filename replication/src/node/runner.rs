@@ -698,6 +698,12 @@ impl Runner {
             let Some(slot) = self.groups.get_mut(&group) else { continue };
             match result {
                 Ok(report) => {
+                    if !report.scrubs.is_empty() {
+                        let mut found = super::lock(&self.shared.scrubs);
+                        for chunk in report.scrubs {
+                            found.insert(group, chunk);
+                        }
+                    }
                     for at in report.guard_failures {
                         if let Some(id) = slot.guarded.remove(&at) {
                             slot.guard_failed.insert(id, at.0);

@@ -11,6 +11,8 @@
 //!   6 Write        first block u64, count u32, guards u16,
 //!                  guards × [block u64, version u64], count × seal, count × 4096 bytes
 //!   7 Zero         first block u64, count u64, deallocate u8
+//!   8 Scrub        id u64, first block u64, count u32: every copy checks these blocks
+//!                  when it applies the entry, so all of them report the same point of the log
 //! ```
 //!
 //! All integers little-endian; seals as `raftblk_blockdev::seal::wire` writes them.
@@ -29,6 +31,9 @@ const KIND_RESIZE: u8 = 4;
 const KIND_APP: u8 = 5;
 const KIND_WRITE: u8 = 6;
 const KIND_ZERO: u8 = 7;
+const KIND_SCRUB: u8 = 8;
+/// Most blocks one scrub command checks.
+pub const SCRUB_BLOCKS_MAX: u32 = 1 << 10;
 
 /// Largest number of commands in one batch.
 pub const BATCH_COMMANDS_MAX: usize = 4096;
@@ -60,6 +65,8 @@ pub enum Command {
     Resize { size: u64 },
     /// A state machine's command (see [`crate::machine`]); volume stores ignore it.
     App { data: Bytes },
+    /// Check `count` blocks from `first` on every copy, as of this entry (scrub `id`).
+    Scrub { id: u64, first: u64, count: u32 },
 }
 
 impl Command {
@@ -68,6 +75,7 @@ impl Command {
         match self {
             Command::Write(w) => Some((w.first * BLOCK, w.count() * BLOCK)),
             Command::Zero { first, count, .. } => Some((first * BLOCK, count * BLOCK)),
+            Command::Scrub { first, count, .. } => Some((first * BLOCK, u64::from(*count) * BLOCK)),
             Command::Resize { .. } | Command::App { .. } => None,
         }
     }
@@ -85,6 +93,7 @@ impl Command {
         match self {
             Command::Write(w) => 1 + 8 + 4 + 2 + 16 * w.guards.len() + self.payload_len(),
             Command::Zero { .. } => 1 + 8 + 8 + 1,
+            Command::Scrub { .. } => 1 + 8 + 8 + 4,
             Command::Resize { .. } => 1 + 8,
             Command::App { data } => 1 + 4 + data.len(),
         }
@@ -139,6 +148,12 @@ pub fn encode_batch(commands: &[Command]) -> Bytes {
             Command::Resize { size } => {
                 out.put_u8(KIND_RESIZE);
                 out.put_u64_le(*size);
+            }
+            Command::Scrub { id, first, count } => {
+                out.put_u8(KIND_SCRUB);
+                out.put_u64_le(*id);
+                out.put_u64_le(*first);
+                out.put_u32_le(*count);
             }
             Command::App { data } => {
                 out.put_u8(KIND_APP);
@@ -252,6 +267,13 @@ pub fn decode_batch(buf: &Bytes) -> Result<Vec<Command>, CommandError> {
                 Command::Zero { first, count, deallocate }
             }
             KIND_RESIZE => Command::Resize { size: c.u64()? },
+            KIND_SCRUB => {
+                let (id, first, count) = (c.u64()?, c.u64()?, c.u32()?);
+                if count > SCRUB_BLOCKS_MAX {
+                    return Err(CommandError::Malformed);
+                }
+                Command::Scrub { id, first, count }
+            }
             KIND_APP => {
                 let len = c.u32()? as usize;
                 let r = c.take(len)?;
@@ -288,6 +310,7 @@ mod tests {
             Command::Write(BlockWrite { first: u64::MAX - 1, data: Bytes::new(), seals: vec![], guards: vec![] }),
             Command::App { data: Bytes::from_static(b"{\"op\":1}") },
             Command::App { data: Bytes::new() },
+            Command::Scrub { id: 5, first: 256, count: 256 },
         ]
     }
 

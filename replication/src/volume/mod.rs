@@ -19,10 +19,60 @@ pub mod command;
 pub mod group;
 
 use raftblk_blockdev::backend::BackendError;
-use raftblk_blockdev::seal::{CopyStore, WriteOutcome};
+use raftblk_blockdev::seal::{wire, BlockState, CopyStore, WriteOutcome};
 
 use self::command::{block_version, Command};
 use self::group::CommittedEntry;
+
+/// What one copy found when it applied a scrub command: the state (version, seal, or
+/// damage) of each block, as of the command's entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScrubChunk {
+    /// The scrub.
+    pub id: u64,
+    /// The entry the copy checked at.
+    pub index: u64,
+    /// First block checked.
+    pub first: u64,
+    /// One state per block.
+    pub states: Vec<BlockState>,
+}
+
+impl ScrubChunk {
+    /// `[id u64][index u64][first u64][count u32]` then the states (`seal::wire`).
+    pub fn encode(&self) -> bytes::Bytes {
+        use bytes::BufMut;
+        let mut out = bytes::BytesMut::with_capacity(28 + self.states.iter().map(wire::state_len).sum::<usize>());
+        out.put_u64_le(self.id);
+        out.put_u64_le(self.index);
+        out.put_u64_le(self.first);
+        out.put_u32_le(self.states.len() as u32);
+        for s in &self.states {
+            wire::put_state(&mut out, s);
+        }
+        out.freeze()
+    }
+
+    /// Decodes [`ScrubChunk::encode`].
+    pub fn decode(mut b: &[u8]) -> Result<ScrubChunk, wire::WireError> {
+        use bytes::Buf;
+        if b.remaining() < 28 {
+            return Err(wire::WireError::Truncated);
+        }
+        let (id, index, first, count) = (b.get_u64_le(), b.get_u64_le(), b.get_u64_le(), b.get_u32_le());
+        if count > command::SCRUB_BLOCKS_MAX {
+            return Err(wire::WireError::Malformed("too many blocks"));
+        }
+        let mut states = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            states.push(wire::get_state(&mut b)?);
+        }
+        if b.has_remaining() {
+            return Err(wire::WireError::Malformed("bytes after the states"));
+        }
+        Ok(ScrubChunk { id, index, first, states })
+    }
+}
 
 /// What applying entries did besides storing them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,6 +80,8 @@ pub struct ApplyReport {
     /// Guarded writes whose guard failed, as `(entry index, position in the entry)`: they
     /// were skipped identically on every copy, and their proposer retries them.
     pub guard_failures: Vec<(u64, usize)>,
+    /// What this copy found for the scrub commands it applied.
+    pub scrubs: Vec<ScrubChunk>,
 }
 
 /// Applies committed entries to a volume's copy, in log order: commands run concurrently
@@ -64,20 +116,29 @@ pub async fn apply_entries(
             }
             let version = block_version(entry.index, position);
             let at = (entry.index, position);
+            let index = entry.index;
             wave.push(async move {
                 let r = match command {
                     Command::Write(w) => store.apply_write(w, version).await,
                     Command::Zero { first, count, deallocate } => {
                         store.apply_zero(first, count, deallocate, version).await.map(|()| WriteOutcome::Written)
                     }
+                    Command::Scrub { id, first, count } => {
+                        // Reading checks every block; a damaged one is a finding, not an error.
+                        return match store.read_blocks(first, count).await {
+                            Ok(read) => Ok(Done::Scrubbed(ScrubChunk { id, index, first, states: read.states })),
+                            Err(BackendError::OutOfRange { .. }) => Ok(Done::Stored),
+                            Err(e) => Err(e),
+                        };
+                    }
                     // A volume has no state machine: never proposed to one.
                     Command::Resize { .. } | Command::App { .. } => Ok(WriteOutcome::Written),
                 };
                 match r {
                     // Out of range is refused identically on every copy (the size is replicated).
-                    Err(BackendError::OutOfRange { .. }) => Ok(None),
-                    Ok(WriteOutcome::GuardFailed { .. }) => Ok(Some(at)),
-                    Ok(WriteOutcome::Written) => Ok(None),
+                    Err(BackendError::OutOfRange { .. }) => Ok(Done::Stored),
+                    Ok(WriteOutcome::GuardFailed { .. }) => Ok(Done::GuardFailed(at)),
+                    Ok(WriteOutcome::Written) => Ok(Done::Stored),
                     Err(e) => Err(e),
                 }
             });
@@ -87,13 +148,22 @@ pub async fn apply_entries(
     Ok(report)
 }
 
-async fn finish_wave<F: std::future::Future<Output = Result<Option<(u64, usize)>, BackendError>>>(
+/// What one applied command produced.
+enum Done {
+    Stored,
+    GuardFailed((u64, usize)),
+    Scrubbed(ScrubChunk),
+}
+
+async fn finish_wave<F: std::future::Future<Output = Result<Done, BackendError>>>(
     wave: Vec<F>,
     report: &mut ApplyReport,
 ) -> Result<(), BackendError> {
     for r in futures::future::join_all(wave).await {
-        if let Some(at) = r? {
-            report.guard_failures.push(at);
+        match r? {
+            Done::Stored => {}
+            Done::GuardFailed(at) => report.guard_failures.push(at),
+            Done::Scrubbed(chunk) => report.scrubs.push(chunk),
         }
     }
     Ok(())

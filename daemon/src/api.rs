@@ -65,6 +65,12 @@ pub struct NodeInfo {
     /// The cluster's transport id (absent when running alone).
     #[serde(default)]
     pub cluster_id: Option<u64>,
+    /// Ids of the key-encryption keys this node holds (never the keys).
+    #[serde(default)]
+    pub keks: Vec<String>,
+    /// The KEK new encrypted volumes are wrapped by.
+    #[serde(default)]
+    pub current_kek: Option<String>,
 }
 
 /// A size given either as bytes or as a string with units.
@@ -186,6 +192,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/catalog", get(catalog))
         .route("/v1/cluster/settings", get(cluster_settings).put(set_cluster_settings))
+        .route("/v1/cluster/rotate-kek", post(rotate_kek))
         .route("/v1/nodes/{id}/{action}", post(node_action))
         .route("/v1/debug/faults", post(faults))
         .fallback(|| async {
@@ -211,6 +218,9 @@ async fn node(State(s): State<Arc<ApiState>>) -> Json<NodeInfo> {
         info.peers = m.peers().iter().map(|p| format!("{}@{}", p.id, p.peer_addr)).collect();
         info.cluster_id = Some(m.cluster_id());
     }
+    let (keks, current) = s.volumes.kek_ids();
+    info.keks = keks;
+    info.current_kek = current;
     Json(info)
 }
 
@@ -266,6 +276,17 @@ async fn resize(
     let req: ResizeRequest = parse_json(&body, r#"{"size": "20G"}"#)?;
     let size = req.size.bytes()?;
     Ok(Json(s.volumes.resize(&name, size).await?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateKekRequest {
+    key_file: std::path::PathBuf,
+}
+
+async fn rotate_kek(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: RotateKekRequest = parse_json(&body, r#"{"key_file": "/etc/raftblk/kek.new"}"#)?;
+    Ok(Json(s.volumes.rotate_kek(&req.key_file).await?).into_response())
 }
 
 async fn scrub_start(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {

@@ -83,6 +83,17 @@ pub enum ControlMessage {
     },
     /// Send every member this node knows (itself included).
     Members,
+    /// Load the KEK in this file (the same path on every node) for a rotation; answer
+    /// with its id.
+    LoadKek {
+        /// Absolute path of the key file.
+        path: std::path::PathBuf,
+    },
+    /// Wrap new volumes' data keys with this KEK from now on (the end of a rotation).
+    UseKek {
+        /// The KEK's id.
+        id: String,
+    },
 }
 
 /// The answer to a [`ControlMessage`].
@@ -121,6 +132,11 @@ pub enum ControlAnswer {
     },
     /// The answer to `Members`: the answering node and every peer it knows.
     Members(Vec<Member>),
+    /// The answer to `LoadKek`: the id of the key the node loaded.
+    Kek {
+        /// The KEK's id.
+        id: String,
+    },
     /// The answer to `Heartbeat`: the answering node's report and decisions.
     Heartbeat {
         /// The answering node's report.

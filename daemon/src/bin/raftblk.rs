@@ -65,6 +65,13 @@ enum ClusterCommand {
         /// Value: a number, true or false
         value: String,
     },
+    /// Rewrap every encrypted volume's data key with a new key-encryption key, online:
+    /// every node must have the new key file at the same path (mode 0600)
+    RotateKek {
+        /// The new KEK file (32 bytes or 64 hex digits)
+        #[arg(long)]
+        key_file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -304,6 +311,23 @@ fn run(cli: &Cli) -> Result<()> {
                 ClusterCommand::Set { key, value } => {
                     let value = raftblk_daemon::cluster_catalog::settings::parse_cli_value(value);
                     client.call("PUT", "/v1/cluster/settings", Some(json!({ key.as_str(): value })))?
+                }
+                ClusterCommand::RotateKek { key_file } => {
+                    let path = std::fs::canonicalize(key_file)
+                        .with_context(|| format!("--key-file {}: no such file here", key_file.display()))?;
+                    let v = client.call("POST", "/v1/cluster/rotate-kek", Some(json!({ "key_file": path })))?;
+                    if cli.json {
+                        println!("{v:#}");
+                    } else {
+                        println!(
+                            "KEK rotated to {}: {} encrypted volume(s) rewrapped on nodes {}\n{}",
+                            v["kek"].as_str().unwrap_or("?"),
+                            v["volumes_rewrapped"],
+                            v["nodes"],
+                            v["next"].as_str().unwrap_or("")
+                        );
+                    }
+                    return Ok(());
                 }
             };
             if cli.json {

@@ -208,6 +208,8 @@ async fn run(config: Config) -> Result<()> {
             // Filled in per request from the membership (nodes join while this runs).
             peers: Vec::new(),
             cluster_id: None,
+            keks: Vec::new(),
+            current_kek: None,
         },
         fault_injection: config.cluster.fault_injection,
         cluster: replication.as_ref().map(|_| membership.clone()),

@@ -342,7 +342,14 @@ pub struct Daemon {
     pub socket: PathBuf,
     daemon_bin: PathBuf,
     cli_bin: PathBuf,
+    /// The KEK given as `RAFTBLK_KEK` at the next start (`None`: no KEK).
+    kek: Option<String>,
+    /// More `raftblkd` arguments at every start.
+    extra_args: Vec<String>,
 }
+
+/// The KEK every test daemon gets (through `RAFTBLK_KEK`) unless a test changes it.
+pub const TEST_KEK_HEX: &str = "5a0f1e2d3c4b5a69788796a5b4c3d2e1f0112233445566778899aabbccddeeff";
 
 impl Daemon {
     /// Starts a daemon on a fresh temporary data directory and free ports.
@@ -360,6 +367,8 @@ impl Daemon {
                 dir,
                 daemon_bin: daemon_bin.clone(),
                 cli_bin: cli_bin.clone(),
+                kek: Some(TEST_KEK_HEX.to_string()),
+                extra_args: Vec::new(),
             };
             match d.spawn_and_wait() {
                 Ok(()) => return d,
@@ -385,6 +394,27 @@ impl Daemon {
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The KEK (hex) the daemon gets at its next start; `None`: none.
+    pub fn set_kek(&mut self, kek: Option<&str>) {
+        self.kek = kek.map(str::to_string);
+    }
+
+    /// Extra `raftblkd` arguments from the next start on.
+    pub fn set_extra_args(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// `<data_dir>/volumes/<uuid>.img`: the volume's data file.
+    pub fn image_path(&self, uuid: &str) -> PathBuf {
+        self.data_dir().join("volumes").join(format!("{uuid}.img"))
+    }
+
+    /// Tries to start the daemon (stopped) and returns its log if it exits or fails.
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "try_restart() needs the daemon stopped first");
+        self.spawn_and_wait()
     }
 
     /// The temporary directory the test may also use for scratch files.
@@ -426,8 +456,9 @@ impl Daemon {
             self.nbd_addr,
             self.api_addr,
             &self.socket,
+            self.kek.as_deref(),
         )?;
-        cmd.args(["--bootstrap-volumes", "none"]);
+        cmd.args(["--bootstrap-volumes", "none"]).args(&self.extra_args);
         let child = cmd.spawn().map_err(|e| format!("cannot spawn {}: {e}", self.daemon_bin.display()))?;
         self.child = Some(child);
         let started = Instant::now();
@@ -839,6 +870,8 @@ pub struct ClusterNode {
     static_peers: Option<Vec<u64>>,
     /// A member's API address for `--join` at the next start (cleared by it).
     join: Option<SocketAddr>,
+    /// The KEK (hex) given at the next start; `None`: none.
+    kek: Option<String>,
 }
 
 impl ClusterNode {
@@ -937,6 +970,7 @@ impl Cluster {
                         child: None,
                         static_peers: None,
                         join: None,
+                        kek: Some(TEST_KEK_HEX.to_string()),
                     }
                 })
                 .collect();
@@ -962,6 +996,11 @@ impl Cluster {
     /// Node ids, in order.
     pub fn ids(&self) -> Vec<u64> {
         self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// The KEK (hex) node `id` gets at its next start; `None`: none.
+    pub fn set_kek(&mut self, id: u64, kek: Option<&str>) {
+        self.node_mut(id).kek = kek.map(str::to_string);
     }
 
     /// Node `id`.
@@ -1013,6 +1052,7 @@ impl Cluster {
                 child: None,
                 static_peers: Some(Vec::new()),
                 join: Some(via_api),
+                kek: Some(TEST_KEK_HEX.to_string()),
             };
             drop(listeners);
             self.nodes.retain(|n| n.id != id);
@@ -1071,6 +1111,7 @@ impl Cluster {
             node.nbd_addr,
             node.api_addr,
             &node.dir.join("nbd.sock"),
+            node.kek.as_deref(),
         )?;
         cmd.arg("--node-id")
             .arg(id.to_string())
@@ -1427,6 +1468,7 @@ fn daemon_command(
     nbd_addr: SocketAddr,
     api_addr: SocketAddr,
     socket: &Path,
+    kek: Option<&str>,
 ) -> Result<Command, String> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -1448,6 +1490,7 @@ fn daemon_command(
         .arg("--nbd-socket")
         .arg(socket)
         .env("RUST_LOG", std::env::var("RAFTBLK_TEST_LOG").unwrap_or_else(|_| "info".into()))
+        .envs(kek.map(|k| ("RAFTBLK_KEK", k.to_string())))
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log);

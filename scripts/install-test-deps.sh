@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs, and only what is missing (idempotent):
 #   - Debian packages: fio, libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd,
-#     nbdkit, qemu-utils (qemu-io, qemu-img), iproute2
+#     nbdkit, qemu-utils (qemu-io, qemu-img), iproute2, tcpdump (peer traffic captures)
 #   - cargo-fuzz, when a nightly toolchain is installed
 # `apt-get update` runs at most once, and only when a package is missing.
 # Every install uses --no-remove: on these machines qemu-utils may come from
@@ -9,7 +9,7 @@
 # would silently remove it (see ../shared/vm/README.md).
 set -euo pipefail
 
-packages=(fio libnbd-bin python3-libnbd nbdkit qemu-utils iproute2)
+packages=(fio libnbd-bin python3-libnbd nbdkit qemu-utils iproute2 tcpdump)
 
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
@@ -37,7 +37,7 @@ else
 fi
 
 # The tools the tests call, whatever package provides them.
-for t in fio nbdinfo nbdcopy nbdsh nbdkit qemu-io qemu-img ip; do
+for t in fio nbdinfo nbdcopy nbdsh nbdkit qemu-io qemu-img ip tcpdump; do
     command -v "$t" >/dev/null || { echo "install-test-deps: $t not found after install" >&2; exit 1; }
 done
 # nbdsh and the tests need a python3 that can import Debian's libnbd binding.

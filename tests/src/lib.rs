@@ -1516,3 +1516,67 @@ fn sigterm_and_wait(mut child: Child, timeout: Duration) -> Option<ExitStatus> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+// ---------------------------------------------------------------------------
+// On-disk tampering and inspection (integrity tests)
+
+/// Every file under `dir` (recursively) that contains `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(p);
+                }
+            }
+        }
+    }
+    hits
+}
+
+/// Flips one byte of `path` at `offset`.
+pub fn flip(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open for tampering");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).expect("read");
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, offset).expect("write");
+}
+
+/// Swaps two 4 KiB blocks of the data file and their metadata pairs.
+pub fn swap_blocks(img: &Path, a: u64, b: u64) {
+    use std::os::unix::fs::FileExt;
+    let meta = img.with_extension("meta");
+    for (path, unit, base) in [(img.to_path_buf(), 4096u64, 0u64), (meta, 128, 4096)] {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
+        let (mut x, mut y) = (vec![0u8; unit as usize], vec![0u8; unit as usize]);
+        f.read_exact_at(&mut x, base + a * unit).expect("read a");
+        f.read_exact_at(&mut y, base + b * unit).expect("read b");
+        f.write_all_at(&y, base + a * unit).expect("write a");
+        f.write_all_at(&x, base + b * unit).expect("write b");
+    }
+}
+
+/// Every nonce found in an encrypted volume's metadata file (both slots of every block).
+pub fn nonces_in(meta: &Path) -> Vec<[u8; 12]> {
+    let bytes = std::fs::read(meta).expect("read metadata");
+    let mut out = Vec::new();
+    for rec in bytes[4096.min(bytes.len())..].chunks_exact(64) {
+        // kind 1 (sealed), cipher 1 (AES-GCM): the record's own crc is not checked here,
+        // a torn record would only add a spurious nonce, never hide a repeat.
+        if rec[4] == 1 && rec[6] == 1 {
+            let mut n = [0u8; 12];
+            n.copy_from_slice(&rec[32..44]);
+            out.push(n);
+        }
+    }
+    out
+}
+

@@ -2,35 +2,16 @@
 //! leaves, what tampering does, what happens without the right key, and the nonces.
 
 use std::path::{Path, PathBuf};
+
 use std::time::Duration;
 
-use raftblk_tests::{pseudo_random_bytes, qemu_io, require_tools, run, Daemon};
+use raftblk_tests::{files_containing, flip, nonces_in, pseudo_random_bytes, qemu_io, require_tools, run, swap_blocks, Daemon};
 
 const MIB: usize = 1 << 20;
 
 /// A pattern that occurs nowhere by chance: a marker line repeated.
 fn secret_pattern(len: usize) -> Vec<u8> {
     b"raftblk-plaintext-marker-7f3a9c1e-".iter().copied().cycle().take(len).collect()
-}
-
-/// Every file under `dir` (recursively) that contains `needle`.
-pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut hits = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(bytes) = std::fs::read(&p) {
-                if bytes.windows(needle.len()).any(|w| w == needle) {
-                    hits.push(p);
-                }
-            }
-        }
-    }
-    hits
 }
 
 fn write_file(d: &Daemon, name: &str, data: &[u8]) -> PathBuf {
@@ -164,30 +145,6 @@ fn kill9_during_writes_never_leaves_a_block_unreadable() {
     assert!(crashed_mid_write > 0, "no round killed the daemon while it was writing");
 }
 
-/// Flips one byte of `path` at `offset`.
-fn flip(path: &Path, offset: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open for tampering");
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, offset).expect("read");
-    b[0] ^= 0x5a;
-    f.write_all_at(&b, offset).expect("write");
-}
-
-/// Swaps two 4 KiB blocks of the data file and their metadata pairs.
-fn swap_blocks(img: &Path, a: u64, b: u64) {
-    use std::os::unix::fs::FileExt;
-    let meta = img.with_extension("meta");
-    for (path, unit, base) in [(img.to_path_buf(), 4096u64, 0u64), (meta, 128, 4096)] {
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).expect("open");
-        let (mut x, mut y) = (vec![0u8; unit as usize], vec![0u8; unit as usize]);
-        f.read_exact_at(&mut x, base + a * unit).expect("read a");
-        f.read_exact_at(&mut y, base + b * unit).expect("read b");
-        f.write_all_at(&y, base + a * unit).expect("write a");
-        f.write_all_at(&x, base + b * unit).expect("write b");
-    }
-}
-
 #[test]
 fn tampering_with_a_single_copy_fails_reads_with_eio_and_scrub_reports_it() {
     if !require_tools("tampering_with_a_single_copy_fails_reads_with_eio_and_scrub_reports_it", &["nbdcopy", "qemu-io"])
@@ -316,22 +273,6 @@ fn without_the_right_kek_encrypted_volumes_are_locked_and_a_rotation_moves_them(
 
 fn hex_to_bytes(h: &str) -> Vec<u8> {
     (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).expect("hex")).collect()
-}
-
-/// Every nonce found in an encrypted volume's metadata file (both slots of every block).
-pub fn nonces_in(meta: &Path) -> Vec<[u8; 12]> {
-    let bytes = std::fs::read(meta).expect("read metadata");
-    let mut out = Vec::new();
-    for rec in bytes[4096.min(bytes.len())..].chunks_exact(64) {
-        // kind 1 (sealed), cipher 1 (AES-GCM): the record's own crc is not checked here,
-        // a torn record would only add a spurious nonce, never hide a repeat.
-        if rec[4] == 1 && rec[6] == 1 {
-            let mut n = [0u8; 12];
-            n.copy_from_slice(&rec[32..44]);
-            out.push(n);
-        }
-    }
-    out
 }
 
 #[test]

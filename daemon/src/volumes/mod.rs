@@ -14,7 +14,7 @@ mod scrubbing;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use raftblk_blockdev::nbd::{ExportCatalog, ExportInfo, OpenError, OpenExport};
@@ -243,8 +243,9 @@ struct Volume {
     /// This node's copy (data and metadata files), if it holds one.
     file: Option<Arc<SealedFile>>,
     replicated: Option<Arc<ReplicatedStore>>,
-    /// Why this node cannot serve the volume (an encrypted volume without its KEK here).
-    locked: Option<String>,
+    /// Set for an encrypted volume that was locked when opened (this node lacked its KEK);
+    /// it serves once unlocked.
+    lockable: Option<Arc<Lockable>>,
     /// The volume's blocks (this node's copy, or the replicated volume) under `served`.
     sealed: Arc<dyn SealedStore>,
     size: Arc<AtomicU64>,
@@ -551,7 +552,7 @@ impl VolumeManager {
         };
         // Encrypted volumes are sealed and opened on the node a client talks to; the copies
         // below only ever see ciphertext.
-        let mut locked = None;
+        let mut lockable = None;
         let sealed_store = sealed.clone();
         let inner: Arc<dyn BlockBackend> = if record.encrypted {
             let id = volume_id(&record.uuid);
@@ -563,9 +564,9 @@ impl VolumeManager {
                 )),
                 Err(e) => {
                     tracing::warn!(volume = %name, error = %e, "encrypted volume is locked on this node");
-                    let why = e.to_string();
-                    locked = Some(why.clone());
-                    Arc::new(Locked { why, size: size.clone() })
+                    let l = Arc::new(Lockable { why: e.to_string(), size: size.clone(), unlocked: OnceLock::new() });
+                    lockable = Some(l.clone());
+                    l
                 }
             }
         } else {
@@ -581,7 +582,7 @@ impl VolumeManager {
             record: Mutex::new(record),
             file,
             replicated,
-            locked,
+            lockable,
             sealed: sealed_store,
             size,
             served,
@@ -773,6 +774,12 @@ impl VolumeManager {
                 self.catalog.update(&current)?;
             }
             current.generation = current.generation.max(record.generation);
+            if v.locked().is_some() {
+                // A rotation may have rewrapped its key by a KEK this node has.
+                drop(current);
+                self.unlock_all();
+                current = lock(&v.record);
+            }
             if record.size_bytes > current.size_bytes {
                 current.size_bytes = record.size_bytes;
                 v.size.fetch_max(record.size_bytes, Ordering::SeqCst);
@@ -1317,7 +1324,7 @@ impl VolumeManager {
             voters: r.voters,
             labels: r.labels,
             encrypted: r.encrypted,
-            locked: v.locked.clone(),
+            locked: v.locked(),
             replication,
         }
     }
@@ -1603,45 +1610,54 @@ impl VolumeManager {
     }
 }
 
-/// What serves an encrypted volume on a node that lacks its KEK: every request fails with
-/// the reason (exports refuse it before a client gets this far).
-struct Locked {
+/// What serves an encrypted volume opened on a node that lacked its KEK: every request
+/// fails with the reason (exports refuse it before a client gets this far) until the KEK
+/// arrives ([`VolumeManager::unlock_all`]) and the real backend is put in.
+struct Lockable {
     why: String,
     size: Arc<AtomicU64>,
+    unlocked: OnceLock<Arc<dyn BlockBackend>>,
 }
 
-impl Locked {
-    fn refuse<T>(&self) -> raftblk_blockdev::backend::BackendResult<T> {
-        Err(BackendError::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, self.why.clone())))
+impl Lockable {
+    fn inner(&self) -> raftblk_blockdev::backend::BackendResult<&Arc<dyn BlockBackend>> {
+        self.unlocked
+            .get()
+            .ok_or_else(|| BackendError::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, self.why.clone())))
     }
 }
 
+type Res<T> = raftblk_blockdev::backend::BackendResult<T>;
+
 #[async_trait::async_trait]
-impl BlockBackend for Locked {
+impl BlockBackend for Lockable {
     fn size_bytes(&self) -> u64 {
         self.size.load(Ordering::SeqCst)
     }
-    async fn read(&self, _: u64, _: u32) -> raftblk_blockdev::backend::BackendResult<bytes::Bytes> {
-        self.refuse()
+    async fn read(&self, offset: u64, len: u32) -> Res<bytes::Bytes> {
+        self.inner()?.read(offset, len).await
     }
-    async fn write(&self, _: u64, _: bytes::Bytes, _: bool) -> raftblk_blockdev::backend::BackendResult<()> {
-        self.refuse()
+    async fn write(&self, offset: u64, data: bytes::Bytes, fua: bool) -> Res<()> {
+        self.inner()?.write(offset, data, fua).await
     }
-    async fn flush(&self) -> raftblk_blockdev::backend::BackendResult<()> {
-        self.refuse()
+    async fn flush(&self) -> Res<()> {
+        self.inner()?.flush().await
     }
-    async fn trim(&self, _: u64, _: u64) -> raftblk_blockdev::backend::BackendResult<()> {
-        self.refuse()
+    async fn trim(&self, offset: u64, len: u64) -> Res<()> {
+        self.inner()?.trim(offset, len).await
     }
-    async fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool) -> raftblk_blockdev::backend::BackendResult<()> {
-        self.refuse()
+    async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool) -> Res<()> {
+        self.inner()?.write_zeroes(offset, len, may_trim, fast_only).await
     }
-    async fn block_status(
-        &self,
-        _: u64,
-        _: u64,
-    ) -> raftblk_blockdev::backend::BackendResult<Vec<raftblk_blockdev::Extent>> {
-        self.refuse()
+    async fn block_status(&self, offset: u64, len: u64) -> Res<Vec<raftblk_blockdev::Extent>> {
+        self.inner()?.block_status(offset, len).await
+    }
+}
+
+impl Volume {
+    /// Why this node cannot serve the volume now (an encrypted volume whose KEK it lacks).
+    fn locked(&self) -> Option<String> {
+        self.lockable.as_ref().filter(|l| l.unlocked.get().is_none()).map(|l| l.why.clone())
     }
 }
 
@@ -1689,8 +1705,8 @@ impl ExportCatalog for VolumeManager {
             name.to_string()
         };
         let v = self.get(&name).map_err(|_| OpenError::NotFound(name.clone()))?;
-        if let Some(why) = &v.locked {
-            return Err(OpenError::Refused(why.clone()));
+        if let Some(why) = v.locked() {
+            return Err(OpenError::Refused(why));
         }
         let record = lock(&v.record).clone();
         v.connections.fetch_add(1, Ordering::SeqCst);

@@ -12,8 +12,7 @@
 //!    replaced in the configuration.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use raftblk_blockdev::seal::backend::VolumeCrypto;
@@ -23,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use super::{lock, Volume, VolumeError, VolumeManager};
 use crate::cluster::{ControlAnswer, ControlMessage};
 use crate::keys::volume_id;
-use crate::metrics::MeteredBackend;
 
 /// How long each node may take to load the new KEK or switch to it.
 const KEK_CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -142,31 +140,22 @@ impl VolumeManager {
     pub fn unlock_all(&self) {
         let locked: Vec<(String, Arc<Volume>)> = lock(&self.open)
             .iter()
-            .filter(|(_, v)| v.locked.is_some())
+            .filter(|(_, v)| v.locked().is_some())
             .map(|(n, v)| (n.clone(), v.clone()))
             .collect();
         for (name, v) in locked {
+            let Some(lockable) = &v.lockable else { continue };
             let record = lock(&v.record).clone();
             let id = volume_id(&record.uuid);
             let Ok(key) = self.keys.unwrap(&name, &id, &record.wrapped_keys) else { continue };
-            let integrity = self.metrics.integrity(&name);
-            let inner = Arc::new(SealingBackend::encrypted(
+            let inner: Arc<dyn raftblk_blockdev::BlockBackend> = Arc::new(SealingBackend::encrypted(
                 v.sealed.clone(),
                 VolumeCrypto { key, volume: id, nonces: self.nonces.clone() },
-                integrity,
+                self.metrics.integrity(&name),
             ));
-            let unlocked = Volume {
-                record: Mutex::new(record),
-                file: v.file.clone(),
-                replicated: v.replicated.clone(),
-                locked: None,
-                sealed: v.sealed.clone(),
-                size: v.size.clone(),
-                served: Arc::new(MeteredBackend::new(inner, self.metrics.volume(&name))),
-                connections: v.connections.clone(),
-            };
-            lock(&self.open).insert(name.clone(), Arc::new(unlocked));
-            tracing::info!(volume = %name, connections = v.connections.load(Ordering::SeqCst), "encrypted volume unlocked");
+            if lockable.unlocked.set(inner).is_ok() {
+                tracing::info!(volume = %name, "encrypted volume unlocked");
+            }
         }
     }
 }

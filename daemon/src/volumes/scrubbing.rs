@@ -33,9 +33,9 @@ impl VolumeManager {
     /// volume's record (a copy left damaged makes the volume degraded).
     pub fn start_scrub(self: &Arc<Self>, name: &str) -> Result<crate::scrub::ScrubStatus, VolumeError> {
         let v = self.get(name)?;
-        if let Some(why) = &v.locked {
+        if let Some(why) = v.locked() {
             if self.replication.is_none() {
-                return Err(VolumeError::Unavailable(why.clone()));
+                return Err(VolumeError::Unavailable(why));
             }
         }
         let job = {

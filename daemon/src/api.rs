@@ -293,7 +293,10 @@ async fn scrub_start(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -
     Ok((StatusCode::ACCEPTED, Json(s.volumes.start_scrub(&name)?)).into_response())
 }
 
-async fn scrub_status(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn scrub_status(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     Ok(Json(s.volumes.scrub_status(&name)?).into_response())
 }
 

@@ -53,10 +53,13 @@ pub enum KeyError {
     Persist { path: PathBuf, source: std::io::Error },
 }
 
+/// A KEK and the file it came from (`None`: the environment).
+type HeldKek = (Arc<Kek>, Option<PathBuf>);
+
 /// The KEKs this node holds, by id; one of them is current (new volumes are wrapped by it).
 #[derive(Debug, Default)]
 pub struct Keyring {
-    keks: RwLock<BTreeMap<KekId, (Arc<Kek>, Option<PathBuf>)>>,
+    keks: RwLock<BTreeMap<KekId, HeldKek>>,
     current: RwLock<Option<KekId>>,
     /// Where runtime-loaded KEK paths are recorded (none for tests without a data dir).
     record: Option<PathBuf>,
@@ -178,13 +181,21 @@ impl Keyring {
     }
 
     /// Unwraps a volume's data key with whichever of its wrappings this node can open.
-    pub fn unwrap(&self, volume: &str, uuid: &[u8; VOLUME_ID_BYTES], wrapped: &[String]) -> Result<DataKey, KeyError> {
+    pub fn unwrap(
+        &self,
+        volume: &str,
+        uuid: &[u8; VOLUME_ID_BYTES],
+        wrapped: &[String],
+    ) -> Result<DataKey, KeyError> {
         let mut wanted = None;
         for text in wrapped {
-            let w = WrappedKey::from_text(text).map_err(|error| KeyError::Unwrap { volume: volume.into(), error })?;
+            let w = WrappedKey::from_text(text)
+                .map_err(|error| KeyError::Unwrap { volume: volume.into(), error })?;
             match self.get(w.kek) {
                 Some(kek) => {
-                    return kek.unwrap(&w, uuid).map_err(|error| KeyError::Unwrap { volume: volume.into(), error })
+                    return kek
+                        .unwrap(&w, uuid)
+                        .map_err(|error| KeyError::Unwrap { volume: volume.into(), error })
                 }
                 None => wanted = Some(w.kek),
             }
@@ -193,7 +204,10 @@ impl Keyring {
             Some(kek) => Err(KeyError::Missing { volume: volume.into(), kek }),
             None => Err(KeyError::Unwrap {
                 volume: volume.into(),
-                error: CryptError::Malformed { what: "volume record", why: "encrypted, but no wrapped key".into() },
+                error: CryptError::Malformed {
+                    what: "volume record",
+                    why: "encrypted, but no wrapped key".into(),
+                },
             }),
         }
     }
@@ -229,7 +243,9 @@ fn read_record(path: &Path) -> Option<serde_json::Value> {
 fn read_recorded(path: &Path) -> Vec<PathBuf> {
     read_record(path)
         .and_then(|v| {
-            v.get("kek_files")?.as_array().map(|a| a.iter().filter_map(|p| p.as_str().map(PathBuf::from)).collect())
+            v.get("kek_files")?
+                .as_array()
+                .map(|a| a.iter().filter_map(|p| p.as_str().map(PathBuf::from)).collect())
         })
         .unwrap_or_default()
 }

@@ -238,7 +238,8 @@ pub async fn scrub_replicated(c: ClusterScrub<'_>, job: &ScrubJob, rate: u64) ->
     let group = c.store.group();
     let id = scrub_id();
     let started = Instant::now();
-    let mut copies: BTreeMap<u64, CopyFindings> = c.copies.iter().map(|&n| (n, CopyFindings::default())).collect();
+    let mut copies: BTreeMap<u64, CopyFindings> =
+        c.copies.iter().map(|&n| (n, CopyFindings::default())).collect();
     let mut data_bytes = 0u64;
     let mut first = 0u64;
     while first < blocks {
@@ -275,7 +276,8 @@ pub async fn scrub_replicated(c: ClusterScrub<'_>, job: &ScrubJob, rate: u64) ->
                     f.repaired += u64::from(repaired);
                     f.unrepaired += u64::from(still);
                     if still > 0 {
-                        for i in idx.iter().take(LISTED_BLOCKS_MAX.saturating_sub(f.unrepaired_blocks.len())) {
+                        for i in idx.iter().take(LISTED_BLOCKS_MAX.saturating_sub(f.unrepaired_blocks.len()))
+                        {
                             f.unrepaired_blocks.push(first + *i as u64);
                         }
                     }
@@ -349,11 +351,8 @@ pub fn begin(job: &ScrubJob, name: &str) {
     job.finished.store(false, Ordering::SeqCst);
     job.done_bytes.store(0, Ordering::Relaxed);
     job.update(|s| {
-        *s = ScrubSummary {
-            volume: name.to_string(),
-            started_unix_s: now_unix_s(),
-            ..ScrubSummary::default()
-        }
+        *s =
+            ScrubSummary { volume: name.to_string(), started_unix_s: now_unix_s(), ..ScrubSummary::default() }
     });
 }
 
@@ -399,7 +398,9 @@ pub async fn background_loop(
         let mut records = volumes.records();
         // Oldest scrub first; a new volume counts from its creation.
         records.sort_by_key(|r| r.scrubbed_unix_s.max(r.created_unix_s));
-        let Some(r) = records.into_iter().find(|r| now.saturating_sub(r.scrubbed_unix_s.max(r.created_unix_s)) >= due_after)
+        let Some(r) = records
+            .into_iter()
+            .find(|r| now.saturating_sub(r.scrubbed_unix_s.max(r.created_unix_s)) >= due_after)
         else {
             continue;
         };

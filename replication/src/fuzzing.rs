@@ -48,11 +48,24 @@ fn forward_status(payload: Bytes) {
     if let Ok(s) = ForwardStatus::decode(payload.clone()) {
         assert_eq!(ForwardStatus::decode(s.encode()).as_ref(), Ok(&s), "forwarded status round trip");
         if let ForwardStatus::Ok(inner) = s {
-            // An answer may be a snapshot chunk.
-            if let Ok(c) = Chunk::decode(inner) {
+            // An answer may be a snapshot chunk, sealed blocks, or a scrub's findings.
+            if let Ok(c) = Chunk::decode(inner.clone()) {
                 assert_eq!(Chunk::decode(c.encode()).as_ref(), Ok(&c), "chunk round trip");
+                let _ = c.blocks();
             }
+            raftblk_blockdev::seal::fuzzing::sealed_metadata(&inner);
+            scrub_chunk(&inner);
         }
+    }
+}
+
+fn scrub_chunk(data: &[u8]) {
+    if let Ok(c) = crate::volume::ScrubChunk::decode(data) {
+        assert_eq!(
+            crate::volume::ScrubChunk::decode(&c.encode()).as_ref(),
+            Ok(&c),
+            "scrub findings round trip"
+        );
     }
 }
 
@@ -73,6 +86,7 @@ pub fn sealed_payloads(data: &[u8]) {
     }
     forward_request(Bytes::copy_from_slice(data));
     forward_status(Bytes::copy_from_slice(data));
+    scrub_chunk(data);
 }
 
 /// `data` as a WAL record whose CRC is made valid (the first 8 bytes are its length and CRC

@@ -1579,4 +1579,3 @@ pub fn nonces_in(meta: &Path) -> Vec<[u8; 12]> {
     }
     out
 }
-

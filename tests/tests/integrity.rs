@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use std::time::Duration;
 
-use raftblk_tests::{files_containing, flip, nonces_in, pseudo_random_bytes, qemu_io, require_tools, run, swap_blocks, Daemon};
+use raftblk_tests::{
+    files_containing, flip, nonces_in, pseudo_random_bytes, qemu_io, require_tools, run, swap_blocks, Daemon,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -134,7 +136,10 @@ fn kill9_during_writes_never_leaves_a_block_unreadable() {
         d.restart();
         for v in ["pl", "sec"] {
             let out = run("nbdcopy", &[&d.nbd_uri(v), "null:"]);
-            assert!(out.success(), "round {round} (seed {seed}, killed after {wait:?}): {v} has an unreadable block: {out}");
+            assert!(
+                out.success(),
+                "round {round} (seed {seed}, killed after {wait:?}): {v} has an unreadable block: {out}"
+            );
         }
         for kind in ["checksum", "metadata", "authentication", "unrecoverable"] {
             let n = metric(&d, "raftblk_volume_integrity_errors_total", &[&format!("kind=\"{kind}\"")]);
@@ -147,8 +152,10 @@ fn kill9_during_writes_never_leaves_a_block_unreadable() {
 
 #[test]
 fn tampering_with_a_single_copy_fails_reads_with_eio_and_scrub_reports_it() {
-    if !require_tools("tampering_with_a_single_copy_fails_reads_with_eio_and_scrub_reports_it", &["nbdcopy", "qemu-io"])
-        || !raftblk_tests::require_python_nbd("tampering")
+    if !require_tools(
+        "tampering_with_a_single_copy_fails_reads_with_eio_and_scrub_reports_it",
+        &["nbdcopy", "qemu-io"],
+    ) || !raftblk_tests::require_python_nbd("tampering")
     {
         return;
     }
@@ -186,9 +193,16 @@ print("still connected", h.pread(512, 0)[:4] != b"")
     let bad = qemu_io(&d.nbd_uri("sec"), &["read 81920 4096"]);
     assert!(!bad.success() || bad.stdout.contains("Input/output error"), "a swapped block reads: {bad}");
     assert!(qemu_io(&d.nbd_uri("sec"), &["read 77824 4096"]).success(), "its neighbour is fine");
-    assert!(metric(&d, "raftblk_volume_integrity_errors_total", &["kind=\"checksum\"", "volume=\"pl\""]) >= 1);
-    assert!(metric(&d, "raftblk_volume_integrity_errors_total", &["kind=\"metadata\"", "volume=\"pl\""]) >= 1);
-    assert!(d.log().contains("block failed an integrity check"), "failures are logged with volume and offset");
+    assert!(
+        metric(&d, "raftblk_volume_integrity_errors_total", &["kind=\"checksum\"", "volume=\"pl\""]) >= 1
+    );
+    assert!(
+        metric(&d, "raftblk_volume_integrity_errors_total", &["kind=\"metadata\"", "volume=\"pl\""]) >= 1
+    );
+    assert!(
+        d.log().contains("block failed an integrity check"),
+        "failures are logged with volume and offset"
+    );
 
     // Scrub finds exactly the damaged blocks, says it could not repair them (one copy),
     // and the volume is degraded until they are rewritten.
@@ -294,7 +308,9 @@ fn nonces_never_repeat_across_kill9_restarts() {
             &[&format!("write -P {} {start} 256k", round + 1), &format!("write -P 9 {rewrite} 64k")],
         )
         .ok();
-        marks.push(std::fs::read_to_string(&reservation).expect("reservation").trim().parse::<u64>().expect("mark"));
+        marks.push(
+            std::fs::read_to_string(&reservation).expect("reservation").trim().parse::<u64>().expect("mark"),
+        );
         d.kill9();
         d.restart();
     }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use raftblk_tests::{files_containing, flip, have_tool, poll, qemu_io, require_tools, run, swap_blocks, Cluster};
+use raftblk_tests::{
+    files_containing, flip, have_tool, poll, qemu_io, require_tools, run, swap_blocks, Cluster,
+};
 
 const MIB: usize = 1 << 20;
 const ALL: [u64; 3] = [1, 2, 3];
@@ -47,7 +49,8 @@ struct Capture {
 impl Capture {
     fn start(c: &Cluster) -> Capture {
         let path = c.scratch().join("peers.pcap");
-        let filter: Vec<String> = ALL.iter().map(|&id| format!("tcp port {}", c.node(id).peer_addr.port())).collect();
+        let filter: Vec<String> =
+            ALL.iter().map(|&id| format!("tcp port {}", c.node(id).peer_addr.port())).collect();
         let child = Command::new("tcpdump")
             .args(["-i", "lo", "-U", "-s", "0", "-w"])
             .arg(&path)
@@ -103,7 +106,11 @@ fn a_no_plaintext_in_copies_logs_snapshots_or_peer_traffic() {
     c.kill9(3);
     for v in ["sec", "pl"] {
         for i in 0..40u64 {
-            qemu_io(&c.nbd_uri(1, v), &[&format!("write -P {} {} 4k", i % 200 + 1, 8 * MIB as u64 + i * 65536)]).ok();
+            qemu_io(
+                &c.nbd_uri(1, v),
+                &[&format!("write -P {} {} 4k", i % 200 + 1, 8 * MIB as u64 + i * 65536)],
+            )
+            .ok();
         }
     }
     std::thread::sleep(Duration::from_secs(7)); // a checkpoint and compaction pass
@@ -118,7 +125,10 @@ fn a_no_plaintext_in_copies_logs_snapshots_or_peer_traffic() {
     wait_all_applied(&c, "sec");
     wait_all_applied(&c, "pl");
     let log = c.node(3).log();
-    assert!(log.contains("store rebuilt") || log.contains("snapshot installed") || log.contains("rebuilding"), "node 3 got its copies back without a rebuild?\n{log}");
+    assert!(
+        log.contains("store rebuilt") || log.contains("snapshot installed") || log.contains("rebuilding"),
+        "node 3 got its copies back without a rebuild?\n{log}"
+    );
     assert!(get(&c, 3, "sec", 4 * MIB) == secret, "node 3 serves the encrypted volume after its rebuild");
     let traffic = capture.stop();
 
@@ -128,7 +138,10 @@ fn a_no_plaintext_in_copies_logs_snapshots_or_peer_traffic() {
         let dir = c.node(id).data_dir();
         let hits = files_containing(&dir, probe_s);
         assert!(hits.is_empty(), "node {id}: the encrypted volume's plaintext is in {hits:?}");
-        assert!(!files_containing(&dir, probe_p).is_empty(), "node {id}: the plain pattern is found (the search works)");
+        assert!(
+            !files_containing(&dir, probe_p).is_empty(),
+            "node {id}: the plain pattern is found (the search works)"
+        );
     }
     assert!(!contains(&traffic, probe_s), "the encrypted volume's plaintext crossed the network");
     assert!(contains(&traffic, probe_p), "the plain pattern is in the capture (the capture works)");
@@ -167,7 +180,8 @@ fn b_damaged_blocks_are_repaired_from_another_copy_on_read_and_by_scrub() {
     put(&c, 1, "sec", &file);
     wait_all_applied(&c, "pl");
     wait_all_applied(&c, "sec");
-    let uuids: std::collections::HashMap<&str, String> = [("pl", uuid(&c, "pl")), ("sec", uuid(&c, "sec"))].into();
+    let uuids: std::collections::HashMap<&str, String> =
+        [("pl", uuid(&c, "pl")), ("sec", uuid(&c, "sec"))].into();
     let image = |c: &Cluster, id: u64, v: &str| c.node(id).image_path(&uuids[v]);
 
     // The leader's copy rots: a data byte, and a block's records (read after a restart, so
@@ -191,10 +205,19 @@ fn b_damaged_blocks_are_repaired_from_another_copy_on_read_and_by_scrub() {
             std::thread::sleep(Duration::from_millis(300));
             Err(format!("node {now} leads"))
         });
-        assert!(get(&c, leader, v, 8 * MIB) == data, "{v}: reads through the damaged leader return the right data");
-        let repaired = metric(&c, leader, "raftblk_volume_blocks_repaired_total", &[&format!("volume=\"{v}\"")]);
+        assert!(
+            get(&c, leader, v, 8 * MIB) == data,
+            "{v}: reads through the damaged leader return the right data"
+        );
+        let repaired =
+            metric(&c, leader, "raftblk_volume_blocks_repaired_total", &[&format!("volume=\"{v}\"")]);
         assert!(repaired >= 2, "{v}: {repaired} blocks repaired on node {leader}");
-        let found = metric(&c, leader, "raftblk_volume_integrity_errors_total", &[&format!("volume=\"{v}\""), "kind=\"checksum\""]);
+        let found = metric(
+            &c,
+            leader,
+            "raftblk_volume_integrity_errors_total",
+            &[&format!("volume=\"{v}\""), "kind=\"checksum\""],
+        );
         assert!(found >= 1, "{v}: the damage was counted");
     }
 
@@ -210,13 +233,17 @@ fn b_damaged_blocks_are_repaired_from_another_copy_on_read_and_by_scrub() {
         assert!(out.success(), "{v}: the scrub repaired everything: {out}");
         let s: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
         let f = &s["copies"][follower.to_string()];
-        assert_eq!((f["damaged"].as_u64(), f["repaired"].as_u64(), f["unrepaired"].as_u64()), (Some(blocks), Some(blocks), Some(0)), "{v}: {s}");
+        assert_eq!(
+            (f["damaged"].as_u64(), f["repaired"].as_u64(), f["unrepaired"].as_u64()),
+            (Some(blocks), Some(blocks), Some(0)),
+            "{v}: {s}"
+        );
         for id in ALL.iter().filter(|&&id| id != follower) {
             assert_eq!(s["copies"][id.to_string()]["damaged"], 0, "{v}: {s}");
         }
         // A second scrub finds every copy clean.
         let again: serde_json::Value =
-            serde_json::from_str(&c.cli(leader, &["--json", "volume", "scrub", v]).ok().to_string()).expect("json");
+            serde_json::from_str(c.cli(leader, &["--json", "volume", "scrub", v]).ok()).expect("json");
         assert!(again["copies"].as_object().expect("copies").values().all(|f| f["damaged"] == 0), "{again}");
         assert_eq!(c.cli_json(leader, &["volume", "inspect", v])["health"], "healthy");
     }
@@ -275,7 +302,11 @@ fn c_a_node_without_the_kek_replicates_ciphertext_and_a_rotation_under_fio_unloc
     assert_eq!(report["volumes_rewrapped"], 1, "{report}");
     assert_eq!(report["nodes"].as_array().map(Vec::len), Some(3), "{report}");
     let fio = fio.wait_with_output().expect("fio");
-    assert!(fio.status.success(), "fio saw an error during the rotation: {}", String::from_utf8_lossy(&fio.stderr));
+    assert!(
+        fio.status.success(),
+        "fio saw an error during the rotation: {}",
+        String::from_utf8_lossy(&fio.stderr)
+    );
     let r = raftblk_tests::parse_fio_json(&String::from_utf8_lossy(&fio.stdout)).expect("fio json");
     assert_eq!(r.error, 0, "fio errors");
     // Node 3 now holds the KEK the key is wrapped by: the volume unlocks there.
@@ -300,6 +331,9 @@ fn c_a_node_without_the_kek_replicates_ciphertext_and_a_rotation_under_fio_unloc
         c.restart(id);
     }
     let back = qemu_io(&c.nbd_uri(2, "sec"), &["read -P 0x33 0 4M"]);
-    assert!(back.success() && !back.stdout.contains("verification failed"), "after restarts with the new key only: {back}");
+    assert!(
+        back.success() && !back.stdout.contains("verification failed"),
+        "after restarts with the new key only: {back}"
+    );
     println!("MEASURED KEK rotation under fio verify through node 2: rotate-kek took {took:?}, fio {} writes, 0 errors; the node that lacked the old KEK unlocked", r.write_ios);
 }

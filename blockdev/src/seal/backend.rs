@@ -23,8 +23,8 @@ use bytes::Bytes;
 use super::crypt::{DataKey, VOLUME_ID_BYTES};
 use super::nonce::NonceSource;
 use super::{
-    block_crc, block_span, BlockState, BlockWrite, Guard, Seal, SealedBlocks, SealedStore, WriteOutcome, BLOCK,
-    BLOCK_BYTES,
+    block_crc, block_span, BlockState, BlockWrite, Guard, Seal, SealedBlocks, SealedStore, WriteOutcome,
+    BLOCK, BLOCK_BYTES,
 };
 use crate::backend::{check_range, BackendError, BackendResult, BlockBackend, Extent};
 use crate::store::AlignedBuf;
@@ -151,7 +151,11 @@ impl SealingBackend {
         let read = self.store.read_blocks(first, count).await?;
         if let Some((block, damage)) = read.damaged().next() {
             self.reporter.damaged(IntegrityEvent { kind: IntegrityKind::Unrecoverable, block, copy: None });
-            tracing::error!(block, damage = damage.label(), "no intact copy of a block; the read fails with EIO");
+            tracing::error!(
+                block,
+                damage = damage.label(),
+                "no intact copy of a block; the read fails with EIO"
+            );
             return Err(BackendError::Corrupt {
                 offset: block * BLOCK,
                 len: BLOCK,
@@ -159,7 +163,11 @@ impl SealingBackend {
             });
         }
         let Some(crypto) = &self.crypto else {
-            if let Some(i) = read.states.iter().position(|s| matches!(s, BlockState::Sealed { seal, .. } if seal.cipher.is_some())) {
+            if let Some(i) = read
+                .states
+                .iter()
+                .position(|s| matches!(s, BlockState::Sealed { seal, .. } if seal.cipher.is_some()))
+            {
                 return Err(self.foreign(first + i as u64, "an encrypted block in a plain volume"));
             }
             return Ok((read.data.clone(), read));
@@ -173,7 +181,11 @@ impl SealingBackend {
                 };
                 let dst = &mut out.as_mut_slice()[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES];
                 if crypto.key.decrypt_block(&crypto.volume, index, c, read.block(i), dst).is_err() {
-                    self.reporter.damaged(IntegrityEvent { kind: IntegrityKind::Authentication, block: index, copy: None });
+                    self.reporter.damaged(IntegrityEvent {
+                        kind: IntegrityKind::Authentication,
+                        block: index,
+                        copy: None,
+                    });
                     tracing::error!(block = index, "block failed to authenticate; the read fails with EIO");
                     return Err(BackendError::Corrupt {
                         offset: index * BLOCK,
@@ -212,7 +224,13 @@ impl SealingBackend {
             let dst = &mut out.as_mut_slice()[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES];
             let cipher = crypto
                 .key
-                .encrypt_block(&crypto.volume, index, nonces.nonce(i as u64), &plain[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES], dst)
+                .encrypt_block(
+                    &crypto.volume,
+                    index,
+                    nonces.nonce(i as u64),
+                    &plain[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES],
+                    dst,
+                )
                 .map_err(|e| BackendError::Io(std::io::Error::other(e)))?;
             seals.push(Seal { crc: block_crc(index, dst), cipher: Some(cipher) });
         }
@@ -223,7 +241,7 @@ impl SealingBackend {
     async fn write_bytes(&self, offset: u64, data: Bytes) -> BackendResult<()> {
         let len = data.len() as u64;
         let (first, end) = block_span(offset, len);
-        if offset % BLOCK == 0 && len % BLOCK == 0 {
+        if offset.is_multiple_of(BLOCK) && len.is_multiple_of(BLOCK) {
             let write = self.seal(first, data, Vec::new()).await?;
             return match self.store.write_blocks(write).await? {
                 WriteOutcome::Written => Ok(()),
@@ -233,8 +251,8 @@ impl SealingBackend {
             };
         }
         // A block needs merging unless the write covers it whole.
-        let head = offset % BLOCK != 0 || offset + len < (first + 1) * BLOCK;
-        let tail = end - 1 != first && (offset + len) % BLOCK != 0;
+        let head = !offset.is_multiple_of(BLOCK) || offset + len < (first + 1) * BLOCK;
+        let tail = end - 1 != first && !(offset + len).is_multiple_of(BLOCK);
         for _ in 0..RMW_ATTEMPTS_MAX {
             let mut merged = AlignedBuf::zeroed(((end - first) * BLOCK) as usize);
             let mut guards = Vec::new();
@@ -327,7 +345,13 @@ impl BlockBackend for SealingBackend {
         self.zero_bytes(offset, len, true).await
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, _fast_only: bool) -> BackendResult<()> {
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        _fast_only: bool,
+    ) -> BackendResult<()> {
         // Whole blocks are zeroed by metadata and fallocate, which is always fast.
         check_range(offset, len, self.size_bytes())?;
         if len == 0 {
@@ -376,9 +400,16 @@ mod tests {
         let err = b.read(0, 4 * BLOCK as u32).await.unwrap_err();
         assert_eq!(err.errno(), libc::EIO);
         assert_eq!(b.read(0, 2 * BLOCK as u32).await.unwrap(), Bytes::from(vec![5u8; 2 * BLOCK_BYTES]));
-        assert!(b.write(2 * BLOCK + 1, Bytes::from_static(b"x"), false).await.is_err(), "cannot merge into damage");
+        assert!(
+            b.write(2 * BLOCK + 1, Bytes::from_static(b"x"), false).await.is_err(),
+            "cannot merge into damage"
+        );
         b.write(2 * BLOCK, Bytes::from(vec![6u8; BLOCK_BYTES]), false).await.unwrap();
-        assert_eq!(b.read(2 * BLOCK, 10).await.unwrap(), Bytes::from(vec![6u8; 10]), "a whole write replaces damage");
+        assert_eq!(
+            b.read(2 * BLOCK, 10).await.unwrap(),
+            Bytes::from(vec![6u8; 10]),
+            "a whole write replaces damage"
+        );
     }
 
     #[tokio::test]
@@ -392,7 +423,9 @@ mod tests {
             let tasks: Vec<_> = (0..16u64)
                 .map(|i| {
                     let b = b.clone();
-                    tokio::spawn(async move { b.write(i * 256, Bytes::from(vec![i as u8 + 1; 256]), false).await })
+                    tokio::spawn(
+                        async move { b.write(i * 256, Bytes::from(vec![i as u8 + 1; 256]), false).await },
+                    )
                 })
                 .collect();
             for t in tasks {

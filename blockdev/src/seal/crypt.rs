@@ -71,10 +71,9 @@ impl std::str::FromStr for KekId {
     type Err = CryptError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bytes = hex_decode(s, "KEK id")?;
-        let id: [u8; 8] = bytes.try_into().map_err(|_| CryptError::Malformed {
-            what: "KEK id",
-            why: "expected 16 hex digits".into(),
-        })?;
+        let id: [u8; 8] = bytes
+            .try_into()
+            .map_err(|_| CryptError::Malformed { what: "KEK id", why: "expected 16 hex digits".into() })?;
         Ok(KekId(id))
     }
 }
@@ -150,7 +149,11 @@ impl Kek {
     }
 
     /// Unwraps a data key wrapped by this KEK for `volume`.
-    pub fn unwrap(&self, wrapped: &WrappedKey, volume: &[u8; VOLUME_ID_BYTES]) -> Result<DataKey, CryptError> {
+    pub fn unwrap(
+        &self,
+        wrapped: &WrappedKey,
+        volume: &[u8; VOLUME_ID_BYTES],
+    ) -> Result<DataKey, CryptError> {
         if wrapped.kek != self.id {
             return Err(CryptError::WrongKek { wanted: wrapped.kek, offered: self.id });
         }
@@ -218,8 +221,9 @@ impl WrappedKey {
         let generation: u32 = generation.parse().map_err(|_| bad("generation is not a number"))?;
         let nonce: [u8; NONCE_BYTES] =
             hex_decode(nonce, "wrapped key")?.try_into().map_err(|_| bad("nonce is not 12 bytes"))?;
-        let ciphertext: [u8; KEY_BYTES + TAG_BYTES] =
-            hex_decode(ciphertext, "wrapped key")?.try_into().map_err(|_| bad("ciphertext is not 48 bytes"))?;
+        let ciphertext: [u8; KEY_BYTES + TAG_BYTES] = hex_decode(ciphertext, "wrapped key")?
+            .try_into()
+            .map_err(|_| bad("ciphertext is not 48 bytes"))?;
         Ok(WrappedKey { kek, generation, nonce, ciphertext })
     }
 }
@@ -359,7 +363,10 @@ mod tests {
         assert_eq!(other.decrypt_block(&VOL, 7, &seal, &stored, &mut out), Err(CryptError::Authentication));
         let mut bad_nonce = seal;
         bad_nonce.nonce[0] ^= 1;
-        assert_eq!(key.decrypt_block(&VOL, 7, &bad_nonce, &stored, &mut out), Err(CryptError::Authentication));
+        assert_eq!(
+            key.decrypt_block(&VOL, 7, &bad_nonce, &stored, &mut out),
+            Err(CryptError::Authentication)
+        );
     }
 
     #[test]

@@ -9,15 +9,20 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
 use super::{
-    check_write, BlockImage, BlockState, BlockWrite, CopyStore, Damage, SealedBlocks, SealedStore, WriteOutcome,
-    BLOCK, BLOCK_BYTES, ZERO_GROUP_BLOCKS,
+    check_write, BlockImage, BlockState, BlockWrite, CopyStore, Damage, SealedBlocks, SealedStore,
+    WriteOutcome, BLOCK, BLOCK_BYTES, ZERO_GROUP_BLOCKS,
 };
 use crate::backend::{check_range, BackendError, BackendResult, Extent, ExtentKind};
 
 #[derive(Debug, Clone)]
 enum Record {
-    Sealed { seal: super::Seal, version: u64 },
-    Zero { version: u64 },
+    Sealed {
+        seal: super::Seal,
+        version: u64,
+    },
+    Zero {
+        version: u64,
+    },
     /// The metadata was lost or damaged.
     Lost,
 }
@@ -129,7 +134,9 @@ impl MemSealedStore {
             let index = first + i;
             let b = blocks.get(&index);
             let state = Self::state_of(index, b);
-            if let (Some(d), BlockState::Sealed { .. } | BlockState::Damaged(_)) = (b.and_then(|b| b.data.as_ref()), &state) {
+            if let (Some(d), BlockState::Sealed { .. } | BlockState::Damaged(_)) =
+                (b.and_then(|b| b.data.as_ref()), &state)
+            {
                 let at = i as usize * BLOCK_BYTES;
                 data[at..at + BLOCK_BYTES].copy_from_slice(d);
             }
@@ -169,7 +176,13 @@ impl MemSealedStore {
                 if deallocate {
                     blocks.remove(&index);
                 } else {
-                    blocks.insert(index, Block { data: Some(vec![0u8; BLOCK_BYTES].into()), record: Record::Zero { version: 0 } });
+                    blocks.insert(
+                        index,
+                        Block {
+                            data: Some(vec![0u8; BLOCK_BYTES].into()),
+                            record: Record::Zero { version: 0 },
+                        },
+                    );
                 }
                 continue;
             }
@@ -276,15 +289,18 @@ impl CopyStore for MemSealedStore {
                 continue;
             }
             let block = match (state, data) {
-                (BlockState::Sealed { seal, version }, Some(d)) => {
-                    Block { data: Some(d.to_vec().into()), record: Record::Sealed { seal: *seal, version: *version } }
-                }
+                (BlockState::Sealed { seal, version }, Some(d)) => Block {
+                    data: Some(d.to_vec().into()),
+                    record: Record::Sealed { seal: *seal, version: *version },
+                },
                 (BlockState::Zero { version: 0 }, _) => {
                     blocks.remove(&index);
                     written += 1;
                     continue;
                 }
-                (BlockState::Zero { version }, _) => Block { data: None, record: Record::Zero { version: *version } },
+                (BlockState::Zero { version }, _) => {
+                    Block { data: None, record: Record::Zero { version: *version } }
+                }
                 _ => continue,
             };
             blocks.insert(index, block);
@@ -342,7 +358,10 @@ mod tests {
         CopyStore::apply_write(&s, write_of(1, 1, 1), 10).await.unwrap();
         let mut w = write_of(1, 2, 1);
         w.guards.push(Guard { block: 1, version: 9 });
-        assert_eq!(CopyStore::apply_write(&s, w.clone(), 11).await.unwrap(), WriteOutcome::GuardFailed { block: 1 });
+        assert_eq!(
+            CopyStore::apply_write(&s, w.clone(), 11).await.unwrap(),
+            WriteOutcome::GuardFailed { block: 1 }
+        );
         w.guards[0].version = 10;
         assert_eq!(CopyStore::apply_write(&s, w, 11).await.unwrap(), WriteOutcome::Written);
         // Zeroing a whole group drops its versions to 0; a partial group keeps the zeroing's.

@@ -26,6 +26,7 @@
 
 pub mod backend;
 pub mod crypt;
+pub mod fuzzing;
 pub mod mem;
 pub mod nonce;
 mod range_lock;
@@ -159,7 +160,7 @@ impl SealedBlocks {
     /// Indexes (within the volume) of damaged blocks.
     pub fn damaged(&self) -> impl Iterator<Item = (u64, Damage)> + '_ {
         self.states.iter().enumerate().filter_map(|(i, s)| match s {
-            BlockState::Damaged(d) => Some((self.first + i as u64, *d)),
+            BlockState::Damaged(d) => Some((self.first.saturating_add(i as u64), *d)),
             _ => None,
         })
     }
@@ -197,7 +198,10 @@ impl BlockWrite {
     /// Whether data and seals agree in size.
     pub fn is_well_formed(&self) -> bool {
         self.data.len() == self.seals.len() * BLOCK_BYTES
-            && self.guards.iter().all(|g| g.block >= self.first && g.block < self.first + self.count())
+            && self
+                .first
+                .checked_add(self.count())
+                .is_some_and(|end| self.guards.iter().all(|g| g.block >= self.first && g.block < end))
     }
 }
 
@@ -294,7 +298,8 @@ impl BlockImage {
     /// Whether the states and the data agree (sealed blocks match their seals).
     pub fn check(&self) -> BackendResult<()> {
         let sealed = self.states.iter().filter(|s| matches!(s, BlockState::Sealed { .. })).count();
-        let corrupt = |what| crate::BackendError::Corrupt { offset: self.first * BLOCK, len: 0, what };
+        let corrupt =
+            |what| crate::BackendError::Corrupt { offset: self.first.saturating_mul(BLOCK), len: 0, what };
         if self.data.len() != sealed * BLOCK_BYTES {
             return Err(corrupt("a block image whose data and states differ in size"));
         }
@@ -302,7 +307,7 @@ impl BlockImage {
         for (i, s) in self.states.iter().enumerate() {
             match s {
                 BlockState::Sealed { seal, .. } => {
-                    if !seal.verifies(self.first + i as u64, &self.data[at..at + BLOCK_BYTES]) {
+                    if !seal.verifies(self.first.wrapping_add(i as u64), &self.data[at..at + BLOCK_BYTES]) {
                         return Err(corrupt("a block image with a block that does not match its seal"));
                     }
                     at += BLOCK_BYTES;
@@ -360,16 +365,16 @@ pub fn block_span(offset: u64, len: u64) -> (u64, u64) {
 pub fn check_write(write: &BlockWrite) -> BackendResult<()> {
     if !write.is_well_formed() {
         return Err(crate::BackendError::Corrupt {
-            offset: write.first * BLOCK,
+            offset: write.first.saturating_mul(BLOCK),
             len: write.data.len() as u64,
             what: "a sealed write whose data and seals differ in size",
         });
     }
     for (i, seal) in write.seals.iter().enumerate() {
-        let index = write.first + i as u64;
+        let index = write.first.wrapping_add(i as u64);
         if !seal.verifies(index, &write.data[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES]) {
             return Err(crate::BackendError::Corrupt {
-                offset: index * BLOCK,
+                offset: index.saturating_mul(BLOCK),
                 len: BLOCK,
                 what: "a block that does not match its seal (damaged in transit)",
             });

@@ -114,7 +114,11 @@ pub struct NonceSource {
 impl std::fmt::Debug for NonceSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let w = self.window();
-        f.debug_struct("NonceSource").field("prefix", &self.prefix).field("next", &w.next).field("end", &w.end).finish()
+        f.debug_struct("NonceSource")
+            .field("prefix", &self.prefix)
+            .field("next", &w.next)
+            .field("end", &w.end)
+            .finish()
     }
 }
 
@@ -208,7 +212,9 @@ impl NonceSource {
         w.refilling = false;
         match result {
             Ok(run) => w.spare = Some(run),
-            Err(e) => tracing::warn!(error = %e, "reserving nonces ahead of need failed; retried when needed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "reserving nonces ahead of need failed; retried when needed")
+            }
         }
     }
 }

@@ -49,7 +49,8 @@ async fn run(b: &SealingBackend, ops: &[Op]) {
         match op.clone() {
             Op::Write { offset, len, seed } => {
                 let Some((offset, len)) = clip(offset, len as u64) else { continue };
-                let data = Bytes::from((0..len).map(|j| (j as u8).wrapping_mul(13) ^ seed).collect::<Vec<u8>>());
+                let data =
+                    Bytes::from((0..len).map(|j| (j as u8).wrapping_mul(13) ^ seed).collect::<Vec<u8>>());
                 b.write(offset, data.clone(), false).await.unwrap();
                 model.write(offset, data, false).await.unwrap();
             }

@@ -76,10 +76,8 @@ impl RangeLock {
     /// Takes the range if nothing conflicts now.
     pub fn try_lock(self: &Arc<Self>, start: u64, end: u64, exclusive: bool) -> Option<RangeGuard> {
         let mut state = self.state();
-        let conflict = state
-            .held
-            .iter()
-            .any(|h| h.start < end && start < h.end && (exclusive || h.exclusive));
+        let conflict =
+            state.held.iter().any(|h| h.start < end && start < h.end && (exclusive || h.exclusive));
         if conflict {
             return None;
         }

@@ -12,7 +12,9 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::{BlockImage, BlockState, CipherSeal, Damage, Seal, SealedBlocks, BLOCK_BYTES, NONCE_BYTES, TAG_BYTES};
+use super::{
+    BlockImage, BlockState, CipherSeal, Damage, Seal, SealedBlocks, BLOCK_BYTES, NONCE_BYTES, TAG_BYTES,
+};
 
 /// Most blocks one encoded run may hold (64 MiB of data; reads and chunks stay far below).
 pub const BLOCKS_MAX: u32 = 1 << 14;

@@ -315,7 +315,8 @@ fn run(cli: &Cli) -> Result<()> {
                 ClusterCommand::RotateKek { key_file } => {
                     let path = std::fs::canonicalize(key_file)
                         .with_context(|| format!("--key-file {}: no such file here", key_file.display()))?;
-                    let v = client.call("POST", "/v1/cluster/rotate-kek", Some(json!({ "key_file": path })))?;
+                    let v =
+                        client.call("POST", "/v1/cluster/rotate-kek", Some(json!({ "key_file": path })))?;
                     if cli.json {
                         println!("{v:#}");
                     } else {
@@ -438,7 +439,8 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
         }
         VolumeCommand::Scrub { name, no_wait, status } => {
             let path = format!("/v1/volumes/{}/scrub", path_segment(name)?);
-            let v = if *status { client.call("GET", &path, None)? } else { client.call("POST", &path, None)? };
+            let v =
+                if *status { client.call("GET", &path, None)? } else { client.call("POST", &path, None)? };
             let v = if *no_wait || *status { v } else { watch_scrub(client, &path, v, cli.json)? };
             let s: ScrubStatus = serde_json::from_value(v.clone())?;
             if cli.json {
@@ -638,7 +640,12 @@ fn watch_scrub(client: &Client, path: &str, mut v: Value, quiet: bool) -> Result
             return Ok(v);
         }
         if tty {
-            print!("\rscrub {} {}/{}   ", bar(s.done_bytes, s.total_bytes, 30), format_size(s.done_bytes), format_size(s.total_bytes));
+            print!(
+                "\rscrub {} {}/{}   ",
+                bar(s.done_bytes, s.total_bytes, 30),
+                format_size(s.done_bytes),
+                format_size(s.total_bytes)
+            );
             std::io::Write::flush(&mut std::io::stdout())?;
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
@@ -675,7 +682,10 @@ fn print_scrub(name: &str, s: &ScrubStatus) {
             ]
         })
         .collect();
-    print_table(&["COPY", "DAMAGED", "REPAIRED", "UNREPAIRED", "MISMATCHED", "CHUNKS MISSED", "STATE"], &rows);
+    print_table(
+        &["COPY", "DAMAGED", "REPAIRED", "UNREPAIRED", "MISMATCHED", "CHUNKS MISSED", "STATE"],
+        &rows,
+    );
     for (node, f) in &sum.copies {
         if !f.unrepaired_blocks.is_empty() {
             println!("copy {node}: unrepaired blocks (4 KiB each) {:?}", f.unrepaired_blocks);
@@ -806,5 +816,8 @@ fn print_volumes(volumes: &[VolumeStatus]) {
             ]
         })
         .collect();
-    print_table(&["NAME", "SIZE", "ALLOCATED", "MODE", "CONNECTIONS", "HEALTH", "ENCRYPTED", "COPIES ON"], &rows);
+    print_table(
+        &["NAME", "SIZE", "ALLOCATED", "MODE", "CONNECTIONS", "HEALTH", "ENCRYPTED", "COPIES ON"],
+        &rows,
+    );
 }

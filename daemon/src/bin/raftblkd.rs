@@ -16,8 +16,8 @@ use raftblk_daemon::cluster_catalog::ClusterCatalog;
 use raftblk_daemon::config::{
     join_target, Config, IoEngineSetting, LogFormat, Overrides, DEFAULT_CONFIG_TOML,
 };
-use raftblk_daemon::membership::{JoinAnswer, JoinRequest, Membership};
 use raftblk_daemon::keys::{CatalogReserver, FileReserver, Keyring};
+use raftblk_daemon::membership::{JoinAnswer, JoinRequest, Membership};
 use raftblk_daemon::metrics::Metrics;
 use raftblk_daemon::size::parse_size;
 use raftblk_daemon::volumes::{Security, VolumeManager};
@@ -115,9 +115,10 @@ async fn run(config: Config) -> Result<()> {
     }
     let replication = start_replication(&config, &membership).await?;
     let (security, catalog_slot) = security(&config, replication.is_some())?;
-    let volumes = VolumeManager::open(&config.data_dir, engine, metrics.clone(), replication.clone(), security)
-        .await
-        .with_context(|| format!("opening volumes in {}", config.data_dir.display()))?;
+    let volumes =
+        VolumeManager::open(&config.data_dir, engine, metrics.clone(), replication.clone(), security)
+            .await
+            .with_context(|| format!("opening volumes in {}", config.data_dir.display()))?;
     volumes.set_leader_follows_client(config.cluster.leader_follows_client);
     volumes.set_scrub_interval_h(config.cluster.scrub_interval_h);
     volumes.set_scrub_rate_mib_s(config.cluster.scrub_rate_mib_s);

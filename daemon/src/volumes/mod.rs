@@ -546,7 +546,13 @@ impl VolumeManager {
                         .map_err(|e| store_err(&name, format!("starting its replica: {e}")))?;
                 }
                 let local: Option<Arc<dyn CopyStore>> = local.clone().map(|f| f as Arc<dyn CopyStore>);
-                let r = Arc::new(ReplicatedStore::new(node.clone(), group, record.voters.clone(), size.clone(), local));
+                let r = Arc::new(ReplicatedStore::new(
+                    node.clone(),
+                    group,
+                    record.voters.clone(),
+                    size.clone(),
+                    local,
+                ));
                 (r.clone(), Some(r))
             }
         };
@@ -564,7 +570,11 @@ impl VolumeManager {
                 )),
                 Err(e) => {
                     tracing::warn!(volume = %name, error = %e, "encrypted volume is locked on this node");
-                    let l = Arc::new(Lockable { why: e.to_string(), size: size.clone(), unlocked: OnceLock::new() });
+                    let l = Arc::new(Lockable {
+                        why: e.to_string(),
+                        size: size.clone(),
+                        unlocked: OnceLock::new(),
+                    });
                     lockable = Some(l.clone());
                     l
                 }
@@ -599,7 +609,8 @@ impl VolumeManager {
         let Ok(entries) = std::fs::read_dir(&self.volumes_dir) else { return };
         for entry in entries.flatten() {
             let file_name = entry.file_name().to_string_lossy().into_owned();
-            let Some(uuid) = [".img", ".meta", ".applied", ".rebuild"].iter().find_map(|s| file_name.strip_suffix(s))
+            let Some(uuid) =
+                [".img", ".meta", ".applied", ".rebuild"].iter().find_map(|s| file_name.strip_suffix(s))
             else {
                 continue;
             };
@@ -684,7 +695,11 @@ impl VolumeManager {
         // The data key is made (and wrapped by the cluster KEK) here, once: every node that
         // serves the volume unwraps the same key from the record.
         let wrapped_keys = if *encrypted {
-            vec![self.keys.new_volume_key(uuid.as_bytes()).map_err(|e| VolumeError::Invalid(e.to_string()))?.to_text()]
+            vec![self
+                .keys
+                .new_volume_key(uuid.as_bytes())
+                .map_err(|e| VolumeError::Invalid(e.to_string()))?
+                .to_text()]
         } else {
             Vec::new()
         };
@@ -1621,9 +1636,9 @@ struct Lockable {
 
 impl Lockable {
     fn inner(&self) -> raftblk_blockdev::backend::BackendResult<&Arc<dyn BlockBackend>> {
-        self.unlocked
-            .get()
-            .ok_or_else(|| BackendError::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, self.why.clone())))
+        self.unlocked.get().ok_or_else(|| {
+            BackendError::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, self.why.clone()))
+        })
     }
 }
 

@@ -58,7 +58,9 @@ impl VolumeManager {
             for peer in self.peer_ids() {
                 match crate::cluster::send(node, peer, &msg, KEK_CONTROL_TIMEOUT).await {
                     Ok(ControlAnswer::Kek { id: got }) if got == id.to_string() => nodes.push(peer),
-                    Ok(ControlAnswer::Kek { id: got }) => refused.push(format!("node {peer} read KEK {got} from {}, not {id}", path.display())),
+                    Ok(ControlAnswer::Kek { id: got }) => {
+                        refused.push(format!("node {peer} read KEK {got} from {}, not {id}", path.display()))
+                    }
                     Ok(other) => refused.push(format!("node {peer} answered {other:?}")),
                     Err(e) => refused.push(format!("node {peer}: {e}")),
                 }
@@ -100,7 +102,10 @@ impl VolumeManager {
 
     /// Ids of the KEKs this node holds, and the current one.
     pub fn kek_ids(&self) -> (Vec<String>, Option<String>) {
-        (self.keys.ids().iter().map(|k| k.to_string()).collect(), self.keys.current_id().map(|k| k.to_string()))
+        (
+            self.keys.ids().iter().map(|k| k.to_string()).collect(),
+            self.keys.current_id().map(|k| k.to_string()),
+        )
     }
 
     /// Wraps `name`'s data key by KEK `to`, through the catalog; false if it already was.
@@ -133,7 +138,9 @@ impl VolumeManager {
                 Err(e) => return Err(e),
             }
         }
-        Err(VolumeError::Unavailable(format!("volume {name:?} kept changing during the rotation; run it again")))
+        Err(VolumeError::Unavailable(format!(
+            "volume {name:?} kept changing during the rotation; run it again"
+        )))
     }
 
     /// Opens encrypted volumes that were locked for want of a KEK this node now has.

@@ -86,7 +86,11 @@ impl VolumeManager {
             summary: (r.scrubbed_unix_s > 0).then(|| crate::scrub::ScrubSummary {
                 volume: r.name.clone(),
                 finished_unix_s: r.scrubbed_unix_s,
-                copies: r.damaged_copies.iter().map(|&n| (n, crate::scrub::CopyFindings { unrepaired: 1, ..Default::default() })).collect(),
+                copies: r
+                    .damaged_copies
+                    .iter()
+                    .map(|&n| (n, crate::scrub::CopyFindings { unrepaired: 1, ..Default::default() }))
+                    .collect(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -94,7 +98,11 @@ impl VolumeManager {
     }
 
     /// Records a finished scrub in the volume's record (through the catalog in a cluster).
-    async fn record_scrub(&self, name: &str, summary: &crate::scrub::ScrubSummary) -> Result<(), VolumeError> {
+    async fn record_scrub(
+        &self,
+        name: &str,
+        summary: &crate::scrub::ScrubSummary,
+    ) -> Result<(), VolumeError> {
         if summary.error.is_some() && summary.blocks_checked == 0 {
             return Ok(());
         }
@@ -121,7 +129,8 @@ impl VolumeManager {
                 Err(e) => return Err(e),
             }
         }
-        Err(VolumeError::Unavailable(format!("volume {name:?} kept changing; its scrub findings were not recorded")))
+        Err(VolumeError::Unavailable(format!(
+            "volume {name:?} kept changing; its scrub findings were not recorded"
+        )))
     }
-
 }

@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use raftblk_blockdev::backend::{check_range, BackendError, BackendResult, Extent, ExtentKind};
-use raftblk_blockdev::seal::{
-    wire, BlockWrite, CopyStore, SealedBlocks, SealedStore, WriteOutcome, BLOCK,
-};
+use raftblk_blockdev::seal::{wire, BlockWrite, CopyStore, SealedBlocks, SealedStore, WriteOutcome, BLOCK};
 
 use super::forward::{ForwardOp, ForwardRequest, ForwardStatus};
 use super::{Answer, NodeError, ReplicationNode};
@@ -147,7 +145,9 @@ impl ReplicatedStore {
                 },
                 _ => Outcome::Done(Answer::Done),
             },
-            Ok(ForwardStatus::GuardFailed(block)) | Err(NodeError::GuardFailed { block }) => Outcome::GuardFailed(block),
+            Ok(ForwardStatus::GuardFailed(block)) | Err(NodeError::GuardFailed { block }) => {
+                Outcome::GuardFailed(block)
+            }
             Ok(ForwardStatus::OutOfRange) | Err(NodeError::OutOfRange) => Outcome::OutOfRange,
             Ok(ForwardStatus::NotLeader(leader)) | Err(NodeError::NotLeader { leader }) => {
                 Outcome::Retry { leader_hint: leader }
@@ -176,9 +176,13 @@ impl ReplicatedStore {
                 Outcome::GuardFailed(block) => return Ok(Err(block)),
                 Outcome::OutOfRange => {
                     let (offset, len) = match &op {
-                        ForwardOp::Read { first, count } => (first * BLOCK, u64::from(*count) * BLOCK),
-                        ForwardOp::Write(w) => (w.first * BLOCK, w.count() * BLOCK),
-                        ForwardOp::Zero { first, count, .. } => (first * BLOCK, count * BLOCK),
+                        ForwardOp::Read { first, count } => {
+                            (first.saturating_mul(BLOCK), u64::from(*count) * BLOCK)
+                        }
+                        ForwardOp::Write(w) => (w.first.saturating_mul(BLOCK), w.count() * BLOCK),
+                        ForwardOp::Zero { first, count, .. } => {
+                            (first.saturating_mul(BLOCK), count.saturating_mul(BLOCK))
+                        }
                         ForwardOp::Resize { size } => (*size, 0),
                         _ => (0, 0),
                     };

@@ -252,7 +252,12 @@ mod tests {
     fn write() -> BlockWrite {
         let data = Bytes::from(vec![5u8; 4096]);
         let seals = vec![raftblk_blockdev::seal::Seal::plain(2, &data)];
-        BlockWrite { first: 2, data, seals, guards: vec![raftblk_blockdev::seal::Guard { block: 2, version: 9 }] }
+        BlockWrite {
+            first: 2,
+            data,
+            seals,
+            guards: vec![raftblk_blockdev::seal::Guard { block: 2, version: 9 }],
+        }
     }
 
     #[test]
@@ -297,7 +302,9 @@ mod tests {
         let mut w = ForwardRequest { group: GroupId(1), op: ForwardOp::Write(write()) }.encode().to_vec();
         w.pop();
         assert_eq!(ForwardRequest::decode(Bytes::from(w)), Err(ForwardError::Malformed));
-        let mut r = ForwardRequest { group: GroupId(1), op: ForwardOp::Read { first: 0, count: 1 } }.encode().to_vec();
+        let mut r = ForwardRequest { group: GroupId(1), op: ForwardOp::Read { first: 0, count: 1 } }
+            .encode()
+            .to_vec();
         r[0] = 9;
         assert_eq!(ForwardRequest::decode(Bytes::from(r)), Err(ForwardError::Unknown(9)));
         let mut big = BytesMut::new();

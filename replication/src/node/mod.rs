@@ -582,7 +582,12 @@ impl ReplicationNode {
     /// Linearizable read of sealed blocks through the local replica, which must be the
     /// leader. Damaged blocks of the local copy are repaired from another copy first where
     /// one is intact.
-    pub async fn local_read(&self, group: GroupId, first: u64, count: u32) -> Result<SealedBlocks, NodeError> {
+    pub async fn local_read(
+        &self,
+        group: GroupId,
+        first: u64,
+        count: u32,
+    ) -> Result<SealedBlocks, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.send(Event::Read { group, first, count, done: tx })?;
         rx.await.map_err(|_| NodeError::ShuttingDown)?
@@ -593,7 +598,9 @@ impl ReplicationNode {
     /// are not volume I/O and are refused.
     pub async fn run_local(&self, group: GroupId, op: ForwardOp) -> Result<Answer, NodeError> {
         let command = match op {
-            ForwardOp::Read { first, count } => return self.local_read(group, first, count).await.map(Answer::Blocks),
+            ForwardOp::Read { first, count } => {
+                return self.local_read(group, first, count).await.map(Answer::Blocks)
+            }
             ForwardOp::Write(w) => Command::Write(w),
             ForwardOp::Zero { first, count, deallocate } => Command::Zero { first, count, deallocate },
             ForwardOp::Resize { size } => Command::Resize { size },
@@ -694,7 +701,12 @@ impl ReplicationNode {
     }
 
     /// What this node's copy of `group` found for scrub `id` at block `first`, once applied.
-    pub fn local_scrub_result(&self, group: GroupId, id: u64, first: u64) -> Option<crate::volume::ScrubChunk> {
+    pub fn local_scrub_result(
+        &self,
+        group: GroupId,
+        id: u64,
+        first: u64,
+    ) -> Option<crate::volume::ScrubChunk> {
         lock(&self.inner.shared.scrubs).found.remove(&(group, id, first))
     }
 
@@ -712,9 +724,9 @@ impl ReplicationNode {
         }
         let request = ForwardRequest { group, op: ForwardOp::ScrubResult { id, first } };
         match self.forward(node, request, Duration::from_secs(5)).await? {
-            ForwardStatus::Ok(b) => crate::volume::ScrubChunk::decode(&b)
-                .map(Some)
-                .map_err(|e| NodeError::Internal(format!("node {node} sent an undecodable scrub result: {e}"))),
+            ForwardStatus::Ok(b) => crate::volume::ScrubChunk::decode(&b).map(Some).map_err(|e| {
+                NodeError::Internal(format!("node {node} sent an undecodable scrub result: {e}"))
+            }),
             ForwardStatus::NotReady => Ok(None),
             ForwardStatus::NotMember => Err(NodeError::NotMember(group)),
             other => Err(NodeError::Internal(format!("node {node} answered {other:?}"))),
@@ -723,7 +735,13 @@ impl ReplicationNode {
 
     /// Has node `node` repair damaged blocks of its copy of `group` in `[first, first +
     /// count)` from the other copies; returns (repaired, still damaged).
-    pub async fn repair_copy(&self, node: u64, group: GroupId, first: u64, count: u32) -> Result<(u32, u32), NodeError> {
+    pub async fn repair_copy(
+        &self,
+        node: u64,
+        group: GroupId,
+        first: u64,
+        count: u32,
+    ) -> Result<(u32, u32), NodeError> {
         if node == self.node_id().0 {
             return self.repair_local(group, first, count).await;
         }

@@ -31,7 +31,9 @@ const CATCH_UP_PAUSE: Duration = Duration::from_millis(20);
 /// that has applied `applied`: it is intact and was written at or before `applied`.
 pub(crate) fn usable(theirs: &BlockState, applied: u64) -> bool {
     match theirs {
-        BlockState::Sealed { version, .. } | BlockState::Zero { version } => version_index(*version) <= applied,
+        BlockState::Sealed { version, .. } | BlockState::Zero { version } => {
+            version_index(*version) <= applied
+        }
         BlockState::Damaged(_) => false,
     }
 }

@@ -553,7 +553,8 @@ impl Runner {
                 match slot.driver.propose(&commands, ids) {
                     Ok(index) => {
                         slot.writes.extend(batch);
-                        slot.guarded.extend(guarded.into_iter().map(|(position, id)| ((index, position), id)));
+                        slot.guarded
+                            .extend(guarded.into_iter().map(|(position, id)| ((index, position), id)));
                     }
                     Err(e) => {
                         let leader = slot.driver.leader();
@@ -768,10 +769,11 @@ impl Runner {
                 // The store holds everything up to the read index: read it off this thread
                 // (repairing damaged blocks from another copy on the way).
                 self.rt.spawn(async move {
-                    let result = read_repaired(&ctx, &store, r.first, r.count, applied).await.map_err(|e| match e {
-                        BackendError::OutOfRange { .. } => NodeError::OutOfRange,
-                        other => NodeError::Internal(other.to_string()),
-                    });
+                    let result =
+                        read_repaired(&ctx, &store, r.first, r.count, applied).await.map_err(|e| match e {
+                            BackendError::OutOfRange { .. } => NodeError::OutOfRange,
+                            other => NodeError::Internal(other.to_string()),
+                        });
                     let _ = r.done.send(result);
                 });
             }

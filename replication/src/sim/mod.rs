@@ -32,14 +32,16 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::Bytes;
 use raft::eraftpb::{ConfState, Message};
-use raftblk_blockdev::seal::{BlockImage, BlockState, BlockWrite, CopyStore, MemSealedStore, Seal, SealedBlocks};
+use raftblk_blockdev::seal::{
+    BlockImage, BlockState, BlockWrite, CopyStore, MemSealedStore, Seal, SealedBlocks,
+};
 
+use crate::node::repair::usable;
 use crate::snapshot::marker::{plan_open, Marker, OpenPlan};
 use crate::storage::GroupStorage;
+use crate::volume::apply_entries;
 use crate::volume::command::Command;
 use crate::volume::group::{GroupConfig, GroupDriver, RequestId};
-use crate::node::repair::usable;
-use crate::volume::apply_entries;
 use crate::wal::disk::SimDisk;
 use crate::wal::record::GroupId;
 use crate::wal::{Wal, WalOptions};
@@ -948,7 +950,10 @@ mod tests {
         assert!(total.acked_writes > 0 && total.reads_ok > 0);
         if seeds.len() >= 50 {
             assert!(total.snapshots > 0, "no run installed a snapshot: the rebuild path went untested");
-            assert!(total.rots > 0 && total.repairs > 0, "no block rotted or was repaired: the damage path went untested");
+            assert!(
+                total.rots > 0 && total.repairs > 0,
+                "no block rotted or was repaired: the damage path went untested"
+            );
         }
     }
 

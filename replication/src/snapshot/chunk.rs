@@ -47,14 +47,24 @@ pub enum ChunkError {
 
 impl Chunk {
     /// The chunk of a volume holding `image`.
-    pub fn of_blocks(volume_size: u64, source_applied: u64, read: &raftblk_blockdev::seal::SealedBlocks) -> Chunk {
-        Chunk { volume_size, source_applied, offset: read.first * BLOCK, body: wire::encode_blocks(read) }
+    pub fn of_blocks(
+        volume_size: u64,
+        source_applied: u64,
+        read: &raftblk_blockdev::seal::SealedBlocks,
+    ) -> Chunk {
+        Chunk {
+            volume_size,
+            source_applied,
+            offset: read.first.saturating_mul(BLOCK),
+            body: wire::encode_blocks(read),
+        }
     }
 
     /// The sealed blocks of a volume's chunk, checked against the chunk's place and size.
     pub fn blocks(&self) -> Result<BlockImage, ChunkError> {
-        let image = wire::decode_image(self.body.clone()).map_err(|_| ChunkError::Malformed("undecodable blocks"))?;
-        if image.first * BLOCK != self.offset {
+        let image =
+            wire::decode_image(self.body.clone()).map_err(|_| ChunkError::Malformed("undecodable blocks"))?;
+        if image.first.checked_mul(BLOCK) != Some(self.offset) {
             return Err(ChunkError::Malformed("blocks start elsewhere than the chunk"));
         }
         let end = (image.first + image.states.len() as u64).saturating_mul(BLOCK);

@@ -134,7 +134,9 @@ mod tests {
         let seals = (0..len / BLOCK_BYTES)
             .map(|i| Seal::plain(first + i as u64, &data[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES]))
             .collect();
-        CopyStore::apply_write(store, BlockWrite { first, data, seals, guards: vec![] }, version).await.unwrap();
+        CopyStore::apply_write(store, BlockWrite { first, data, seals, guards: vec![] }, version)
+            .await
+            .unwrap();
     }
 
     async fn all(b: &MemSealedStore) -> raftblk_blockdev::seal::SealedBlocks {
@@ -204,7 +206,10 @@ mod tests {
         let progress = PullProgress::default();
         pull(&fetcher, &store, &plan, &progress).await.unwrap();
         let got = all(&dst).await;
-        assert!(got.data[..1 << 20].iter().all(|&b| b == 0), "the prefix before the marker is not copied again");
+        assert!(
+            got.data[..1 << 20].iter().all(|&b| b == 0),
+            "the prefix before the marker is not copied again"
+        );
         assert!(got.data[1 << 20..].iter().all(|&b| b == 7));
         assert_eq!(fetcher.asked.lock().unwrap().len(), 4);
     }

@@ -130,7 +130,8 @@ pub async fn pull(
     let mut copied = 0u64;
     let mut next_source = 0usize;
     while offset < size {
-        let (volume_size, image) = fetch_any(fetcher, plan, offset, chunk_bytes, &mut next_source, progress).await;
+        let (volume_size, image) =
+            fetch_any(fetcher, plan, offset, chunk_bytes, &mut next_source, progress).await;
         if volume_size > store.backend.size_bytes() {
             (store.grow)(volume_size)?;
         }
@@ -188,13 +189,18 @@ async fn fetch_any(
     loop {
         let source = plan.sources[*next_source % plan.sources.len()];
         match fetcher.fetch(source, plan.group, offset, chunk_bytes, plan.index).await {
-            Ok(chunk) if chunk.offset == offset && chunk.source_applied >= plan.index => match chunk.blocks() {
+            Ok(chunk) if chunk.offset == offset && chunk.source_applied >= plan.index => match chunk.blocks()
+            {
                 Ok(image) if image.check().is_ok() => {
                     progress.source.store(source, Ordering::Relaxed);
                     return (chunk.volume_size, image);
                 }
-                Ok(_) => tracing::warn!(group = %plan.group, source, offset, "source sent blocks that fail their seals"),
-                Err(e) => tracing::warn!(group = %plan.group, source, offset, error = %e, "source sent a malformed chunk"),
+                Ok(_) => {
+                    tracing::warn!(group = %plan.group, source, offset, "source sent blocks that fail their seals")
+                }
+                Err(e) => {
+                    tracing::warn!(group = %plan.group, source, offset, error = %e, "source sent a malformed chunk")
+                }
             },
             Ok(chunk) => {
                 tracing::warn!(group = %plan.group, source, offset, got = chunk.offset, "source answered the wrong chunk");

@@ -9,7 +9,12 @@ use super::chunk::Chunk;
 /// chunk of sealed blocks, exactly as stored (seals and versions included). `applied` is the
 /// index the store had applied before the read (the caller checked it is enough). A
 /// damaged block fails the chunk (the receiver asks another member) rather than travel.
-pub async fn read_chunk(store: &dyn CopyStore, offset: u64, len: u64, applied: u64) -> Result<Chunk, BackendError> {
+pub async fn read_chunk(
+    store: &dyn CopyStore,
+    offset: u64,
+    len: u64,
+    applied: u64,
+) -> Result<Chunk, BackendError> {
     let size = store.size_bytes();
     let first = offset / BLOCK;
     let end = offset.saturating_add(len).min(size).div_ceil(BLOCK);

@@ -73,9 +73,14 @@ impl Command {
     /// The byte range `(offset, len)` the command changes (`None` for a resize).
     pub fn range(&self) -> Option<(u64, u64)> {
         match self {
-            Command::Write(w) => Some((w.first * BLOCK, w.count() * BLOCK)),
-            Command::Zero { first, count, .. } => Some((first * BLOCK, count * BLOCK)),
-            Command::Scrub { first, count, .. } => Some((first * BLOCK, u64::from(*count) * BLOCK)),
+            // Saturating: a command from a peer may name any block; range checks refuse it.
+            Command::Write(w) => Some((w.first.saturating_mul(BLOCK), w.count() * BLOCK)),
+            Command::Zero { first, count, .. } => {
+                Some((first.saturating_mul(BLOCK), count.saturating_mul(BLOCK)))
+            }
+            Command::Scrub { first, count, .. } => {
+                Some((first.saturating_mul(BLOCK), u64::from(*count) * BLOCK))
+            }
             Command::Resize { .. } | Command::App { .. } => None,
         }
     }
@@ -299,15 +304,29 @@ mod tests {
             raftblk_blockdev::seal::Seal::plain(4, &data[..BLOCK_BYTES]),
             raftblk_blockdev::seal::Seal {
                 crc: 9,
-                cipher: Some(raftblk_blockdev::seal::CipherSeal { key_generation: 1, nonce: [3; 12], tag: [4; 16] }),
+                cipher: Some(raftblk_blockdev::seal::CipherSeal {
+                    key_generation: 1,
+                    nonce: [3; 12],
+                    tag: [4; 16],
+                }),
             },
         ];
         vec![
-            Command::Write(BlockWrite { first: 4, data, seals, guards: vec![Guard { block: 5, version: 77 }] }),
+            Command::Write(BlockWrite {
+                first: 4,
+                data,
+                seals,
+                guards: vec![Guard { block: 5, version: 77 }],
+            }),
             Command::Zero { first: 0, count: 2, deallocate: true },
             Command::Zero { first: 9, count: 1, deallocate: false },
             Command::Resize { size: 1 << 30 },
-            Command::Write(BlockWrite { first: u64::MAX - 1, data: Bytes::new(), seals: vec![], guards: vec![] }),
+            Command::Write(BlockWrite {
+                first: u64::MAX - 1,
+                data: Bytes::new(),
+                seals: vec![],
+                guards: vec![],
+            }),
             Command::App { data: Bytes::from_static(b"{\"op\":1}") },
             Command::App { data: Bytes::new() },
             Command::Scrub { id: 5, first: 256, count: 256 },

@@ -42,7 +42,8 @@ impl ScrubChunk {
     /// `[id u64][index u64][first u64][count u32]` then the states (`seal::wire`).
     pub fn encode(&self) -> bytes::Bytes {
         use bytes::BufMut;
-        let mut out = bytes::BytesMut::with_capacity(28 + self.states.iter().map(wire::state_len).sum::<usize>());
+        let mut out =
+            bytes::BytesMut::with_capacity(28 + self.states.iter().map(wire::state_len).sum::<usize>());
         out.put_u64_le(self.id);
         out.put_u64_le(self.index);
         out.put_u64_le(self.first);
@@ -120,13 +121,16 @@ pub async fn apply_entries(
             wave.push(async move {
                 let r = match command {
                     Command::Write(w) => store.apply_write(w, version).await,
-                    Command::Zero { first, count, deallocate } => {
-                        store.apply_zero(first, count, deallocate, version).await.map(|()| WriteOutcome::Written)
-                    }
+                    Command::Zero { first, count, deallocate } => store
+                        .apply_zero(first, count, deallocate, version)
+                        .await
+                        .map(|()| WriteOutcome::Written),
                     Command::Scrub { id, first, count } => {
                         // Reading checks every block; a damaged one is a finding, not an error.
                         return match store.read_blocks(first, count).await {
-                            Ok(read) => Ok(Done::Scrubbed(ScrubChunk { id, index, first, states: read.states })),
+                            Ok(read) => {
+                                Ok(Done::Scrubbed(ScrubChunk { id, index, first, states: read.states }))
+                            }
                             Err(BackendError::OutOfRange { .. }) => Ok(Done::Stored),
                             Err(e) => Err(e),
                         };

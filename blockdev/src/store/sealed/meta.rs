@@ -26,9 +26,9 @@ use bytes::Bytes;
 use rustix::fs::SeekFrom;
 
 use super::record::PAIR_BYTES;
+use crate::backend::BackendResult;
 use crate::store::engine::{ChainStep, FallocMode, IoEngine};
 use crate::store::file::backend_error;
-use crate::backend::BackendResult;
 
 /// Bytes per metadata page.
 pub const PAGE_BYTES: usize = 4096;
@@ -179,7 +179,11 @@ impl MetaFile {
     }
 
     /// Opens an existing metadata file and reads its header.
-    pub fn open(path: &Path, engine: IoEngine, cache_pages_max: usize) -> Result<(MetaFile, Header), MetaError> {
+    pub fn open(
+        path: &Path,
+        engine: IoEngine,
+        cache_pages_max: usize,
+    ) -> Result<(MetaFile, Header), MetaError> {
         let io = |source| MetaError::Io { path: path.to_owned(), source };
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
         let mut page = [0u8; PAGE_BYTES];
@@ -350,7 +354,11 @@ impl MetaFile {
             *page.hole() = false;
             contiguous.extend_from_slice(pair);
         }
-        Ok(ChainStep::Write { file: self.file.clone(), offset: pair_offset(first), data: Bytes::from(contiguous) })
+        Ok(ChainStep::Write {
+            file: self.file.clone(),
+            offset: pair_offset(first),
+            data: Bytes::from(contiguous),
+        })
     }
 
     /// Empties the cached pages `[first_page, end_page)` and returns the step that punches
@@ -417,7 +425,12 @@ mod tests {
         assert_eq!(got.seq_reserved, 11);
         // Tear the newer copy: the older one is used.
         use std::os::unix::fs::FileExt;
-        std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&[0xff; 8], 2048 + 20).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&[0xff; 8], 2048 + 20)
+            .unwrap();
         let (_, got) = MetaFile::open(&path, engine, 16).unwrap();
         assert_eq!(got.seq_reserved, 9);
     }

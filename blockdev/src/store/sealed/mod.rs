@@ -297,7 +297,9 @@ impl SealedFile {
         header.clean = clean;
         match self.meta.write_header_now(&header, sync) {
             Ok(()) => h.header = header,
-            Err(e) => tracing::warn!(path = %self.meta.path().display(), error = %e, "cannot update the metadata header"),
+            Err(e) => {
+                tracing::warn!(path = %self.meta.path().display(), error = %e, "cannot update the metadata header")
+            }
         }
         h.confirmed_at = Instant::now();
     }
@@ -358,10 +360,16 @@ impl SealedFile {
             })
             .max_by_key(|r| r.seq);
         match best {
-            Some(Record { content: Content::Sealed(seal), version, .. }) => BlockState::Sealed { seal, version },
+            Some(Record { content: Content::Sealed(seal), version, .. }) => {
+                BlockState::Sealed { seal, version }
+            }
             Some(Record { content: Content::Zero, version, .. }) => BlockState::Zero { version },
-            None if slots.iter().all(|s| *s == Slot::Empty) && is_zero(data) => BlockState::Zero { version: 0 },
-            None if slots.iter().any(|s| matches!(s, Slot::Damaged)) || slots.iter().all(|s| *s == Slot::Empty) => {
+            None if slots.iter().all(|s| *s == Slot::Empty) && is_zero(data) => {
+                BlockState::Zero { version: 0 }
+            }
+            None if slots.iter().any(|s| matches!(s, Slot::Damaged))
+                || slots.iter().all(|s| *s == Slot::Empty) =>
+            {
                 BlockState::Damaged(Damage::Metadata)
             }
             None => BlockState::Damaged(Damage::Checksum),
@@ -454,7 +462,8 @@ impl SealedFile {
             if let Some(cur) = &current {
                 for (i, pair) in pairs.iter().enumerate() {
                     let block = &cur[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES];
-                    skip[i] = !matches!(Self::evaluate(pair, first + i as u64, block), BlockState::Damaged(_));
+                    skip[i] =
+                        !matches!(Self::evaluate(pair, first + i as u64, block), BlockState::Damaged(_));
                 }
             }
             if skip.iter().all(|&s| s) {
@@ -485,11 +494,17 @@ impl SealedFile {
         let (punch_first, punch_end) = if zeroing && put.punch_pages && !put.only_damaged {
             let a = first.div_ceil(PAGE_BLOCKS);
             let b = end / PAGE_BLOCKS;
-            if a < b { (a, b) } else { (0, 0) }
+            if a < b {
+                (a, b)
+            } else {
+                (0, 0)
+            }
         } else {
             (0, 0)
         };
-        let punched = |block: u64| punch_first < punch_end && block / PAGE_BLOCKS >= punch_first && block / PAGE_BLOCKS < punch_end;
+        let punched = |block: u64| {
+            punch_first < punch_end && block / PAGE_BLOCKS >= punch_first && block / PAGE_BLOCKS < punch_end
+        };
         let mut new_pairs: Vec<[u8; PAIR_BYTES]> = Vec::with_capacity(count as usize);
         for (i, pair) in pairs.iter().enumerate() {
             let index = first + i as u64;
@@ -711,7 +726,13 @@ impl SealedFile {
         self.client_put(put).await
     }
 
-    async fn zero_versioned(&self, first: u64, count: u64, deallocate: bool, version: Option<u64>) -> BackendResult<()> {
+    async fn zero_versioned(
+        &self,
+        first: u64,
+        count: u64,
+        deallocate: bool,
+        version: Option<u64>,
+    ) -> BackendResult<()> {
         let contents = vec![(Content::Zero, version.unwrap_or(0)); count as usize];
         let put = Put {
             first,

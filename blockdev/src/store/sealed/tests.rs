@@ -9,14 +9,16 @@ const MIB: u64 = 1 << 20;
 
 fn new_store(engine: &IoEngine, size: u64) -> (tempfile::TempDir, SealedFile) {
     let dir = tempfile::tempdir().unwrap();
-    let s = SealedFile::create(dir.path().join("vol.img"), size, engine.clone(), Arc::new(LogReporter)).unwrap();
+    let s =
+        SealedFile::create(dir.path().join("vol.img"), size, engine.clone(), Arc::new(LogReporter)).unwrap();
     (dir, s)
 }
 
 fn write_of(first: u64, count: usize, seed: u8) -> BlockWrite {
     let data: Vec<u8> = (0..count * BLOCK_BYTES).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect();
-    let seals =
-        (0..count).map(|i| Seal::plain(first + i as u64, &data[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES])).collect();
+    let seals = (0..count)
+        .map(|i| Seal::plain(first + i as u64, &data[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES]))
+        .collect();
     BlockWrite { first, data: Bytes::from(data), seals, guards: vec![] }
 }
 
@@ -117,7 +119,11 @@ async fn a_crash_between_record_and_data_leaves_the_old_block() {
     let (pairs, _pin) = s.meta.pairs(7, 1).await.unwrap();
     let Target::Slot(slot) = s.target(&pairs[0]) else { panic!("a fresh record is trusted") };
     let w = write_of(7, 1, 2);
-    let record = Record { seq: s.next_seq.load(Ordering::SeqCst) + 5, version: 99, content: Content::Sealed(w.seals[0]) };
+    let record = Record {
+        seq: s.next_seq.load(Ordering::SeqCst) + 5,
+        version: 99,
+        content: Content::Sealed(w.seals[0]),
+    };
     let mut pair = pairs[0].bytes;
     pair[slot * RECORD_BYTES..(slot + 1) * RECORD_BYTES].copy_from_slice(&record.encode());
     let step = s.meta.update(7, &[pair]).await.unwrap();
@@ -199,7 +205,10 @@ async fn guards_and_repairs() {
     CopyStore::apply_write(&s, write_of(1, 2, 1), 500).await.unwrap();
     let mut w = write_of(1, 2, 2);
     w.guards.push(Guard { block: 2, version: 499 });
-    assert_eq!(CopyStore::apply_write(&s, w.clone(), 501).await.unwrap(), WriteOutcome::GuardFailed { block: 2 });
+    assert_eq!(
+        CopyStore::apply_write(&s, w.clone(), 501).await.unwrap(),
+        WriteOutcome::GuardFailed { block: 2 }
+    );
     w.guards[0].version = 500;
     assert_eq!(CopyStore::apply_write(&s, w, 501).await.unwrap(), WriteOutcome::Written);
     let good = CopyStore::read_blocks(&s, 1, 2).await.unwrap();
@@ -251,6 +260,9 @@ async fn concurrent_writes_to_one_block_leave_one_of_them() {
         assert!(matches!(r.states[0], BlockState::Sealed { .. }), "{:?}", r.states);
         drop(s);
         let s = reopen(&dir, &engine).await;
-        assert!(matches!(SealedStore::read_blocks(&s, 9, 1).await.unwrap().states[0], BlockState::Sealed { .. }));
+        assert!(matches!(
+            SealedStore::read_blocks(&s, 9, 1).await.unwrap().states[0],
+            BlockState::Sealed { .. }
+        ));
     }
 }

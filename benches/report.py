@@ -5,7 +5,8 @@ import json
 import os
 import sys
 
-TARGETS = ["raftblkd", "qemu-nbd", "nbdkit", "raw", "replicas0", "replicas1", "replicas2"]
+TARGETS = ["raftblkd", "qemu-nbd", "nbdkit", "raw", "replicas0", "replicas1", "replicas2",
+           "raftblkd-enc", "replicas2e"]
 JOBS = ["randwrite-4k-qd1", "randwrite-4k-qd32", "randread-4k-qd32", "write-1m-qd8", "read-1m-qd8"]
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -57,6 +58,47 @@ def main():
         cpu = ratio(r["cpu_us_per_io"], q["cpu_us_per_io"]) if q else "-"
         print(f"| {j} | {ratio(r['iops'], q and q['iops'])} | {ratio(r['iops'], k and k['iops'])} | {ratio(r['iops'], w and w['iops'])} | {cpu} |")
     replicated(rows)
+    encryption(rows)
+    ab(out)
+
+
+def encryption(rows):
+    if not any(rows[(t, j)] for t in ("raftblkd-enc", "replicas2e") for j in JOBS):
+        return
+    print()
+    print("Encrypted (AES-256-GCM) vs plain volumes, both checksummed, in this run:")
+    print()
+    print("| job | alone enc/plain IOPS | alone CPU µs/IO plain, enc | replicas=2 enc/plain IOPS | replicas=2 CPU µs/IO plain, enc |")
+    print("|---|---:|---:|---:|---:|")
+    def cpu(a, b):
+        f = lambda r: f"{r['cpu_us_per_io']:.1f}" if r and r["cpu_us_per_io"] is not None else "-"
+        return f"{f(a)}, {f(b)}"
+    for j in JOBS:
+        p, e, p2, e2 = (rows[(t, j)] for t in ("raftblkd", "raftblkd-enc", "replicas2", "replicas2e"))
+        print(f"| {j} | {ratio(e and e['iops'], p and p['iops'])} | {cpu(p, e)} | "
+              f"{ratio(e2 and e2['iops'], p2 and p2['iops'])} | {cpu(p2, e2)} |")
+
+
+def ab(out):
+    rounds = sorted({f.split(".")[1] for f in os.listdir(out) if f.startswith("ab-base.r")})
+    if not rounds:
+        return
+    print()
+    print(f"A/B on a plain volume of raftblkd alone, baseline build vs this one, {len(rounds)} alternating rounds:")
+    print()
+    print("| job | baseline IOPS (each round) | this build IOPS | this/baseline (mean of rounds) | CPU µs/IO baseline, this |")
+    print("|---|---:|---:|---:|---:|")
+    for j in JOBS[:3]:
+        b = [load(out, f"ab-base.{r}", j) for r in rounds]
+        n = [load(out, f"ab-new.{r}", j) for r in rounds]
+        if not all(b) or not all(n):
+            continue
+        ratios = [x["iops"] / y["iops"] for x, y in zip(n, b)]
+        mean = lambda xs: sum(xs) / len(xs)
+        cb = mean([x["cpu_us_per_io"] or 0 for x in b])
+        cn = mean([x["cpu_us_per_io"] or 0 for x in n])
+        each = lambda rs: ", ".join("%.0f" % x["iops"] for x in rs)
+        print(f"| {j} | {each(b)} | {each(n)} | {mean(ratios):.2f}x | {cb:.1f}, {cn:.1f} |")
 
 
 def replicated(rows):

@@ -6,9 +6,14 @@
 # ratios raftblkd/qemu-nbd and raftblkd/raw. Results land in bench-results/.
 #
 # Then the replicated runs: the same jobs on replicas=0, 1 and 2 volumes of a
-# local 3-node cluster (raftblk dev-cluster), through the leader's node.
+# local 3-node cluster (raftblk dev-cluster), through the leader's node, and on an
+# encrypted replicas=2 volume. An encrypted volume of raftblkd alone runs beside the
+# plain one. With --baseline REV, raftblkd built at git revision REV runs the 4k jobs
+# on a plain volume too, alternating with the current build --ab-rounds times (an A/B
+# of the same jobs in one run, e.g. to price per-block checksums).
 #
 # Usage: benches/run.sh [--runtime SECONDS] [--size SIZE] [--dir DIR] [--no-replicated]
+#                       [--baseline REV] [--ab-rounds N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -17,13 +22,17 @@ runtime=15
 size=2G
 dir=""
 replicated=1
+baseline=""
+ab_rounds=2
 while [[ $# -gt 0 ]]; do
     case $1 in
         --runtime) runtime=$2; shift 2 ;;
         --size) size=$2; shift 2 ;;
         --dir) dir=$2; shift 2 ;;
         --no-replicated) replicated=0; shift ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        --baseline) baseline=$2; shift 2 ;;
+        --ab-rounds) ab_rounds=$2; shift 2 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -43,6 +52,19 @@ cargo build --release -p raftblk-daemon --bins
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 raftblkd=$target_dir/release/raftblkd
 raftblk=$target_dir/release/raftblk
+# Encrypted volumes need a KEK; a fixed one is fine for a benchmark.
+export RAFTBLK_KEK=000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f
+
+# The baseline build for the A/B, in its own worktree and target directory.
+base_raftblkd=""
+if [[ -n $baseline ]]; then
+    base_src=$root/bench-results/baseline-src
+    rm -rf "$base_src"; git worktree prune
+    git worktree add --detach "$base_src" "$baseline" >/dev/null
+    (cd "$base_src" && cargo build --release -p raftblk-daemon --bins --target-dir "$root/bench-results/baseline-target")
+    base_raftblkd=$root/bench-results/baseline-target/release/raftblkd
+    git worktree remove --force "$base_src"
+fi
 
 work=${dir:-$root/bench-results/work}
 out=$root/bench-results/$(date +%Y%m%d-%H%M%S)
@@ -97,15 +119,33 @@ run_target() {
     done
 }
 
-# raftblkd
-rport=$(free_port); aport=$(free_port)
-"$raftblkd" --data-dir "$work/raftblkd" --nbd-listen "127.0.0.1:$rport" --api-listen "127.0.0.1:$aport" \
-    --nbd-socket "$work/raftblkd.sock" --bootstrap-volumes none --log-level warn &
-pids+=($!); rpid=$!
-wait_port "$aport"
-"$raftblk" --api "127.0.0.1:$aport" volume create bench --size "$size" >/dev/null
-run_target raftblkd "$rpid" --ioengine=nbd --uri="nbd://127.0.0.1:$rport/bench"
-kill "$rpid"; wait "$rpid" || true
+# run_alone NAME BINARY [volume create flags]: raftblkd alone, one volume, every job.
+run_alone() {
+    local name=$1 bin=$2; shift 2
+    local rport aport rpid
+    rport=$(free_port); aport=$(free_port)
+    "$bin" --data-dir "$work/$name" --nbd-listen "127.0.0.1:$rport" --api-listen "127.0.0.1:$aport" \
+        --nbd-socket "$work/$name.sock" --bootstrap-volumes none --log-level warn &
+    pids+=($!); rpid=$!
+    wait_port "$aport"
+    "$raftblk" --api "127.0.0.1:$aport" volume create bench --size "$size" "$@" >/dev/null
+    run_target "$name" "$rpid" --ioengine=nbd --uri="nbd://127.0.0.1:$rport/bench"
+    kill "$rpid"; wait "$rpid" || true
+    rm -rf "${work:?}/$name"
+}
+
+run_alone raftblkd "$raftblkd"
+run_alone raftblkd-enc "$raftblkd" --encrypted
+if [[ -n $base_raftblkd ]]; then
+    # A/B: the 4k jobs alternate between the baseline and the current build.
+    all_jobs=("${jobs[@]}")
+    jobs=("${all_jobs[@]:0:3}")
+    for r in $(seq "$ab_rounds"); do
+        run_alone "ab-base.r$r" "$base_raftblkd"
+        run_alone "ab-new.r$r" "$raftblkd"
+    done
+    jobs=("${all_jobs[@]}")
+fi
 
 # qemu-nbd on a file of the same size in the same file system
 truncate -s "$size" "$work/qemu.img"
@@ -138,8 +178,12 @@ if [[ $replicated == 1 ]]; then
     wait_port "$((cport + 21))"
     api="127.0.0.1:$((cport + 1))"
     for _ in $(seq 100); do "$raftblk" --api "$api" status >/dev/null 2>&1 && break; sleep 0.2; done
-    for r in 0 1 2; do
-        "$raftblk" --api "$api" volume create "r$r" --size "$size" --replicas "$r" >/dev/null
+    for r in 0 1 2 2e; do
+        if [[ $r == 2e ]]; then
+            "$raftblk" --api "$api" volume create "r$r" --size "$size" --replicas 2 --encrypted >/dev/null
+        else
+            "$raftblk" --api "$api" volume create "r$r" --size "$size" --replicas "$r" >/dev/null
+        fi
         # Serve from the leader's node, as a client next to its primary would be.
         for _ in $(seq 100); do
             leader=$("$raftblk" --api "$api" --json volume inspect "r$r" | python3 -c 'import json,sys; print(json.load(sys.stdin)["replication"]["leader"])')
@@ -157,6 +201,8 @@ if [[ $replicated == 1 ]]; then
         # CPU is that of every node: replication costs CPU on the followers too.
         node_pids=$(pgrep -f "raftblkd --node-id [0-9]+ --data-dir $work/cluster" | paste -sd, -)
         run_target "replicas$r" "$node_pids" --ioengine=nbd --uri="nbd://127.0.0.1:$cport/r$r"
+        # Each volume's data goes when its runs are done: the disk holds one at a time.
+        "$raftblk" --api "$api" volume delete "r$r" --force >/dev/null || true
     done
     kill -INT "$cpid"; wait "$cpid" 2>/dev/null || true
 fi

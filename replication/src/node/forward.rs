@@ -305,8 +305,8 @@ mod tests {
         let mut r = ForwardRequest { group: GroupId(1), op: ForwardOp::Read { first: 0, count: 1 } }
             .encode()
             .to_vec();
-        r[0] = 9;
-        assert_eq!(ForwardRequest::decode(Bytes::from(r)), Err(ForwardError::Unknown(9)));
+        r[0] = 99;
+        assert_eq!(ForwardRequest::decode(Bytes::from(r)), Err(ForwardError::Unknown(99)));
         let mut big = BytesMut::new();
         big.put_u8(0);
         big.put_u64_le(1);

@@ -168,6 +168,13 @@ pub struct StorageConfig {
     pub ring_threads: usize,
     /// How the replication WAL writes: io_uring (auto: when available) or pwrite + fdatasync.
     pub wal_engine: IoEngineSetting,
+    /// MiB of block metadata each volume keeps in memory.
+    #[serde(default = "default_metadata_cache_mib")]
+    pub metadata_cache_mib: u64,
+}
+
+fn default_metadata_cache_mib() -> u64 {
+    64
 }
 
 /// Encryption keys.

@@ -3,13 +3,15 @@
 //! Every volume is one Raft group (raft-rs), and every node runs many groups over one
 //! write-ahead log ([`wal`]). [`storage::GroupStorage`] is a group's `raft::Storage` on that
 //! WAL; [`volume::group::GroupDriver`] drives a group's `RawNode` sans-IO; [`volume::command`]
-//! is what the entries carry; [`volume::apply_commands`] applies them to any
-//! `raftblk_blockdev::BlockBackend`. [`transport`] carries Raft messages between nodes.
+//! is what the entries carry (sealed blocks: checksummed, and encrypted where the volume is,
+//! by the node that received the write); [`volume::apply_entries`] applies them to a copy
+//! (a `raftblk_blockdev::seal::CopyStore`), the same function in production and in the
+//! simulator. [`transport`] carries Raft messages between nodes.
 //! Logs are compacted once applied; a replica that falls behind the compacted log (or loses
 //! its copy) pulls the volume from a peer as a [`snapshot`] and replays its log over it.
 //! Groups that replicate a [`machine::StateMachine`] instead of a volume (the cluster
 //! catalog) share all of this; only what applying and snapshots mean differs. A
-//! deterministic simulator (`sim`, tests only) runs 3 or 5 nodes with crashes, torn disks and
+//! deterministic simulator (`sim`, tests only) runs 3 or 5 nodes with crashes, torn disks, rotting blocks and
 //! a faulty network and checks the guarantees below.
 //!
 //! How one write flows:

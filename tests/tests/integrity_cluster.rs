@@ -249,6 +249,11 @@ fn b_damaged_blocks_are_repaired_from_another_copy_on_read_and_by_scrub() {
     }
     // Reads through the follower's node (forwarded to the leader) are right, too.
     assert!(get(&c, follower, "sec", 8 * MIB) == data);
+    // An encrypted volume grows like any other; the new blocks are written and read back.
+    c.cli(leader, &["volume", "resize", "sec", "24M"]).ok();
+    qemu_io(&c.nbd_uri(follower, "sec"), &["write -P 0x5e 20M 1M"]).ok();
+    let back = qemu_io(&c.nbd_uri(leader, "sec"), &["read -P 0x5e 20M 1M"]);
+    assert!(back.success() && !back.stdout.contains("verification failed"), "{back}");
 }
 
 #[test]
@@ -265,8 +270,9 @@ fn c_a_node_without_the_kek_replicates_ciphertext_and_a_rotation_under_fio_unloc
     let v = c.cli_json(3, &["volume", "inspect", "sec"]);
     assert!(v["locked"].as_str().is_some_and(|w| w.contains("KEK")), "node 3 shows the volume locked: {v}");
     assert!(!run("nbdinfo", &[&c.nbd_uri(3, "sec")]).success(), "node 3 refuses to serve it");
-    // Writes through node 1 still reach node 3's copy (as ciphertext).
-    qemu_io(&c.nbd_uri(1, "sec"), &["write -P 0x33 0 4M"]).ok();
+    // Writes through node 1 still reach node 3's copy (as ciphertext); one of the NBD
+    // maximum (32 MiB), sealed and encrypted as one command.
+    qemu_io(&c.nbd_uri(1, "sec"), &["write -P 0x33 0 32M"]).ok();
     wait_all_applied(&c, "sec");
 
     // A new KEK, at the same path on every node (one machine here); a rotation while fio

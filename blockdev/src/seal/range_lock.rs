@@ -23,7 +23,8 @@ struct State {
     next_id: u64,
 }
 
-/// See the [module documentation](self).
+/// A lock on ranges of blocks: shared holders coexist, an exclusive holder excludes every
+/// overlapping one, disjoint ranges never wait for each other.
 #[derive(Debug, Default)]
 pub struct RangeLock {
     state: Mutex<State>,

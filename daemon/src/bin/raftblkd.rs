@@ -100,6 +100,9 @@ async fn run(config: Config) -> Result<()> {
         IoEngineSetting::Sync => EngineKind::Sync,
     };
     let engine = IoEngine::start(kind, config.storage.ring_threads).context("starting the I/O engine")?;
+    raftblk_blockdev::store::sealed::set_cache_pages(
+        (config.storage.metadata_cache_mib.saturating_mul(256)) as usize,
+    );
     tracing::info!(engine = engine.name(), ring_threads = config.storage.ring_threads, "I/O engine ready");
 
     let metrics = Arc::new(Metrics::new()?);

@@ -31,9 +31,10 @@ use crate::wal::Wal;
 const EVENTS_PER_ROUND_MAX: usize = 1024;
 /// Most payload bytes proposed in one entry (several client writes batch into one).
 const ENTRY_PAYLOAD_BYTES_MAX: usize = 8 << 20;
-/// Largest payload of one write request (the NBD maximum; an entry holding it alone still
-/// fits a WAL record, see `wal::record::PAYLOAD_BYTES_MAX`).
-const REQUEST_PAYLOAD_BYTES_MAX: usize = 32 << 20;
+/// Largest payload of one write request: the NBD maximum (32 MiB) and its blocks' seals (at
+/// most 37 bytes per 4 KiB block, 296 KiB); an entry holding it alone still fits a WAL
+/// record (see `wal::record::PAYLOAD_BYTES_MAX`, 1 MiB above the NBD maximum).
+const REQUEST_PAYLOAD_BYTES_MAX: usize = (32 << 20) + (512 << 10);
 /// How often each group's store is flushed and its applied index recorded.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 

@@ -64,8 +64,21 @@ const SEQ_RESERVE_BATCH: u64 = 1 << 20;
 const CONFIRM_INTERVAL: Duration = Duration::from_secs(1);
 /// The version of blocks found in a data file that had no metadata yet (an upgrade).
 pub const IMPORTED_VERSION: u64 = 1;
-/// Metadata pages cached per volume by default (32 MiB, the metadata of 1 GiB of data).
-pub const CACHE_PAGES_DEFAULT: usize = 8192;
+/// Metadata pages cached per volume by default (64 MiB, the metadata of 2 GiB of data).
+pub const CACHE_PAGES_DEFAULT: usize = 16384;
+
+/// Metadata pages each store opened from now on caches (see [`set_cache_pages`]).
+static CACHE_PAGES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(CACHE_PAGES_DEFAULT);
+
+/// Sets how many metadata pages (4 KiB each, describing 128 KiB of data) every store opened
+/// from now on keeps in memory: the working set whose reads and writes need no metadata I/O.
+pub fn set_cache_pages(pages: usize) {
+    CACHE_PAGES.store(pages.max(16), Ordering::Relaxed);
+}
+
+fn cache_pages() -> usize {
+    CACHE_PAGES.load(Ordering::Relaxed)
+}
 
 /// Why a sealed volume could not be created or opened.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +145,7 @@ impl SealedFile {
     ) -> Result<SealedFile, SealedError> {
         let path = path.as_ref();
         let data = FileBackend::create(path, size_bytes, engine.clone())?;
-        let meta = MetaFile::create(&meta_path(path), engine, CACHE_PAGES_DEFAULT)?;
+        let meta = MetaFile::create(&meta_path(path), engine, cache_pages())?;
         Self::start(data, meta, Header { generation: 1, ..Header::default() }, reporter)
     }
 
@@ -147,18 +160,18 @@ impl SealedFile {
         let data = FileBackend::open(path, engine.clone())?;
         let mpath = meta_path(path);
         if !mpath.exists() {
-            let meta = MetaFile::create(&mpath, engine, CACHE_PAGES_DEFAULT)?;
+            let meta = MetaFile::create(&mpath, engine, cache_pages())?;
             let store = Self::start(data, meta, Header { generation: 1, ..Header::default() }, reporter)?;
             tracing::warn!(path = %path.display(), "volume has no metadata file (older format); sealing its data");
             store.import().await.map_err(|source| SealedError::Import { path: path.to_owned(), source })?;
             return Ok(store);
         }
-        let (meta, mut header) = match MetaFile::open(&mpath, engine.clone(), CACHE_PAGES_DEFAULT) {
+        let (meta, mut header) = match MetaFile::open(&mpath, engine.clone(), cache_pages()) {
             Ok(opened) => opened,
             Err(MetaError::Header { .. }) => {
                 // Both header copies lost: rebuild one from the records (every record is
                 // then doubted, and settled by its data when first written).
-                let (meta, _) = MetaFile::open_without_header(&mpath, engine, CACHE_PAGES_DEFAULT)?;
+                let (meta, _) = MetaFile::open_without_header(&mpath, engine, cache_pages())?;
                 let highest = meta
                     .highest_seq()
                     .map_err(|source| SealedError::Header { path: mpath.clone(), source })?;

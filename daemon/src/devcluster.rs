@@ -91,6 +91,28 @@ pub fn node_args(node: &DevNode, nodes: &[DevNode]) -> Vec<String> {
     ]
 }
 
+/// The dev cluster's KEK file in `base_dir` (one for every node, as a real cluster needs),
+/// made (32 random bytes, mode 0600) on first use, so encrypted volumes work out of the box.
+pub fn dev_kek(base_dir: &Path) -> Result<PathBuf, DevClusterError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = base_dir.join("kek");
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(base_dir)
+        .map_err(|source| DevClusterError::Io { what: format!("creating {}", base_dir.display()), source })?;
+    let mut key = [0u8; 32];
+    getrandom::getrandom(&mut key)
+        .map_err(|e| DevClusterError::Invalid(format!("no randomness for the dev KEK: {e}")))?;
+    let io = |source| DevClusterError::Io { what: format!("writing {}", path.display()), source };
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
+    f.write_all(&key).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(path)
+}
+
 /// A running dev cluster; dropping it stops every node.
 pub struct DevCluster {
     /// The nodes, in id order.
@@ -102,6 +124,8 @@ impl DevCluster {
     /// Starts every node (`raftblkd` at `daemon`) and waits until each answers `/healthz`.
     pub fn start(daemon: &Path, nodes: Vec<DevNode>) -> Result<DevCluster, DevClusterError> {
         let mut cluster = DevCluster { children: Vec::new(), nodes: nodes.clone() };
+        let base = nodes.first().and_then(|n| n.data_dir.parent()).map(Path::to_path_buf).unwrap_or_default();
+        let kek = dev_kek(&base)?;
         for node in &nodes {
             std::fs::create_dir_all(&node.data_dir).map_err(|source| DevClusterError::Io {
                 what: format!("creating {}", node.data_dir.display()),
@@ -116,6 +140,8 @@ impl DevCluster {
                 log.try_clone().map_err(|source| DevClusterError::Io { what: "log file".into(), source })?;
             let child = Command::new(daemon)
                 .args(node_args(node, &nodes))
+                .arg("--kek-file")
+                .arg(&kek)
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(err)

@@ -102,6 +102,16 @@ impl ScrubJob {
     fn update(&self, f: impl FnOnce(&mut ScrubSummary)) {
         f(&mut self.summary.lock().unwrap_or_else(|p| p.into_inner()));
     }
+
+    /// Every block below `blocks_checked` is done; the findings so far.
+    fn progress(&self, blocks_checked: u64, data_bytes: u64, copies: BTreeMap<u64, CopyFindings>) {
+        self.done_bytes.store(blocks_checked * BLOCK, Ordering::Relaxed);
+        self.update(|s| {
+            s.blocks_checked = blocks_checked;
+            s.data_bytes = data_bytes;
+            s.copies = copies;
+        });
+    }
 }
 
 /// Progress as the API reports it.
@@ -208,13 +218,7 @@ pub async fn scrub_local(store: &dyn SealedStore, job: &ScrubJob, rate: u64) -> 
             }
         }
         first += u64::from(count);
-        job.done_bytes.store(first * BLOCK, Ordering::Relaxed);
-        let f = findings.clone();
-        job.update(|s| {
-            s.blocks_checked = first;
-            s.data_bytes = data_bytes;
-            s.copies.insert(0, f);
-        });
+        job.progress(first, data_bytes, BTreeMap::from([(0, findings.clone())]));
         pace(started, data_bytes, rate).await;
     }
     job.summary()
@@ -292,13 +296,7 @@ pub async fn scrub_replicated(c: ClusterScrub<'_>, job: &ScrubJob, rate: u64) ->
             }
         }
         first += u64::from(count);
-        job.done_bytes.store(first * BLOCK, Ordering::Relaxed);
-        let snapshot = copies.clone();
-        job.update(|s| {
-            s.blocks_checked = first;
-            s.data_bytes = data_bytes;
-            s.copies = snapshot;
-        });
+        job.progress(first, data_bytes, copies.clone());
         pace(started, data_bytes, rate).await;
     }
     job.summary()

@@ -1579,3 +1579,14 @@ pub fn nonces_in(meta: &Path) -> Vec<[u8; 12]> {
     }
     out
 }
+
+/// The value of the first series of metric `name` on the API at `addr` whose labels include
+/// every one of `labels` (0 if there is none).
+pub fn metric_value(addr: SocketAddr, name: &str, labels: &[&str]) -> u64 {
+    let (_, body) = http_get(addr, "/metrics").unwrap_or_else(|e| panic!("GET /metrics from {addr}: {e}"));
+    body.lines()
+        .find(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}

@@ -36,14 +36,8 @@ fn nbd_get(d: &Daemon, volume: &str, len: usize) -> Vec<u8> {
     all
 }
 
-/// The value of the first series of `name` whose labels include every one of `labels`.
 fn metric(d: &Daemon, name: &str, labels: &[&str]) -> u64 {
-    let (_, body) = d.get("/metrics");
-    body.lines()
-        .find(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    raftblk_tests::metric_value(d.api_addr, name, labels)
 }
 
 fn uuid_of(d: &Daemon, volume: &str) -> String {

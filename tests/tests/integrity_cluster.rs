@@ -152,13 +152,7 @@ fn a_no_plaintext_in_copies_logs_snapshots_or_peer_traffic() {
 }
 
 fn metric(c: &Cluster, id: u64, name: &str, labels: &[&str]) -> u64 {
-    let addr = c.node(id).api_addr;
-    let (_, body) = raftblk_tests::http_get(addr, "/metrics").expect("metrics");
-    body.lines()
-        .find(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    raftblk_tests::metric_value(c.node(id).api_addr, name, labels)
 }
 
 fn uuid(c: &Cluster, volume: &str) -> String {

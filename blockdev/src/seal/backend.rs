@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::crypt::{DataKey, VOLUME_ID_BYTES};
-use super::nonce::NonceSource;
+use super::nonce::{NonceRun, NonceSource};
 use super::{
     block_crc, block_span, BlockState, BlockWrite, Guard, Seal, SealedBlocks, SealedStore, WriteOutcome,
     BLOCK, BLOCK_BYTES,
@@ -112,8 +112,75 @@ pub struct VolumeCrypto {
 /// See the [module documentation](self).
 pub struct SealingBackend {
     store: Arc<dyn SealedStore>,
-    crypto: Option<VolumeCrypto>,
+    crypto: Option<Arc<VolumeCrypto>>,
     reporter: Arc<dyn IntegrityReporter>,
+}
+
+/// Requests of at least this many blocks are encrypted or decrypted on a blocking thread
+/// (several at once use every core) instead of the async worker that serves the sockets.
+const OFFLOAD_BLOCKS: usize = 16;
+
+/// Why a block could not be opened.
+enum OpenFailure {
+    /// Plaintext where ciphertext belongs.
+    Plaintext(u64),
+    /// The tag does not authenticate the block.
+    Authentication(u64),
+}
+
+/// Encrypts whole blocks from `first` of `plain` into `out`; the blocks' seals.
+fn encrypt_blocks(
+    c: &VolumeCrypto,
+    first: u64,
+    nonces: NonceRun,
+    plain: &[u8],
+    out: &mut [u8],
+) -> Result<Vec<Seal>, super::CryptError> {
+    let count = plain.len() / BLOCK_BYTES;
+    let mut seals = Vec::with_capacity(count);
+    for i in 0..count {
+        let index = first + i as u64;
+        let (src, dst) = (
+            &plain[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES],
+            &mut out[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES],
+        );
+        let cipher = c.key.encrypt_block(&c.volume, index, nonces.nonce(i as u64), src, dst)?;
+        seals.push(Seal { crc: block_crc(index, dst), cipher: Some(cipher) });
+    }
+    Ok(seals)
+}
+
+/// Decrypts the sealed blocks of `read` into `out` (zero blocks stay zero).
+fn decrypt_blocks(c: &VolumeCrypto, read: &SealedBlocks, out: &mut [u8]) -> Result<(), OpenFailure> {
+    for (i, state) in read.states.iter().enumerate() {
+        let index = read.first + i as u64;
+        if !matches!(state, BlockState::Sealed { .. }) {
+            // `out` may hold an earlier user's bytes: a zero block must be written as such.
+            out[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES].fill(0);
+        }
+        if let BlockState::Sealed { seal, .. } = state {
+            let Some(cs) = &seal.cipher else { return Err(OpenFailure::Plaintext(index)) };
+            let dst = &mut out[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES];
+            if c.key.decrypt_block(&c.volume, index, cs, read.block(i), dst).is_err() {
+                return Err(OpenFailure::Authentication(index));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on a blocking thread when the request is large, inline otherwise.
+async fn maybe_offload<T: Send + 'static>(
+    blocks: usize,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> BackendResult<T> {
+    if blocks < OFFLOAD_BLOCKS {
+        return Ok(f());
+    }
+    tokio::task::spawn_blocking(f).await.map_err(|e| match e.try_into_panic() {
+        Ok(p) => std::panic::resume_unwind(p),
+        Err(_) => BackendError::ShuttingDown,
+    })
 }
 
 impl SealingBackend {
@@ -128,7 +195,7 @@ impl SealingBackend {
         crypto: VolumeCrypto,
         reporter: Arc<dyn IntegrityReporter>,
     ) -> SealingBackend {
-        SealingBackend { store, crypto: Some(crypto), reporter }
+        SealingBackend { store, crypto: Some(Arc::new(crypto)), reporter }
     }
 
     /// Whether blocks are encrypted.
@@ -172,27 +239,31 @@ impl SealingBackend {
             }
             return Ok((read.data.clone(), read));
         };
-        let mut out = AlignedBuf::zeroed(read.data.len());
-        for (i, state) in read.states.iter().enumerate() {
-            let index = first + i as u64;
-            if let BlockState::Sealed { seal, .. } = state {
-                let Some(c) = &seal.cipher else {
-                    return Err(self.foreign(index, "a plaintext block in an encrypted volume"));
-                };
-                let dst = &mut out.as_mut_slice()[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES];
-                if crypto.key.decrypt_block(&crypto.volume, index, c, read.block(i), dst).is_err() {
-                    self.reporter.damaged(IntegrityEvent {
-                        kind: IntegrityKind::Authentication,
-                        block: index,
-                        copy: None,
-                    });
-                    tracing::error!(block = index, "block failed to authenticate; the read fails with EIO");
-                    return Err(BackendError::Corrupt {
-                        offset: index * BLOCK,
-                        len: BLOCK,
-                        what: "block failed to authenticate (tampered with, moved, or under another key)",
-                    });
-                }
+        let (c, blocks) = (crypto.clone(), read.states.len());
+        let opened = maybe_offload(blocks, move || {
+            let mut out = AlignedBuf::recycled(read.data.len());
+            let r = decrypt_blocks(&c, &read, out.as_mut_slice());
+            (r, out, read)
+        })
+        .await?;
+        let (result, out, read) = opened;
+        match result {
+            Ok(()) => {}
+            Err(OpenFailure::Plaintext(index)) => {
+                return Err(self.foreign(index, "a plaintext block in an encrypted volume"))
+            }
+            Err(OpenFailure::Authentication(index)) => {
+                self.reporter.damaged(IntegrityEvent {
+                    kind: IntegrityKind::Authentication,
+                    block: index,
+                    copy: None,
+                });
+                tracing::error!(block = index, "block failed to authenticate; the read fails with EIO");
+                return Err(BackendError::Corrupt {
+                    offset: index * BLOCK,
+                    len: BLOCK,
+                    what: "block failed to authenticate (tampered with, moved, or under another key)",
+                });
             }
         }
         Ok((out.into_bytes(), read))
@@ -217,23 +288,13 @@ impl SealingBackend {
             tracing::error!(error = %e, "no nonces; encrypted writes are refused");
             BackendError::Io(std::io::Error::other(e))
         })?;
-        let mut out = AlignedBuf::zeroed(plain.len());
-        let mut seals = Vec::with_capacity(count);
-        for i in 0..count {
-            let index = first + i as u64;
-            let dst = &mut out.as_mut_slice()[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES];
-            let cipher = crypto
-                .key
-                .encrypt_block(
-                    &crypto.volume,
-                    index,
-                    nonces.nonce(i as u64),
-                    &plain[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES],
-                    dst,
-                )
-                .map_err(|e| BackendError::Io(std::io::Error::other(e)))?;
-            seals.push(Seal { crc: block_crc(index, dst), cipher: Some(cipher) });
-        }
+        let c = crypto.clone();
+        let sealed = maybe_offload(count, move || {
+            let mut out = AlignedBuf::recycled(plain.len());
+            encrypt_blocks(&c, first, nonces, &plain, out.as_mut_slice()).map(|seals| (out, seals))
+        })
+        .await?;
+        let (out, seals) = sealed.map_err(|e| BackendError::Io(std::io::Error::other(e)))?;
         Ok(BlockWrite { first, data: out.into_bytes(), seals, guards })
     }
 

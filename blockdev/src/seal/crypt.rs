@@ -16,7 +16,7 @@
 //! random (see [`super::nonce`] for why and how they stay unique). Wrapping a data key uses
 //! a random nonce: a KEK wraps a few keys per volume over its life, far from any bound.
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -136,11 +136,12 @@ impl Kek {
     pub fn wrap(&self, key: &DataKey, volume: &[u8; VOLUME_ID_BYTES]) -> Result<WrappedKey, CryptError> {
         let mut nonce = [0u8; NONCE_BYTES];
         getrandom::getrandom(&mut nonce).map_err(|e| CryptError::Random(e.to_string()))?;
-        let cipher = Aes256Gcm::new_from_slice(self.key.as_ref()).map_err(|_| CryptError::Unwrap(self.id))?;
+        let key_bytes: &[u8; KEY_BYTES] = &self.key;
+        let cipher = Aes256Gcm::new(key_bytes.into());
         let mut sealed = Zeroizing::new(key.bytes.to_vec());
         let aad = wrap_aad(volume, key.generation);
         let tag = cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, sealed.as_mut_slice())
+            .encrypt_inout_detached(&Nonce::from(nonce), &aad, sealed.as_mut_slice().into())
             .map_err(|_| CryptError::Unwrap(self.id))?;
         let mut ciphertext = [0u8; KEY_BYTES + TAG_BYTES];
         ciphertext[..KEY_BYTES].copy_from_slice(&sealed);
@@ -157,13 +158,20 @@ impl Kek {
         if wrapped.kek != self.id {
             return Err(CryptError::WrongKek { wanted: wrapped.kek, offered: self.id });
         }
-        let cipher = Aes256Gcm::new_from_slice(self.key.as_ref()).map_err(|_| CryptError::Unwrap(self.id))?;
+        let key_bytes: &[u8; KEY_BYTES] = &self.key;
+        let cipher = Aes256Gcm::new(key_bytes.into());
         let mut key = Zeroizing::new([0u8; KEY_BYTES]);
         key.copy_from_slice(&wrapped.ciphertext[..KEY_BYTES]);
-        let tag = Tag::from_slice(&wrapped.ciphertext[KEY_BYTES..]);
+        let mut tag = [0u8; TAG_BYTES];
+        tag.copy_from_slice(&wrapped.ciphertext[KEY_BYTES..]);
         let aad = wrap_aad(volume, wrapped.generation);
         cipher
-            .decrypt_in_place_detached(Nonce::from_slice(&wrapped.nonce), &aad, key.as_mut_slice(), tag)
+            .decrypt_inout_detached(
+                &Nonce::from(wrapped.nonce),
+                &aad,
+                key.as_mut_slice().into(),
+                &Tag::from(tag),
+            )
             .map_err(|_| CryptError::Unwrap(self.id))?;
         Ok(DataKey::from_bytes(*key, wrapped.generation))
     }
@@ -171,7 +179,7 @@ impl Kek {
 
 /// The key check value: AES-256 of the zero block, first 8 bytes.
 fn key_check_value(key: &[u8; KEY_BYTES]) -> KekId {
-    use aes_gcm::aes::cipher::{BlockEncrypt, KeyInit as _};
+    use aes_gcm::aes::cipher::{BlockCipherEncrypt, KeyInit as _};
     let aes = aes_gcm::aes::Aes256::new(key.into());
     let mut block = aes_gcm::aes::Block::default();
     aes.encrypt_block(&mut block);
@@ -270,11 +278,12 @@ impl DataKey {
         out: &mut [u8],
     ) -> Result<CipherSeal, CryptError> {
         debug_assert_eq!(plain.len(), BLOCK_BYTES);
-        out.copy_from_slice(plain);
         let aad = block_aad(volume, index, self.generation);
+        // Reads `plain` and writes `out` in one pass (no copy of the plaintext first).
+        let buf = aes_gcm::aead::inout::InOutBuf::new(plain, out).map_err(|_| CryptError::Authentication)?;
         let tag = self
             .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, out)
+            .encrypt_inout_detached(&Nonce::from(nonce), &aad, buf)
             .map_err(|_| CryptError::Authentication)?;
         Ok(CipherSeal { key_generation: self.generation, nonce, tag: tag.into() })
     }
@@ -291,15 +300,15 @@ impl DataKey {
         if seal.key_generation != self.generation {
             return Err(CryptError::Generation { block: seal.key_generation, key: self.generation });
         }
-        out.copy_from_slice(stored);
         let aad = block_aad(volume, index, self.generation);
-        self.cipher
-            .decrypt_in_place_detached(Nonce::from_slice(&seal.nonce), &aad, out, Tag::from_slice(&seal.tag))
-            .map_err(|_| {
+        let buf = aes_gcm::aead::inout::InOutBuf::new(stored, out).map_err(|_| CryptError::Authentication)?;
+        self.cipher.decrypt_inout_detached(&Nonce::from(seal.nonce), &aad, buf, &Tag::from(seal.tag)).map_err(
+            |_| {
                 // Leave no unauthenticated plaintext behind.
                 out.fill(0);
                 CryptError::Authentication
-            })
+            },
+        )
     }
 }
 

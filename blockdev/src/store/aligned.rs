@@ -28,12 +28,48 @@ const _: () = assert!(DIRECT_IO_ALIGN_BYTES.is_power_of_two());
 #[repr(C, align(4096))]
 struct Block([u8; DIRECT_IO_ALIGN_BYTES]);
 
-/// An owned, zero-initialised byte buffer whose first byte is aligned to
-/// [`DIRECT_IO_ALIGN_BYTES`]. Its capacity is rounded up to whole blocks; its
-/// length is what was asked for.
+/// An owned byte buffer whose first byte is aligned to [`DIRECT_IO_ALIGN_BYTES`]. Its
+/// capacity is rounded up to whole blocks; its length is what was asked for. Large buffers
+/// go back to a pool when dropped, for [`AlignedBuf::recycled`].
 pub struct AlignedBuf {
     blocks: Box<[Block]>,
     len: usize,
+}
+
+/// Buffers of at least this many blocks are pooled: below it the allocator is as quick.
+const POOLED_BLOCKS_MIN: usize = 16;
+/// Most bytes the pool keeps.
+const POOL_BYTES_MAX: usize = 64 << 20;
+
+/// Freed large buffers by block count, for reuse without a fresh (zeroed, faulted-in)
+/// allocation.
+#[derive(Default)]
+struct Pool {
+    free: std::collections::HashMap<usize, Vec<Box<[Block]>>>,
+    bytes: usize,
+}
+
+static POOL: std::sync::Mutex<Option<Pool>> = std::sync::Mutex::new(None);
+
+fn pool() -> std::sync::MutexGuard<'static, Option<Pool>> {
+    // Each update is one push or pop: a panic cannot leave the pool inconsistent.
+    POOL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let count = self.blocks.len();
+        if count < POOLED_BLOCKS_MIN {
+            return;
+        }
+        let mut p = pool();
+        let p = p.get_or_insert_with(Pool::default);
+        let bytes = count * DIRECT_IO_ALIGN_BYTES;
+        if p.bytes + bytes <= POOL_BYTES_MAX {
+            p.bytes += bytes;
+            p.free.entry(count).or_default().push(std::mem::take(&mut self.blocks));
+        }
+    }
 }
 
 impl AlignedBuf {
@@ -50,9 +86,27 @@ impl AlignedBuf {
         AlignedBuf { blocks, len }
     }
 
+    /// A buffer of `len` bytes whose contents are unspecified (an earlier user's bytes):
+    /// for callers that overwrite every byte before anyone reads it. Reuses a pooled
+    /// buffer of the same size when there is one.
+    pub fn recycled(len: usize) -> Self {
+        let count = len.div_ceil(DIRECT_IO_ALIGN_BYTES);
+        if count >= POOLED_BLOCKS_MIN {
+            let reused = pool().as_mut().and_then(|p| {
+                let b = p.free.get_mut(&count)?.pop()?;
+                p.bytes -= count * DIRECT_IO_ALIGN_BYTES;
+                Some(b)
+            });
+            if let Some(blocks) = reused {
+                return AlignedBuf { blocks, len };
+            }
+        }
+        AlignedBuf::zeroed(len)
+    }
+
     /// An aligned copy of `data`.
     pub fn copy_from(data: &[u8]) -> Self {
-        let mut buf = AlignedBuf::zeroed(data.len());
+        let mut buf = AlignedBuf::recycled(data.len());
         buf.as_mut_slice().copy_from_slice(data);
         buf
     }
@@ -121,6 +175,19 @@ impl fmt::Debug for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_buffers_are_reused() {
+        // A size no other test uses, so that their buffers do not take this one's place.
+        const LEN: usize = 263 * DIRECT_IO_ALIGN_BYTES;
+        let mut a = AlignedBuf::zeroed(LEN);
+        a.as_mut_slice()[5] = 9;
+        let ptr = a.as_slice().as_ptr();
+        drop(a);
+        let b = AlignedBuf::recycled(LEN);
+        assert_eq!(b.as_slice().as_ptr(), ptr, "the freed buffer came back");
+        assert!(AlignedBuf::zeroed(1 << 20).as_slice().iter().all(|&x| x == 0), "zeroed is always zero");
+    }
 
     #[test]
     fn buffers_are_aligned_zeroed_and_sized() {

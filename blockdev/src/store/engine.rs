@@ -115,6 +115,21 @@ pub enum ChainStep {
     Fallocate { file: Arc<File>, mode: FallocMode, offset: u64, len: u64 },
 }
 
+/// Runs `steps` in order on the calling thread, with blocking system calls: for small
+/// writes into the page cache whose completion must precede what comes next.
+pub fn run_steps_now(steps: Vec<ChainStep>) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    for step in steps {
+        match step {
+            ChainStep::Write { file, offset, data } => file.write_all_at(&data, offset)?,
+            ChainStep::Fallocate { file, mode, offset, len } => {
+                super::sync::fallocate(&file, mode, offset, len)?
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A handle on a running I/O engine. Clones share the engine; the io_uring
 /// engine's threads stop (after finishing in-flight operations) when the last
 /// handle is dropped.

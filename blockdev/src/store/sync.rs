@@ -49,16 +49,7 @@ impl SyncEngine {
     }
 
     pub(crate) async fn chain(&self, steps: Vec<ChainStep>) -> Result<(), EngineError> {
-        blocking(move || {
-            for step in steps {
-                match step {
-                    ChainStep::Write { file, offset, data } => file.write_all_at(&data, offset)?,
-                    ChainStep::Fallocate { file, mode, offset, len } => fallocate(&file, mode, offset, len)?,
-                }
-            }
-            Ok(())
-        })
-        .await
+        blocking(move || super::engine::run_steps_now(steps)).await
     }
 
     pub(crate) async fn fallocate(

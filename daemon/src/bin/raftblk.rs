@@ -414,11 +414,12 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
                 .iter()
                 .map(|l| raftblk_daemon::catalog::parse_label(l).map_err(|e| anyhow!("--label: {e}")))
                 .collect::<Result<_>>()?;
-            let v = client.call(
-                "POST",
-                "/v1/volumes",
-                Some(json!({"name": name, "size": bytes, "read_only": read_only, "replicas": replicas, "labels": labels, "encrypted": encrypted})),
-            )?;
+            let mut body = json!({"name": name, "size": bytes, "read_only": read_only, "replicas": replicas, "labels": labels});
+            if *encrypted {
+                // Only when asked for: a daemon from before encryption refuses the field.
+                body["encrypted"] = json!(true);
+            }
+            let v = client.call("POST", "/v1/volumes", Some(body))?;
             show_one(cli, v, "created")?;
         }
         VolumeCommand::List => {

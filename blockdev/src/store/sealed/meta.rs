@@ -364,12 +364,17 @@ impl MetaFile {
     /// Empties the cached pages `[first_page, end_page)` and returns the step that punches
     /// them out of the file: their blocks read as zero from then on.
     pub async fn punch(&self, first_page: u64, end_page: u64) -> BackendResult<ChainStep> {
-        for page_no in first_page..end_page {
-            let cached = self.cache().pages.get(&page_no).cloned();
-            if let Some(page) = cached {
-                page.bytes().fill(0);
-                *page.hole() = true;
-            }
+        // The cached pages in the range (a trim may span far more pages than are cached).
+        let cached: Vec<Arc<Page>> = self
+            .cache()
+            .pages
+            .iter()
+            .filter(|(n, _)| (first_page..end_page).contains(*n))
+            .map(|(_, p)| p.clone())
+            .collect();
+        for page in cached {
+            page.bytes().fill(0);
+            *page.hole() = true;
         }
         Ok(ChainStep::Fallocate {
             file: self.file.clone(),

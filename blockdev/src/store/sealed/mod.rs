@@ -49,7 +49,7 @@ use bytes::{Bytes, BytesMut};
 
 use self::meta::{Header, MetaError, MetaFile, PairView, PAGE_BLOCKS};
 use self::record::{decode_pair, Content, Record, Slot, PAIR_BYTES, RECORD_BYTES};
-use super::engine::IoEngine;
+use super::engine::{run_steps_now, IoEngine};
 use super::file::{FileBackend, FileError};
 use crate::backend::{check_range, BackendError, BackendResult, BlockBackend, Extent};
 use crate::seal::backend::{IntegrityEvent, IntegrityReporter};
@@ -450,8 +450,7 @@ impl SealedFile {
     }
 
     /// Stores blocks `[first, first + contents.len())`: their records first, then `data`
-    /// (sealed blocks) or the zeroing. Blocks of whole metadata pages that are zeroed lose
-    /// their records instead. Runs with the range held exclusively.
+    /// (sealed blocks) or the zeroing. Runs with the range held exclusively.
     async fn put(&self, put: Put<'_>) -> BackendResult<PutResult> {
         let count = put.contents.len() as u64;
         let (first, end) = (put.first, put.first + count);
@@ -501,27 +500,11 @@ impl SealedFile {
     ) -> BackendResult<()> {
         let first = put.first;
         let count = put.contents.len() as u64;
-        let end = first + count;
         let zeroing = matches!(put.payload, Payload::Zero { .. });
-        // Whole metadata pages inside a zeroing lose their records (punched).
-        let (punch_first, punch_end) = if zeroing && put.punch_pages && !put.only_damaged {
-            let a = first.div_ceil(PAGE_BLOCKS);
-            let b = end / PAGE_BLOCKS;
-            if a < b {
-                (a, b)
-            } else {
-                (0, 0)
-            }
-        } else {
-            (0, 0)
-        };
-        let punched = |block: u64| {
-            punch_first < punch_end && block / PAGE_BLOCKS >= punch_first && block / PAGE_BLOCKS < punch_end
-        };
         let mut new_pairs: Vec<[u8; PAIR_BYTES]> = Vec::with_capacity(count as usize);
         for (i, pair) in pairs.iter().enumerate() {
             let index = first + i as u64;
-            if skip[i] || punched(index) {
+            if skip[i] {
                 new_pairs.push(if pair.hole { [0u8; PAIR_BYTES] } else { pair.bytes });
                 continue;
             }
@@ -539,23 +522,29 @@ impl SealedFile {
             bytes[slot * RECORD_BYTES..(slot + 1) * RECORD_BYTES].copy_from_slice(&record.encode());
             new_pairs.push(bytes);
         }
-        let mut steps = Vec::new();
-        // Records before data; the runs outside punched pages only.
+        let mut records = Vec::new();
+        // Records before data (runs of blocks not skipped).
         let mut run_start = None;
         for i in 0..=count {
-            let inside = i < count && !punched(first + i) && !skip[i as usize];
+            let inside = i < count && !skip[i as usize];
             match (inside, run_start) {
                 (true, None) => run_start = Some(i),
                 (false, Some(s)) => {
-                    steps.push(self.meta.update(first + s, &new_pairs[s as usize..i as usize]).await?);
+                    records.push(self.meta.update(first + s, &new_pairs[s as usize..i as usize]).await?);
                     run_start = None;
                 }
                 _ => {}
             }
         }
-        if punch_first < punch_end {
-            steps.push(self.meta.punch(punch_first, punch_end).await?);
+        // The records go straight to the page cache from this thread: a few hundred bytes
+        // into pages the metadata cache read (so resident), done before the data write is
+        // even submitted, which is all the ordering a process crash needs, without a trip
+        // through the ring (a buffered write there is punted to a kernel worker thread).
+        if let Err(e) = run_steps_now(records) {
+            self.restore_pairs(first, pairs).await;
+            return Err(BackendError::Io(e));
         }
+        let mut steps = Vec::new();
         match &put.payload {
             Payload::Data(data) => {
                 if skip.iter().any(|&s| s) {
@@ -581,16 +570,22 @@ impl SealedFile {
                 self.data.write_zeroes_by_writing(first * BLOCK, count * BLOCK).await
             }
             Err(e) => {
-                // The records may be on disk while the data is not: put the old pairs back
-                // in the cache and the file, so no record claims data that never arrived.
-                let old: Vec<[u8; PAIR_BYTES]> = pairs.iter().map(|p| p.bytes).collect();
-                if let Ok(step) = self.meta.update(first, &old).await {
-                    if let Err(e2) = self.data.run_chain(vec![step]).await {
-                        tracing::error!(path = %self.meta.path().display(), error = %e2, "cannot restore metadata after a failed write");
-                    }
-                }
+                self.restore_pairs(first, pairs).await;
                 Err(e)
             }
+        }
+    }
+
+    /// After a failed write the records may be on disk while the data is not: puts the old
+    /// pairs back in the cache and the file, so no record claims data that never arrived.
+    async fn restore_pairs(&self, first: u64, pairs: &[PairView]) {
+        let old: Vec<[u8; PAIR_BYTES]> = pairs.iter().map(|p| p.bytes).collect();
+        let restored = match self.meta.update(first, &old).await {
+            Ok(step) => run_steps_now(vec![step]),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        if let Err(e) = restored {
+            tracing::error!(path = %self.meta.path().display(), error = %e, "cannot restore metadata after a failed write");
         }
     }
 
@@ -624,7 +619,6 @@ impl SealedFile {
                             payload: Payload::Data(data),
                             guards: &[],
                             only_damaged: false,
-                            punch_pages: false,
                         };
                         self.put(put).await?;
                         sealed += n;
@@ -681,8 +675,6 @@ struct Put<'a> {
     guards: &'a [crate::seal::Guard],
     /// Write only blocks that are damaged now (a repair).
     only_damaged: bool,
-    /// A zeroing may punch the metadata pages it covers whole.
-    punch_pages: bool,
 }
 
 /// What [`SealedFile::put`] did.
@@ -725,7 +717,18 @@ fn sealed_contents(write: &BlockWrite, version: u64) -> Vec<(Content, u64)> {
 impl SealedFile {
     /// Stores a sealed write; `version: None` gives it the write's own seq (a node alone).
     async fn write_versioned(&self, write: BlockWrite, version: Option<u64>) -> BackendResult<WriteOutcome> {
-        check_write(&write)?;
+        // A copy checks what reached it through the log and the network; a node alone's
+        // blocks were sealed a moment ago from these very bytes by its SealingBackend, and a
+        // wrong seal could only make a read fail, never return wrong data.
+        if version.is_some() {
+            check_write(&write)?;
+        } else if !write.is_well_formed() {
+            return Err(BackendError::Corrupt {
+                offset: write.first.saturating_mul(BLOCK),
+                len: write.data.len() as u64,
+                what: "a sealed write whose data and seals differ in size",
+            });
+        }
         let contents = sealed_contents(&write, version.unwrap_or(0));
         let put = Put {
             first: write.first,
@@ -734,11 +737,14 @@ impl SealedFile {
             payload: Payload::Data(write.data.clone()),
             guards: &write.guards,
             only_damaged: false,
-            punch_pages: false,
         };
         self.client_put(put).await
     }
 
+    /// Zeroes blocks `[first, first + count)`: the metadata pages the range covers whole are
+    /// punched, then their data (no per-block work, whatever the range's size); the blocks
+    /// at either end get zero records under `version` (`None`: the write's own seq), like a
+    /// write. Each part is crash-safe on its own (records or punch first, data second).
     async fn zero_versioned(
         &self,
         first: u64,
@@ -746,6 +752,28 @@ impl SealedFile {
         deallocate: bool,
         version: Option<u64>,
     ) -> BackendResult<()> {
+        check_range(first.saturating_mul(BLOCK), count.saturating_mul(BLOCK), self.data.size_bytes())?;
+        let end = first + count;
+        let (a, b) = (first.div_ceil(PAGE_BLOCKS), end / PAGE_BLOCKS);
+        if a >= b {
+            return self.zero_records(first, count, deallocate, version).await;
+        }
+        self.zero_records(first, a * PAGE_BLOCKS - first, deallocate, version).await?;
+        self.zero_pages(a, b, deallocate).await?;
+        self.zero_records(b * PAGE_BLOCKS, end - b * PAGE_BLOCKS, deallocate, version).await
+    }
+
+    /// Zeroes a few blocks (less than a metadata page's worth) with zero records.
+    async fn zero_records(
+        &self,
+        first: u64,
+        count: u64,
+        deallocate: bool,
+        version: Option<u64>,
+    ) -> BackendResult<()> {
+        if count == 0 {
+            return Ok(());
+        }
         let contents = vec![(Content::Zero, version.unwrap_or(0)); count as usize];
         let put = Put {
             first,
@@ -754,9 +782,26 @@ impl SealedFile {
             payload: Payload::Zero { deallocate },
             guards: &[],
             only_damaged: false,
-            punch_pages: true,
         };
         self.client_put(put).await.map(|_| ())
+    }
+
+    /// Zeroes whole metadata pages `[first_page, end_page)` and their blocks: the pages are
+    /// punched out of the metadata file first (their blocks read as zero from then on), then
+    /// the data is punched or zeroed.
+    async fn zero_pages(&self, first_page: u64, end_page: u64, deallocate: bool) -> BackendResult<()> {
+        let (first, end) = (first_page * PAGE_BLOCKS, end_page * PAGE_BLOCKS);
+        self.mark_dirty();
+        let _exclusive = self.locks.lock(first, end, true).await;
+        run_steps_now(vec![self.meta.punch(first_page, end_page).await?]).map_err(BackendError::Io)?;
+        let steps = vec![self.data.fallocate_step(deallocate, first * BLOCK, (end - first) * BLOCK)];
+        match self.data.run_chain(steps).await {
+            Err(BackendError::Io(e)) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // The metadata is punched: writing zeroes completes it just the same.
+                self.data.write_zeroes_by_writing(first * BLOCK, (end - first) * BLOCK).await
+            }
+            other => other,
+        }
     }
 }
 
@@ -849,16 +894,17 @@ impl CopyStore for SealedFile {
             } else {
                 Payload::Zero { deallocate: true }
             };
+            let first = image.first + i as u64;
+            if run == Run::ZeroUnversioned && !only_damaged {
+                // As on the copy it came from: whole pages lose their records.
+                self.zero_versioned(first, (j - i) as u64, true, Some(0)).await?;
+                written += (j - i) as u64;
+                i = j;
+                continue;
+            }
             self.mark_dirty();
-            let put = Put {
-                first: image.first + i as u64,
-                contents: &contents,
-                own_version: false,
-                payload,
-                guards: &[],
-                only_damaged,
-                punch_pages: run == Run::ZeroUnversioned,
-            };
+            let put =
+                Put { first, contents: &contents, own_version: false, payload, guards: &[], only_damaged };
             if let PutResult::Written(n) = self.put(put).await? {
                 written += n;
             }

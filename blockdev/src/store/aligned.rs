@@ -49,6 +49,27 @@ struct Pool {
     bytes: usize,
 }
 
+impl Pool {
+    /// Keeps `blocks` for reuse, if there is room; false if it was not kept.
+    fn put(&mut self, blocks: &mut Box<[Block]>) -> bool {
+        let count = blocks.len();
+        let bytes = count * DIRECT_IO_ALIGN_BYTES;
+        if count < POOLED_BLOCKS_MIN || self.bytes + bytes > POOL_BYTES_MAX {
+            return false;
+        }
+        self.bytes += bytes;
+        self.free.entry(count).or_default().push(std::mem::take(blocks));
+        true
+    }
+
+    /// A kept buffer of `count` blocks, if there is one.
+    fn take(&mut self, count: usize) -> Option<Box<[Block]>> {
+        let b = self.free.get_mut(&count)?.pop()?;
+        self.bytes -= count * DIRECT_IO_ALIGN_BYTES;
+        Some(b)
+    }
+}
+
 static POOL: std::sync::Mutex<Option<Pool>> = std::sync::Mutex::new(None);
 
 fn pool() -> std::sync::MutexGuard<'static, Option<Pool>> {
@@ -58,16 +79,8 @@ fn pool() -> std::sync::MutexGuard<'static, Option<Pool>> {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let count = self.blocks.len();
-        if count < POOLED_BLOCKS_MIN {
-            return;
-        }
-        let mut p = pool();
-        let p = p.get_or_insert_with(Pool::default);
-        let bytes = count * DIRECT_IO_ALIGN_BYTES;
-        if p.bytes + bytes <= POOL_BYTES_MAX {
-            p.bytes += bytes;
-            p.free.entry(count).or_default().push(std::mem::take(&mut self.blocks));
+        if self.blocks.len() >= POOLED_BLOCKS_MIN {
+            pool().get_or_insert_with(Pool::default).put(&mut self.blocks);
         }
     }
 }
@@ -92,12 +105,7 @@ impl AlignedBuf {
     pub fn recycled(len: usize) -> Self {
         let count = len.div_ceil(DIRECT_IO_ALIGN_BYTES);
         if count >= POOLED_BLOCKS_MIN {
-            let reused = pool().as_mut().and_then(|p| {
-                let b = p.free.get_mut(&count)?.pop()?;
-                p.bytes -= count * DIRECT_IO_ALIGN_BYTES;
-                Some(b)
-            });
-            if let Some(blocks) = reused {
+            if let Some(blocks) = pool().as_mut().and_then(|p| p.take(count)) {
                 return AlignedBuf { blocks, len };
             }
         }
@@ -177,16 +185,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn large_buffers_are_reused() {
-        // A size no other test uses, so that their buffers do not take this one's place.
-        const LEN: usize = 263 * DIRECT_IO_ALIGN_BYTES;
-        let mut a = AlignedBuf::zeroed(LEN);
-        a.as_mut_slice()[5] = 9;
-        let ptr = a.as_slice().as_ptr();
-        drop(a);
-        let b = AlignedBuf::recycled(LEN);
-        assert_eq!(b.as_slice().as_ptr(), ptr, "the freed buffer came back");
-        assert!(AlignedBuf::zeroed(1 << 20).as_slice().iter().all(|&x| x == 0), "zeroed is always zero");
+    fn the_pool_keeps_large_buffers_up_to_its_limit() {
+        let mut pool = Pool::default();
+        let mut small = std::mem::take(&mut AlignedBuf::zeroed(4096).blocks);
+        assert!(!pool.put(&mut small), "small buffers are not pooled");
+        let mut big = std::mem::take(&mut AlignedBuf::zeroed(1 << 20).blocks);
+        let ptr = big.as_ptr();
+        assert!(pool.put(&mut big));
+        assert!(pool.take(255).is_none(), "only the same size is handed out");
+        assert_eq!(pool.take(256).map(|b| b.as_ptr()), Some(ptr), "the kept buffer comes back");
+        let mut n = 0;
+        while pool.put(&mut std::mem::take(&mut AlignedBuf::zeroed(1 << 20).blocks)) {
+            n += 1;
+        }
+        assert_eq!(n * (1 << 20), POOL_BYTES_MAX, "the pool stops at its limit");
+        let r = AlignedBuf::recycled(100_000);
+        assert_eq!(r.len(), 100_000);
+        assert!(AlignedBuf::is_aligned(r.as_slice()));
     }
 
     #[test]

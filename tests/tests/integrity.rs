@@ -78,7 +78,7 @@ fn kill9_during_writes_never_leaves_a_block_unreadable() {
     let mut d = Daemon::start();
     d.create_volume("pl", "32M");
     d.cli(&["volume", "create", "sec", "--size", "32M", "--encrypted"]).ok();
-    let rounds = std::env::var("CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(15u64);
+    let rounds = std::env::var("CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(30u64);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut crashed_mid_write = 0;
     for round in 0..rounds {

@@ -1,11 +1,12 @@
 //! Entry points for the cargo-fuzz target `sealed_metadata` (`blockdev/fuzz`): every
 //! decoder of sealed-block metadata that reads bytes from a peer or the disk (block states
 //! and runs of blocks as they travel, metadata records as they lie in a volume's metadata
-//! file). None may panic; whatever decodes must survive a round trip.
+//! file, and the file's header). None may panic; whatever decodes must survive a round trip.
 
 use bytes::Bytes;
 
 use super::wire::{decode_image, encode_blocks, get_state, put_state};
+use crate::store::sealed::meta::{Header, HEADER_BYTES};
 use crate::store::sealed::record::{self, Slot, RECORD_BYTES};
 
 /// `data` as encoded blocks, as a run of block states, and as metadata records.
@@ -22,6 +23,9 @@ pub fn sealed_metadata(data: &[u8]) {
         let mut out = Vec::new();
         put_state(&mut out, &state);
         assert_eq!(get_state(&mut out.as_slice()), Ok(state), "block state round trip");
+    }
+    if let Some(h) = data.get(..HEADER_BYTES).and_then(Header::decode) {
+        assert_eq!(Header::decode(&h.encode()), Some(h), "metadata header round trip");
     }
     for rec in data.chunks_exact(RECORD_BYTES) {
         if let Slot::Valid(r) = record::decode(rec) {
@@ -50,5 +54,11 @@ mod tests {
         }
         let rec = record::Record { seq: 3, version: 4, content: record::Content::Zero }.encode();
         sealed_metadata(&rec);
+        let header = Header {
+            seq_reserved: 9,
+            doubted: crate::store::sealed::meta::Doubted::all(2, 5),
+            ..Header::new_volume()
+        };
+        sealed_metadata(&header.encode());
     }
 }

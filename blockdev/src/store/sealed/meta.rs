@@ -1,7 +1,7 @@
 //! The metadata file of a [`super::SealedFile`] and its cache of pages.
 //!
 //! ```text
-//! offset 0        header page: two 64-byte header copies at 0 and 2048, written in turn
+//! offset 0        header page: two 2048-byte header copies at 0 and 2048, written in turn
 //!                 (a torn header write leaves the other copy)
 //! offset 4096     pairs: block b's two records at 4096 + b × 128 (32 blocks per page)
 //! ```
@@ -35,28 +35,94 @@ pub const PAGE_BYTES: usize = 4096;
 /// Blocks described by one metadata page.
 pub const PAGE_BLOCKS: u64 = (PAGE_BYTES / PAIR_BYTES) as u64;
 const PAIRS_AT: u64 = PAGE_BYTES as u64;
-const HEADER_BYTES: usize = 64;
+/// Bytes of one header copy.
+pub const HEADER_BYTES: usize = 2048;
 const HEADER_AT: [u64; 2] = [0, 2048];
 const MAGIC: &[u8; 8] = b"RBLKMETA";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
+/// Ranges of doubted seqs a header holds; more are merged (see [`Doubted::add`]).
+pub const DOUBTED_RANGES_MAX: usize = 64;
+/// Where the doubted ranges start in an encoded header.
+const DOUBTED_AT: usize = 64;
 
 const _: () = assert!(PAGE_BLOCKS == crate::seal::ZERO_GROUP_BLOCKS);
+const _: () = assert!(DOUBTED_AT + DOUBTED_RANGES_MAX * 16 + 4 <= HEADER_BYTES);
 
 /// The durable facts about a metadata file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Header {
     /// Bumped by every header write; the higher copy wins.
     pub generation: u64,
     /// No record was ever written with a seq at or above this.
     pub seq_reserved: u64,
-    /// Every record with a seq at or below this had its data written completely.
+    /// Every record of the process that wrote this header with a seq at or below this had
+    /// its data written completely (records of earlier processes: see `doubted`).
     pub seq_confirmed: u64,
     /// The store was closed cleanly: every record's data is written and flushed.
     pub clean: bool,
+    /// Seqs whose records crashed processes may not have completed (their data may never
+    /// have been written). Every other seq below the writer's own is complete.
+    pub doubted: Doubted,
+}
+
+/// Disjoint, sorted half-open ranges of seqs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Doubted(Vec<(u64, u64)>);
+
+impl Doubted {
+    /// Every seq in `[from, to)` doubted.
+    pub fn all(from: u64, to: u64) -> Doubted {
+        let mut d = Doubted::default();
+        d.add(from, to);
+        d
+    }
+
+    /// Whether `seq` is doubted.
+    pub fn contains(&self, seq: u64) -> bool {
+        let i = self.0.partition_point(|&(_, end)| end <= seq);
+        self.0.get(i).is_some_and(|&(start, _)| start <= seq)
+    }
+
+    /// Doubts `[from, to)` too. Past [`DOUBTED_RANGES_MAX`] ranges the two closest are
+    /// merged, doubting the seqs between them as well: doubting a complete record only
+    /// costs a read when its block is next written, while trusting an incomplete one could
+    /// let that write overwrite the only record matching the data.
+    pub fn add(&mut self, from: u64, to: u64) {
+        if from >= to {
+            return;
+        }
+        let (mut from, mut to) = (from, to);
+        self.0.retain(|&(s, e)| {
+            let touches = s <= to && from <= e;
+            if touches {
+                from = from.min(s);
+                to = to.max(e);
+            }
+            !touches
+        });
+        let at = self.0.partition_point(|&(s, _)| s < from);
+        self.0.insert(at, (from, to));
+        while self.0.len() > DOUBTED_RANGES_MAX {
+            let Some(i) = (0..self.0.len() - 1).min_by_key(|&i| self.0[i + 1].0 - self.0[i].1) else { break };
+            self.0[i].1 = self.0[i + 1].1;
+            self.0.remove(i + 1);
+        }
+    }
+
+    /// The ranges, lowest first.
+    pub fn ranges(&self) -> &[(u64, u64)] {
+        &self.0
+    }
 }
 
 impl Header {
-    fn encode(&self) -> [u8; HEADER_BYTES] {
+    /// The header a new metadata file starts from: nothing written, nothing doubted.
+    pub fn new_volume() -> Header {
+        Header { generation: 1, clean: true, ..Header::default() }
+    }
+
+    /// The header copy as it goes to disk.
+    pub fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut b = [0u8; HEADER_BYTES];
         b[..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&FORMAT.to_le_bytes());
@@ -65,32 +131,54 @@ impl Header {
         b[24..32].copy_from_slice(&self.seq_reserved.to_le_bytes());
         b[32..40].copy_from_slice(&self.seq_confirmed.to_le_bytes());
         b[40] = u8::from(self.clean);
-        let crc = crc32c::crc32c(&b[..60]);
-        b[60..].copy_from_slice(&crc.to_le_bytes());
+        let ranges = &self.doubted.0[..self.doubted.0.len().min(DOUBTED_RANGES_MAX)];
+        b[41] = ranges.len() as u8;
+        for (i, &(s, e)) in ranges.iter().enumerate() {
+            let at = DOUBTED_AT + i * 16;
+            b[at..at + 8].copy_from_slice(&s.to_le_bytes());
+            b[at + 8..at + 16].copy_from_slice(&e.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b[..HEADER_BYTES - 4]);
+        b[HEADER_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
-    fn decode(b: &[u8]) -> Option<Header> {
+    /// A header copy as it lies on disk; `None` if it is not one, or damaged.
+    pub fn decode(b: &[u8]) -> Option<Header> {
+        if b.len() != HEADER_BYTES {
+            return None;
+        }
         let u64_at = |at: usize| {
             let mut x = [0u8; 8];
             x.copy_from_slice(&b[at..at + 8]);
             u64::from_le_bytes(x)
         };
         let mut crc = [0u8; 4];
-        crc.copy_from_slice(&b[60..64]);
-        if &b[..8] != MAGIC || crc32c::crc32c(&b[..60]) != u32::from_le_bytes(crc) {
+        crc.copy_from_slice(&b[HEADER_BYTES - 4..]);
+        if &b[..8] != MAGIC || crc32c::crc32c(&b[..HEADER_BYTES - 4]) != u32::from_le_bytes(crc) {
             return None;
         }
         let mut format = [0u8; 4];
         format.copy_from_slice(&b[8..12]);
-        if u32::from_le_bytes(format) != FORMAT {
+        let count = usize::from(b[41]);
+        if u32::from_le_bytes(format) != FORMAT || b[40] > 1 || count > DOUBTED_RANGES_MAX {
             return None;
+        }
+        let mut ranges = Vec::with_capacity(count);
+        for i in 0..count {
+            let (s, e) = (u64_at(DOUBTED_AT + i * 16), u64_at(DOUBTED_AT + i * 16 + 8));
+            // Sorted, disjoint and non-empty, or not a header this code wrote.
+            if s >= e || ranges.last().is_some_and(|&(_, prev_end)| prev_end >= s) {
+                return None;
+            }
+            ranges.push((s, e));
         }
         Some(Header {
             generation: u64_at(16),
             seq_reserved: u64_at(24),
             seq_confirmed: u64_at(32),
             clean: b[40] == 1,
+            doubted: Doubted(ranges),
         })
     }
 }
@@ -414,8 +502,14 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_the_newer_valid_copy_wins() {
-        let h = Header { generation: 7, seq_reserved: 100, seq_confirmed: 50, clean: true };
-        assert_eq!(Header::decode(&h.encode()), Some(h));
+        let h = Header {
+            generation: 7,
+            seq_reserved: 100,
+            seq_confirmed: 50,
+            clean: true,
+            doubted: Doubted(vec![(3, 9), (20, 40)]),
+        };
+        assert_eq!(Header::decode(&h.encode()), Some(h.clone()));
         let mut bad = h.encode();
         bad[30] ^= 1;
         assert_eq!(Header::decode(&bad), None);
@@ -424,8 +518,8 @@ mod tests {
         let path = dir.path().join("m");
         let engine = IoEngine::start(crate::store::EngineKind::Sync, 1).unwrap();
         let meta = MetaFile::create(&path, engine.clone(), 16).unwrap();
-        meta.write_header_now(&Header { generation: 2, seq_reserved: 9, ..h }, false).unwrap();
-        meta.write_header_now(&Header { generation: 3, seq_reserved: 11, ..h }, false).unwrap();
+        meta.write_header_now(&Header { generation: 2, seq_reserved: 9, ..h.clone() }, false).unwrap();
+        meta.write_header_now(&Header { generation: 3, seq_reserved: 11, ..h.clone() }, false).unwrap();
         let (_, got) = MetaFile::open(&path, engine.clone(), 16).unwrap();
         assert_eq!(got.seq_reserved, 11);
         // Tear the newer copy: the older one is used.
@@ -438,5 +532,33 @@ mod tests {
             .unwrap();
         let (_, got) = MetaFile::open(&path, engine, 16).unwrap();
         assert_eq!(got.seq_reserved, 9);
+    }
+
+    #[test]
+    fn doubted_ranges_merge_and_stay_bounded_without_forgetting_a_seq() {
+        let mut d = Doubted::default();
+        d.add(10, 20);
+        d.add(30, 40);
+        d.add(20, 25); // touches the first
+        assert_eq!(d.ranges(), &[(10, 25), (30, 40)]);
+        assert!(d.contains(10) && d.contains(24) && !d.contains(25) && d.contains(39) && !d.contains(40));
+        assert!(!d.contains(9) && !d.contains(0) && !d.contains(u64::MAX));
+        d.add(5, 5);
+        assert_eq!(d.ranges().len(), 2, "an empty range adds nothing");
+        // Many crashes: ranges merge (closest first) but every seq ever added stays doubted.
+        let mut added = Vec::new();
+        for i in 0..500u64 {
+            let from = 1000 + i * 1000 + (i * 37) % 300;
+            d.add(from, from + 50);
+            added.push(from);
+            assert!(d.ranges().len() <= DOUBTED_RANGES_MAX);
+            assert!(d.ranges().windows(2).all(|w| w[0].1 < w[1].0), "sorted and disjoint: {:?}", d);
+        }
+        for from in added {
+            assert!(d.contains(from) && d.contains(from + 49), "{from}");
+        }
+        assert!(d.contains(10) && d.contains(35));
+        let h = Header { doubted: d, ..Header::default() };
+        assert_eq!(Header::decode(&h.encode()), Some(h), "a full list round trips");
     }
 }

@@ -18,9 +18,14 @@
 //! is decided by the records' `seq`: the newest record whose data write is known complete.
 //! Records of this process's writes are complete once the writer released the block (the
 //! writer holds an exclusive range lock until its data write completed); records of an
-//! earlier process are complete if their seq is at most the header's `seq_confirmed`
-//! (written every second and at every flush), or all of them if it closed cleanly. A block
-//! whose newest record is not known complete is settled by reading its data once.
+//! earlier process are complete unless the header doubts them: a process that did not
+//! close cleanly leaves the seqs above its `seq_confirmed` (written every second and at
+//! every flush) doubted, for every later process, until the blocks are written again. A block
+//! whose newest record is not known complete is settled by reading its data once. An empty
+//! slot stands for the block as it was before its first record, zeroes: a crash between a
+//! block's first record and its data leaves that record doubted and the data zero, and
+//! the block reads as zero (a *known complete* record over zeroes is damage, not a crash).
+//! A guard on a doubted block compares the version of the record its data matches.
 //!
 //! This covers a process crash (kill -9) completely: completed writes are in the page
 //! cache, in order. After a power loss, writes that no flush covered may be missing in any
@@ -47,7 +52,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
-use self::meta::{Header, MetaError, MetaFile, PairView, PAGE_BLOCKS};
+use self::meta::{Doubted, Header, MetaError, MetaFile, PairView, PAGE_BLOCKS};
 use self::record::{decode_pair, Content, Record, Slot, PAIR_BYTES, RECORD_BYTES};
 use super::engine::{run_steps_now, IoEngine};
 use super::file::{FileBackend, FileError};
@@ -116,11 +121,14 @@ pub struct SealedFile {
     next_seq: AtomicU64,
     /// Seqs below this were handed out by an earlier process.
     seq_start: u64,
-    /// Records of an earlier process with a seq at most this are complete.
-    trusted_below: u64,
+    /// Records of earlier processes that may be incomplete (see [`Header::doubted`]).
+    doubted: Doubted,
     header: Mutex<HeaderState>,
     /// Seqs of writes in flight (with how many writes hold each).
     in_flight: Mutex<BTreeMap<u64, usize>>,
+    /// Writes dropped (cancelled) between their records and the end of their data write;
+    /// their seqs stay in `in_flight` for good (see [`Unfinished`]).
+    abandoned: AtomicU64,
     reporter: Arc<dyn IntegrityReporter>,
     copy: Option<u64>,
 }
@@ -146,7 +154,7 @@ impl SealedFile {
         let path = path.as_ref();
         let data = FileBackend::create(path, size_bytes, engine.clone())?;
         let meta = MetaFile::create(&meta_path(path), engine, cache_pages())?;
-        Self::start(data, meta, Header { generation: 1, ..Header::default() }, reporter)
+        Self::start(data, meta, Header::new_volume(), reporter)
     }
 
     /// Opens a volume. A data file without a metadata file (made by an older raftblk) is
@@ -161,7 +169,7 @@ impl SealedFile {
         let mpath = meta_path(path);
         if !mpath.exists() {
             let meta = MetaFile::create(&mpath, engine, cache_pages())?;
-            let store = Self::start(data, meta, Header { generation: 1, ..Header::default() }, reporter)?;
+            let store = Self::start(data, meta, Header::new_volume(), reporter)?;
             tracing::warn!(path = %path.display(), "volume has no metadata file (older format); sealing its data");
             store.import().await.map_err(|source| SealedError::Import { path: path.to_owned(), source })?;
             return Ok(store);
@@ -176,12 +184,18 @@ impl SealedFile {
                     .highest_seq()
                     .map_err(|source| SealedError::Header { path: mpath.clone(), source })?;
                 tracing::warn!(path = %mpath.display(), highest, "metadata header damaged; rebuilt from the records");
-                (meta, Header { generation: 1, seq_reserved: highest + 1, seq_confirmed: 0, clean: false })
+                let header = Header {
+                    generation: 1,
+                    seq_reserved: highest + 1,
+                    doubted: Doubted::all(0, highest + 1),
+                    ..Header::default()
+                };
+                (meta, header)
             }
             Err(e) => return Err(e.into()),
         };
         if !header.clean {
-            tracing::info!(path = %path.display(), confirmed = header.seq_confirmed, "volume was not closed cleanly; recent blocks are settled as they are written");
+            tracing::info!(path = %path.display(), confirmed = header.seq_confirmed, "volume was not closed cleanly; its last writes are settled by their data when next written");
         }
         header.generation += 1;
         Self::start(data, meta, header, reporter)
@@ -196,13 +210,20 @@ impl SealedFile {
         // Seqs start above every one an earlier process may have used; 0 and 1 are never
         // used, so versions of local writes never collide with IMPORTED_VERSION.
         let seq_start = header.seq_reserved.max(IMPORTED_VERSION + 1);
-        let trusted_below = if header.clean { u64::MAX } else { header.seq_confirmed };
+        // What the last process did not confirm stays doubted until its blocks are written
+        // again, through any number of later processes and crashes: a later process's
+        // confirmation covers its own seqs only.
+        let mut doubted = header.doubted.clone();
+        if !header.clean {
+            doubted.add(header.seq_confirmed + 1, seq_start);
+        }
         let fresh = Header {
             generation: header.generation,
             seq_reserved: seq_start + SEQ_RESERVE_BATCH,
-            // Nothing of this process is confirmed yet; what the last one confirmed stays.
-            seq_confirmed: header.seq_confirmed.min(seq_start.saturating_sub(1)),
+            // Nothing of this process is written yet.
+            seq_confirmed: seq_start - 1,
             clean: false,
+            doubted: doubted.clone(),
         };
         meta.write_header_now(&fresh, true)
             .map_err(|source| SealedError::Header { path: meta.path().to_owned(), source })?;
@@ -212,9 +233,10 @@ impl SealedFile {
             locks: RangeLock::new(),
             next_seq: AtomicU64::new(seq_start),
             seq_start,
-            trusted_below,
+            doubted,
             header: Mutex::new(HeaderState { header: fresh, confirmed_at: Instant::now() }),
             in_flight: Mutex::new(BTreeMap::new()),
+            abandoned: AtomicU64::new(0),
             reporter,
             copy: None,
         })
@@ -263,17 +285,25 @@ impl SealedFile {
 
     /// A fresh seq, reserving more in the header (durably) when they run out.
     fn take_seq(&self) -> BackendResult<u64> {
-        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        // Taken and marked in flight at once, or `confirmed` could vouch for it meanwhile.
+        let seq = {
+            let mut in_flight = self.in_flight();
+            let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+            *in_flight.entry(seq).or_insert(0) += 1;
+            seq
+        };
         let mut h = self.header();
         if seq >= h.header.seq_reserved {
-            let mut header = h.header;
+            let mut header = h.header.clone();
             header.generation += 1;
             header.seq_reserved = seq + SEQ_RESERVE_BATCH;
-            self.meta.write_header_now(&header, true).map_err(BackendError::Io)?;
+            if let Err(e) = self.meta.write_header_now(&header, true) {
+                drop(h);
+                self.finish_seq(seq);
+                return Err(BackendError::Io(e));
+            }
             h.header = header;
         }
-        drop(h);
-        *self.in_flight().entry(seq).or_insert(0) += 1;
         Ok(seq)
     }
 
@@ -295,7 +325,8 @@ impl SealedFile {
 
     /// Every seq below the lowest one in flight is complete.
     fn confirmed(&self) -> u64 {
-        match self.in_flight().keys().next() {
+        let in_flight = self.in_flight();
+        match in_flight.keys().next() {
             Some(&lowest) => lowest - 1,
             None => self.next_seq.load(Ordering::SeqCst) - 1,
         }
@@ -304,7 +335,7 @@ impl SealedFile {
     fn write_confirmed(&self, sync: bool, clean: bool) {
         let confirmed = self.confirmed();
         let mut h = self.header();
-        let mut header = h.header;
+        let mut header = h.header.clone();
         header.generation += 1;
         header.seq_confirmed = confirmed.max(header.seq_confirmed);
         header.clean = clean;
@@ -318,7 +349,12 @@ impl SealedFile {
     }
 
     fn trusted(&self, seq: u64) -> bool {
-        seq >= self.seq_start || seq <= self.trusted_below
+        if seq < self.seq_start {
+            return !self.doubted.contains(seq);
+        }
+        // A seq of this process still in flight, seen by someone other than its writer
+        // (who holds the block exclusively while it runs), is an abandoned write's.
+        self.abandoned.load(Ordering::Relaxed) == 0 || !self.in_flight().contains_key(&seq)
     }
 
     /// Where the next record of a block goes, from its pair alone if possible.
@@ -340,16 +376,35 @@ impl SealedFile {
         }
     }
 
-    /// Settles a doubted block by its data: the free slot is the one not matching it.
-    fn target_by_data(pair: &PairView, index: u64, data: &[u8]) -> usize {
-        let slots = decode_pair(&pair.bytes);
-        let matching = (0..2)
+    /// The slot that describes `data`: the newest valid record that matches it, or else an
+    /// empty slot standing for the zeroes the block held before its first record, when the
+    /// only record there is one an earlier process may never have completed (a crash
+    /// between the record of a block's first write and its data). `None` inside: that
+    /// implicit zero record.
+    fn describing(&self, slots: &[Slot; 2], index: u64, data: &[u8]) -> Option<(usize, Option<Record>)> {
+        let newest = (0..2)
             .filter_map(|i| match slots[i] {
-                Slot::Valid(r) if matches(&r, index, data) => Some((i, r.seq)),
+                Slot::Valid(r) if matches(&r, index, data) => Some((i, r)),
                 _ => None,
             })
-            .max_by_key(|&(_, seq)| seq);
-        match matching {
+            .max_by_key(|(_, r)| r.seq);
+        if let Some((i, r)) = newest {
+            return Some((i, Some(r)));
+        }
+        let empty = slots.iter().position(|s| *s == Slot::Empty)?;
+        let doubted = match slots[other(empty)] {
+            Slot::Valid(r) => !self.trusted(r.seq),
+            Slot::Empty => true,
+            // A damaged record is evidence of damage, not of an unfinished first write.
+            Slot::Damaged => false,
+        };
+        (doubted && is_zero(data)).then_some((empty, None))
+    }
+
+    /// Settles a doubted block by its data: the free slot is the one not describing it.
+    fn target_by_data(&self, pair: &PairView, index: u64, data: &[u8]) -> usize {
+        let slots = decode_pair(&pair.bytes);
+        match self.describing(&slots, index, data) {
             Some((i, _)) => other(i),
             // Nothing matches: the block is damaged either way; overwrite the newest record
             // and keep the other as the only evidence there is.
@@ -361,25 +416,17 @@ impl SealedFile {
     }
 
     /// The state of block `index` from its pair and its stored bytes.
-    fn evaluate(pair: &PairView, index: u64, data: &[u8]) -> BlockState {
+    fn evaluate(&self, pair: &PairView, index: u64, data: &[u8]) -> BlockState {
         if pair.hole {
             return BlockState::Zero { version: 0 };
         }
         let slots = decode_pair(&pair.bytes);
-        let best = (0..2)
-            .filter_map(|i| match slots[i] {
-                Slot::Valid(r) if matches(&r, index, data) => Some(r),
-                _ => None,
-            })
-            .max_by_key(|r| r.seq);
-        match best {
-            Some(Record { content: Content::Sealed(seal), version, .. }) => {
+        match self.describing(&slots, index, data) {
+            Some((_, Some(Record { content: Content::Sealed(seal), version, .. }))) => {
                 BlockState::Sealed { seal, version }
             }
-            Some(Record { content: Content::Zero, version, .. }) => BlockState::Zero { version },
-            None if slots.iter().all(|s| *s == Slot::Empty) && is_zero(data) => {
-                BlockState::Zero { version: 0 }
-            }
+            Some((_, Some(Record { content: Content::Zero, version, .. }))) => BlockState::Zero { version },
+            Some((_, None)) => BlockState::Zero { version: 0 },
             None if slots.iter().any(|s| matches!(s, Slot::Damaged))
                 || slots.iter().all(|s| *s == Slot::Empty) =>
             {
@@ -425,7 +472,7 @@ impl SealedFile {
         for (i, pair) in pairs.iter().enumerate() {
             let index = first + i as u64;
             let block = &data[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES];
-            let state = Self::evaluate(pair, index, block);
+            let state = self.evaluate(pair, index, block);
             match state {
                 BlockState::Damaged(d) => {
                     self.reporter.damaged(IntegrityEvent { kind: d.into(), block: index, copy: self.copy });
@@ -460,22 +507,29 @@ impl SealedFile {
         }
         let _exclusive = self.locks.lock(first, end, true).await;
         let (pairs, pinned) = self.meta.pairs(first, count).await?;
-        for g in put.guards {
-            let pair = &pairs[(g.block - first) as usize];
-            if self.guard_version(pair) != Some(g.version) {
-                return Ok(PutResult::GuardFailed { block: g.block });
-            }
-        }
         // Blocks that need their data to be settled (or checked, for a repair).
         let need_data = put.only_damaged || pairs.iter().any(|p| matches!(self.target(p), Target::NeedData));
         let current = if need_data { Some(self.read_data(first, count).await?) } else { None };
+        for g in put.guards {
+            let i = (g.block - first) as usize;
+            let version = match (&current, self.target(&pairs[i])) {
+                // A doubted block's version is that of whichever record its data matches,
+                // as the read that made the guard saw it.
+                (Some(cur), Target::NeedData) => {
+                    self.evaluate(&pairs[i], g.block, &cur[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES]).version()
+                }
+                _ => self.guard_version(&pairs[i]),
+            };
+            if version != Some(g.version) {
+                return Ok(PutResult::GuardFailed { block: g.block });
+            }
+        }
         let mut skip = vec![false; count as usize];
         if put.only_damaged {
             if let Some(cur) = &current {
                 for (i, pair) in pairs.iter().enumerate() {
                     let block = &cur[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES];
-                    skip[i] =
-                        !matches!(Self::evaluate(pair, first + i as u64, block), BlockState::Damaged(_));
+                    skip[i] = !matches!(self.evaluate(pair, first + i as u64, block), BlockState::Damaged(_));
                 }
             }
             if skip.iter().all(|&s| s) {
@@ -483,8 +537,10 @@ impl SealedFile {
             }
         }
         let seq = self.take_seq()?;
+        let unfinished = Unfinished { store: self, seq };
         let result = self.put_locked(&put, &pairs, current.as_ref(), &skip, seq).await;
         drop(pinned);
+        std::mem::forget(unfinished);
         self.finish_seq(seq);
         let written = skip.iter().filter(|&&s| !s).count() as u64;
         result.map(|()| PutResult::Written(written))
@@ -512,7 +568,7 @@ impl SealedFile {
                 Target::Slot(s) => s,
                 Target::NeedData => {
                     let data = current.map(|d| &d[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES]).unwrap_or(&[]);
-                    Self::target_by_data(pair, index, data)
+                    self.target_by_data(pair, index, data)
                 }
             };
             let (content, version) = put.contents[i];
@@ -647,7 +703,10 @@ impl SealedFile {
     pub async fn close(&self) -> BackendResult<()> {
         let _all = self.locks.lock(0, u64::MAX, true).await;
         self.flush_all().await?;
-        self.write_confirmed(true, true);
+        // An abandoned write's record may claim data that never arrived: the next process
+        // must doubt it, so the store is not closed clean.
+        let clean = self.abandoned.load(Ordering::Relaxed) == 0;
+        self.write_confirmed(true, clean);
         Ok(())
     }
 
@@ -661,6 +720,21 @@ impl SealedFile {
     async fn client_put(&self, put: Put<'_>) -> BackendResult<WriteOutcome> {
         self.mark_dirty();
         self.put(put).await.map(WriteOutcome::from)
+    }
+}
+
+/// A write between taking its seq and finishing it. Dropped there (its future cancelled),
+/// its records may be on disk without its data, so its seq is left in flight: never
+/// confirmed (the next process doubts it) and never trusted by this one.
+struct Unfinished<'a> {
+    store: &'a SealedFile,
+    seq: u64,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        self.store.abandoned.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(path = %self.store.path().display(), seq = self.seq, "a write was cancelled between its metadata and its data; its blocks are settled by their data");
     }
 }
 

@@ -152,6 +152,27 @@ pub fn validate_size(size_bytes: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// How long [`open_db`] waits for an earlier handle on the same directory to let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens the sled database under `dir`. sled drops its file lock from a background thread
+/// some time after the last handle is dropped, so a reopen in the same process (a restart
+/// of the serving side, a test) may briefly find it held: that is waited out, not failed.
+pub fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::open(dir) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The sled-backed catalog.
 pub struct Catalog {
     volumes: sled::Tree,
@@ -162,7 +183,7 @@ pub struct Catalog {
 impl Catalog {
     /// Opens (or creates) the catalog under `dir`.
     pub fn open(dir: &Path) -> Result<Catalog, CatalogError> {
-        let db = sled::open(dir)?;
+        let db = open_db(dir)?;
         let volumes = db.open_tree("volumes")?;
         let deleted = db.open_tree("deleted")?;
         Ok(Catalog { volumes, deleted, db })

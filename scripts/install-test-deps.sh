@@ -6,7 +6,7 @@
 # `apt-get update` runs at most once, and only when a package is missing.
 # Every install uses --no-remove: on these machines qemu-utils may come from
 # bookworm-backports, and a plain install of something that conflicts with it
-# would silently remove it (see ../shared/vm/README.md).
+# would silently remove it (tests/vm/guest handles qemu-system-x86 the same way).
 set -euo pipefail
 
 packages=(fio libnbd-bin python3-libnbd nbdkit qemu-utils iproute2 tcpdump)

@@ -82,11 +82,11 @@ fuzz_all() {
 }
 
 kernel_test() {
-    # exit 77 = skipped (no ../shared/vm outside CI); anything else non-zero fails
+    # exit 77 = skipped (not root or no apt outside CI); anything else non-zero fails
     local rc=0
     tests/vm/run-kernel-test.sh || rc=$?
     if ((rc == 77)); then
-        summary+=("skipped kernel NBD client (VM): ../shared/vm/nbd-vm not found")
+        summary+=("skipped kernel NBD client (VM): tests/vm/guest needs root and apt-get")
         current=""
         return 0
     fi

@@ -1,9 +1,9 @@
-# nbd-vm guest snippet (busybox sh, set -e): the Linux kernel NBD client on a
+# tests/vm/guest snippet (busybox sh, set -e): the Linux kernel NBD client on a
 # raftblkd volume. Connect /dev/nbd0, mkfs.ext4, mount, write files of assorted
 # sizes, record their checksums, sync, drop caches, fsck, remount, verify,
 # unmount, fsck again, disconnect. The checksums go to /out/sums so the host can
 # check the same files after restarting raftblkd.
-# Env (from nbd-vm): NBD_HOST NBD_PORT NBD_EXPORT; optional FILES (default 24).
+# Env (from tests/vm/guest): NBD_HOST NBD_PORT NBD_EXPORT; optional FILES (default 24).
 DEV=/dev/nbd0
 MNT=/mnt/vol
 FILES=${FILES:-24}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The real Linux kernel NBD client against raftblkd, through ../shared/vm/nbd-vm
-# (a throwaway Debian-kernel guest under QEMU; see ../shared/vm/README.md).
+# The real Linux kernel NBD client against raftblkd, through tests/vm/guest (the
+# project's throwaway Debian-kernel guest under QEMU; `tests/vm/guest --help`).
 #
 #   1. start target/debug/raftblkd on free loopback ports with a temp data dir
 #   2. guest: tests/vm/kernel-smoke.sh (nbd-client, mkfs.ext4, mount, files +
@@ -8,27 +8,28 @@
 #   3. SIGTERM raftblkd (must exit 0), restart it on the same data dir
 #   4. host: copy the volume out with nbdcopy, e2fsck it, and check every file's
 #      sha256 with debugfs: the kernel's writes are really in raftblkd's store
-#   5. guest: ../shared/vm/examples/nbd-smoke.sh (the harness's own smoke test,
-#      with fio io_uring randwrite QD32 and a crc32c verify)
-#   6. print nbd-vm's timings
+#   5. guest: tests/vm/fio-verify.sh (fio io_uring randwrite QD32 with a crc32c
+#      verify, a sequential read, a clean dmesg)
+#   6. print the guest's timings
 #
-# Exit: 0 passed; 77 skipped (no nbd-vm and not CI); anything else failed.
-# Env: NBD_VM (path to nbd-vm), FIO_RUNTIME (default 5), KEEP_WORK=1.
+# Exit: 0 passed; 77 skipped (QEMU cannot run here and not CI); anything else failed.
+# Env: FIO_RUNTIME (default 5), KEEP_WORK=1, RAFTBLK_VM_CACHE (the guest's cache).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
-nbdvm=${NBD_VM:-$root/../shared/vm/nbd-vm}
-shared_vm=$(dirname "$nbdvm")
+guest=$root/tests/vm/guest
 fio_runtime=${FIO_RUNTIME:-5}
 
-if [[ ! -x $nbdvm ]]; then
+# The guest needs root (packages, a kernel unpacked into the cache) and apt.
+if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
     if [[ ${CI:-} == true || ${CI:-} == 1 ]]; then
-        echo "run-kernel-test: $nbdvm not found; CI needs ../shared/vm beside the repository" >&2
+        echo "run-kernel-test: the guest needs root and apt-get (Debian); CI has both" >&2
         exit 1
     fi
-    echo "!!!!!!!!!! run-kernel-test: SKIPPED: $nbdvm not found (set NBD_VM) !!!!!!!!!!"
+    echo "!!!!!!!!!! run-kernel-test: SKIPPED: the guest needs root and apt-get (Debian) !!!!!!!!!!"
     exit 77
 fi
+"$guest" --prepare
 
 bins=${CARGO_TARGET_DIR:-$root/target}/debug
 if [[ ! -x $bins/raftblkd || ! -x $bins/raftblk ]]; then
@@ -97,15 +98,15 @@ metric() {   # metric 'name{labels}' -> value (0 if absent)
 }
 
 timings=()
-run_vm() {   # run_vm LABEL nbd-vm-args...
+run_vm() {   # run_vm LABEL guest-args...
     local label=$1 t0=$SECONDS rc=0
     shift
-    echo "=== nbd-vm: $label"
-    "$nbdvm" -q --log "$work/$label.log" --timeout 600 --host-port "$nbd_port" "$@" || rc=$?
-    timings+=("$label: nbd-vm exit $rc, $((SECONDS - t0))s wall")
-    grep -aE 'NBD-VM-(TIME|FIO)|checksums ok|PASS|device size|size:' "$work/$label.log" | tr -d '\r' | sed "s/^/  [$label] /" || true
+    echo "=== guest: $label"
+    "$guest" -q --log "$work/$label.log" --timeout 600 --host-port "$nbd_port" "$@" || rc=$?
+    timings+=("$label: guest exit $rc, $((SECONDS - t0))s wall")
+    grep -aE 'GUEST-(TIME|FIO)|checksums ok|PASS|device size|size:' "$work/$label.log" | tr -d '\r' | sed "s/^/  [$label] /" || true
     if ((rc != 0)); then
-        echo "nbd-vm $label failed with exit $rc (124 = host timeout, 125 = VM/infra failure)" >&2
+        echo "guest $label failed with exit $rc (124 = host timeout, 125 = VM/infra failure)" >&2
         return "$rc"
     fi
 }
@@ -140,8 +141,8 @@ done <"$work/out/sums"
 echo "host check: $checked files verified in the volume after a SIGTERM restart"
 rm -f "$work/kvol.img"
 
-# 5. the harness's own smoke test, with fio
-run_vm nbd-smoke --export smoke --env "FIO_RUNTIME=$fio_runtime" -- "$shared_vm/examples/nbd-smoke.sh"
+# 5. fio with verification through the kernel client
+run_vm fio-verify --export smoke --env "FIO_RUNTIME=$fio_runtime" -- "$root/tests/vm/fio-verify.sh"
 
 stop_daemon
 echo "=== kernel NBD client timings"

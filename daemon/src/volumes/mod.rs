@@ -1004,10 +1004,16 @@ impl VolumeManager {
                 "node {target} is not in the cluster; nodes are {known:?}"
             )));
         }
+        // Waiting for the volume's leader (minutes, if its copies are on dead nodes) must not
+        // hold the control lock: every other volume operation on this node needs it (a
+        // create waited on a healer's add for a volume that had lost its quorum). Only the
+        // record change below takes it, and reads the record again under it.
+        let v = self.get(name)?;
+        let seen = lock(&v.record).clone();
+        let (_, status) = self.leader_status(&seen, deadline).await?;
         let _control = self.control.lock().await;
         let v = self.get(name)?;
         let mut record = lock(&v.record).clone();
-        let (_, status) = self.leader_status(&record, deadline).await?;
         let ControlAnswer::Status { voters, learners, .. } = status else {
             return Err(VolumeError::Unavailable(
                 "the leader answered a status query with something else".into(),

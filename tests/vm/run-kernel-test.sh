@@ -10,7 +10,8 @@
 #      sha256 with debugfs: the kernel's writes are really in raftblkd's store
 #   5. guest: tests/vm/fio-verify.sh (fio io_uring randwrite QD32 with a crc32c
 #      verify, a sequential read, a clean dmesg)
-#   6. print the guest's timings
+#   6. guest: tests/vm/ublk-check.sh (ublk_drv loaded, /dev/ublk-control present)
+#   7. print the guest's timings
 #
 # Exit: 0 passed; 77 skipped (QEMU cannot run here and not CI); anything else failed.
 # Env: FIO_RUNTIME (default 5), KEEP_WORK=1, RAFTBLK_VM_CACHE (the guest's cache).
@@ -143,6 +144,9 @@ rm -f "$work/kvol.img"
 
 # 5. fio with verification through the kernel client
 run_vm fio-verify --export smoke --env "FIO_RUNTIME=$fio_runtime" -- "$root/tests/vm/fio-verify.sh"
+
+# 6. the guest's ublk driver, for the ublk front end's tests
+run_vm ublk-check -- "$root/tests/vm/ublk-check.sh"
 
 stop_daemon
 echo "=== kernel NBD client timings"

@@ -215,7 +215,7 @@ impl SealedFile {
         // confirmation covers its own seqs only.
         let mut doubted = header.doubted.clone();
         if !header.clean {
-            doubted.add(header.seq_confirmed + 1, seq_start);
+            doubted.add(header.seq_confirmed.saturating_add(1), seq_start);
         }
         let fresh = Header {
             generation: header.generation,

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs, and only what is missing (idempotent):
 #   - Debian packages: fio, libnbd-bin (nbdinfo, nbdcopy, nbdsh), python3-libnbd,
-#     nbdkit, qemu-utils (qemu-io, qemu-img), iproute2, tcpdump (peer traffic captures)
+#     nbdkit, qemu-utils (qemu-io, qemu-img), iproute2, tcpdump (peer traffic captures),
+#     python3-venv (deploy/kubernetes/validate.sh's venv for kubernetes-validate),
+#     protobuf-compiler (protoc, to check daemon/src/csi/csi.v1.rs against daemon/proto/csi.proto)
 #   - cargo-fuzz, when a nightly toolchain is installed
 # `apt-get update` runs at most once, and only when a package is missing.
 # Every install uses --no-remove: on these machines qemu-utils may come from
@@ -9,7 +11,7 @@
 # would silently remove it (tests/vm/guest handles qemu-system-x86 the same way).
 set -euo pipefail
 
-packages=(fio libnbd-bin python3-libnbd nbdkit qemu-utils iproute2 tcpdump)
+packages=(fio libnbd-bin python3-libnbd nbdkit qemu-utils iproute2 tcpdump python3-venv protobuf-compiler)
 
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'

@@ -3,10 +3,11 @@
 #   1. install test dependencies (scripts/install-test-deps.sh)
 #   2. cargo fmt --check
 #   3. cargo clippy -D warnings (all targets)
-#   4. cargo build (all targets: benches and fuzz-free crates compile)
-#   5. cargo test --workspace (unit + integration against real raftblkd processes)
-#   6. a short fuzz run of every cargo-fuzz target (needs nightly; skipped otherwise)
-#   7. the real Linux kernel NBD client in a VM (tests/vm/run-kernel-test.sh)
+#   4. the Kubernetes manifests, offline (deploy/kubernetes/validate.sh)
+#   5. cargo build (all targets: benches and fuzz-free crates compile)
+#   6. cargo test --workspace (unit + integration against real raftblkd processes)
+#   7. a short fuzz run of every cargo-fuzz target (needs nightly; skipped otherwise)
+#   8. the real Linux kernel NBD client in a VM (tests/vm/run-kernel-test.sh)
 # Stops at the first failure and prints a summary either way.
 # Environment: FUZZ_SECONDS (default 20) per fuzz target; SKIP_FUZZ=1, SKIP_VM=1
 # to leave those steps out locally (never in CI).
@@ -96,6 +97,7 @@ kernel_test() {
 step "install test dependencies" scripts/install-test-deps.sh
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy -D warnings" cargo clippy --workspace --all-targets -- -D warnings
+step "Kubernetes manifests (deploy/kubernetes/validate.sh)" deploy/kubernetes/validate.sh
 step "cargo build --all-targets" cargo build --workspace --all-targets
 # The build above made target/debug/raftblkd and raftblk; the integration tests use them as they are.
 cargo_test() {

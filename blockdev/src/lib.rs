@@ -13,6 +13,7 @@
 //! byte stores (the data file of a `SealedFile`, and a model for tests).
 
 pub mod backend;
+pub mod kernel_nbd;
 pub mod nbd;
 pub mod seal;
 pub mod store;

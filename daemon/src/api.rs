@@ -12,6 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::attach::{Attacher, AttachmentError};
 use crate::cluster::JoinError;
 use crate::membership::{JoinRequest, Membership};
 use crate::metrics::Metrics;
@@ -30,6 +31,8 @@ pub struct ApiState {
     pub fault_injection: bool,
     /// The cluster membership (`None` when the node runs alone).
     pub cluster: Option<Arc<Membership>>,
+    /// The node's kernel attachments.
+    pub attacher: Arc<Attacher>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +191,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/scrub", post(scrub_start).get(scrub_status))
         .route("/v1/volumes/{name}/transfer-leader", post(transfer_leader))
         .route("/v1/volumes/{name}/replicas", post(replicas))
+        .route("/v1/volumes/{name}/attach", post(attach))
+        .route("/v1/attachments", get(attachments))
+        .route("/v1/detach", post(detach))
         .route("/v1/cluster/join", post(join))
         .route("/v1/nodes", get(nodes))
         .route("/v1/catalog", get(catalog))
@@ -198,7 +204,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
-                message: "no such endpoint; see /v1/volumes, /v1/nodes, /v1/node, /v1/cluster/join, /metrics, /healthz"
+                message: "no such endpoint; see /v1/volumes, /v1/attachments, /v1/nodes, /v1/node, /v1/cluster/join, /metrics, /healthz"
                     .into(),
             }
         })
@@ -276,6 +282,75 @@ async fn resize(
     let req: ResizeRequest = parse_json(&body, r#"{"size": "20G"}"#)?;
     let size = req.size.bytes()?;
     Ok(Json(s.volumes.resize(&name, size).await?).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachRequest {
+    #[serde(default)]
+    read_only: bool,
+    /// The attachment generation the device writes with (from ControllerPublish).
+    #[serde(default)]
+    generation: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetachRequest {
+    /// A volume name or a device (`/dev/nbd3`, `nbd3`).
+    target: String,
+    #[serde(default)]
+    force: bool,
+}
+
+impl From<AttachmentError> for ApiError {
+    fn from(e: AttachmentError) -> Self {
+        use raftblk_blockdev::kernel_nbd::AttachError;
+        let status = match &e {
+            AttachmentError::Volume(_) | AttachmentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AttachmentError::Conflict(_) | AttachmentError::Busy(_) => StatusCode::CONFLICT,
+            AttachmentError::Kernel(AttachError::NoDriver) => StatusCode::NOT_IMPLEMENTED,
+            AttachmentError::Kernel(_) | AttachmentError::Record(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError { status, message: e.to_string() }
+    }
+}
+
+/// An attachment as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AttachmentView {
+    /// `/dev/nbdN`.
+    pub device: String,
+    /// The record.
+    #[serde(flatten)]
+    pub attachment: crate::attach::Attachment,
+}
+
+fn view(a: crate::attach::Attachment) -> AttachmentView {
+    AttachmentView { device: a.device(), attachment: a }
+}
+
+async fn attach(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: AttachRequest = if body.is_empty() {
+        AttachRequest::default()
+    } else {
+        parse_json(&body, r#"{"read_only": false}"#)?
+    };
+    let a = s.attacher.attach(&name, req.read_only, req.generation).await?;
+    Ok(Json(view(a)).into_response())
+}
+
+async fn attachments(State(s): State<Arc<ApiState>>) -> Json<Vec<AttachmentView>> {
+    Json(s.attacher.list().await.into_iter().map(view).collect())
+}
+
+async fn detach(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    let req: DetachRequest = parse_json(&body, r#"{"target": "/dev/nbd0"}"#)?;
+    Ok(Json(view(s.attacher.detach(&req.target, req.force).await?)).into_response())
 }
 
 #[derive(Debug, Deserialize)]

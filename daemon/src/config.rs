@@ -188,6 +188,35 @@ pub struct SecurityConfig {
     pub kek_file: PathBuf,
 }
 
+/// Kernel attach (`raftblk volume attach`): timeouts the kernel NBD client is configured with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachConfig {
+    /// Seconds before the kernel resends a request that got no answer.
+    #[serde(default = "default_request_timeout_s")]
+    pub request_timeout_s: u64,
+    /// Seconds an attached device queues its I/O while this daemon is away (restart, upgrade).
+    #[serde(default = "default_dead_conn_timeout_s")]
+    pub dead_conn_timeout_s: u64,
+}
+
+fn default_request_timeout_s() -> u64 {
+    60
+}
+
+fn default_dead_conn_timeout_s() -> u64 {
+    600
+}
+
+impl Default for AttachConfig {
+    fn default() -> Self {
+        AttachConfig {
+            request_timeout_s: default_request_timeout_s(),
+            dead_conn_timeout_s: default_dead_conn_timeout_s(),
+        }
+    }
+}
+
 /// Async runtime settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -235,6 +264,9 @@ pub struct Config {
     /// Encryption keys.
     #[serde(default)]
     pub security: SecurityConfig,
+    /// Kernel attach.
+    #[serde(default)]
+    pub attach: AttachConfig,
     /// Logging.
     pub log: LogConfig,
     /// Volumes made on first start.
@@ -497,6 +529,14 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "storage.ring_threads",
                 message: format!("{} is out of range; use 1 to 16", self.storage.ring_threads),
+            });
+        }
+        if self.attach.request_timeout_s == 0 {
+            // 0 would make the kernel wait forever for a request in flight when the daemon died.
+            return Err(ConfigError::Invalid {
+                key: "attach.request_timeout_s",
+                message: "0 would leave requests in flight at a restart waiting forever; use 1 or more"
+                    .into(),
             });
         }
         let c = &self.cluster;

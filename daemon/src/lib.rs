@@ -12,13 +12,17 @@
 //! Every volume's copy is a sealed file (checksums, and for encrypted volumes AES-256-GCM,
 //! see `raftblk_blockdev::seal`); [`keys`] holds the key-encryption keys that unwrap
 //! encrypted volumes' data keys, and the node's nonce reservation.
+//! [`attach`] serves volumes to the kernel's own NBD client as local `/dev/nbdN` devices
+//! and keeps them served across restarts of this daemon.
 //! `raftblk` (the CLI) is a thin HTTP client of the same API.
 
 pub mod api;
+pub mod attach;
 pub mod catalog;
 pub mod cluster;
 pub mod cluster_catalog;
 pub mod config;
+pub mod csi;
 pub mod devcluster;
 pub mod healer;
 pub mod keys;

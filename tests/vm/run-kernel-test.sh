@@ -11,7 +11,10 @@
 #   5. guest: tests/vm/fio-verify.sh (fio io_uring randwrite QD32 with a crc32c
 #      verify, a sequential read, a clean dmesg)
 #   6. guest: tests/vm/ublk-check.sh (ublk_drv loaded, /dev/ublk-control present)
-#   7. print the guest's timings
+#   7. guest: tests/vm/attach-restart.sh (raftblkd and raftblk inside the guest: `volume
+#      attach` over netlink, ext4 mounted, SIGKILL and SIGTERM restarts under fio verify
+#      with no I/O error, online grow with resize2fs, detach refused while mounted)
+#   8. print the guest's timings
 #
 # Exit: 0 passed; 77 skipped (QEMU cannot run here and not CI); anything else failed.
 # Env: FIO_RUNTIME (default 5), KEEP_WORK=1, RAFTBLK_VM_CACHE (the guest's cache).
@@ -105,7 +108,7 @@ run_vm() {   # run_vm LABEL guest-args...
     echo "=== guest: $label"
     "$guest" -q --log "$work/$label.log" --timeout 600 --host-port "$nbd_port" "$@" || rc=$?
     timings+=("$label: guest exit $rc, $((SECONDS - t0))s wall")
-    grep -aE 'GUEST-(TIME|FIO)|checksums ok|PASS|device size|size:' "$work/$label.log" | tr -d '\r' | sed "s/^/  [$label] /" || true
+    grep -aE 'GUEST-(TIME|FIO)|ATTACH-|checksums ok|PASS|device size|size:' "$work/$label.log" | tr -d '\r' | sed "s/^/  [$label] /" || true
     if ((rc != 0)); then
         echo "guest $label failed with exit $rc (124 = host timeout, 125 = VM/infra failure)" >&2
         return "$rc"
@@ -147,6 +150,10 @@ run_vm fio-verify --export smoke --env "FIO_RUNTIME=$fio_runtime" -- "$root/test
 
 # 6. the guest's ublk driver, for the ublk front end's tests
 run_vm ublk-check -- "$root/tests/vm/ublk-check.sh"
+
+# 7. the daemon's own kernel attach, inside the guest: ext4 on /dev/nbdN survives SIGKILL
+#    and SIGTERM restarts of raftblkd under fio verify, then grows online
+run_vm attach-restart --mem 2048 --bin "$raftblkd" --bin "$raftblk" -- "$root/tests/vm/attach-restart.sh"
 
 stop_daemon
 echo "=== kernel NBD client timings"

@@ -68,6 +68,34 @@ impl std::fmt::Debug for NbdServer {
     }
 }
 
+/// An export opened by [`NbdServer::open_direct`], not yet served.
+pub struct DirectSession {
+    negotiated: Negotiated,
+}
+
+impl DirectSession {
+    /// The export size to configure the client with.
+    pub fn size_bytes(&self) -> u64 {
+        self.negotiated.size_bytes
+    }
+
+    /// The transmission flags to configure the client with.
+    pub fn transmission_flags(&self) -> u16 {
+        self.negotiated.transmission_flags
+    }
+
+    /// The export's backend (its size may grow while it is served).
+    pub fn backend(&self) -> Arc<dyn BlockBackend> {
+        Arc::clone(&self.negotiated.export.backend)
+    }
+}
+
+impl std::fmt::Debug for DirectSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.negotiated.fmt(f)
+    }
+}
+
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
@@ -122,6 +150,50 @@ impl NbdServer {
     /// Like [`NbdServer::serve_tcp`], on a Unix socket.
     pub async fn serve_unix(&self, listener: UnixListener, shutdown: CancellationToken) -> io::Result<()> {
         self.serve(Listener::Unix(listener), shutdown).await
+    }
+
+    /// Opens `name` for a connection whose client skips the handshake: the kernel's NBD
+    /// client configured over netlink (see [`crate::kernel_nbd`]), which needs the size and
+    /// transmission flags this returns. Simple replies only, as that client expects.
+    pub fn open_direct(&self, name: &str, read_only: bool) -> Result<DirectSession, super::OpenError> {
+        let mut export = self.catalog.open(name)?;
+        export.read_only |= read_only;
+        let size_bytes = export.backend.size_bytes();
+        let transmission_flags =
+            super::handshake::transmission_flags_for(export.read_only, export.multi_conn, false);
+        let policy = super::request::TransmissionPolicy {
+            read_only: export.read_only,
+            structured_replies: false,
+            base_allocation: None,
+        };
+        Ok(DirectSession {
+            negotiated: Negotiated {
+                export_name: name.to_owned(),
+                export,
+                size_bytes,
+                transmission_flags,
+                policy,
+            },
+        })
+    }
+
+    /// Serves an opened [`DirectSession`] on `stream` (already in the transmission phase)
+    /// until the client hangs up or `shutdown` is cancelled (in-flight requests finish first).
+    pub async fn serve_direct(
+        &self,
+        session: DirectSession,
+        stream: UnixStream,
+        shutdown: CancellationToken,
+        peer: String,
+    ) {
+        let (r, w) = stream.into_split();
+        info!(%peer, export = %session.negotiated.export_name, "NBD transmission started (kernel attach)");
+        let result = transmission(session.negotiated, r, w, BytesMut::new(), shutdown, &peer).await;
+        match result {
+            Ok(()) => info!(%peer, "NBD connection closed"),
+            Err(ConnectionError::Io(e)) => info!(%peer, error = %e, "NBD connection closed"),
+            Err(e) => warn!(%peer, error = %e, "NBD connection closed abnormally"),
+        }
     }
 
     async fn serve(&self, listener: Listener, shutdown: CancellationToken) -> io::Result<()> {

@@ -189,6 +189,25 @@ enum VolumeCommand {
         /// New size, e.g. 20G
         size: String,
     },
+    /// Attach a volume as a local kernel block device (/dev/nbdN), served by this node's
+    /// raftblkd; it stays attached across restarts of the daemon
+    Attach {
+        /// Volume name
+        name: String,
+        /// Attach read-only (writes fail with EPERM)
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Detach a volume's local kernel device (refused while it is mounted, unless --force)
+    Detach {
+        /// Volume name or device (/dev/nbd0)
+        target: String,
+        /// Detach even while mounted (its file system then gets I/O errors)
+        #[arg(long)]
+        force: bool,
+    },
+    /// List this node's kernel attachments
+    Attachments,
     /// Delete a volume and its data
     #[command(alias = "rm")]
     Delete {
@@ -461,6 +480,47 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
                 Some(json!({"size": bytes})),
             )?;
             show_one(cli, v, "resized")?;
+        }
+        VolumeCommand::Attach { name, read_only } => {
+            let v = client.call(
+                "POST",
+                &format!("/v1/volumes/{}/attach", path_segment(name)?),
+                Some(json!({"read_only": read_only})),
+            )?;
+            if cli.json {
+                println!("{v:#}");
+            } else {
+                println!("{}", v["device"].as_str().unwrap_or("?"));
+            }
+        }
+        VolumeCommand::Detach { target, force } => {
+            let v = client.call("POST", "/v1/detach", Some(json!({"target": target, "force": force})))?;
+            if cli.json {
+                println!("{v:#}");
+            } else {
+                println!(
+                    "detached {} ({})",
+                    v["volume"].as_str().unwrap_or("?"),
+                    v["device"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        VolumeCommand::Attachments => {
+            let v = client.call("GET", "/v1/attachments", None)?;
+            if cli.json {
+                println!("{v:#}");
+            } else {
+                println!("{:<12} {:<20} {:<10} {:>10}", "DEVICE", "VOLUME", "MODE", "GENERATION");
+                for a in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<12} {:<20} {:<10} {:>10}",
+                        a["device"].as_str().unwrap_or("?"),
+                        a["volume"].as_str().unwrap_or("?"),
+                        if a["read_only"].as_bool().unwrap_or(false) { "ro" } else { "rw" },
+                        a["generation"].as_u64().unwrap_or(0)
+                    );
+                }
+            }
         }
         VolumeCommand::AddReplica { name, node } => {
             let v = client.call(

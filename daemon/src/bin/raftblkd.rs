@@ -199,6 +199,20 @@ async fn run(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen for the API on {}", config.api.listen))?;
 
+    let attacher = raftblk_daemon::attach::Attacher::new(
+        nbd.clone(),
+        volumes.clone(),
+        &config.data_dir,
+        raftblk_daemon::attach::AttachTiming {
+            request_timeout_s: config.attach.request_timeout_s,
+            dead_conn_timeout_s: config.attach.dead_conn_timeout_s,
+        },
+        shutdown.clone(),
+    );
+    // Devices attached before a restart are queued in the kernel: serve them again first.
+    if let Err(e) = attacher.restore().await {
+        tracing::error!(error = %e, "kernel devices attached before this start are not served");
+    }
     let state = Arc::new(ApiState {
         volumes: volumes.clone(),
         metrics: metrics.clone(),
@@ -217,6 +231,7 @@ async fn run(config: Config) -> Result<()> {
         },
         fault_injection: config.cluster.fault_injection,
         cluster: replication.as_ref().map(|_| membership.clone()),
+        attacher: attacher.clone(),
     });
     let api_shutdown = shutdown.clone();
     let api_task = tokio::spawn(async move {
@@ -251,6 +266,9 @@ async fn run(config: Config) -> Result<()> {
         Ok(r) => r?,
         Err(_) => tracing::warn!("in-flight requests did not finish within {SHUTDOWN_DRAIN_TIMEOUT:?}"),
     }
+    // Attached devices' in-flight requests are answered; the kernel queues the rest for
+    // the next start (the devices stay configured).
+    attacher.join().await;
     if let Some(t) = sync_task {
         let _ = t.await;
     }

@@ -30,6 +30,9 @@ pub enum BackendError {
     /// The volume does not accept writes.
     #[error("volume is read-only")]
     ReadOnly,
+    /// This writer's attachment was fenced out: another node has taken the volume over.
+    #[error("attachment generation {generation} is fenced out (the volume's fence is {fence}): another node has taken the volume over")]
+    Fenced { generation: u64, fence: u64 },
     /// The operation cannot be done (quickly) by this backend.
     #[error("operation not supported by this backend")]
     NotSupported,
@@ -52,7 +55,7 @@ impl BackendError {
     pub fn errno(&self) -> i32 {
         match self {
             BackendError::OutOfRange { .. } => libc::EINVAL,
-            BackendError::ReadOnly => libc::EPERM,
+            BackendError::ReadOnly | BackendError::Fenced { .. } => libc::EPERM,
             BackendError::NotSupported => libc::ENOTSUP,
             BackendError::NoSpace => libc::ENOSPC,
             BackendError::ShuttingDown => libc::ESHUTDOWN,

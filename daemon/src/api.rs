@@ -159,6 +159,7 @@ impl From<VolumeError> for ApiError {
         let status = match &e {
             VolumeError::Invalid(_) => StatusCode::BAD_REQUEST,
             VolumeError::NotFound(_) => StatusCode::NOT_FOUND,
+            VolumeError::NoPlacement(_) => StatusCode::INSUFFICIENT_STORAGE,
             VolumeError::Exists(_) | VolumeError::InUse { .. } => StatusCode::CONFLICT,
             VolumeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             VolumeError::Catalog(_) | VolumeError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -193,6 +194,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/replicas", post(replicas))
         .route("/v1/volumes/{name}/attach", post(attach))
         .route("/v1/attachments", get(attachments))
+        .route("/v1/volumes/{name}/publish", post(publish))
+        .route("/v1/volumes/{name}/unpublish", post(unpublish))
         .route("/v1/detach", post(detach))
         .route("/v1/cluster/join", post(join))
         .route("/v1/nodes", get(nodes))
@@ -342,6 +345,59 @@ async fn attach(
     };
     let a = s.attacher.attach(&name, req.read_only, req.generation).await?;
     Ok(Json(view(a)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    node: u64,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnpublishBody {
+    node: u64,
+}
+
+impl From<crate::volumes::PublishError> for ApiError {
+    fn from(e: crate::volumes::PublishError) -> Self {
+        use crate::publish::PublishRefusal;
+        use crate::volumes::PublishError;
+        match e {
+            PublishError::Volume(v) => v.into(),
+            PublishError::Refused(r) => {
+                let status = match r {
+                    PublishRefusal::OtherMode { .. } => StatusCode::CONFLICT,
+                    _ => StatusCode::PRECONDITION_FAILED,
+                };
+                ApiError { status, message: r.to_string() }
+            }
+        }
+    }
+}
+
+async fn publish(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: PublishBody = parse_json(&body, r#"{"node": 2, "read_only": false}"#)?;
+    let req = crate::publish::PublishRequest { node: req.node, read_only: req.read_only, force: req.force };
+    Ok(Json(s.volumes.publish(&name, req).await?).into_response())
+}
+
+async fn unpublish(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: UnpublishBody = parse_json(&body, r#"{"node": 2}"#)?;
+    s.volumes.unpublish(&name, req.node).await?;
+    Ok(Json(serde_json::json!({ "unpublished": name, "node": req.node })).into_response())
 }
 
 async fn attachments(State(s): State<Arc<ApiState>>) -> Json<Vec<AttachmentView>> {

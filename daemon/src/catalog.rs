@@ -62,6 +62,13 @@ pub struct VolumeRecord {
     /// the volume is degraded until they are repaired or replaced.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub damaged_copies: Vec<u64>,
+    /// The nodes the volume is published to (CSI ControllerPublish): who may attach it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publications: Vec<crate::publish::Publication>,
+    /// The newest read-write attachment generation handed out: writes from attachments of
+    /// an older generation are refused (the fence; 0: never published).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fence: u64,
 }
 
 fn is_zero(v: &u64) -> bool {

@@ -29,6 +29,7 @@ pub mod keys;
 pub mod membership;
 pub mod metrics;
 pub mod nodes;
+pub mod publish;
 pub mod scrub;
 pub mod size;
 pub mod volumes;

@@ -74,6 +74,13 @@ pub struct DirectSession {
 }
 
 impl DirectSession {
+    /// Serves through `wrap(backend)` instead (e.g. a fence on writes).
+    pub fn wrap_backend(mut self, wrap: impl FnOnce(Arc<dyn BlockBackend>) -> Arc<dyn BlockBackend>) -> Self {
+        let inner = Arc::clone(&self.negotiated.export.backend);
+        self.negotiated.export.backend = wrap(inner);
+        self
+    }
+
     /// The export size to configure the client with.
     pub fn size_bytes(&self) -> u64 {
         self.negotiated.size_bytes

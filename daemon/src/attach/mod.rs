@@ -11,6 +11,7 @@
 //! decides how from what the kernel reports. The supervisor also passes a grown volume's
 //! size to the kernel (RECONFIGURE with the new size), so a mounted file system can grow.
 
+pub mod fence;
 pub mod plan;
 pub mod record;
 
@@ -203,7 +204,14 @@ impl Attacher {
         }
         let status = self.volumes.status(name).map_err(|e| AttachmentError::Volume(e.to_string()))?;
         // Open first so an unservable volume (locked, say) fails before the kernel is touched.
-        let session = self.server.open_direct(name, read_only).map_err(open_error)?;
+        let probe = Attachment {
+            volume: name.to_string(),
+            uuid: status.uuid.clone(),
+            index: 0,
+            read_only,
+            generation,
+        };
+        let mut session = Some(self.open(&probe)?);
         let taken: Vec<u32> = live.iter().map(|l| l.record.index).collect();
         let kernel = netlink(|nl| nl.status(None)).await?;
         let mut last_error = None;
@@ -221,7 +229,11 @@ impl Attacher {
             all.push(record.clone());
             self.file.store(&all)?;
             let (kernel_end, server_end) = kernel_nbd::socket_pair()?;
-            let config = self.device_config(&record, session.size_bytes(), session.transmission_flags());
+            let opened = match session.take() {
+                Some(s) => s,
+                None => self.open(&record)?,
+            };
+            let config = self.device_config(&record, opened.size_bytes(), opened.transmission_flags());
             let connected =
                 netlink(move |nl| nl.connect(&config, std::os::fd::AsFd::as_fd(&kernel_end)).map(drop)).await;
             match connected {
@@ -231,7 +243,7 @@ impl Attacher {
                     let task = tokio::spawn(Arc::clone(self).supervise(
                         record.clone(),
                         stop.clone(),
-                        Some((session, server_end)),
+                        Some((opened, server_end)),
                     ));
                     live.push(Live { record: record.clone(), stop, task });
                     return Ok(record);
@@ -330,7 +342,7 @@ impl Attacher {
         &self,
         record: &Attachment,
     ) -> Result<(raftblk_blockdev::nbd::DirectSession, tokio::net::UnixStream), AttachmentError> {
-        let session = self.server.open_direct(&record.volume, record.read_only).map_err(open_error)?;
+        let session = self.open(record)?;
         let (kernel_end, server_end) = kernel_nbd::socket_pair()?;
         let config = self.device_config(record, session.size_bytes(), session.transmission_flags());
         netlink(move |nl| nl.connect(&config, std::os::fd::AsFd::as_fd(&kernel_end)).map(drop)).await?;
@@ -393,7 +405,7 @@ impl Attacher {
         &self,
         record: &Attachment,
     ) -> Result<(raftblk_blockdev::nbd::DirectSession, tokio::net::UnixStream), AttachmentError> {
-        let session = self.server.open_direct(&record.volume, record.read_only).map_err(open_error)?;
+        let session = self.open(record)?;
         let (kernel_end, server_end) = kernel_nbd::socket_pair()?;
         let (index, backend) = (record.index, record.backend());
         let size = session.size_bytes();
@@ -403,6 +415,20 @@ impl Attacher {
         .await?;
         tracing::info!(volume = %record.volume, device = %record.device(), "device reattached (RECONFIGURE)");
         Ok((session, server_end))
+    }
+}
+
+impl Attacher {
+    /// Opens the volume for a device of `record`, its writes fenced by its generation.
+    fn open(&self, record: &Attachment) -> Result<raftblk_blockdev::nbd::DirectSession, AttachmentError> {
+        let session = self.server.open_direct(&record.volume, record.read_only).map_err(open_error)?;
+        if record.generation == 0 {
+            return Ok(session);
+        }
+        let (volumes, name) = (Arc::clone(&self.volumes), record.volume.clone());
+        let source: fence::FenceSource = Arc::new(move || volumes.fence(&name));
+        let generation = record.generation;
+        Ok(session.wrap_backend(|inner| Arc::new(fence::FencedBackend::new(inner, generation, source))))
     }
 }
 

@@ -8,8 +8,11 @@
 //! committed to the cluster catalog first ([`crate::cluster_catalog`]); nodes follow it
 //! (and take pushes of committed records, [`crate::cluster`]).
 
+mod publishing;
 mod rekey;
 mod scrubbing;
+
+pub use publishing::PublishError;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,6 +55,9 @@ pub enum VolumeError {
     /// No such volume.
     #[error("no volume named {0:?}; `raftblk volume list` shows the volumes")]
     NotFound(String),
+    /// Not enough nodes (or zones) can take the copies asked for.
+    #[error("{0}")]
+    NoPlacement(String),
     /// The name is taken.
     #[error("a volume named {0:?} already exists; pick another name or delete it first")]
     Exists(String),
@@ -640,7 +646,7 @@ impl VolumeManager {
         }
         let Some(node) = &self.replication else {
             if replicas > 0 {
-                return Err(VolumeError::Invalid(format!(
+                return Err(VolumeError::NoPlacement(format!(
                     "replicas={replicas} needs {} nodes, but this node runs alone (no cluster.peers); use replicas=0 or start a cluster (raftblk dev-cluster)",
                     replicas + 1
                 )));
@@ -654,14 +660,14 @@ impl VolumeManager {
                 &[],
                 Some(node.node_id().0),
             )
-            .map_err(|why| VolumeError::Invalid(format!("cannot place replicas={replicas}: {why}")));
+            .map_err(|why| VolumeError::NoPlacement(format!("cannot place replicas={replicas}: {why}")));
         }
         let me = node.node_id().0;
         let mut ids = node.peer_ids();
         ids.push(me);
         ids.sort_unstable();
         if replicas as usize + 1 > ids.len() {
-            return Err(VolumeError::Invalid(format!(
+            return Err(VolumeError::NoPlacement(format!(
                 "replicas={replicas} needs {} nodes holding a copy each, but the cluster has {}; use replicas={} or add nodes",
                 replicas + 1,
                 ids.len(),

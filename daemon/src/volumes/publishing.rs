@@ -1,0 +1,81 @@
+//! CSI ControllerPublish/Unpublish on a volume's record: the publications and the fence
+//! (see [`crate::publish`]) change like any other field of the record, compare-and-set on
+//! its generation through the cluster catalog, so every node sees one answer.
+
+use std::time::Instant;
+
+use super::{lock, VolumeError, VolumeManager};
+use crate::cluster::ControlMessage;
+use crate::publish::{self, Publication, PublishRefusal, PublishRequest, Published};
+
+/// Why a publish failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The rules refused it.
+    #[error("{0}")]
+    Refused(#[from] PublishRefusal),
+    /// The volume or the catalog failed.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+}
+
+impl VolumeManager {
+    /// Publishes `name` to a node; answers the caller's publication (its generation goes
+    /// into the attach request of that node).
+    pub async fn publish(&self, name: &str, req: PublishRequest) -> Result<Publication, PublishError> {
+        let _control = self.control.lock().await;
+        let v = self.get(name)?;
+        let mut record = lock(&v.record).clone();
+        let now = Instant::now();
+        let dead = |node: u64| {
+            self.nodes.get().is_some_and(|d| d.table.liveness(node, now) == crate::nodes::Liveness::Dead)
+        };
+        let Published { publications, fence, mine, fenced_out, changed } =
+            publish::publish(&record.publications, record.fence, record.read_only, req, dead)?;
+        if !changed {
+            return Ok(mine);
+        }
+        record.publications = publications;
+        record.fence = fence;
+        record.generation += 1;
+        self.commit_change(&record, record.generation - 1).await?;
+        self.catalog.update(&record).map_err(VolumeError::from)?;
+        *lock(&v.record) = record.clone();
+        tracing::info!(
+            volume = name,
+            node = req.node,
+            read_only = req.read_only,
+            generation = mine.generation,
+            ?fenced_out,
+            "volume published"
+        );
+        let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
+        Ok(mine)
+    }
+
+    /// Removes a node's publication of `name` (idempotent).
+    pub async fn unpublish(&self, name: &str, node: u64) -> Result<(), VolumeError> {
+        let _control = self.control.lock().await;
+        let v = self.get(name)?;
+        let mut record = lock(&v.record).clone();
+        let Some(publications) = publish::unpublish(&record.publications, node) else { return Ok(()) };
+        record.publications = publications;
+        record.generation += 1;
+        self.commit_change(&record, record.generation - 1).await?;
+        self.catalog.update(&record)?;
+        *lock(&v.record) = record.clone();
+        tracing::info!(volume = name, node, "volume unpublished");
+        let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
+        Ok(())
+    }
+
+    /// The volume's fence as this node knows it (`None`: no such volume here).
+    pub fn fence(&self, name: &str) -> Option<u64> {
+        self.get(name).ok().map(|v| lock(&v.record).fence)
+    }
+
+    /// The volume's publications as this node knows it.
+    pub fn publications(&self, name: &str) -> Result<Vec<Publication>, VolumeError> {
+        Ok(lock(&self.get(name)?.record).publications.clone())
+    }
+}

@@ -576,7 +576,7 @@ mod tests {
             assert_eq!(serde_json::from_slice::<ControlMessage>(&bytes).unwrap(), m);
         }
         let a = ControlAnswer::Catalog {
-            outcome: crate::cluster_catalog::op::Outcome::Conflict { current: Some(record) },
+            outcome: crate::cluster_catalog::op::Outcome::Conflict { current: Some(Box::new(record)) },
             index: 12,
         };
         assert_eq!(serde_json::from_slice::<ControlAnswer>(&serde_json::to_vec(&a).unwrap()).unwrap(), a);

@@ -229,7 +229,7 @@ impl CatalogMachine {
                         _ => false,
                     };
                 if !ok {
-                    return Ok(Outcome::Conflict { current });
+                    return Ok(Outcome::Conflict { current: current.map(Box::new) });
                 }
                 o.set(volume_key(&record.name), Some(serde_json::to_vec(&record).map_err(err)?));
                 Ok(Outcome::Applied)
@@ -242,7 +242,7 @@ impl CatalogMachine {
                         o.set(volume_key(&name), None);
                         Ok(Outcome::Applied)
                     }
-                    other => Ok(Outcome::Conflict { current: other }),
+                    other => Ok(Outcome::Conflict { current: other.map(Box::new) }),
                 }
             }
             CatalogOp::SetNodeAdmin { node, state } => {
@@ -416,7 +416,7 @@ mod tests {
         // Two creates of one name in one entry: the first wins, the second sees it.
         m.apply(1, &[put(10, &a, None), put(11, &b, None)]).unwrap();
         assert_eq!(m.take_outcome(10), Some(Outcome::Applied));
-        assert_eq!(m.take_outcome(11), Some(Outcome::Conflict { current: Some(a.clone()) }));
+        assert_eq!(m.take_outcome(11), Some(Outcome::Conflict { current: Some(Box::new(a.clone())) }));
         assert_eq!(m.take_outcome(10), None, "an outcome is taken once");
         // A retried create of the same record conflicts with itself: `holds` says done.
         m.apply(2, &[put(10, &a, None)]).unwrap();

@@ -54,7 +54,7 @@ pub enum Outcome {
     /// The change was made.
     Applied,
     /// The condition did not hold; `current` is the record the name has now (if any).
-    Conflict { current: Option<VolumeRecord> },
+    Conflict { current: Option<Box<VolumeRecord>> },
     /// Nonce counter values `[from, to)` are the proposer's.
     Reserved { from: u64, to: u64 },
 }
@@ -78,7 +78,7 @@ impl Outcome {
     pub fn holds(&self, wanted: &VolumeRecord) -> bool {
         match self {
             Outcome::Applied => true,
-            Outcome::Conflict { current } => current.as_ref() == Some(wanted),
+            Outcome::Conflict { current } => current.as_deref() == Some(wanted),
             Outcome::Reserved { .. } => false,
         }
     }

@@ -212,6 +212,9 @@ pub struct VolumeStatus {
     /// Raft state (cluster mode only).
     #[serde(default)]
     pub replication: Option<ReplicationStatus>,
+    /// The nodes it is published to (CSI ControllerPublish).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publications: Vec<crate::publish::Publication>,
 }
 
 /// What a create asks for.
@@ -740,7 +743,7 @@ impl VolumeManager {
                 o if o.holds(&record) => {}
                 Outcome::Conflict { current: Some(c) } if spec.matches(&c) => {
                     // Idempotent across nodes too: the volume another attempt made.
-                    self.upsert_locked(c, false).await?;
+                    self.upsert_locked(*c, false).await?;
                     drop(_control);
                     return self.status(name);
                 }
@@ -1353,6 +1356,7 @@ impl VolumeManager {
             encrypted: r.encrypted,
             locked: v.locked(),
             replication,
+            publications: r.publications,
         }
     }
 

@@ -5,6 +5,7 @@
 //! The fence is read from this node's copy of the volume record, which follows the
 //! cluster catalog; see ARCHITECTURE.md for what that covers and what it does not.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -19,23 +20,28 @@ pub type FenceSource = Arc<dyn Fn() -> Option<u64> + Send + Sync>;
 /// A backend whose writes carry an attachment generation.
 pub struct FencedBackend {
     inner: Arc<dyn BlockBackend>,
-    generation: u64,
+    /// Shared with the attachment: a newer publication to the same node raises it in place.
+    generation: Arc<AtomicU64>,
     fence: FenceSource,
 }
 
 impl FencedBackend {
-    /// Wraps `inner` for an attachment of `generation`.
-    pub fn new(inner: Arc<dyn BlockBackend>, generation: u64, fence: FenceSource) -> Self {
+    /// Wraps `inner` for an attachment whose generation is `generation`.
+    pub fn new(inner: Arc<dyn BlockBackend>, generation: Arc<AtomicU64>, fence: FenceSource) -> Self {
         FencedBackend { inner, generation, fence }
     }
 
     fn check(&self) -> BackendResult<()> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        if generation == 0 {
+            return Ok(());
+        }
         // A volume this node no longer knows is not written either.
         let fence = (self.fence)().unwrap_or(u64::MAX);
-        if may_write(self.generation, fence) {
+        if may_write(generation, fence) {
             Ok(())
         } else {
-            Err(BackendError::Fenced { generation: self.generation, fence })
+            Err(BackendError::Fenced { generation, fence })
         }
     }
 }
@@ -87,14 +93,14 @@ impl BlockBackend for FencedBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     #[tokio::test]
     async fn writes_stop_once_the_fence_passes_the_generation_reads_go_on() {
         let mem: Arc<dyn BlockBackend> = Arc::new(raftblk_blockdev::store::MemBackend::new(1 << 20));
         let fence = Arc::new(AtomicU64::new(2));
         let f = fence.clone();
-        let b = FencedBackend::new(mem, 2, Arc::new(move || Some(f.load(Ordering::SeqCst))));
+        let generation = Arc::new(AtomicU64::new(2));
+        let b = FencedBackend::new(mem, generation.clone(), Arc::new(move || Some(f.load(Ordering::SeqCst))));
         b.write(0, Bytes::from_static(&[7; 4096]), false).await.expect("generation 2 writes at fence 2");
         fence.store(3, Ordering::SeqCst);
         let e = b.write(0, Bytes::from_static(&[8; 4096]), false).await.expect_err("fenced");
@@ -107,5 +113,8 @@ mod tests {
             &[7; 4096][..],
             "the fenced write changed nothing"
         );
+        // Published again to this node: the same open device writes with the new generation.
+        generation.store(3, Ordering::SeqCst);
+        b.write(0, Bytes::from_static(&[9; 4096]), false).await.expect("generation 3 writes at fence 3");
     }
 }

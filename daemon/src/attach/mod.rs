@@ -82,6 +82,8 @@ pub struct Attacher {
     file: AttachmentFile,
     timing: AttachTiming,
     live: Mutex<Vec<Live>>,
+    /// Each attached volume's current generation, shared with the fences of its sessions.
+    generations: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
     shutdown: CancellationToken,
 }
 
@@ -119,6 +121,7 @@ impl Attacher {
             file: AttachmentFile::new(data_dir),
             timing,
             live: Mutex::new(Vec::new()),
+            generations: std::sync::Mutex::new(std::collections::HashMap::new()),
             shutdown,
         })
     }
@@ -197,6 +200,7 @@ impl Attacher {
                 return Ok(l.record.clone());
             }
             l.record.generation = generation;
+            self.generation_of(&l.record).fetch_max(generation, std::sync::atomic::Ordering::SeqCst);
             let record = l.record.clone();
             let all: Vec<Attachment> = live.iter().map(|l| l.record.clone()).collect();
             self.file.store(&all)?;
@@ -293,6 +297,7 @@ impl Attacher {
         let i = record.index;
         netlink(move |nl| nl.disconnect(i)).await?;
         let l = live.remove(pos);
+        self.generations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&record.volume);
         l.stop.cancel();
         let _ = l.task.await;
         let all: Vec<Attachment> = live.iter().map(|l| l.record.clone()).collect();
@@ -422,13 +427,17 @@ impl Attacher {
     /// Opens the volume for a device of `record`, its writes fenced by its generation.
     fn open(&self, record: &Attachment) -> Result<raftblk_blockdev::nbd::DirectSession, AttachmentError> {
         let session = self.server.open_direct(&record.volume, record.read_only).map_err(open_error)?;
-        if record.generation == 0 {
-            return Ok(session);
-        }
         let (volumes, name) = (Arc::clone(&self.volumes), record.volume.clone());
         let source: fence::FenceSource = Arc::new(move || volumes.fence(&name));
-        let generation = record.generation;
+        let generation = self.generation_of(record);
+        generation.fetch_max(record.generation, std::sync::atomic::Ordering::SeqCst);
         Ok(session.wrap_backend(|inner| Arc::new(fence::FencedBackend::new(inner, generation, source))))
+    }
+
+    /// The shared generation cell of `record`'s volume.
+    fn generation_of(&self, record: &Attachment) -> Arc<std::sync::atomic::AtomicU64> {
+        let mut cells = self.generations.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(cells.entry(record.volume.clone()).or_default())
     }
 }
 

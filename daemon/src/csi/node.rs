@@ -337,10 +337,32 @@ impl Node for NodeService {
             .device_of(&req.volume_id)
             .await?
             .ok_or_else(|| Status::not_found(format!("{} is not attached on this node", req.volume_id)))?;
-        let size = std::fs::read_to_string(format!("/sys/block/{}/size", device.trim_start_matches("/dev/")))
-            .ok()
-            .and_then(|s| s.trim().parse::<i64>().ok())
-            .map_or(0, |sectors| sectors * 512);
+        let sysfs = format!("/sys/block/{}/size", device.trim_start_matches("/dev/"));
+        let device_size = || {
+            std::fs::read_to_string(&sysfs)
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .map_or(0, |s| s * 512)
+        };
+        // raftblkd passes a grown volume's size to the kernel within a second or so; the
+        // file system can only grow once the device has.
+        let volume = self
+            .api
+            .call("GET", format!("/v1/volumes/{}", segment(&req.volume_id)), None)
+            .await
+            .map_err(|e| e.to_status())?;
+        let wanted = volume["size_bytes"].as_i64().unwrap_or(0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while device_size() < wanted {
+            if std::time::Instant::now() > deadline {
+                return Err(Status::unavailable(format!(
+                    "{device} is still {} bytes, the volume {wanted}; retry",
+                    device_size()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let size = device_size();
         let block = req.volume_capability.as_ref().is_some_and(access::is_block);
         if !block {
             match mount_at(&req.volume_path) {

@@ -14,7 +14,10 @@
 #   7. guest: tests/vm/attach-restart.sh (raftblkd and raftblk inside the guest: `volume
 #      attach` over netlink, ext4 mounted, SIGKILL and SIGTERM restarts under fio verify
 #      with no I/O error, online grow with resize2fs, detach refused while mounted)
-#   8. print the guest's timings
+#   8. guest: tests/vm/csi-kernel.sh (daemon/tests/csi_services.rs's kernel test: CSI
+#      NodeStage with mkfs only when empty, restage without mkfs, NodeExpand of a mounted
+#      ext4, a raw block volume, the fence refusing a taken-over node's writes)
+#   9. print the guest's timings
 #
 # Exit: 0 passed; 77 skipped (QEMU cannot run here and not CI); anything else failed.
 # Env: FIO_RUNTIME (default 5), KEEP_WORK=1, RAFTBLK_VM_CACHE (the guest's cache).
@@ -108,7 +111,7 @@ run_vm() {   # run_vm LABEL guest-args...
     echo "=== guest: $label"
     "$guest" -q --log "$work/$label.log" --timeout 600 --host-port "$nbd_port" "$@" || rc=$?
     timings+=("$label: guest exit $rc, $((SECONDS - t0))s wall")
-    grep -aE 'GUEST-(TIME|FIO)|ATTACH-|checksums ok|PASS|device size|size:' "$work/$label.log" | tr -d '\r' | sed "s/^/  [$label] /" || true
+    grep -aE 'GUEST-(TIME|FIO)|ATTACH-|CSI-KERNEL|checksums ok|PASS|device size|size:' "$work/$label.log" | tr -d '\r' | sed "s/^/  [$label] /" || true
     if ((rc != 0)); then
         echo "guest $label failed with exit $rc (124 = host timeout, 125 = VM/infra failure)" >&2
         return "$rc"
@@ -154,6 +157,14 @@ run_vm ublk-check -- "$root/tests/vm/ublk-check.sh"
 # 7. the daemon's own kernel attach, inside the guest: ext4 on /dev/nbdN survives SIGKILL
 #    and SIGTERM restarts of raftblkd under fio verify, then grows online
 run_vm attach-restart --mem 2048 --bin "$raftblkd" --bin "$raftblk" -- "$root/tests/vm/attach-restart.sh"
+
+# 8. the CSI Node service against the guest's kernel (daemon/tests/csi_services.rs's kernel test)
+csi_test=$(cd "$root" && cargo test -p raftblk-daemon --test csi_services --no-run 2>&1 |
+    sed -n 's/.*Executable tests\/csi_services.rs (\(.*\))$/\1/p' | tail -n 1)
+[[ $csi_test == /* ]] || csi_test=$root/$csi_test
+[[ -x $csi_test ]] || { echo "cannot find the csi_services test binary ($csi_test)" >&2; exit 1; }
+run_vm csi-kernel --mem 2048 --bin "$raftblkd" --bin "$csi_test" --env "CSI_TEST=$(basename "$csi_test")" \
+    -- "$root/tests/vm/csi-kernel.sh"
 
 stop_daemon
 echo "=== kernel NBD client timings"

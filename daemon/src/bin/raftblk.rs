@@ -208,6 +208,29 @@ enum VolumeCommand {
     },
     /// List this node's kernel attachments
     Attachments,
+    /// Publish a volume to a node (what CSI ControllerPublish does): read-write is one node
+    /// at a time; the answer's generation fences older attachments' writes
+    Publish {
+        /// Volume name
+        name: String,
+        /// Node id
+        #[arg(long)]
+        node: u64,
+        /// Read-only (many nodes may hold it so)
+        #[arg(long)]
+        read_only: bool,
+        /// Take it over from a live holder (an operator's force-detach; the holder's writes are then refused)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a node's publication of a volume (idempotent)
+    Unpublish {
+        /// Volume name
+        name: String,
+        /// Node id
+        #[arg(long)]
+        node: u64,
+    },
     /// Delete a volume and its data
     #[command(alias = "rm")]
     Delete {
@@ -503,6 +526,34 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
                     v["volume"].as_str().unwrap_or("?"),
                     v["device"].as_str().unwrap_or("?")
                 );
+            }
+        }
+        VolumeCommand::Publish { name, node, read_only, force } => {
+            let v = client.call(
+                "POST",
+                &format!("/v1/volumes/{}/publish", path_segment(name)?),
+                Some(json!({"node": node, "read_only": read_only, "force": force})),
+            )?;
+            if cli.json {
+                println!("{v:#}");
+            } else {
+                println!(
+                    "published {name} to node {node} ({}), generation {}",
+                    if v["read_only"].as_bool().unwrap_or(false) { "read-only" } else { "read-write" },
+                    v["generation"].as_u64().unwrap_or(0)
+                );
+            }
+        }
+        VolumeCommand::Unpublish { name, node } => {
+            let v = client.call(
+                "POST",
+                &format!("/v1/volumes/{}/unpublish", path_segment(name)?),
+                Some(json!({"node": node})),
+            )?;
+            if cli.json {
+                println!("{v:#}");
+            } else {
+                println!("unpublished {name} from node {node}");
             }
         }
         VolumeCommand::Attachments => {

@@ -795,6 +795,8 @@ impl VolumeManager {
                 current.damaged_copies = record.damaged_copies.clone();
                 current.wrapped_keys = record.wrapped_keys.clone();
                 current.labels = record.labels.clone();
+                current.publications = record.publications.clone();
+                current.fence = current.fence.max(record.fence);
                 self.catalog.update(&current)?;
             }
             current.generation = current.generation.max(record.generation);

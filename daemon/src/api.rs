@@ -106,6 +106,9 @@ struct CreateRequest {
     labels: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     encrypted: bool,
+    /// Zones the copies must go to (empty: any).
+    #[serde(default)]
+    zones: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +271,7 @@ async fn create(State(s): State<Arc<ApiState>>, body: Bytes) -> Result<Response,
         replicas: req.replicas,
         labels: req.labels,
         encrypted: req.encrypted,
+        zones: req.zones,
     };
     let status = s.volumes.create(&spec).await?;
     Ok((StatusCode::CREATED, Json(status)).into_response())

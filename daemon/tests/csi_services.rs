@@ -546,7 +546,10 @@ async fn kernel_stage_mkfs_restage_expand_raw_block_and_fence() {
         ..Default::default()
     };
     p.node.node_stage_volume(stage.clone()).await.expect("stage: attach, mkfs, mount");
-    p.node.node_stage_volume(stage.clone()).await.expect("stage again: idempotent");
+    // A restarted plugin (a new process would be the same: it keeps no state) finds the
+    // volume staged: the repeat is answered from the mount table and raftblkd's attachments.
+    let mut p = start_plugin(&daemon.api).await;
+    p.node.node_stage_volume(stage.clone()).await.expect("stage again through a new plugin: idempotent");
     p.node.node_publish_volume(node_publish.clone()).await.expect("publish: bind mount");
     let files: Vec<(PathBuf, Vec<u8>)> = (0..4u8)
         .map(|i| (Path::new(&target).join(format!("f{i}")), pattern(i, 300_000 + usize::from(i) * 4096)))

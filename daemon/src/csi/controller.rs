@@ -200,6 +200,12 @@ impl Controller for ControllerService {
                 "no raftblk node is in the requested zone(s) {topology:?}; nodes are in {zones:?}"
             )));
         }
+        // Copies go to nodes in the requisite zones (every node of the cluster can serve the
+        // volume, but its data then stays where the workload may run).
+        let placement: Vec<String> = requisite_zones(req.accessibility_requirements.as_ref())
+            .into_iter()
+            .filter(|z| zones.contains(z))
+            .collect();
         let reachable: Vec<String> = if topology.is_empty() {
             zones.clone()
         } else {
@@ -211,6 +217,7 @@ impl Controller for ControllerService {
             "replicas": wanted.replicas,
             "encrypted": wanted.encrypted,
             "labels": { "csi.raftblk.io/provisioned": "true" },
+            "zones": placement,
         });
         let created = match self.api.call("POST", "/v1/volumes".into(), Some(body)).await {
             Ok(v) => v,
@@ -527,6 +534,11 @@ fn requested_zones(req: Option<&TopologyRequirement>) -> Vec<String> {
     } else {
         zones
     }
+}
+
+/// Zones a CreateVolume requires (its requisite topologies only).
+fn requisite_zones(req: Option<&TopologyRequirement>) -> Vec<String> {
+    req.map(|r| zones_of(&r.requisite)).unwrap_or_default()
 }
 
 fn requested_zones_of(t: Option<&Topology>) -> Vec<String> {

@@ -232,6 +232,8 @@ pub struct VolumeSpec {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Encrypt the volume's blocks (AES-256-GCM under a data key of its own).
     pub encrypted: bool,
+    /// Zones the copies must be placed in (CSI accessibility requirements); empty: any.
+    pub zones: Vec<String>,
 }
 
 impl VolumeSpec {
@@ -641,7 +643,7 @@ impl VolumeManager {
 
     /// Picks the voters of a new volume: with the node table attached (a running cluster),
     /// by [`crate::nodes::place`]; otherwise this node first, then the next nodes by id.
-    fn place(&self, replicas: u8) -> Result<Vec<u64>, VolumeError> {
+    fn place(&self, replicas: u8, zones: &[String]) -> Result<Vec<u64>, VolumeError> {
         if replicas > REPLICAS_MAX {
             return Err(VolumeError::Invalid(format!(
                 "replicas {replicas} is out of range; use 0 to {REPLICAS_MAX} (extra copies)"
@@ -657,13 +659,14 @@ impl VolumeManager {
             return Ok(Vec::new());
         };
         if let Some(dir) = self.nodes.get() {
-            return crate::nodes::place(
-                &dir.views(&node.peer_ids()),
-                replicas as usize + 1,
-                &[],
-                Some(node.node_id().0),
-            )
-            .map_err(|why| VolumeError::NoPlacement(format!("cannot place replicas={replicas}: {why}")));
+            let mut views = dir.views(&node.peer_ids());
+            if !zones.is_empty() {
+                views.retain(|n| zones.contains(&n.report.zone));
+            }
+            let within = if zones.is_empty() { String::new() } else { format!(" in zones {zones:?}") };
+            return crate::nodes::place(&views, replicas as usize + 1, &[], Some(node.node_id().0)).map_err(
+                |why| VolumeError::NoPlacement(format!("cannot place replicas={replicas}{within}: {why}")),
+            );
         }
         let me = node.node_id().0;
         let mut ids = node.peer_ids();
@@ -683,7 +686,7 @@ impl VolumeManager {
 
     /// Creates a thin volume as `spec` says.
     pub async fn create(&self, spec: &VolumeSpec) -> Result<VolumeStatus, VolumeError> {
-        let VolumeSpec { name, size_bytes, read_only, replicas, labels, encrypted } = spec;
+        let VolumeSpec { name, size_bytes, read_only, replicas, labels, encrypted, zones } = spec;
         let (name, size_bytes, read_only, replicas) = (name.as_str(), *size_bytes, *read_only, *replicas);
         validate_name(name).map_err(VolumeError::Invalid)?;
         validate_size(size_bytes).map_err(VolumeError::Invalid)?;
@@ -699,7 +702,7 @@ impl VolumeManager {
             }
             return Err(VolumeError::Exists(name.to_string()));
         }
-        let voters = self.place(replicas)?;
+        let voters = self.place(replicas, zones)?;
         let uuid = uuid::Uuid::new_v4();
         // The data key is made (and wrapped by the cluster KEK) here, once: every node that
         // serves the volume unwraps the same key from the record.

@@ -32,23 +32,25 @@ impl VolumeManager {
         };
         let Published { publications, fence, mine, fenced_out, changed } =
             publish::publish(&record.publications, record.fence, record.read_only, req, dead)?;
-        if !changed {
-            return Ok(mine);
-        }
+        // A repeat is committed too (compare-and-set on the generation read here): a node
+        // whose copy of the record is behind must not confirm a publication that a newer
+        // one has replaced; the catalog refuses its stale generation and the caller retries.
         record.publications = publications;
         record.fence = fence;
         record.generation += 1;
         self.commit_change(&record, record.generation - 1).await?;
         self.catalog.update(&record).map_err(VolumeError::from)?;
         *lock(&v.record) = record.clone();
-        tracing::info!(
-            volume = name,
-            node = req.node,
-            read_only = req.read_only,
-            generation = mine.generation,
-            ?fenced_out,
-            "volume published"
-        );
+        if changed {
+            tracing::info!(
+                volume = name,
+                node = req.node,
+                read_only = req.read_only,
+                generation = mine.generation,
+                ?fenced_out,
+                "volume published"
+            );
+        }
         let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
         Ok(mine)
     }

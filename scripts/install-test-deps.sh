@@ -11,7 +11,7 @@
 # would silently remove it (tests/vm/guest handles qemu-system-x86 the same way).
 set -euo pipefail
 
-packages=(fio libnbd-bin python3-libnbd nbdkit qemu-utils iproute2 tcpdump python3-venv protobuf-compiler)
+packages=(fio libnbd-bin python3-libnbd nbdkit qemu-utils iproute2 tcpdump python3-venv protobuf-compiler libprotobuf-dev)
 
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'

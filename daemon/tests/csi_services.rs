@@ -684,3 +684,54 @@ async fn kernel_stage_mkfs_restage_expand_raw_block_and_fence() {
     p.node.node_unstage_volume(unstage).await.expect("unstage after the fence");
     eprintln!("CSI-KERNEL: PASS");
 }
+
+/// The `raftblk-csi` binary itself: flags, its socket, and a clean exit on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_binary_serves_its_socket_and_stops_on_sigterm() {
+    let daemon = start_raftblkd();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("csi.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_raftblk-csi"))
+        .args(["--mode", "controller", "--endpoint", &format!("unix://{}", socket.display())])
+        .args(["--api", &daemon.api])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("raftblk-csi");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "raftblk-csi never made its socket");
+        assert!(child.try_wait().expect("wait").is_none(), "raftblk-csi exited early");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let channel = tonic::transport::Endpoint::try_from(format!("unix://{}", socket.display()))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let info =
+        IdentityClient::new(channel.clone()).get_plugin_info(GetPluginInfoRequest {}).await.expect("info");
+    assert_eq!(info.into_inner().name, "blk.raftblk.io");
+    // Controller mode serves no Node service.
+    let node = NodeClient::new(channel).node_get_info(NodeGetInfoRequest {}).await;
+    assert_eq!(node.expect_err("no node service").code(), Code::Unimplemented);
+    let bad = Command::new(env!("CARGO_BIN_EXE_raftblk-csi"))
+        .args(["--endpoint", "tcp://127.0.0.1:1"])
+        .output()
+        .expect("raftblk-csi");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unix://"), "{bad:?}");
+    // SIGTERM: the plugin exits 0 and removes its socket.
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "raftblk-csi did not exit on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists(), "the socket was left behind");
+}

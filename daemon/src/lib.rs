@@ -14,9 +14,10 @@
 //! encrypted volumes' data keys, and the node's nonce reservation.
 //! [`attach`] serves volumes to the kernel's own NBD client as local `/dev/nbdN` devices
 //! and keeps them served across restarts of this daemon.
-//! `raftblk` (the CLI) is a thin HTTP client of the same API.
+//! `raftblk` (the CLI) is a thin HTTP client of the same API ([`api_client`]).
 
 pub mod api;
+pub mod api_client;
 pub mod attach;
 pub mod catalog;
 pub mod cluster;
@@ -28,6 +29,7 @@ pub mod healer;
 pub mod keys;
 pub mod membership;
 pub mod metrics;
+pub mod mounts;
 pub mod nodes;
 pub mod publish;
 pub mod scrub;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use raftblk_daemon::csi::daemon_api::DaemonApi;
+use raftblk_daemon::csi::daemon_api::daemon_api;
 use raftblk_daemon::csi::node::NodeService;
 use raftblk_daemon::csi::proto::v1::controller_client::ControllerClient;
 use raftblk_daemon::csi::proto::v1::identity_client::IdentityClient;
@@ -79,7 +79,7 @@ struct Plugin {
 async fn start_plugin(api: &str) -> Plugin {
     let socket_dir = tempfile::tempdir().expect("tempdir");
     let socket: PathBuf = socket_dir.path().join("csi.sock");
-    let daemon = DaemonApi::new(api);
+    let daemon = daemon_api(api);
     let (node_id, zone) = csi::node::local_identity(&daemon).await.expect("local identity");
     let node = NodeService { api: daemon.clone(), node_id, zone };
     let path = socket.clone();
@@ -493,7 +493,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 async fn attachments(api: &str) -> Vec<serde_json::Value> {
-    let v = DaemonApi::new(api).call("GET", "/v1/attachments".into(), None).await.expect("attachments");
+    let v = daemon_api(api).call("GET", "/v1/attachments".into(), None).await.expect("attachments");
     v.as_array().cloned().unwrap_or_default()
 }
 
@@ -670,7 +670,7 @@ async fn kernel_stage_mkfs_restage_expand_raw_block_and_fence() {
 
     // The fence: another node takes pvc-k over (forced, as an operator would for a node that
     // is gone), and this node's still-mounted device has its writes refused.
-    let api = DaemonApi::new(&daemon.api);
+    let api = daemon_api(&daemon.api);
     api.call(
         "POST",
         "/v1/volumes/pvc-k/publish".into(),

@@ -30,6 +30,8 @@ use crate::volumes::VolumeManager;
 
 /// How long after a served connection ends the supervisor tries again.
 const RESERVE_BACKOFF: Duration = Duration::from_millis(200);
+/// How long a supervisor waits before trying a failed (re)connect again.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// How often a served device's size is compared with its volume's.
 const SIZE_POLL: Duration = Duration::from_secs(1);
 /// Kernel NBD devices are 512..=4096-byte sectors; raftblk blocks are 4 KiB.
@@ -215,7 +217,7 @@ impl Attacher {
             read_only,
             generation,
         };
-        let mut session = Some(self.open(&probe)?);
+        drop(self.open(&probe)?);
         let taken: Vec<u32> = live.iter().map(|l| l.record.index).collect();
         let kernel = netlink(|nl| nl.status(None)).await?;
         let mut last_error = None;
@@ -232,42 +234,27 @@ impl Attacher {
             let mut all: Vec<Attachment> = live.iter().map(|l| l.record.clone()).collect();
             all.push(record.clone());
             self.file.store(&all)?;
-            let (kernel_end, server_end) = kernel_nbd::socket_pair()?;
-            let opened = match session.take() {
-                Some(s) => s,
-                None => self.open(&record)?,
-            };
-            let config = self.device_config(&record, opened.size_bytes(), opened.transmission_flags());
-            let connected =
-                netlink(move |nl| nl.connect(&config, std::os::fd::AsFd::as_fd(&kernel_end)).map(drop)).await;
-            match connected {
-                Ok(()) => {
+            match self.connect(&record).await {
+                Ok(served) => {
                     tracing::info!(volume = name, device = %record.device(), read_only, generation, "volume attached");
                     let stop = self.shutdown.child_token();
-                    let task = tokio::spawn(Arc::clone(self).supervise(
-                        record.clone(),
-                        stop.clone(),
-                        Some((opened, server_end)),
-                    ));
+                    let task =
+                        tokio::spawn(Arc::clone(self).supervise(record.clone(), stop.clone(), Some(served)));
                     live.push(Live { record: record.clone(), stop, task });
                     return Ok(record);
-                }
-                // Somebody else (nbd-client, another daemon) took it meanwhile: next index.
-                Err(AttachError::Kernel { errno, .. }) if errno == libc::EBUSY => {
-                    last_error = Some(AttachError::Kernel { cmd: "CONNECT", errno });
-                    all.pop();
-                    self.file.store(&all)?;
                 }
                 Err(e) => {
                     all.pop();
                     self.file.store(&all)?;
-                    return Err(e.into());
+                    // Somebody else (nbd-client, another daemon) took it meanwhile: next index.
+                    if !matches!(e, AttachmentError::Kernel(AttachError::Kernel { errno: libc::EBUSY, .. })) {
+                        return Err(e);
+                    }
+                    last_error = Some(e);
                 }
             }
         }
-        Err(last_error
-            .map(Into::into)
-            .unwrap_or_else(|| AttachmentError::Busy("no free NBD device index".into())))
+        Err(last_error.unwrap_or_else(|| AttachmentError::Busy("no free NBD device index".into())))
     }
 
     /// Detaches a volume (by name or `/dev/nbdN`): refused while the device is mounted
@@ -281,9 +268,10 @@ impl Attacher {
         };
         let device = live[pos].record.device();
         if !force {
-            if let Some(mount) = mounted_at(&device) {
+            if let Some(mount) = crate::mounts::of_device(&device) {
                 return Err(AttachmentError::Busy(format!(
-                    "{device} is mounted at {mount}; unmount it first (or detach with --force)"
+                    "{device} is mounted at {}; unmount it first (or detach with --force)",
+                    mount.point
                 )));
             }
         }
@@ -328,25 +316,22 @@ impl Attacher {
         if !reconfigure {
             // The kernel forgot the device: connect it again at its index.
             loop {
-                match self.connect_again(&record).await {
+                match self.connect(&record).await {
                     Ok(first) => return self.supervise(record, stop, Some(first)).await,
                     Err(e) => {
                         tracing::warn!(volume = %record.volume, device = %record.device(), error = %e, "cannot reattach yet; retrying");
                     }
                 }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                if !pause(&stop).await {
+                    return;
                 }
             }
         }
         self.supervise(record, stop, None).await
     }
 
-    async fn connect_again(
-        &self,
-        record: &Attachment,
-    ) -> Result<(raftblk_blockdev::nbd::DirectSession, tokio::net::UnixStream), AttachmentError> {
+    /// Opens the volume and CONNECTs the kernel device of `record` to a new socket pair.
+    async fn connect(&self, record: &Attachment) -> Result<Served, AttachmentError> {
         let session = self.open(record)?;
         let (kernel_end, server_end) = kernel_nbd::socket_pair()?;
         let config = self.device_config(record, session.size_bytes(), session.transmission_flags());
@@ -360,7 +345,7 @@ impl Attacher {
         self: Arc<Self>,
         record: Attachment,
         stop: CancellationToken,
-        mut first: Option<(raftblk_blockdev::nbd::DirectSession, tokio::net::UnixStream)>,
+        mut first: Option<Served>,
     ) {
         let peer = format!("kernel:{}", record.device());
         while !stop.is_cancelled() {
@@ -370,9 +355,8 @@ impl Attacher {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(volume = %record.volume, device = %record.device(), error = %e, "cannot give the device a new socket yet; retrying");
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        if !pause(&stop).await {
+                            return;
                         }
                         continue;
                     }
@@ -406,10 +390,8 @@ impl Attacher {
         }
     }
 
-    async fn reconnect(
-        &self,
-        record: &Attachment,
-    ) -> Result<(raftblk_blockdev::nbd::DirectSession, tokio::net::UnixStream), AttachmentError> {
+    /// Opens the volume and gives the configured kernel device a new socket (RECONFIGURE).
+    async fn reconnect(&self, record: &Attachment) -> Result<Served, AttachmentError> {
         let session = self.open(record)?;
         let (kernel_end, server_end) = kernel_nbd::socket_pair()?;
         let (index, backend) = (record.index, record.backend());
@@ -421,9 +403,7 @@ impl Attacher {
         tracing::info!(volume = %record.volume, device = %record.device(), "device reattached (RECONFIGURE)");
         Ok((session, server_end))
     }
-}
 
-impl Attacher {
     /// Opens the volume for a device of `record`, its writes fenced by its generation.
     fn open(&self, record: &Attachment) -> Result<raftblk_blockdev::nbd::DirectSession, AttachmentError> {
         let session = self.server.open_direct(&record.volume, record.read_only).map_err(open_error)?;
@@ -441,23 +421,17 @@ impl Attacher {
     }
 }
 
-fn open_error(e: OpenError) -> AttachmentError {
-    AttachmentError::Volume(e.to_string())
+/// A served device's session and the server's end of its socket pair.
+type Served = (raftblk_blockdev::nbd::DirectSession, tokio::net::UnixStream);
+
+/// Waits before a retry; false when the attachment was stopped meanwhile.
+async fn pause(stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(RETRY_PAUSE) => true,
+    }
 }
 
-/// Where `device` is mounted, from /proc/self/mountinfo.
-fn mounted_at(device: &str) -> Option<String> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let meta = std::fs::metadata(device).ok()?;
-    let rdev = std::os::unix::fs::MetadataExt::rdev(&meta);
-    // glibc's encoding of dev_t (gnu_dev_major / gnu_dev_minor).
-    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
-    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
-    let want = format!("{major}:{minor}");
-    text.lines().find_map(|line| {
-        let mut fields = line.split(' ');
-        let dev = fields.nth(2)?;
-        let mount = fields.nth(1)?;
-        (dev == want).then(|| mount.to_string())
-    })
+fn open_error(e: OpenError) -> AttachmentError {
+    AttachmentError::Volume(e.to_string())
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Parser;
-use raftblk_daemon::csi::{self, daemon_api::DaemonApi, node::NodeService, Mode};
+use raftblk_daemon::csi::{self, node::NodeService, Mode};
 
 /// raftblk's CSI plugin.
 #[derive(Debug, Parser)]
@@ -41,7 +41,7 @@ async fn main() -> Result<()> {
     if args.endpoint.contains("://") && !args.endpoint.starts_with("unix://") {
         return Err(anyhow!("--endpoint {}: only unix:// endpoints are served", args.endpoint));
     }
-    let api = DaemonApi::new(&args.api);
+    let api = csi::daemon_api::daemon_api(&args.api);
     let node = if args.mode == Mode::Controller {
         None
     } else {

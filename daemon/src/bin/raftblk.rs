@@ -4,6 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use raftblk_daemon::api::NodeInfo;
+use raftblk_daemon::api_client::{ApiClient, ApiFailure};
 use raftblk_daemon::cluster_catalog::settings::SettingView;
 use raftblk_daemon::cluster_catalog::CatalogStatus;
 use raftblk_daemon::scrub::ScrubStatus;
@@ -243,44 +244,21 @@ enum VolumeCommand {
 }
 
 struct Client {
-    base: String,
-    agent: ureq::Agent,
+    api: ApiClient,
 }
 
 impl Client {
     fn new(api: &str) -> Self {
-        let base = if api.contains("://") { api.to_string() } else { format!("http://{api}") };
-        let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(600)).build();
-        Client { base: base.trim_end_matches('/').to_string(), agent }
+        Client { api: ApiClient::new(api, std::time::Duration::from_secs(600)) }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
-        let url = format!("{}{}", self.base, path);
-        let req = self.agent.request(method, &url);
-        let result = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        match result {
-            Ok(resp) => {
-                let text = resp.into_string().context("reading the API response")?;
-                if text.trim().is_empty() {
-                    return Ok(Value::Null);
-                }
-                serde_json::from_str(&text).with_context(|| format!("API answered non-JSON: {text}"))
-            }
-            Err(ureq::Error::Status(code, resp)) => {
-                let text = resp.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<Value>(&text)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
-                    .unwrap_or(text);
-                Err(anyhow!("{message} (HTTP {code})"))
-            }
-            Err(e) => Err(anyhow!(
-                "cannot reach raftblkd at {}: {e}; is it running? Start it with `raftblkd` or point --api / RAFTBLK_API at it",
-                self.base
+        match self.api.call_blocking(method, path, body) {
+            Ok(v) => Ok(v),
+            Err(ApiFailure { status: 0, message }) => Err(anyhow!(
+                "{message}; is it running? Start it with `raftblkd` or point --api / RAFTBLK_API at it"
             )),
+            Err(ApiFailure { status, message }) => Err(anyhow!("{message} (HTTP {status})")),
         }
     }
 }

@@ -12,7 +12,7 @@ use super::params::{self, CapacityError};
 use super::proto::v1::controller_server::Controller;
 use super::proto::v1::identity_server::Identity;
 use super::proto::v1::*;
-use super::{access, ZONE_KEY};
+use super::{access, need, ZONE_KEY};
 
 /// The driver's name (the CSIDriver object and the StorageClasses' provisioner).
 pub const DRIVER_NAME: &str = "blk.raftblk.io";
@@ -79,14 +79,6 @@ impl Identity for IdentityService {
 pub struct ControllerService {
     /// raftblkd (any node of the cluster).
     pub api: DaemonApi,
-}
-
-fn need(field: &str, value: &str) -> Result<(), Status> {
-    if value.is_empty() {
-        Err(Status::invalid_argument(format!("{field} is missing")))
-    } else {
-        Ok(())
-    }
 }
 
 fn capacity_status(e: CapacityError) -> Status {

@@ -26,6 +26,15 @@ use proto::v1::controller_server::ControllerServer;
 use proto::v1::identity_server::IdentityServer;
 use proto::v1::node_server::NodeServer;
 
+/// INVALID_ARGUMENT naming `field` when a required string field is empty.
+fn need(field: &str, value: &str) -> Result<(), tonic::Status> {
+    if value.is_empty() {
+        Err(tonic::Status::invalid_argument(format!("{field} is missing")))
+    } else {
+        Ok(())
+    }
+}
+
 /// Which services the plugin runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {

@@ -18,7 +18,8 @@ use super::controller::{condition_of, GENERATION_KEY};
 use super::daemon_api::{segment, DaemonApi};
 use super::proto::v1::node_server::Node;
 use super::proto::v1::*;
-use super::ZONE_KEY;
+use super::{need, ZONE_KEY};
+use crate::mounts;
 
 /// The Node service.
 #[derive(Debug, Clone)]
@@ -29,14 +30,6 @@ pub struct NodeService {
     pub node_id: String,
     /// This node's zone (empty: none).
     pub zone: String,
-}
-
-fn need(field: &str, value: &str) -> Result<(), Status> {
-    if value.is_empty() {
-        Err(Status::invalid_argument(format!("{field} is missing")))
-    } else {
-        Ok(())
-    }
 }
 
 /// Runs a tool; its exit code and output.
@@ -56,20 +49,6 @@ async fn run_ok(program: &str, args: &[&str]) -> Result<String, Status> {
     } else {
         Err(Status::internal(format!("{program} {} failed (exit {code}): {text}", args.join(" "))))
     }
-}
-
-/// What is mounted at `path` (its source device numbers and file system), if anything.
-fn mount_at(path: &str) -> Option<(String, String)> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let path = path.trim_end_matches('/');
-    text.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let dash = fields.iter().position(|f| *f == "-")?;
-        if *fields.get(4)? != path {
-            return None;
-        }
-        Some((fields.get(2)?.to_string(), fields.get(dash + 1)?.to_string()))
-    })
 }
 
 /// The file system on a device (`None`: the device is empty).
@@ -142,9 +121,12 @@ impl Node for NodeService {
             return Ok(Response::new(NodeStageVolumeResponse {}));
         };
         let staging = req.staging_target_path.as_str();
-        if let Some((_, mounted_fs)) = mount_at(staging) {
-            if mounted_fs != fs {
-                return Err(Status::already_exists(format!("{staging} has {mounted_fs} mounted, not {fs}")));
+        if let Some(mounted) = mounts::at(staging) {
+            if mounted.fs_type != fs {
+                return Err(Status::already_exists(format!(
+                    "{staging} has {} mounted, not {fs}",
+                    mounted.fs_type
+                )));
             }
             return Ok(Response::new(NodeStageVolumeResponse {}));
         }
@@ -201,7 +183,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         need("volume_id", &req.volume_id)?;
         need("staging_target_path", &req.staging_target_path)?;
-        if mount_at(&req.staging_target_path).is_some() {
+        if mounts::at(&req.staging_target_path).is_some() {
             run_ok("umount", &[&req.staging_target_path]).await?;
         }
         match self.api.call("POST", "/v1/detach".into(), Some(json!({ "target": req.volume_id }))).await {
@@ -225,7 +207,7 @@ impl Node for NodeService {
             .ok_or_else(|| Status::invalid_argument("volume_capability is missing"))?;
         access::check(cap).map_err(Status::invalid_argument)?;
         let target = req.target_path.as_str();
-        if mount_at(target).is_some() {
+        if mounts::at(target).is_some() {
             return Ok(Response::new(NodePublishVolumeResponse {}));
         }
         let source = if access::is_block(cap) {
@@ -244,7 +226,7 @@ impl Node for NodeService {
             device
         } else {
             need("staging_target_path", &req.staging_target_path)?;
-            if mount_at(&req.staging_target_path).is_none() {
+            if mounts::at(&req.staging_target_path).is_none() {
                 return Err(Status::failed_precondition(format!(
                     "{} is not staged at {}",
                     req.volume_id, req.staging_target_path
@@ -268,7 +250,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         need("volume_id", &req.volume_id)?;
         need("target_path", &req.target_path)?;
-        if mount_at(&req.target_path).is_some() {
+        if mounts::at(&req.target_path).is_some() {
             run_ok("umount", &[&req.target_path]).await?;
         }
         let p = Path::new(&req.target_path);
@@ -365,9 +347,9 @@ impl Node for NodeService {
         let size = device_size();
         let block = req.volume_capability.as_ref().is_some_and(access::is_block);
         if !block {
-            match mount_at(&req.volume_path) {
+            match mounts::at(&req.volume_path) {
                 None => return Err(Status::not_found(format!("nothing is mounted at {}", req.volume_path))),
-                Some((_, fs)) if fs == "xfs" => {
+                Some(m) if m.fs_type == "xfs" => {
                     run_ok("xfs_growfs", &[&req.volume_path]).await?;
                 }
                 Some(_) => {

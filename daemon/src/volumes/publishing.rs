@@ -4,7 +4,8 @@
 
 use std::time::Instant;
 
-use super::{lock, VolumeError, VolumeManager};
+use super::{lock, Volume, VolumeError, VolumeManager};
+use crate::catalog::VolumeRecord;
 use crate::cluster::ControlMessage;
 use crate::publish::{self, Publication, PublishRefusal, PublishRequest, Published};
 
@@ -37,10 +38,7 @@ impl VolumeManager {
         // one has replaced; the catalog refuses its stale generation and the caller retries.
         record.publications = publications;
         record.fence = fence;
-        record.generation += 1;
-        self.commit_change(&record, record.generation - 1).await?;
-        self.catalog.update(&record).map_err(VolumeError::from)?;
-        *lock(&v.record) = record.clone();
+        self.save_publications(&v, record).await?;
         if changed {
             tracing::info!(
                 volume = name,
@@ -51,7 +49,6 @@ impl VolumeManager {
                 "volume published"
             );
         }
-        let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
         Ok(mine)
     }
 
@@ -62,12 +59,8 @@ impl VolumeManager {
         let mut record = lock(&v.record).clone();
         let Some(publications) = publish::unpublish(&record.publications, node) else { return Ok(()) };
         record.publications = publications;
-        record.generation += 1;
-        self.commit_change(&record, record.generation - 1).await?;
-        self.catalog.update(&record)?;
-        *lock(&v.record) = record.clone();
+        self.save_publications(&v, record).await?;
         tracing::info!(volume = name, node, "volume unpublished");
-        let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
         Ok(())
     }
 
@@ -76,8 +69,15 @@ impl VolumeManager {
         self.get(name).ok().map(|v| lock(&v.record).fence)
     }
 
-    /// The volume's publications as this node knows it.
-    pub fn publications(&self, name: &str) -> Result<Vec<Publication>, VolumeError> {
-        Ok(lock(&self.get(name)?.record).publications.clone())
+    /// Commits `record` (read from `v`, its publications changed) as the next generation
+    /// through the catalog, keeps it here and pushes it to the peers (those that miss it
+    /// follow their catalog replica).
+    async fn save_publications(&self, v: &Volume, mut record: VolumeRecord) -> Result<(), VolumeError> {
+        record.generation += 1;
+        self.commit_change(&record, record.generation - 1).await?;
+        self.catalog.update(&record)?;
+        *lock(&v.record) = record.clone();
+        let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
+        Ok(())
     }
 }

@@ -99,7 +99,7 @@ pub fn wal_record(data: &[u8]) {
     let mut rec = data.to_vec();
     let payload = (rec.len() - record::HEADER_BYTES) as u32;
     rec[..4].copy_from_slice(&payload.to_le_bytes());
-    let crc = record::checksum(&rec);
+    let crc = record::checksum(&rec, 0);
     rec[4..8].copy_from_slice(&crc.to_le_bytes());
     if let RecordDecoded::Complete(r, used) = record::decode(&rec) {
         assert_eq!(used, rec.len());

@@ -185,6 +185,10 @@ impl Harness {
     }
 
     fn reopen(&mut self) {
+        // The old handle goes first, as in a restarted process: closing cuts a reused
+        // segment's old bytes, which a WAL opened before that would take for a torn tail.
+        let placeholder = Wal::open(SimDisk::new(0), self.options).expect("placeholder");
+        drop(std::mem::replace(&mut self.wal, placeholder));
         self.wal = Wal::open(self.disk.clone(), self.options).expect("reopen");
     }
 

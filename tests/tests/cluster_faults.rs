@@ -5,6 +5,7 @@
 //! `raftblk_tests::Cluster`).
 //!
 //! - leader `kill -9` during fio through a follower: no I/O or verify error, I/O pause < 2 s
+//! - the same twice in a row, each killed node restarted and caught up before the next kill
 //! - follower `kill -9` during fio through the leader; restart; it catches up, copies identical
 //! - acknowledged writes survive `kill -9` of every node
 //! - leader partitioned: new leader, no stale read or successful write on the old one, rejoin
@@ -166,6 +167,52 @@ fn a_kill9_leader_during_fio_through_a_follower() {
     assert!(
         gap < FAILOVER_PAUSE_MAX && run.report.write_clat_max < FAILOVER_PAUSE_MAX,
         "failover paused I/O for {gap:?} (max write clat {:?}); the bound is {FAILOVER_PAUSE_MAX:?}",
+        run.report.write_clat_max
+    );
+}
+
+/// The short version of `tests/failover-cycles.sh` (100 cycles on release binaries): the
+/// leader is killed, a new one elected, the killed node restarted and caught up, twice in
+/// a row under one fio run through a node that is never killed.
+#[test]
+fn a2_kill9_leader_twice_in_a_row_with_restarts() {
+    if !require_tools("kill9 leader cycles", &["fio"]) {
+        return;
+    }
+    const CYCLES: usize = 2;
+    let name = "fc";
+    let (mut c, _uuid, first) = three_nodes(name, "64M", &[]);
+    let via = others(first)[0];
+    let fio = spawn_fio(c.nbd_uri(via, name), 64 * MIB, 45, c.scratch(), "cycles");
+    wait_commit_growth(&c, name, first, 100);
+    let mut killed = Vec::new();
+    for cycle in 0..CYCLES {
+        let mut leader = c.wait_leader(name, &ALL, ELECTION_LIMIT);
+        if leader == via {
+            let to = others(via)[0];
+            c.cli(via, &["volume", "transfer-leader", name, &to.to_string()]).ok();
+            leader = c.wait_leader(name, &[to], ELECTION_LIMIT);
+        }
+        let t = Instant::now();
+        c.kill9(leader);
+        let new_leader = c.wait_leader(name, &others(leader), ELECTION_LIMIT);
+        let election = t.elapsed();
+        c.restart(leader);
+        let commit = c.repl(new_leader, name).commit_index;
+        c.wait_applied(name, leader, commit, CATCH_UP_LIMIT);
+        println!("cycle {cycle}: killed leader {leader}, node {new_leader} leads after {election:?}, node {leader} caught up to {commit}");
+        killed.push(leader);
+    }
+    let run = fio.join().expect("fio thread");
+    println!(
+        "MEASURED {CYCLES} leader kills with restarts under one fio run through node {via} (killed {killed:?}): \
+         max write clat {:?}, max verify-read clat {:?}, {} writes, {} verify reads",
+        run.report.write_clat_max, run.report.read_clat_max, run.report.write_ios, run.report.read_ios
+    );
+    assert_fio_clean(&run);
+    assert!(
+        run.report.write_clat_max < FAILOVER_PAUSE_MAX,
+        "a write took {:?} across the failovers; the bound is {FAILOVER_PAUSE_MAX:?}",
         run.report.write_clat_max
     );
 }

@@ -78,6 +78,11 @@ fn read_full_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// `posix_fadvise(POSIX_FADV_RANDOM)` over the whole file: no readahead.
+pub(crate) fn fadvise_random(file: &File) -> io::Result<()> {
+    rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Random).map_err(io::Error::from)
+}
+
 /// `fallocate(2)`, retried on EINTR.
 pub(crate) fn fallocate(file: &File, mode: FallocMode, offset: u64, len: u64) -> io::Result<()> {
     let flags = rustix::fs::FallocateFlags::from_bits_retain(mode.bits() as u32);

@@ -36,6 +36,9 @@ use crate::cluster_catalog::ClusterCatalog;
 use crate::keys::{volume_id, Keyring};
 use crate::metrics::{MeteredBackend, Metrics};
 
+/// A copy's data requests below this size go through the page cache (see
+/// `FileBackend::cache_below`); 64 KiB folios are small enough for ext4's per-block walk.
+const COPY_CACHED_BELOW_BYTES: u64 = 64 << 10;
 /// A learner is promoted once its log is at most this many entries behind the commit index.
 const LEARNER_CAUGHT_UP_SLACK: u64 = 16;
 
@@ -512,8 +515,9 @@ impl VolumeManager {
                 None => file,
             };
             // In a cluster the copy is a cache of the replicated WAL, flushed at checkpoints:
-            // the page cache takes its writes (see FileBackend::buffered_only).
-            let file = if self.replication.is_some() { file.buffered_only() } else { file };
+            // the page cache takes its small writes (see FileBackend::cache_below).
+            let file =
+                if self.replication.is_some() { file.cache_below(COPY_CACHED_BELOW_BYTES) } else { file };
             let file_size = SealedStore::size_bytes(&file);
             if file_size < record.size_bytes {
                 // A grow's truncate did not reach the disk before a crash; redo it.

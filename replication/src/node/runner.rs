@@ -39,6 +39,8 @@ const REQUEST_PAYLOAD_BYTES_MAX: usize = (32 << 20) + (512 << 10);
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
 
 type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+/// An apply running on the runtime: the last index it applies and its outcome.
+type ApplyTask = tokio::task::JoinHandle<(u64, Result<ApplyReport, String>)>;
 
 /// Work for the runner.
 pub(super) enum Event {
@@ -77,6 +79,17 @@ pub(super) enum Event {
         change: raft::eraftpb::ConfChangeV2,
         done: Reply<()>,
     },
+    /// A checkpoint task finished: the store is durable up to the index it returns.
+    Checkpointed {
+        group: GroupId,
+        result: Result<u64, String>,
+    },
+    /// Apply task `seq` of the group finished (its result is its task's output; see
+    /// `Runner::start_apply`).
+    Applied {
+        group: GroupId,
+        seq: u64,
+    },
     /// A rebuild task finished copying (or failed on the local store).
     RebuildDone {
         group: GroupId,
@@ -114,8 +127,15 @@ struct Slot {
     guard_failed: HashMap<RequestId, u64>,
     /// Highest index applied to the store.
     applied: u64,
+    /// Committed entries waiting for the apply in flight to finish, in log order.
+    to_apply: Vec<CommittedEntry>,
+    /// The apply task in flight and its number (at most one per group: entries apply in
+    /// log order).
+    applying: Option<(u64, ApplyTask)>,
     /// Highest index applied and flushed, as the applied file records.
     checkpointed: u64,
+    /// The checkpoint task in flight.
+    checkpointing: Option<tokio::task::JoinHandle<()>>,
     last_checkpoint: Instant,
     /// Set when the store failed to apply: the replica stops serving.
     broken: Option<String>,
@@ -129,13 +149,15 @@ pub(super) struct Runner {
     config: NodeConfig,
     wal: Arc<Mutex<Wal<NodeDisk>>>,
     events: Receiver<Event>,
-    /// For rebuild tasks to report back (the runner's own queue).
+    /// For apply and rebuild tasks to report back (the runner's own queue).
     rebuild_events: std::sync::mpsc::Sender<Event>,
     shared: Arc<Shared>,
     transport: Arc<Transport>,
     rt: tokio::runtime::Handle,
     groups: HashMap<GroupId, Slot>,
     next_request: u64,
+    /// Numbers apply tasks (see `Slot::applying`).
+    next_apply: u64,
     rng: u64,
     /// The monotonic clock read leases are measured in.
     clock: Instant,
@@ -169,6 +191,7 @@ impl Runner {
             rt,
             groups: HashMap::new(),
             next_request: 0,
+            next_apply: 0,
             rng: seed | 1,
             clock: Instant::now(),
         }
@@ -222,6 +245,11 @@ impl Runner {
             }
             self.checkpoint(false);
         }
+        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
+        for group in ids {
+            self.drain_apply(group);
+            self.complete(group);
+        }
         self.checkpoint(true);
         for (_, slot) in self.groups.drain() {
             fail_all(slot, || NodeError::ShuttingDown);
@@ -237,6 +265,7 @@ impl Runner {
                 let _ = done.send(r);
             }
             Event::Close { group, done } => {
+                self.drain_apply(group);
                 if let Some(mut slot) = self.groups.remove(&group) {
                     self.checkpoint_slot(group, &mut slot);
                     fail_all(slot, || NodeError::ShuttingDown);
@@ -330,6 +359,8 @@ impl Runner {
                 });
                 let _ = done.send(r);
             }
+            Event::Applied { group, seq } => self.applied(group, seq),
+            Event::Checkpointed { group, result } => self.checkpointed(group, result),
             Event::RebuildDone { group, index, result } => self.rebuild_done(group, index, result),
             Event::Shutdown => {}
         }
@@ -409,7 +440,10 @@ impl Runner {
                 guarded: HashMap::new(),
                 guard_failed: HashMap::new(),
                 applied,
+                to_apply: Vec::new(),
+                applying: None,
                 checkpointed: applied,
+                checkpointing: None,
                 last_checkpoint: Instant::now(),
                 broken: None,
                 rebuild: None,
@@ -438,10 +472,14 @@ impl Runner {
         let chunk_bytes = self.config.snapshot_chunk_bytes;
         let rate = self.shared.rebuild_rate_bytes_per_s.load(Ordering::Relaxed);
         let events = self.rebuild_events.clone();
+        // An apply in flight must not write over blocks the copy brings in.
+        self.drain_apply(group);
         let Some(slot) = self.groups.get_mut(&group) else { return };
         if let Some(old) = slot.rebuild.take() {
             old.task.abort();
         }
+        // Committed entries not applied yet are replayed over the copy from the log.
+        slot.to_apply.clear();
         slot.servable.store(0, Ordering::Release);
         slot.applied = index;
         let status = slot.driver.raft_status();
@@ -588,6 +626,7 @@ impl Runner {
     /// One Raft round over every group: collect, one WAL sync, on_synced, apply, complete.
     fn round(&mut self) -> Result<(), NodeError> {
         let mut collected = Vec::new();
+        let mut needs_sync = false;
         let mut snapshots: Vec<(GroupId, InstalledSnapshot)> = Vec::new();
         let mut to_apply: HashMap<GroupId, Vec<CommittedEntry>> = HashMap::new();
         let ids: Vec<GroupId> = self.groups.keys().copied().collect();
@@ -615,13 +654,14 @@ impl Runner {
                     }
                     self.send(group, actions.messages);
                     to_apply.entry(group).or_default().extend(actions.committed);
+                    needs_sync |= actions.needs_sync;
                     collected.push(group);
                 }
                 Ok(None) => {}
                 Err(e) => return Err(NodeError::Internal(format!("group {group}: {e}"))),
             }
         }
-        if !collected.is_empty() {
+        if needs_sync {
             let mut wal = self.wal.lock().map_err(|_| NodeError::Internal("WAL lock poisoned".into()))?;
             wal.sync().map_err(|e| NodeError::Internal(format!("WAL sync: {e}")))?;
         }
@@ -678,50 +718,102 @@ impl Runner {
         }
     }
 
-    /// Applies committed entries to each group's store: per group in log order, with
-    /// non-overlapping commands of consecutive entries in flight together.
+    /// Queues committed entries for each group's store and starts applying them where no
+    /// apply is in flight. The round does not wait: an apply runs on the runtime while the
+    /// next rounds append, sync and send (`Event::Applied` reports back), so one slow copy
+    /// stalls neither its own log nor any other group.
     fn apply(&mut self, to_apply: HashMap<GroupId, Vec<CommittedEntry>>) {
-        let mut jobs = Vec::new();
         for (group, entries) in to_apply {
-            let Some(last) = entries.last().map(|e| e.index) else { continue };
-            let Some(slot) = self.groups.get(&group) else { continue };
+            let Some(slot) = self.groups.get_mut(&group) else { continue };
             if slot.rebuild.is_some() {
                 // Logged and committed; replayed over the copy when it is complete.
                 continue;
             }
-            let store = slot.store.clone();
-            jobs.push(async move { (group, last, apply_to(&store, entries).await) });
+            slot.to_apply.extend(entries);
+            self.start_apply(group);
         }
-        if jobs.is_empty() {
+    }
+
+    /// Starts applying the group's queued entries, unless an apply is in flight (entries
+    /// apply in log order; within a batch, `apply_entries` runs non-overlapping commands
+    /// together).
+    fn start_apply(&mut self, group: GroupId) {
+        self.next_apply += 1;
+        let seq = self.next_apply;
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        if slot.applying.is_some() || slot.to_apply.is_empty() || slot.broken.is_some() {
             return;
         }
-        let results = self.rt.block_on(futures::future::join_all(jobs));
-        for (group, last, result) in results {
-            let Some(slot) = self.groups.get_mut(&group) else { continue };
-            match result {
-                Ok(report) => {
-                    if !report.scrubs.is_empty() {
-                        let mut found = super::lock(&self.shared.scrubs);
-                        for chunk in report.scrubs {
-                            found.insert(group, chunk);
-                        }
-                    }
-                    for at in report.guard_failures {
-                        if let Some(id) = slot.guarded.remove(&at) {
-                            slot.guard_failed.insert(id, at.0);
-                        }
-                    }
-                    slot.applied = slot.applied.max(last);
-                    if slot.broken.is_none() {
-                        slot.servable.store(slot.applied, Ordering::Release);
+        let entries = std::mem::take(&mut slot.to_apply);
+        let Some(last) = entries.last().map(|e| e.index) else { return };
+        let store = slot.store.clone();
+        let events = self.rebuild_events.clone();
+        let task = self.rt.spawn(async move {
+            let result = apply_to(&store, entries).await;
+            let _ = events.send(Event::Applied { group, seq });
+            (last, result)
+        });
+        slot.applying = Some((seq, task));
+    }
+
+    /// Waits for the group's apply in flight, if any, and takes in its result: before the
+    /// store is copied over by a rebuild, or closed. (Its `Applied` event, coming later,
+    /// finds nothing in flight under its number and is ignored.)
+    fn drain_apply(&mut self, group: GroupId) {
+        let Some((_, task)) = self.groups.get_mut(&group).and_then(|s| s.applying.take()) else { return };
+        self.finish_apply(group, task);
+    }
+
+    /// Apply task `seq` finished: take in its result, complete what it covers, start the
+    /// next batch.
+    fn applied(&mut self, group: GroupId, seq: u64) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        if slot.applying.as_ref().map(|(s, _)| *s) != Some(seq) {
+            return;
+        }
+        let Some((_, task)) = slot.applying.take() else { return };
+        self.finish_apply(group, task);
+        self.complete(group);
+        self.start_apply(group);
+    }
+
+    fn finish_apply(&mut self, group: GroupId, task: ApplyTask) {
+        // The task has finished or is about to (it reported, or it is being drained).
+        let (last, result) = match self.rt.block_on(task) {
+            Ok(done) => done,
+            Err(e) => (0, Err(format!("the apply task failed: {e}"))),
+        };
+        self.take_applied(group, last, result);
+    }
+
+    fn take_applied(&mut self, group: GroupId, last: u64, result: Result<ApplyReport, String>) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        if slot.rebuild.is_some() {
+            return; // the store is being replaced; the rebuild replays these entries
+        }
+        match result {
+            Ok(report) => {
+                if !report.scrubs.is_empty() {
+                    let mut found = super::lock(&self.shared.scrubs);
+                    for chunk in report.scrubs {
+                        found.insert(group, chunk);
                     }
                 }
-                Err(e) => {
-                    slot.servable.store(0, Ordering::Release);
-                    let why = format!("applying to the local store failed: {e}");
-                    tracing::error!(%group, error = %e, "replica stops: the local store cannot apply committed entries");
-                    slot.broken = Some(why);
+                for at in report.guard_failures {
+                    if let Some(id) = slot.guarded.remove(&at) {
+                        slot.guard_failed.insert(id, at.0);
+                    }
                 }
+                slot.applied = slot.applied.max(last);
+                if slot.broken.is_none() {
+                    slot.servable.store(slot.applied, Ordering::Release);
+                }
+            }
+            Err(e) => {
+                slot.servable.store(0, Ordering::Release);
+                let why = format!("applying to the local store failed: {e}");
+                tracing::error!(%group, error = %e, "replica stops: the local store cannot apply committed entries");
+                slot.broken = Some(why);
             }
         }
     }
@@ -812,23 +904,27 @@ impl Runner {
         }
     }
 
+    /// Starts a checkpoint of every group whose interval passed (`force`: of every group,
+    /// waiting for each: at shutdown).
     fn checkpoint(&mut self, force: bool) {
         let ids: Vec<GroupId> = self.groups.keys().copied().collect();
         for group in ids {
             let Some(mut slot) = self.groups.remove(&group) else { continue };
-            if force || slot.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+            if force {
                 self.checkpoint_slot(group, &mut slot);
+            } else if slot.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL && slot.checkpointing.is_none() {
+                self.start_checkpoint(group, &mut slot);
             }
             self.groups.insert(group, slot);
         }
     }
 
-    /// Flushes the store, then records the applied index: after a crash the replica
-    /// re-applies the log from there (entries are idempotent block writes).
-    fn checkpoint_slot(&self, group: GroupId, slot: &mut Slot) {
+    /// Whether the slot has anything to checkpoint; an idle group gives up the log entries
+    /// it keeps for lagging peers instead.
+    fn checkpoint_due(&self, group: GroupId, slot: &mut Slot) -> bool {
         slot.last_checkpoint = Instant::now();
         if slot.broken.is_some() || slot.rebuild.is_some() {
-            return;
+            return false;
         }
         if slot.applied <= slot.checkpointed {
             // Nothing applied for a whole interval: the group is idle. The entries it keeps
@@ -837,31 +933,57 @@ impl Runner {
             // without bound; an idle group gives them up (a peer that still needs them gets a
             // snapshot instead).
             self.compact_to(group, slot, slot.checkpointed + 1);
+            return false;
+        }
+        true
+    }
+
+    /// Checkpoints off the runner thread: flushing a copy that took many random writes can
+    /// take seconds, which would stall every group's round. `Event::Checkpointed` reports.
+    fn start_checkpoint(&mut self, group: GroupId, slot: &mut Slot) {
+        if !self.checkpoint_due(group, slot) {
             return;
         }
-        let applied = slot.applied;
-        match &slot.store {
-            GroupStore::Volume(store) => {
-                if let Err(e) = self.rt.block_on(store.backend.flush()) {
-                    tracing::warn!(%group, error = %e, "flushing the replica store failed; checkpoint skipped");
-                    return;
-                }
-                match write_applied(&store.applied_path, applied) {
-                    Ok(()) => slot.checkpointed = applied,
-                    Err(e) => {
-                        tracing::warn!(%group, error = %e, "recording the applied index failed");
-                        return;
-                    }
-                }
+        let (applied, store, events) = (slot.applied, slot.store.clone(), self.rebuild_events.clone());
+        slot.checkpointing = Some(self.rt.spawn(async move {
+            let result = flush_and_record(&store, applied).await;
+            let _ = events.send(Event::Checkpointed { group, result });
+        }));
+    }
+
+    /// A checkpoint task finished: record how far the store is durable, compact the log.
+    fn checkpointed(&mut self, group: GroupId, result: Result<u64, String>) {
+        let Some(mut slot) = self.groups.remove(&group) else { return };
+        slot.checkpointing = None;
+        match result {
+            // A rebuild that began meanwhile starts the store over; its own checkpoint counts.
+            Ok(durable) if slot.rebuild.is_none() && slot.broken.is_none() => {
+                slot.checkpointed = slot.checkpointed.max(durable);
+                self.compact(group, &mut slot);
             }
-            // The machine records its applied index with its state.
-            GroupStore::Machine(store) => match store.machine.flush() {
-                Ok(durable) => slot.checkpointed = durable.min(applied),
-                Err(e) => {
-                    tracing::warn!(%group, error = %e, "flushing the state machine failed; checkpoint skipped");
-                    return;
-                }
-            },
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%group, error = %e, "checkpoint skipped"),
+        }
+        self.groups.insert(group, slot);
+    }
+
+    /// Flushes the store, then records the applied index, waiting for it (closing a group,
+    /// shutting down, finishing a rebuild): after a crash the replica re-applies the log from
+    /// there (entries are idempotent block writes).
+    fn checkpoint_slot(&self, group: GroupId, slot: &mut Slot) {
+        if let Some(task) = slot.checkpointing.take() {
+            // Its report is moot: this checkpoint covers at least as much.
+            let _ = self.rt.block_on(task);
+        }
+        if !self.checkpoint_due(group, slot) {
+            return;
+        }
+        match self.rt.block_on(flush_and_record(&slot.store, slot.applied)) {
+            Ok(durable) => slot.checkpointed = slot.checkpointed.max(durable),
+            Err(e) => {
+                tracing::warn!(%group, error = %e, "checkpoint skipped");
+                return;
+            }
         }
         self.compact(group, slot);
     }
@@ -943,6 +1065,30 @@ async fn apply_to(store: &GroupStore, entries: Vec<CommittedEntry>) -> Result<Ap
                 s.machine.apply(e.index, &commands).map_err(|e| e.to_string())?;
             }
             Ok(ApplyReport::default())
+        }
+    }
+}
+
+/// Flushes the store and records `applied` as its durable index; returns the index the
+/// store is now durable to (a state machine records its own, which may be lower).
+async fn flush_and_record(store: &GroupStore, applied: u64) -> Result<u64, String> {
+    match store {
+        GroupStore::Volume(s) => {
+            s.backend.flush().await.map_err(|e| format!("flushing the replica store: {e}"))?;
+            let path = s.applied_path.clone();
+            tokio::task::spawn_blocking(move || write_applied(&path, applied))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("recording the applied index: {e}"))?;
+            Ok(applied)
+        }
+        GroupStore::Machine(s) => {
+            let machine = s.machine.clone();
+            let durable = tokio::task::spawn_blocking(move || machine.flush())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("flushing the state machine: {e}"))?;
+            Ok(durable.min(applied))
         }
     }
 }

@@ -477,7 +477,9 @@ impl Sim {
             return;
         }
         let d = self.nodes[i].driver.as_mut().expect("driver");
-        d.storage().wal().lock().expect("lock").sync().expect("sync");
+        if a.needs_sync {
+            d.storage().wal().lock().expect("lock").sync().expect("sync");
+        }
         let b = d.on_synced().expect("on_synced");
         committed.extend(b.committed);
         self.send(i, b.messages);
@@ -579,6 +581,21 @@ impl Sim {
         None
     }
 
+    /// Node `i` scrubs its copy (as `raftblk volume scrub` does, here at each checkpoint):
+    /// damaged blocks are repaired from another copy by the production rule. Without it a
+    /// rotted block nobody reads stays damaged until the other copies are lost to rebuilds,
+    /// a second fault on the same block that no replication survives.
+    fn scrub(&mut self, i: usize) {
+        if self.nodes[i].driver.is_none() || self.nodes[i].rebuild.is_some() {
+            return;
+        }
+        for block in 0..BLOCKS {
+            if read_block(&self.nodes[i].store, block).damaged().next().is_some() {
+                let _ = self.read_repaired(i, block);
+            }
+        }
+    }
+
     /// Rots one block of one copy (on disk: the page cache and the durable image alike),
     /// at most one copy of a block at a time.
     fn rot(&mut self) {
@@ -586,7 +603,12 @@ impl Sim {
         let block = self.rng.below(BLOCKS);
         let elsewhere = (0..self.nodes.len())
             .any(|j| j != i && read_block(&self.nodes[j].store, block).damaged().next().is_some());
-        if elsewhere || self.nodes[i].rebuild.is_some() {
+        // One fault at a time: the block keeps an intact copy on a complete store elsewhere
+        // (rotting the last complete copy while the others rebuild loses the block for good,
+        // which no replication can undo).
+        let other_complete = (0..self.nodes.len())
+            .any(|j| j != i && self.nodes[j].driver.is_some() && self.nodes[j].rebuild.is_none());
+        if elsewhere || !other_complete || self.nodes[i].rebuild.is_some() {
             return;
         }
         let n = &mut self.nodes[i];
@@ -753,6 +775,7 @@ impl Sim {
             if self.now >= self.nodes[i].next_checkpoint {
                 self.nodes[i].next_checkpoint =
                     self.now + CHECKPOINT_TICKS + self.rng.below(CHECKPOINT_TICKS);
+                self.scrub(i);
                 self.checkpoint(i);
             }
         }

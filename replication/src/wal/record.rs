@@ -214,8 +214,15 @@ impl Record {
         HEADER_BYTES + self.payload_bytes()
     }
 
-    /// Appends the framed record to `out`. On error `out` is left unchanged.
+    /// Appends the framed record to `out` with an unsalted CRC (format 1). On error `out` is
+    /// left unchanged.
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        self.encode_salted(out, 0)
+    }
+
+    /// Appends the framed record to `out`, its CRC seeded with `salt` (the segment's, see
+    /// [`segment_salt`]). On error `out` is left unchanged.
+    pub fn encode_salted(&self, out: &mut Vec<u8>, salt: u32) -> Result<(), EncodeError> {
         let payload_bytes = self.payload_bytes();
         if payload_bytes > PAYLOAD_BYTES_MAX {
             return Err(EncodeError::TooLarge { payload_bytes });
@@ -249,15 +256,25 @@ impl Record {
                 out.extend_from_slice(&m.data);
             }
         }
-        let crc = checksum(&out[start..]);
+        let crc = checksum(&out[start..], salt);
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         Ok(())
     }
 }
 
-/// CRC over a whole framed record, skipping the CRC field (bytes 4..8).
-pub(crate) fn checksum(record: &[u8]) -> u32 {
-    let mut hasher = crc32fast::Hasher::new();
+/// The CRC seed of the records of segment `id` (format 2). A recycled segment file still
+/// holds its previous life's records past the new ones; seeded with another segment's salt,
+/// their CRCs cannot match (a CRC's initial value shifts it by an invertible map for a given
+/// length), so a scan stops at them as at a torn tail. The multiplier is odd, so distinct ids
+/// below 2^32 get distinct, non-zero salts.
+pub fn segment_salt(id: u64) -> u32 {
+    (id as u32).wrapping_mul(0x9E37_79B1)
+}
+
+/// CRC over a whole framed record, skipping the CRC field (bytes 4..8), seeded with `salt`
+/// (0: format 1, unsalted).
+pub(crate) fn checksum(record: &[u8], salt: u32) -> u32 {
+    let mut hasher = crc32fast::Hasher::new_with_initial(salt);
     hasher.update(&record[..4]);
     hasher.update(&record[8..]);
     hasher.finalize()
@@ -275,8 +292,14 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// Decodes the record at the start of `buf`. The entry data is copied out of `buf`.
+/// Decodes the record at the start of `buf` (unsalted CRC, format 1). The entry data is
+/// copied out of `buf`.
 pub fn decode(buf: &[u8]) -> Decoded {
+    decode_salted(buf, 0)
+}
+
+/// Decodes the record at the start of `buf`, whose CRC is seeded with `salt`.
+pub fn decode_salted(buf: &[u8], salt: u32) -> Decoded {
     if buf.len() < 4 {
         return Decoded::Incomplete;
     }
@@ -291,7 +314,7 @@ pub fn decode(buf: &[u8]) -> Decoded {
     }
     let record = &buf[..total];
     let stored = u32_at(record, 4);
-    let computed = checksum(record);
+    let computed = checksum(record, salt);
     if stored != computed {
         return Decoded::Corrupt(Corruption::Checksum { stored, computed });
     }
@@ -364,7 +387,7 @@ mod tests {
 
     /// Recomputes the CRC after a test edits a field, so only the edited check fires.
     fn reseal(buf: &mut [u8]) {
-        let crc = checksum(buf);
+        let crc = checksum(buf, 0);
         buf[4..8].copy_from_slice(&crc.to_le_bytes());
     }
 

@@ -3,7 +3,11 @@
 //! when the next one is started, so only the newest segment can end in a torn write.
 //!
 //! Header (24 bytes): magic `RBLKWAL\0`, format version u32, segment id u64, crc32 of the
-//! preceding 20 bytes.
+//! preceding 20 bytes. Format 2 seeds every record's CRC with the segment's salt
+//! ([`record::segment_salt`]), so that a segment can live in a reused file: the old records
+//! past the new ones fail their CRC and end the scan like a torn tail. A segment is cut to
+//! its length when it is closed, so only the newest segment can hold old bytes. Format 1
+//! (unsalted) segments are still read.
 //!
 //! [`recover`] reads the segments in id order and stops at the first record that does not
 //! decode. It truncates that segment there, removes every later segment, and reports what it
@@ -46,7 +50,11 @@ impl std::fmt::Display for SegmentId {
 
 const FILE_SUFFIX: &str = ".wal";
 pub const SEGMENT_MAGIC: [u8; 8] = *b"RBLKWAL\0";
-pub const SEGMENT_FORMAT_VERSION: u32 = 1;
+pub const SEGMENT_FORMAT_VERSION: u32 = 2;
+/// The oldest format this build reads (1: records unsalted).
+pub const SEGMENT_FORMAT_VERSION_MIN: u32 = 1;
+/// Name suffix of a closed segment file kept for reuse (not part of the log).
+pub const FREE_SUFFIX: &str = ".free";
 pub const SEGMENT_HEADER_BYTES: u64 = 24;
 /// Default size at which the WAL starts a new segment.
 pub const SEGMENT_TARGET_BYTES_DEFAULT: u64 = 64 << 20;
@@ -82,6 +90,8 @@ pub struct Segment<F> {
     id: SegmentId,
     file: F,
     len_bytes: u64,
+    /// CRC seed of this segment's records (0 in format 1).
+    salt: u32,
 }
 
 fn header(id: SegmentId) -> [u8; SEGMENT_HEADER_BYTES as usize] {
@@ -95,7 +105,8 @@ fn header(id: SegmentId) -> [u8; SEGMENT_HEADER_BYTES as usize] {
 }
 
 enum HeaderCheck {
-    Ok,
+    /// Valid, of this format version.
+    Ok(u32),
     /// Short, wrong magic, wrong crc or wrong id: treated like a torn or corrupt record.
     Damaged,
     UnsupportedVersion(u32),
@@ -112,21 +123,58 @@ fn check_header(id: SegmentId, bytes: &[u8]) -> HeaderCheck {
     let mut v = [0u8; 4];
     v.copy_from_slice(&h[8..12]);
     let version = u32::from_le_bytes(v);
-    if version != SEGMENT_FORMAT_VERSION {
+    if !(SEGMENT_FORMAT_VERSION_MIN..=SEGMENT_FORMAT_VERSION).contains(&version) {
         return HeaderCheck::UnsupportedVersion(version);
     }
     if h[12..20] != id.0.to_le_bytes() {
         return HeaderCheck::Damaged;
     }
-    HeaderCheck::Ok
+    HeaderCheck::Ok(version)
+}
+
+fn salt_of(id: SegmentId, version: u32) -> u32 {
+    if version >= 2 {
+        record::segment_salt(id.0)
+    } else {
+        0
+    }
 }
 
 impl<F: WalFile> Segment<F> {
     /// Creates the file and writes its header (not yet synced).
     pub fn create<D: WalDisk<File = F>>(disk: &D, id: SegmentId) -> Result<Self, SegmentError> {
-        let mut file = disk.create(&id.file_name())?;
+        let file = disk.create(&id.file_name())?;
+        Self::start(file, id)
+    }
+
+    /// Starts segment `id` in the free file `free` (see [`FREE_SUFFIX`]): its header and
+    /// records overwrite the old bytes (not yet synced).
+    pub fn reuse<D: WalDisk<File = F>>(disk: &D, free: &str, id: SegmentId) -> Result<Self, SegmentError> {
+        let file = disk.reuse(free, &id.file_name())?;
+        Self::start(file, id)
+    }
+
+    fn start(mut file: F, id: SegmentId) -> Result<Self, SegmentError> {
         file.append(&header(id))?;
-        Ok(Segment { id, file, len_bytes: SEGMENT_HEADER_BYTES })
+        Ok(Segment { id, file, len_bytes: SEGMENT_HEADER_BYTES, salt: salt_of(id, SEGMENT_FORMAT_VERSION) })
+    }
+
+    /// CRC seed for records appended to this segment.
+    pub fn salt(&self) -> u32 {
+        self.salt
+    }
+
+    /// Cuts the file at the segment's end (old bytes of a reused file go) and syncs it: the
+    /// segment is complete and is never written again.
+    pub fn close(&mut self) -> Result<(), SegmentError> {
+        self.cut()?;
+        Ok(self.file.sync()?)
+    }
+
+    /// Cuts the file at the segment's end without syncing (a reused file's old bytes go, so
+    /// a clean reopen finds no tail to cut; unsynced records stay as unsynced as they were).
+    pub fn cut(&mut self) -> Result<(), SegmentError> {
+        Ok(self.file.truncate(self.len_bytes)?)
     }
 
     pub fn id(&self) -> SegmentId {
@@ -153,7 +201,7 @@ impl<F: WalFile> Segment<F> {
     pub fn read_record(&self, loc: RecordLoc) -> Result<Record, SegmentError> {
         let mut buf = vec![0u8; loc.len_bytes as usize];
         self.file.read_at(loc.offset, &mut buf)?;
-        match record::decode(&buf) {
+        match record::decode_salted(&buf, self.salt) {
             Decoded::Complete(r, n) if n == buf.len() => Ok(r),
             other => Err(SegmentError::BadRead {
                 segment: self.id,
@@ -229,15 +277,17 @@ where
         let mut bytes = vec![0u8; len_bytes as usize];
         file.read_at(0, &mut bytes).map_err(SegmentError::from)?;
 
+        let mut salt = 0;
         let damage_at = match check_header(id, &bytes) {
             HeaderCheck::UnsupportedVersion(version) => {
                 return Err(SegmentError::UnsupportedVersion { segment: id, version }.into())
             }
             HeaderCheck::Damaged => Some((0, Damage::BadHeader)),
-            HeaderCheck::Ok => {
+            HeaderCheck::Ok(version) => {
+                salt = salt_of(id, version);
                 let mut at = SEGMENT_HEADER_BYTES as usize;
                 loop {
-                    match record::decode(&bytes[at..]) {
+                    match record::decode_salted(&bytes[at..], salt) {
                         Decoded::Complete(r, n) => {
                             let loc = RecordLoc {
                                 segment: id,
@@ -257,7 +307,7 @@ where
         };
 
         let Some((kept_bytes, damage)) = damage_at else {
-            segments.push(Segment { id, file, len_bytes });
+            segments.push(Segment { id, file, len_bytes, salt });
             continue;
         };
 
@@ -269,7 +319,7 @@ where
             let mut file = file;
             file.truncate(kept_bytes).map_err(SegmentError::from)?;
             file.sync().map_err(SegmentError::from)?;
-            segments.push(Segment { id, file, len_bytes: kept_bytes });
+            segments.push(Segment { id, file, len_bytes: kept_bytes, salt });
         }
         for later in &dropped_segments {
             disk.remove(&later.file_name()).map_err(SegmentError::from)?;
@@ -303,7 +353,7 @@ mod tests {
         let mut seg = Segment::create(disk, SegmentId(id)).expect("create");
         let mut buf = Vec::new();
         for &m in marks {
-            Record::compact_to(GroupId(1), LogIndex(m)).encode(&mut buf).expect("encode");
+            Record::compact_to(GroupId(1), LogIndex(m)).encode_salted(&mut buf, seg.salt()).expect("encode");
         }
         seg.append(&buf).expect("append");
         seg.sync().expect("sync");
@@ -397,13 +447,66 @@ mod tests {
     fn unknown_version_is_an_error_not_a_truncation() {
         let disk = SimDisk::new(0);
         let mut h = header(SegmentId(1));
-        h[8..12].copy_from_slice(&2u32.to_le_bytes());
+        h[8..12].copy_from_slice(&(SEGMENT_FORMAT_VERSION + 1).to_le_bytes());
         let crc = crc32fast::hash(&h[..20]);
         h[20..24].copy_from_slice(&crc.to_le_bytes());
         disk.set_file_bytes(&SegmentId(1).file_name(), h.to_vec());
         let err = recover::<_, SegmentError>(&disk, |_, _| Ok(())).expect_err("version");
-        assert!(matches!(err, SegmentError::UnsupportedVersion { version: 2, .. }));
+        assert!(
+            matches!(err, SegmentError::UnsupportedVersion { version: v, .. } if v == SEGMENT_FORMAT_VERSION + 1)
+        );
         assert!(disk.file_bytes(&SegmentId(1).file_name()).is_some());
+    }
+
+    #[test]
+    fn a_reused_file_ends_at_its_new_records_and_closing_cuts_the_old_ones() {
+        let disk = SimDisk::new(0);
+        // An old segment with more records than the new one will have.
+        write_segment(&disk, 1, &[10, 11, 12, 13, 14, 15]);
+        let old_len = disk.file_bytes(&SegmentId(1).file_name()).expect("file").len();
+        disk.rename(&SegmentId(1).file_name(), &format!("1{FREE_SUFFIX}")).expect("rename");
+        let mut seg = Segment::reuse(&disk, &format!("1{FREE_SUFFIX}"), SegmentId(2)).expect("reuse");
+        let mut buf = Vec::new();
+        Record::compact_to(GroupId(1), LogIndex(20)).encode_salted(&mut buf, seg.salt()).expect("encode");
+        seg.append(&buf).expect("append");
+        seg.sync().expect("sync");
+        // Before closing, the old records are still in the file, past the new one.
+        let name = SegmentId(2).file_name();
+        assert_eq!(disk.file_bytes(&name).expect("file").len(), SEGMENT_HEADER_BYTES as usize + buf.len());
+        disk.crash();
+        assert_eq!(disk.file_bytes(&name).expect("file").len(), old_len, "old bytes reappear after a crash");
+        let (seen, rec) = scan(&disk);
+        assert_eq!(seen, vec![20], "the old records fail the new salt");
+        let t = rec.truncation.expect("the scan stops at the old bytes");
+        assert!(t.in_last_segment);
+        assert!(matches!(t.damage, Damage::Corrupt(Corruption::Checksum { .. })), "{t:?}");
+        assert_eq!(disk.file_bytes(&name).expect("file").len() as u64, t.kept_bytes, "cut there");
+
+        // A closed reused segment holds nothing past its end, so a later segment can follow.
+        write_segment(&disk, 3, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        disk.rename(&SegmentId(3).file_name(), &format!("3{FREE_SUFFIX}")).expect("rename");
+        let mut seg = Segment::reuse(&disk, &format!("3{FREE_SUFFIX}"), SegmentId(3)).expect("reuse");
+        seg.append(&buf[..0]).expect("append");
+        seg.close().expect("close");
+        write_segment(&disk, 4, &[30]);
+        let (seen, rec) = scan(&disk);
+        assert_eq!(seen, vec![20, 30]);
+        assert_eq!(rec.truncation, None);
+    }
+
+    #[test]
+    fn format_1_segments_are_still_read() {
+        let disk = SimDisk::new(0);
+        let mut h = header(SegmentId(1));
+        h[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32fast::hash(&h[..20]);
+        h[20..24].copy_from_slice(&crc.to_le_bytes());
+        let mut bytes = h.to_vec();
+        Record::compact_to(GroupId(1), LogIndex(7)).encode(&mut bytes).expect("encode");
+        disk.set_file_bytes(&SegmentId(1).file_name(), bytes);
+        let (seen, rec) = scan(&disk);
+        assert_eq!(seen, vec![7]);
+        assert_eq!(rec.truncation, None);
     }
 
     #[test]

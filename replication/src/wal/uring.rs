@@ -114,6 +114,14 @@ impl WalDisk for UringDisk {
     fn remove(&self, name: &str) -> Result<(), DiskError> {
         self.std.remove(name)
     }
+
+    fn rename(&self, from: &str, to: &str) -> Result<(), DiskError> {
+        self.std.rename(from, to)
+    }
+
+    fn reuse(&self, from: &str, to: &str) -> Result<UringFile, DiskError> {
+        Ok(self.wrap(self.std.reuse(from, to)?.into_parts()))
+    }
 }
 
 impl UringFile {
@@ -225,9 +233,9 @@ impl WalFile for UringFile {
             // Checked against `buf.len()` before the cast, so `keep` fits in a usize.
             if keep <= self.buf.len() as u64 {
                 self.buf.truncate(keep as usize);
-                return Ok(());
             }
-            // Growing the file: the buffered bytes go first, zeroes after them.
+            // The buffered bytes go first: the file's length is then cut (dropping a reused
+            // file's old bytes past it) or grown with zeroes after them.
             self.flush(false)?;
         } else {
             self.buf.clear();

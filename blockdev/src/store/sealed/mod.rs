@@ -248,9 +248,10 @@ impl SealedFile {
         self
     }
 
-    /// Serves the data through the page cache (see [`FileBackend::buffered_only`]).
-    pub fn buffered_only(mut self) -> SealedFile {
-        self.data = self.data.buffered_only();
+    /// Serves data requests shorter than `bytes` through the page cache (see
+    /// [`FileBackend::cache_below`]).
+    pub fn cache_below(mut self, bytes: u64) -> SealedFile {
+        self.data = self.data.cache_below(bytes);
         self
     }
 

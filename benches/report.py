@@ -116,6 +116,46 @@ def replicated(rows):
         print(f"| {j} | {ratio(r1 and r1['iops'], r0['iops'])} | {ratio(r2 and r2['iops'], r0['iops'])} | "
               f"{ratio(r2 and r2['iops'], q and q['iops'])} | {ratio(r0['iops'], alone and alone['iops'])} |")
 
+    targets(rows)
+
+
+def targets(rows):
+    """The replicated write path's targets (issue 3/6), as ratios to the node alone."""
+    def get(t, j, k):
+        r = rows[(t, j)]
+        return r and r[k]
+    if not get("replicas2", "randwrite-4k-qd32", "iops"):
+        return
+    def line(what, value, target, ok):
+        mark = "-" if value is None else ("met" if ok(value) else "missed")
+        shown = "-" if value is None else f"{value:.2f}"
+        print(f"| {what} | {shown} | {target} | {mark} |")
+    def div(a, b):
+        return a / b if a and b else None
+    print()
+    print("Replicated write path targets, ratios to the same node alone in this run:")
+    print()
+    print("| measure | value | target | |")
+    print("|---|---:|---:|---|")
+    line("replicas=0 / alone IOPS, 4k randwrite QD32",
+         div(get("replicas0", "randwrite-4k-qd32", "iops"), get("raftblkd", "randwrite-4k-qd32", "iops")),
+         ">= 0.8", lambda v: v >= 0.8)
+    for j in ("randwrite-4k-qd32", "randwrite-4k-qd1"):
+        line(f"replicas=2 / alone server CPU per write (3 nodes summed), {j}",
+             div(get("replicas2", j, "cpu_us_per_io"), get("raftblkd", j, "cpu_us_per_io")),
+             "<= 4.5", lambda v: v <= 4.5)
+    line("replicas=2 / alone IOPS, 4k randwrite QD32",
+         div(get("replicas2", "randwrite-4k-qd32", "iops"), get("raftblkd", "randwrite-4k-qd32", "iops")),
+         ">= 0.2", lambda v: v >= 0.2)
+    qd1 = get("replicas2", "randwrite-4k-qd1", "mean_us")
+    line("replicas=2 mean latency ms, 4k randwrite QD1", qd1 and qd1 / 1000, "<= 1.0", lambda v: v <= 1.0)
+    line("replicas=2 / alone MiB/s, 1 MiB write QD8",
+         div(get("replicas2", "write-1m-qd8", "bw_mib"), get("raftblkd", "write-1m-qd8", "bw_mib")),
+         ">= 0.15", lambda v: v >= 0.15)
+    line("replicas=2 / replicas=0 IOPS, 4k randread QD32",
+         div(get("replicas2", "randread-4k-qd32", "iops"), get("replicas0", "randread-4k-qd32", "iops")),
+         ">= 0.9", lambda v: v >= 0.9)
+
 
 if __name__ == "__main__":
     main()

@@ -22,11 +22,13 @@
 //! node runner, per round, over all groups:
 //!   │ GroupDriver::collect: entries + hard state ─▶ Wal::append (not durable yet)
 //!   │                       leader's append messages ─▶ transport (safe before the sync)
-//!   │ Wal::sync: one fdatasync for every group (group commit)
+//!   │ Wal::sync: one fdatasync for every group (group commit; none if the round only
+//!   │            moved commit indexes)
 //!   │ GroupDriver::on_synced: votes and append acks ─▶ transport; newly committed entries
-//!   │ apply committed entries, in order ─▶ BlockBackend (the volume's local store)
-//!   │ GroupDriver::applied(index) ─▶ acknowledged writes (committed = in a majority's
-//!   │                                 synced WAL, and applied here), reads that may proceed
+//!   │ apply committed entries, in order, on the runtime ─▶ the volume's local copy (one
+//!   │            apply task per group in flight; the next rounds do not wait for it)
+//!   │ Event::Applied ─▶ GroupDriver::applied(index) ─▶ acknowledged writes (committed = in a
+//!   │            majority's synced WAL, and applied here), reads that may proceed
 //!   ▼
 //! wal::Wal ─▶ wal::segment (files <id>.wal, framed records) ─▶ wal::disk::WalDisk
 //!                                                              (UringDisk or StdDisk, SimDisk)
@@ -37,7 +39,8 @@
 //! no read returns data older than a write acknowledged before it began. FLUSH and FUA need no
 //! work of their own (see [`volume`]).
 //!
-//! The WAL is synchronous and single-owner per node (shared by the groups behind a mutex).
+//! The WAL is synchronous and single-owner per node (shared by the groups behind a mutex);
+//! its segments reuse the files of deleted ones, so a sync rewrites allocated blocks.
 //! Everything that touches the file system goes through [`wal::disk::WalDisk`], so the same
 //! code runs in production and against the simulated disk in tests.
 

@@ -1,5 +1,7 @@
 //! The runner thread: owns every group's [`GroupDriver`] and turns events into
-//! Raft rounds (propose, collect, one WAL sync, send, apply, acknowledge).
+//! Raft rounds (propose, collect, one WAL sync, send). Applying committed entries to a copy
+//! and checkpointing it run as tasks on the runtime, which report back as events; the
+//! round never waits for them (acknowledgements follow `Event::Applied`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -149,7 +151,7 @@ pub(super) struct Runner {
     config: NodeConfig,
     wal: Arc<Mutex<Wal<NodeDisk>>>,
     events: Receiver<Event>,
-    /// For apply and rebuild tasks to report back (the runner's own queue).
+    /// For apply, checkpoint and rebuild tasks to report back (the runner's own queue).
     rebuild_events: std::sync::mpsc::Sender<Event>,
     shared: Arc<Shared>,
     transport: Arc<Transport>,
@@ -335,7 +337,8 @@ impl Runner {
                     tracing::debug!(%group, %from, "message for a group this node does not (yet) have");
                     return;
                 };
-                match <Message as protobuf::Message>::parse_from_bytes(&bytes) {
+                // Entries' data become slices of the frame's buffer, not copies of it.
+                match <Message as protobuf::Message>::parse_from_carllerche_bytes(&bytes) {
                     Ok(m) => {
                         if let Err(e) = slot.driver.step(m) {
                             tracing::debug!(%group, %from, error = %e, "Raft refused a message");

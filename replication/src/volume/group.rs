@@ -323,7 +323,15 @@ impl<D: WalDisk> GroupDriver<D> {
         if !self.is_leader() {
             return Err(GroupError::NotLeader { leader: self.leader() });
         }
-        self.raw.propose(Vec::new(), encode_batch(commands).to_vec())?;
+        // `RawNode::propose` takes a `Vec` (a copy of the batch); the message it builds can
+        // carry the batch's `Bytes` as they are.
+        let mut entry = raft::eraftpb::Entry::default();
+        entry.data = encode_batch(commands);
+        let mut m = Message::default();
+        m.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+        m.from = self.raw.raft.id;
+        m.set_entries(vec![entry].into());
+        self.raw.raft.step(m)?;
         let index = self.raw.raft.raft_log.last_index();
         self.proposals.insert(index, (self.raw.raft.term, requests));
         Ok(index)

@@ -371,10 +371,16 @@ impl ReplicationNode {
             .map_err(|e| NodeError::Internal(e.to_string()))?
             .map_err(|e| NodeError::Internal(format!("opening the WAL: {e}")))?;
         if let Some(cut) = &wal.recovery_report().truncation {
-            tracing::warn!(
-                ?cut,
-                "WAL recovery found a damaged tail and cut it; peers resend what is missing"
-            );
+            if cut.in_last_segment {
+                // What any unclean stop leaves: unsynced records, or (the newest segment being
+                // a reused file) its old bytes past the last record.
+                tracing::info!(?cut, "WAL recovery cut the newest segment after its last whole record");
+            } else {
+                tracing::warn!(
+                    ?cut,
+                    "WAL recovery found a damaged tail and cut it; peers resend what is missing"
+                );
+            }
         }
         let (inbound_tx, mut inbound_rx) = mpsc::channel(INBOUND_QUEUE_MAX);
         let transport = Transport::start(

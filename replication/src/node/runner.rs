@@ -152,7 +152,7 @@ pub(super) struct Runner {
     wal: Arc<Mutex<Wal<NodeDisk>>>,
     events: Receiver<Event>,
     /// For apply, checkpoint and rebuild tasks to report back (the runner's own queue).
-    rebuild_events: std::sync::mpsc::Sender<Event>,
+    task_events: std::sync::mpsc::Sender<Event>,
     shared: Arc<Shared>,
     transport: Arc<Transport>,
     rt: tokio::runtime::Handle,
@@ -174,7 +174,7 @@ impl Runner {
         config: NodeConfig,
         wal: Wal<NodeDisk>,
         events: Receiver<Event>,
-        rebuild_events: std::sync::mpsc::Sender<Event>,
+        task_events: std::sync::mpsc::Sender<Event>,
         shared: Arc<Shared>,
         transport: Arc<Transport>,
         rt: tokio::runtime::Handle,
@@ -187,7 +187,7 @@ impl Runner {
             config,
             wal: Arc::new(Mutex::new(wal)),
             events,
-            rebuild_events,
+            task_events,
             shared,
             transport,
             rt,
@@ -392,7 +392,7 @@ impl Runner {
         let mut storage = GroupStorage::open(self.wal.clone(), group).map_err(|e| internal(&e))?;
         if !storage.is_initialized() {
             storage.initialize(ConfState::from((voters, Vec::new()))).map_err(|e| internal(&e))?;
-            self.wal.lock().map_err(|_| internal(&"WAL lock poisoned"))?.sync().map_err(|e| internal(&e))?;
+            self.sync_wal().map_err(|e| internal(&e))?;
         }
         let checkpointed = match &store {
             GroupStore::Volume(s) => read_applied(&s.applied_path).map_err(|e| internal(&e))?,
@@ -474,7 +474,7 @@ impl Runner {
         let fetcher = PeerFetcher { shared: self.shared.clone(), transport: self.transport.clone() };
         let chunk_bytes = self.config.snapshot_chunk_bytes;
         let rate = self.shared.rebuild_rate_bytes_per_s.load(Ordering::Relaxed);
-        let events = self.rebuild_events.clone();
+        let events = self.task_events.clone();
         // An apply in flight must not write over blocks the copy brings in.
         self.drain_apply(group);
         let Some(slot) = self.groups.get_mut(&group) else { return };
@@ -665,8 +665,7 @@ impl Runner {
             }
         }
         if needs_sync {
-            let mut wal = self.wal.lock().map_err(|_| NodeError::Internal("WAL lock poisoned".into()))?;
-            wal.sync().map_err(|e| NodeError::Internal(format!("WAL sync: {e}")))?;
+            self.sync_wal()?;
         }
         for (group, snap) in snapshots {
             tracing::info!(%group, index = snap.index, from = snap.from, "snapshot installed");
@@ -687,6 +686,12 @@ impl Runner {
             self.complete(group);
         }
         Ok(())
+    }
+
+    /// One `fdatasync` of the WAL for everything appended so far (nothing if it is synced).
+    fn sync_wal(&self) -> Result<(), NodeError> {
+        let mut wal = self.wal.lock().map_err(|_| NodeError::Internal("WAL lock poisoned".into()))?;
+        wal.sync().map_err(|e| NodeError::Internal(format!("WAL sync: {e}")))
     }
 
     fn send(&self, group: GroupId, messages: Vec<Message>) {
@@ -741,16 +746,16 @@ impl Runner {
     /// apply in log order; within a batch, `apply_entries` runs non-overlapping commands
     /// together).
     fn start_apply(&mut self, group: GroupId) {
-        self.next_apply += 1;
-        let seq = self.next_apply;
         let Some(slot) = self.groups.get_mut(&group) else { return };
         if slot.applying.is_some() || slot.to_apply.is_empty() || slot.broken.is_some() {
             return;
         }
+        self.next_apply += 1;
+        let seq = self.next_apply;
         let entries = std::mem::take(&mut slot.to_apply);
         let Some(last) = entries.last().map(|e| e.index) else { return };
         let store = slot.store.clone();
-        let events = self.rebuild_events.clone();
+        let events = self.task_events.clone();
         let task = self.rt.spawn(async move {
             let result = apply_to(&store, entries).await;
             let _ = events.send(Event::Applied { group, seq });
@@ -764,7 +769,12 @@ impl Runner {
     /// finds nothing in flight under its number and is ignored.)
     fn drain_apply(&mut self, group: GroupId) {
         let Some((_, task)) = self.groups.get_mut(&group).and_then(|s| s.applying.take()) else { return };
-        self.finish_apply(group, task);
+        // The task has finished or is about to (it reported, or it is being drained).
+        let (last, result) = match self.rt.block_on(task) {
+            Ok(done) => done,
+            Err(e) => (0, Err(format!("the apply task failed: {e}"))),
+        };
+        self.take_applied(group, last, result);
     }
 
     /// Apply task `seq` finished: take in its result, complete what it covers, start the
@@ -774,19 +784,9 @@ impl Runner {
         if slot.applying.as_ref().map(|(s, _)| *s) != Some(seq) {
             return;
         }
-        let Some((_, task)) = slot.applying.take() else { return };
-        self.finish_apply(group, task);
+        self.drain_apply(group);
         self.complete(group);
         self.start_apply(group);
-    }
-
-    fn finish_apply(&mut self, group: GroupId, task: ApplyTask) {
-        // The task has finished or is about to (it reported, or it is being drained).
-        let (last, result) = match self.rt.block_on(task) {
-            Ok(done) => done,
-            Err(e) => (0, Err(format!("the apply task failed: {e}"))),
-        };
-        self.take_applied(group, last, result);
     }
 
     fn take_applied(&mut self, group: GroupId, last: u64, result: Result<ApplyReport, String>) {
@@ -938,6 +938,13 @@ impl Runner {
             self.compact_to(group, slot, slot.checkpointed + 1);
             return false;
         }
+        // The applied index recorded must not run ahead of the WAL: what applying an entry
+        // wrote there (a membership's conf state) may still be unsynced, and after a crash the
+        // log is only re-applied from the recorded index.
+        if let Err(e) = self.sync_wal() {
+            tracing::warn!(%group, error = %e, "checkpoint skipped");
+            return false;
+        }
         true
     }
 
@@ -947,7 +954,7 @@ impl Runner {
         if !self.checkpoint_due(group, slot) {
             return;
         }
-        let (applied, store, events) = (slot.applied, slot.store.clone(), self.rebuild_events.clone());
+        let (applied, store, events) = (slot.applied, slot.store.clone(), self.task_events.clone());
         slot.checkpointing = Some(self.rt.spawn(async move {
             let result = flush_and_record(&store, applied).await;
             let _ = events.send(Event::Checkpointed { group, result });

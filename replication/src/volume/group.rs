@@ -127,10 +127,12 @@ pub struct Actions {
     /// up to that index must be fetched from a peer (see [`InstalledSnapshot`]).
     pub snapshot: Option<InstalledSnapshot>,
     /// What `collect` appended must be synced before `on_synced` (entries, a term or vote,
-    /// a snapshot, a membership). A Ready that only moves the commit index needs no sync:
-    /// commit is only ever "at least" and is recovered from the leader, and the entries it
-    /// covers were synced by an earlier round. Skipping it takes one `fdatasync` off every
-    /// replicated write's path on the leader (which learns the commit from the acks).
+    /// a snapshot). A Ready that only moves the commit index needs no sync: commit is only
+    /// ever "at least" and is recovered from the leader, and the entries it covers were
+    /// synced by an earlier round. Skipping it takes one `fdatasync` off every replicated
+    /// write's path on the leader (which learns the commit from the acks). A membership
+    /// applied from a committed entry needs none either: the entry is in the synced log, and
+    /// the node syncs the WAL before it records an applied index past it (its checkpoint).
     pub needs_sync: bool,
 }
 
@@ -201,8 +203,6 @@ pub struct GroupDriver<D: WalDisk> {
     drawn_for: (u64, StateRole),
     /// Election timeouts are drawn from `min..max` ticks.
     election_range: (usize, usize),
-    /// Membership changes applied (their conf state must be synced with the round).
-    memberships: u64,
 }
 
 /// How a read was started by [`GroupDriver::read`].
@@ -262,7 +262,6 @@ impl<D: WalDisk> GroupDriver<D> {
             rng: config.seed | 1,
             drawn_for: (u64::MAX, StateRole::Follower),
             election_range: (config.election_tick, 2 * config.election_tick),
-            memberships: 0,
         };
         driver.redraw_election_timeout();
         Ok(driver)
@@ -494,7 +493,6 @@ impl<D: WalDisk> GroupDriver<D> {
                     protobuf::Message::merge_from_bytes(&mut cc, &e.data).map_err(raft::Error::from)?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.raw.mut_store().set_conf_state(cs, e.index)?;
-                    self.memberships += 1;
                     Vec::new()
                 }
                 EntryType::EntryConfChangeV2 => {
@@ -502,7 +500,6 @@ impl<D: WalDisk> GroupDriver<D> {
                     protobuf::Message::merge_from_bytes(&mut cc, &e.data).map_err(raft::Error::from)?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.raw.mut_store().set_conf_state(cs, e.index)?;
-                    self.memberships += 1;
                     Vec::new()
                 }
             };
@@ -527,7 +524,6 @@ impl<D: WalDisk> GroupDriver<D> {
         out.needs_sync = !rd.entries().is_empty()
             || !rd.snapshot().is_empty()
             || rd.hs().is_some_and(|hs| hs.term != before.term || hs.vote != before.vote);
-        let memberships = self.memberships;
         if let Some(ss) = rd.ss() {
             if ss.leader_id != self.leader {
                 self.leader = ss.leader_id;
@@ -568,7 +564,6 @@ impl<D: WalDisk> GroupDriver<D> {
         }
         let committed = rd.take_committed_entries();
         self.hand_out(committed, &mut out.committed)?;
-        out.needs_sync |= self.memberships != memberships;
         self.raw.mut_store().append(rd.entries())?;
         if let Some(hs) = rd.hs() {
             self.raw.mut_store().set_hard_state(hs)?;

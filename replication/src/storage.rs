@@ -257,6 +257,17 @@ impl<D: WalDisk> GroupStorage<D> {
                 hs.vote = h.vote.0;
                 hs.commit = h.commit.0;
             }
+            // A snapshot install appends its metadata, then the hard state that commits it;
+            // a crash before the sync can keep the first record and lose the second. Only a
+            // committed snapshot is ever sent, so its index is committed, and a term the
+            // durable hard state does not reach was never voted in here.
+            if meta.snapshot_index > hs.commit {
+                hs.commit = meta.snapshot_index;
+            }
+            if meta.snapshot_term > hs.term {
+                hs.term = meta.snapshot_term;
+                hs.vote = 0;
+            }
             (meta, hs)
         };
         Ok(GroupStorage {
@@ -617,6 +628,31 @@ mod tests {
         s.set_hard_state(&hs).unwrap();
         s.compact(4).unwrap();
         s
+    }
+
+    #[test]
+    fn a_snapshot_install_torn_after_its_metadata_reopens_committed() {
+        let disk = SimDisk::new(3);
+        let w = wal(&disk);
+        let mut s = GroupStorage::open(w.clone(), G).unwrap();
+        s.initialize(ConfState::from((vec![1, 2], vec![]))).unwrap();
+        s.append(&[new_entry(1, 1), new_entry(2, 1)]).unwrap();
+        let hs = |term, vote, commit| HardState { term, vote, commit, ..HardState::default() };
+        s.set_hard_state(&hs(1, 1, 2)).unwrap();
+        w.lock().unwrap().sync().unwrap();
+        // What survives a crash in the middle of `apply_snapshot`: its first record only.
+        let meta = GroupMetaState {
+            conf_state: ConfState::from((vec![1, 2], vec![])),
+            snapshot_index: 9,
+            snapshot_term: 3,
+            conf_index: 9,
+        };
+        w.lock().unwrap().append(&[Record::group_meta(G, Some(LogIndex(10)), encode_meta(&meta))]).unwrap();
+        w.lock().unwrap().sync().unwrap();
+        drop(s);
+        let s = GroupStorage::open(w, G).unwrap();
+        assert_eq!(s.meta().snapshot_index, 9);
+        assert_eq!(*s.hard_state(), hs(3, 0, 9));
     }
 
     #[test]

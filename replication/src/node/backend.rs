@@ -14,7 +14,7 @@ use bytes::Bytes;
 use raftblk_blockdev::backend::{check_range, BackendError, BackendResult, Extent, ExtentKind};
 use raftblk_blockdev::seal::{wire, BlockWrite, CopyStore, SealedBlocks, SealedStore, WriteOutcome, BLOCK};
 
-use super::forward::{ForwardOp, ForwardRequest, ForwardStatus};
+use super::forward::{ForwardOp, ForwardRequest};
 use super::{Answer, NodeError, ReplicationNode};
 use crate::wal::record::GroupId;
 
@@ -54,9 +54,12 @@ fn attempt_timeout(op: &ForwardOp) -> Duration {
 
 enum Outcome {
     Done(Answer),
-    OutOfRange,
+    /// The request cannot succeed anywhere (out of range, refused): fail it.
+    Fail(NodeError),
     GuardFailed(u64),
-    Retry { leader_hint: u64 },
+    Retry {
+        leader_hint: u64,
+    },
 }
 
 impl ReplicatedStore {
@@ -121,47 +124,43 @@ impl ReplicatedStore {
     }
 
     async fn attempt_at(&self, target: u64, op: &ForwardOp, timeout: Duration) -> Outcome {
-        let me = self.node.node_id().0;
-        if target == me {
-            let local = self.node.run_local(self.group, op.clone());
-            return match tokio::time::timeout(timeout, local).await {
-                Ok(Ok(answer)) => Outcome::Done(answer),
-                Ok(Err(NodeError::OutOfRange)) => Outcome::OutOfRange,
-                Ok(Err(NodeError::GuardFailed { block })) => Outcome::GuardFailed(block),
-                Ok(Err(NodeError::NotLeader { leader })) => Outcome::Retry { leader_hint: leader },
-                Ok(Err(_)) | Err(_) => Outcome::Retry { leader_hint: 0 },
-            };
-        }
-        let request = ForwardRequest { group: self.group, op: op.clone() };
-        let result = self.node.forward(target, request, timeout).await;
+        let result = if target == self.node.node_id().0 {
+            match tokio::time::timeout(timeout, self.node.run_local(self.group, op.clone())).await {
+                Ok(result) => result,
+                Err(_) => Err(NodeError::Timeout),
+            }
+        } else {
+            let request = ForwardRequest { group: self.group, op: op.clone() };
+            match self.node.forward(target, request, timeout).await.and_then(|s| s.into_result(self.group)) {
+                Ok(data) => self.answer(op, data),
+                Err(e) => Err(e),
+            }
+        };
         match result {
-            Ok(ForwardStatus::Ok(data)) => match op {
-                ForwardOp::Read { first, count } => match wire::decode_image(data) {
-                    Ok(image) if image.first == *first && image.states.len() == *count as usize => {
-                        Outcome::Done(Answer::Blocks(image.into_blocks()))
-                    }
-                    _ => {
-                        tracing::warn!(group = %self.group, target, "leader answered a read with malformed blocks");
-                        Outcome::Retry { leader_hint: 0 }
-                    }
-                },
-                _ => Outcome::Done(Answer::Done),
-            },
-            Ok(ForwardStatus::GuardFailed(block)) | Err(NodeError::GuardFailed { block }) => {
-                Outcome::GuardFailed(block)
+            Ok(answer) => Outcome::Done(answer),
+            Err(NodeError::GuardFailed { block }) => Outcome::GuardFailed(block),
+            Err(e @ (NodeError::OutOfRange { .. } | NodeError::Refused(_))) => Outcome::Fail(e),
+            Err(NodeError::NotLeader { leader }) => Outcome::Retry { leader_hint: leader },
+            Err(_) => Outcome::Retry { leader_hint: 0 },
+        }
+    }
+
+    /// What a leader's data means for `op`.
+    fn answer(&self, op: &ForwardOp, data: Bytes) -> Result<Answer, NodeError> {
+        let ForwardOp::Read { first, count } = op else { return Ok(Answer::Done) };
+        match wire::decode_image(data) {
+            Ok(image) if image.first == *first && image.states.len() == *count as usize => {
+                Ok(Answer::Blocks(image.into_blocks()))
             }
-            Ok(ForwardStatus::OutOfRange) | Err(NodeError::OutOfRange) => Outcome::OutOfRange,
-            Ok(ForwardStatus::NotLeader(leader)) | Err(NodeError::NotLeader { leader }) => {
-                Outcome::Retry { leader_hint: leader }
-            }
-            Ok(ForwardStatus::NotMember | ForwardStatus::Failed | ForwardStatus::NotReady) | Err(_) => {
-                Outcome::Retry { leader_hint: 0 }
+            _ => {
+                tracing::warn!(group = %self.group, "leader answered a read with malformed blocks");
+                Err(NodeError::Unavailable("malformed blocks in a read's answer".into()))
             }
         }
     }
 
     /// Runs `op` at the leader, retrying through leader changes until the I/O timeout.
-    /// Out-of-range refusals come back with the request's own offset and length.
+    /// Refusals come back as the leader gave them (an out-of-range one with its range).
     async fn execute(&self, op: ForwardOp) -> BackendResult<Result<Answer, u64>> {
         let deadline = Instant::now() + self.node.io_timeout();
         let me = self.node.node_id().0;
@@ -176,20 +175,7 @@ impl ReplicatedStore {
             match self.attempt(target, &op).await {
                 Outcome::Done(answer) => return Ok(Ok(answer)),
                 Outcome::GuardFailed(block) => return Ok(Err(block)),
-                Outcome::OutOfRange => {
-                    let (offset, len) = match &op {
-                        ForwardOp::Read { first, count } => {
-                            (first.saturating_mul(BLOCK), u64::from(*count) * BLOCK)
-                        }
-                        ForwardOp::Write(w) => (w.first.saturating_mul(BLOCK), w.count() * BLOCK),
-                        ForwardOp::Zero { first, count, .. } => {
-                            (first.saturating_mul(BLOCK), count.saturating_mul(BLOCK))
-                        }
-                        ForwardOp::Resize { size } => (*size, 0),
-                        _ => (0, 0),
-                    };
-                    return Err(BackendError::OutOfRange { offset, len, size: self.size_bytes() });
-                }
+                Outcome::Fail(e) => return Err(e.into()),
                 Outcome::Retry { leader_hint } => {
                     if Instant::now() >= deadline {
                         tracing::warn!(group = %self.group, timeout = ?self.node.io_timeout(), "no leader answered in time; failing the request");

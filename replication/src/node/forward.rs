@@ -72,10 +72,14 @@ pub enum ForwardStatus {
     NotLeader(u64),
     /// The receiver has no replica of the group.
     NotMember,
-    /// The request reached past the volume's end.
-    OutOfRange,
-    /// Anything else; the client sees EIO.
-    Failed,
+    /// The request reached past the end of the volume, `size` bytes on the receiver.
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    /// The receiver cannot serve the request now (shutting down, its store failed, no
+    /// leader in time); another node may.
+    Unavailable(String),
+    /// The request itself is wrong (undecodable, or not one the receiver serves): asking
+    /// again changes nothing.
+    Refused(String),
     /// The receiver's store has not applied the index a snapshot chunk needs (or is being
     /// rebuilt itself): ask another member.
     NotReady,
@@ -207,21 +211,24 @@ impl ForwardRequest {
 impl ForwardStatus {
     /// Encodes the response.
     pub fn encode(&self) -> Bytes {
-        let (code, hint, data) = match self {
-            ForwardStatus::Ok(d) => (0u8, 0, Some(d)),
-            ForwardStatus::NotLeader(h) => (1, *h, None),
-            ForwardStatus::NotMember => (2, 0, None),
-            ForwardStatus::OutOfRange => (3, 0, None),
-            ForwardStatus::Failed => (4, 0, None),
-            ForwardStatus::NotReady => (5, 0, None),
-            ForwardStatus::GuardFailed(block) => (6, *block, None),
+        let range;
+        let (code, hint, data): (u8, u64, &[u8]) = match self {
+            ForwardStatus::Ok(d) => (0, 0, d),
+            ForwardStatus::NotLeader(h) => (1, *h, &[]),
+            ForwardStatus::NotMember => (2, 0, &[]),
+            ForwardStatus::OutOfRange { offset, len, size } => {
+                range = [offset.to_le_bytes(), len.to_le_bytes(), size.to_le_bytes()].concat();
+                (3, 0, &range)
+            }
+            ForwardStatus::Unavailable(why) => (4, 0, why.as_bytes()),
+            ForwardStatus::NotReady => (5, 0, &[]),
+            ForwardStatus::GuardFailed(block) => (6, *block, &[]),
+            ForwardStatus::Refused(why) => (7, 0, why.as_bytes()),
         };
-        let mut b = BytesMut::with_capacity(9 + data.map_or(0, |d| d.len()));
+        let mut b = BytesMut::with_capacity(9 + data.len());
         b.put_u8(code);
         b.put_u64_le(hint);
-        if let Some(d) = data {
-            b.put_slice(d);
-        }
+        b.put_slice(data);
         b.freeze()
     }
 
@@ -236,10 +243,16 @@ impl ForwardStatus {
             0 => ForwardStatus::Ok(bytes),
             1 => ForwardStatus::NotLeader(hint),
             2 => ForwardStatus::NotMember,
-            3 => ForwardStatus::OutOfRange,
-            4 => ForwardStatus::Failed,
+            3 if bytes.len() != 24 => return Err(ForwardError::Truncated),
+            3 => ForwardStatus::OutOfRange {
+                offset: bytes.get_u64_le(),
+                len: bytes.get_u64_le(),
+                size: bytes.get_u64_le(),
+            },
+            4 => ForwardStatus::Unavailable(String::from_utf8_lossy(&bytes).into_owned()),
             5 => ForwardStatus::NotReady,
             6 => ForwardStatus::GuardFailed(hint),
+            7 => ForwardStatus::Refused(String::from_utf8_lossy(&bytes).into_owned()),
             other => return Err(ForwardError::Unknown(other)),
         })
     }
@@ -287,8 +300,9 @@ mod tests {
             ForwardStatus::Ok(Bytes::new()),
             ForwardStatus::NotLeader(3),
             ForwardStatus::NotMember,
-            ForwardStatus::OutOfRange,
-            ForwardStatus::Failed,
+            ForwardStatus::OutOfRange { offset: 4096, len: 8192, size: 1 << 20 },
+            ForwardStatus::Unavailable("the store failed".into()),
+            ForwardStatus::Refused(String::new()),
             ForwardStatus::NotReady,
             ForwardStatus::GuardFailed(12),
         ] {
@@ -313,7 +327,9 @@ mod tests {
         big.put_u64_le(0);
         big.put_u64_le(1 << 40);
         assert!(matches!(ForwardRequest::decode(big.freeze()), Err(ForwardError::TooLong(_))));
-        assert_eq!(ForwardStatus::decode(Bytes::from_static(&[7; 9])), Err(ForwardError::Unknown(7)));
+        assert_eq!(ForwardStatus::decode(Bytes::from_static(&[8; 9])), Err(ForwardError::Unknown(8)));
+        // An out-of-range answer carries its range: nine bytes alone are not one.
+        assert_eq!(ForwardStatus::decode(Bytes::from_static(&[3; 9])), Err(ForwardError::Truncated));
         for n in 0..40u64 {
             // Pseudo-random bytes of every short length must decode or fail cleanly.
             let v: Vec<u8> = (0..n).map(|i| (i.wrapping_mul(2654435761) >> 3) as u8).collect();

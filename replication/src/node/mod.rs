@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod forward;
+pub(crate) mod node_core;
 pub(crate) mod repair;
 mod runner;
 
@@ -120,9 +121,18 @@ pub enum NodeError {
     /// This node has no replica of the group.
     #[error("no replica of group {0} on this node")]
     NotMember(GroupId),
-    /// The request reached past the volume's end.
-    #[error("request past the end of the volume")]
-    OutOfRange,
+    /// The request reached past the end of the volume (`size` bytes where it was checked).
+    #[error("request at offset {offset} length {len} reaches past the volume end ({size})")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    /// The copy asked has not applied the index the request needs (or is being rebuilt).
+    #[error("the copy is not ready: it has not applied what the request needs")]
+    NotReady,
+    /// The request is malformed or not one this node serves; retrying changes nothing.
+    #[error("request refused: {0}")]
+    Refused(String),
+    /// Another node could not serve the request now (its own error, as it said it).
+    #[error("the node could not serve the request: {0}")]
+    Unavailable(String),
     /// A guarded write found its block changed since it was read.
     #[error("block {block} changed since it was read; read it again")]
     GuardFailed { block: u64 },
@@ -141,6 +151,70 @@ pub enum NodeError {
     /// The transport refused.
     #[error(transparent)]
     Transport(#[from] TransportError),
+}
+
+impl From<BackendError> for NodeError {
+    fn from(e: BackendError) -> NodeError {
+        match e {
+            BackendError::OutOfRange { offset, len, size } => NodeError::OutOfRange { offset, len, size },
+            other => NodeError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// What a volume's client sees of a replication error.
+impl From<NodeError> for BackendError {
+    fn from(e: NodeError) -> BackendError {
+        use std::io::{Error, ErrorKind};
+        match e {
+            NodeError::OutOfRange { offset, len, size } => BackendError::OutOfRange { offset, len, size },
+            NodeError::ShuttingDown => BackendError::ShuttingDown,
+            NodeError::Timeout => BackendError::Io(Error::new(ErrorKind::TimedOut, e.to_string())),
+            NodeError::Refused(_) => BackendError::Io(Error::new(ErrorKind::InvalidInput, e.to_string())),
+            other => BackendError::Io(Error::other(other.to_string())),
+        }
+    }
+}
+
+/// How a node answers a forwarded request that failed: the one mapping from errors to the
+/// wire ([`ForwardStatus::into_result`] is the way back).
+impl From<NodeError> for ForwardStatus {
+    fn from(e: NodeError) -> ForwardStatus {
+        match e {
+            NodeError::NotLeader { leader } => ForwardStatus::NotLeader(leader),
+            // The entry lost to a leader change: the requester retries at the new leader.
+            NodeError::Dropped => ForwardStatus::NotLeader(0),
+            NodeError::NotMember(_) => ForwardStatus::NotMember,
+            NodeError::OutOfRange { offset, len, size } => ForwardStatus::OutOfRange { offset, len, size },
+            NodeError::GuardFailed { block } => ForwardStatus::GuardFailed(block),
+            NodeError::NotReady => ForwardStatus::NotReady,
+            NodeError::Refused(why) => ForwardStatus::Refused(why),
+            NodeError::Unavailable(why) => ForwardStatus::Unavailable(why),
+            other @ (NodeError::ShuttingDown
+            | NodeError::Timeout
+            | NodeError::Internal(_)
+            | NodeError::Transport(_)) => ForwardStatus::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl ForwardStatus {
+    /// What an answer from another node means here: its data, or its error as that node
+    /// meant it (`group`: the request's).
+    pub fn into_result(self, group: GroupId) -> Result<Bytes, NodeError> {
+        match self {
+            ForwardStatus::Ok(data) => Ok(data),
+            ForwardStatus::NotLeader(leader) => Err(NodeError::NotLeader { leader }),
+            ForwardStatus::NotMember => Err(NodeError::NotMember(group)),
+            ForwardStatus::OutOfRange { offset, len, size } => {
+                Err(NodeError::OutOfRange { offset, len, size })
+            }
+            ForwardStatus::GuardFailed(block) => Err(NodeError::GuardFailed { block }),
+            ForwardStatus::NotReady => Err(NodeError::NotReady),
+            ForwardStatus::Refused(why) => Err(NodeError::Refused(why)),
+            ForwardStatus::Unavailable(why) => Err(NodeError::Unavailable(why)),
+        }
+    }
 }
 
 /// What a volume's replica applies committed entries to.
@@ -461,10 +535,7 @@ impl ReplicationNode {
     /// Sends a control message to node `to` and returns its answer.
     pub async fn control(&self, to: u64, payload: Bytes, timeout: Duration) -> Result<Bytes, NodeError> {
         let request = ForwardRequest { group: GroupId(0), op: ForwardOp::Control { payload } };
-        match self.forward(to, request, timeout).await? {
-            ForwardStatus::Ok(answer) => Ok(answer),
-            other => Err(NodeError::Internal(format!("node {to} refused a control message: {other:?}"))),
-        }
+        self.forward(to, request, timeout).await?.into_result(GroupId(0))
     }
 
     /// Every other node's id, sorted. Read from the transport rather than the start-up
@@ -615,7 +686,7 @@ impl ReplicationNode {
             | ForwardOp::ReadChunk { .. }
             | ForwardOp::ReadCopy { .. }
             | ForwardOp::ScrubResult { .. }
-            | ForwardOp::Repair { .. } => return Err(NodeError::Internal("not volume I/O".into())),
+            | ForwardOp::Repair { .. } => return Err(NodeError::Refused("not volume I/O".into())),
         };
         self.local_write(group, vec![command]).await.map(|()| Answer::Done)
     }
@@ -658,14 +729,14 @@ impl ReplicationNode {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "malformed forwarded request");
-                return ForwardStatus::Failed;
+                return ForwardStatus::Refused(e.to_string());
             }
         };
         if let ForwardOp::Control { payload } = request.op {
             let handler = self.inner.control.read().ok().and_then(|h| h.clone());
             return match handler {
                 Some(h) => ForwardStatus::Ok(h(payload).await),
-                None => ForwardStatus::Failed,
+                None => ForwardStatus::Unavailable("the node takes no control messages yet".into()),
             };
         }
         if let ForwardOp::ReadChunk { offset, len, min_index } = request.op {
@@ -688,21 +759,14 @@ impl ReplicationNode {
                     b.extend_from_slice(&damaged.to_le_bytes());
                     ForwardStatus::Ok(Bytes::from(b))
                 }
-                Err(NodeError::NotMember(_)) => ForwardStatus::NotMember,
-                Err(NodeError::OutOfRange) => ForwardStatus::OutOfRange,
-                Err(_) => ForwardStatus::Failed,
+                Err(e) => e.into(),
             };
         }
         let result = self.run_local(request.group, request.op).await;
         match result {
             Ok(Answer::Done) => ForwardStatus::Ok(Bytes::new()),
             Ok(Answer::Blocks(read)) => ForwardStatus::Ok(raftblk_blockdev::seal::wire::encode_blocks(&read)),
-            Err(NodeError::NotLeader { leader }) => ForwardStatus::NotLeader(leader),
-            Err(NodeError::NotMember(_)) => ForwardStatus::NotMember,
-            Err(NodeError::OutOfRange) => ForwardStatus::OutOfRange,
-            Err(NodeError::GuardFailed { block }) => ForwardStatus::GuardFailed(block),
-            Err(NodeError::Dropped) => ForwardStatus::NotLeader(0),
-            Err(_) => ForwardStatus::Failed,
+            Err(e) => e.into(),
         }
     }
 
@@ -729,13 +793,12 @@ impl ReplicationNode {
             return Ok(self.local_scrub_result(group, id, first));
         }
         let request = ForwardRequest { group, op: ForwardOp::ScrubResult { id, first } };
-        match self.forward(node, request, Duration::from_secs(5)).await? {
-            ForwardStatus::Ok(b) => crate::volume::ScrubChunk::decode(&b).map(Some).map_err(|e| {
+        match self.forward(node, request, Duration::from_secs(5)).await?.into_result(group) {
+            Ok(b) => crate::volume::ScrubChunk::decode(&b).map(Some).map_err(|e| {
                 NodeError::Internal(format!("node {node} sent an undecodable scrub result: {e}"))
             }),
-            ForwardStatus::NotReady => Ok(None),
-            ForwardStatus::NotMember => Err(NodeError::NotMember(group)),
-            other => Err(NodeError::Internal(format!("node {node} answered {other:?}"))),
+            Err(NodeError::NotReady) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -752,14 +815,12 @@ impl ReplicationNode {
             return self.repair_local(group, first, count).await;
         }
         let request = ForwardRequest { group, op: ForwardOp::Repair { first, count } };
-        match self.forward(node, request, Duration::from_secs(30)).await? {
-            ForwardStatus::Ok(b) if b.len() == 8 => {
-                let n = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-                Ok((n(0), n(4)))
-            }
-            ForwardStatus::NotMember => Err(NodeError::NotMember(group)),
-            other => Err(NodeError::Internal(format!("node {node} answered a repair with {other:?}"))),
+        let b = self.forward(node, request, Duration::from_secs(30)).await?.into_result(group)?;
+        if b.len() != 8 {
+            return Err(NodeError::Internal(format!("node {node} answered a repair with {} bytes", b.len())));
         }
+        let n = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Ok((n(0), n(4)))
     }
 
     /// Repairs damaged blocks of the local copy from the group's other copies (the version
@@ -770,12 +831,9 @@ impl ReplicationNode {
         let GroupStore::Volume(store) = &source.store else { return Err(NodeError::NotMember(group)) };
         let applied = source.servable.load(Ordering::Acquire);
         if applied == 0 {
-            return Err(NodeError::Internal("the copy is being rebuilt".into()));
+            return Err(NodeError::NotReady);
         }
-        let before = store.backend.read_blocks(first, count).await.map_err(|e| match e {
-            BackendError::OutOfRange { .. } => NodeError::OutOfRange,
-            other => NodeError::Internal(other.to_string()),
-        })?;
+        let before = store.backend.read_blocks(first, count).await?;
         let damaged_before = before.damaged().count() as u32;
         if damaged_before == 0 {
             return Ok((0, 0));
@@ -808,13 +866,14 @@ impl ReplicationNode {
         if applied == 0 || applied < min_applied {
             return ForwardStatus::NotReady;
         }
-        let GroupStore::Volume(store) = &source.store else { return ForwardStatus::Failed };
+        let GroupStore::Volume(store) = &source.store else {
+            return ForwardStatus::Refused("a state machine group has no blocks".into());
+        };
         match store.backend.read_blocks(first, count).await {
             Ok(read) => ForwardStatus::Ok(raftblk_blockdev::seal::wire::encode_blocks(&read)),
-            Err(BackendError::OutOfRange { .. }) => ForwardStatus::OutOfRange,
             Err(e) => {
                 tracing::warn!(%group, first, error = %e, "cannot read blocks for a peer's repair");
-                ForwardStatus::Failed
+                NodeError::from(e).into()
             }
         }
     }
@@ -843,7 +902,7 @@ impl ReplicationNode {
             Ok(chunk) => ForwardStatus::Ok(chunk.encode()),
             Err(e) => {
                 tracing::warn!(%group, offset, error = %e, "cannot read a snapshot chunk");
-                ForwardStatus::Failed
+                ForwardStatus::Unavailable(format!("reading the snapshot chunk: {e}"))
             }
         }
     }

@@ -36,12 +36,13 @@ use raftblk_blockdev::seal::{
     BlockImage, BlockState, BlockWrite, CopyStore, MemSealedStore, Seal, SealedBlocks,
 };
 
+use crate::node::node_core::{CoreConfig, NodeCore, Output};
 use crate::node::repair::usable;
-use crate::snapshot::marker::{plan_open, Marker, OpenPlan};
+use crate::snapshot::marker::Marker;
 use crate::storage::GroupStorage;
-use crate::volume::apply_entries;
 use crate::volume::command::Command;
-use crate::volume::group::{GroupConfig, GroupDriver, RequestId};
+use crate::volume::group::{CommittedEntry, GroupDriver, RequestId};
+use crate::volume::{apply_entries, ApplyReport};
 use crate::wal::disk::SimDisk;
 use crate::wal::record::GroupId;
 use crate::wal::{Wal, WalOptions};
@@ -113,23 +114,46 @@ fn value_of(data: &[u8]) -> Option<u64> {
     (block_data(v) == data).then_some(v)
 }
 
+/// The production core with the simulator's reply handles: requests' ids.
+type SimCore = NodeCore<SimDisk, u64, u64>;
+
 struct Node {
     disk: SimDisk,
-    driver: Option<GroupDriver<SimDisk>>,
+    core: Option<SimCore>,
     /// The store as the running node sees it (the page cache, in production).
     store: MemSealedStore,
     /// What the last checkpoint flushed (plus blocks a rebuild copied and recorded).
     durable: MemSealedStore,
-    /// Index the store has applied (meaningless while rebuilding).
-    applied: u64,
-    /// Index the last checkpoint recorded.
+    /// The applied index the last checkpoint recorded (the store's applied file).
     checkpointed: u64,
-    next_checkpoint: u64,
     /// The rebuild marker file.
     marker: Option<Marker>,
-    /// A rebuild in progress: (snapshot index, next block to copy).
-    rebuild: Option<(u64, u64)>,
+    /// The copy the core asked for, running: (snapshot index, next block, sources).
+    copy: Option<(u64, u64, Vec<u64>)>,
+    /// What peers may copy from this store (the core's `Servable`).
+    servable: u64,
+    /// The apply the core asked for, not run yet: it runs a few steps later, while rounds go on.
+    applying: Option<(u64, Vec<CommittedEntry>)>,
+    /// The checkpoint the core asked for, not run yet (the applied index it records).
+    checkpointing: Option<u64>,
+    /// Test hook: the apply that replays the log over a copy is skipped.
+    skip_replay: bool,
     snapshots: u64,
+    next_scrub: u64,
+}
+
+impl Node {
+    fn rebuilding(&self) -> bool {
+        self.core.as_ref().is_some_and(|c| c.rebuilding(GROUP))
+    }
+
+    fn applied(&self) -> u64 {
+        self.core.as_ref().map_or(0, |c| c.applied_index(GROUP))
+    }
+
+    fn driver(&self) -> Option<&GroupDriver<SimDisk>> {
+        self.core.as_ref().and_then(|c| c.driver(GROUP))
+    }
 }
 
 fn read_block(store: &MemSealedStore, block: u64) -> SealedBlocks {
@@ -201,6 +225,8 @@ struct Sim {
     rots: u64,
     repairs: u64,
     eio_reads: u64,
+    /// Requests refused or failed this step: the client sends them again next step.
+    retry_soon: Vec<u64>,
 }
 
 /// Prints the run's events when `SIM_TRACE` is set (for replaying one seed).
@@ -234,15 +260,18 @@ impl Sim {
             drop(st);
             nodes.push(Node {
                 disk,
-                driver: None,
+                core: None,
                 store: MemSealedStore::new(BLOCKS * BLOCK_BYTES),
                 durable: MemSealedStore::new(BLOCKS * BLOCK_BYTES),
-                applied: 0,
                 checkpointed: 0,
-                next_checkpoint: 0,
                 marker: None,
-                rebuild: None,
+                copy: None,
+                servable: 0,
+                applying: None,
+                checkpointing: None,
+                skip_replay: false,
                 snapshots: 0,
+                next_scrub: 0,
             });
         }
         let mut sim = Sim {
@@ -266,6 +295,7 @@ impl Sim {
             rots: 0,
             repairs: 0,
             eio_reads: 0,
+            retry_soon: Vec::new(),
         };
         for i in 0..sim.nodes.len() {
             sim.start(i);
@@ -285,82 +315,179 @@ impl Sim {
     /// later block the crash happened to leave on disk.
     fn start(&mut self, i: usize) {
         let seed = self.rng.next();
+        let interval = CHECKPOINT_TICKS + self.rng.below(CHECKPOINT_TICKS);
         let keep: Vec<bool> = (0..BLOCKS).map(|_| self.rng.chance(50)).collect();
         let n = &mut self.nodes[i];
         let wal = Wal::open(n.disk.clone(), WalOptions { segment_target_bytes: 64 << 10 }).expect("reopen");
         let st = GroupStorage::open(Arc::new(Mutex::new(wal)), GROUP).expect("storage");
         let store = n.durable.duplicate();
         for (b, &kept) in keep.iter().enumerate() {
-            if kept && n.rebuild.is_none() && n.marker.is_none() {
+            if kept && n.marker.is_none() {
                 store.copy_block_from(&n.store, b as u64);
             }
         }
         n.store = store;
-        let plan = plan_open(n.checkpointed, st.meta().snapshot_index, st.hard_state().commit, n.marker);
-        let applied = match plan {
-            OpenPlan::Replay { applied } => {
-                n.marker = None;
-                n.rebuild = None;
-                applied
-            }
-            OpenPlan::Rebuild { index, offset } => {
-                n.marker = Some(Marker { index, offset });
-                n.rebuild = Some((index, offset / BLOCK_BYTES));
-                index
-            }
-        };
-        n.applied = applied;
-        trace!("t{} start n{} plan {plan:?} checkpointed {}", self.now, i + 1, n.checkpointed);
-        let cfg = GroupConfig {
+        trace!("t{} start n{} marker {:?} checkpointed {}", self.now, i + 1, n.marker, n.checkpointed);
+        let mut core = SimCore::new(CoreConfig {
             node_id: i as u64 + 1,
-            group: GROUP,
-            election_tick: 10,
-            seed,
-            heartbeat_tick: 3,
-            applied,
+            election_ticks: 10,
+            heartbeat_ticks: 3,
             read_lease_ms: self.opts.read_lease_steps,
-        };
-        n.driver = Some(GroupDriver::new(&cfg, st).expect("driver"));
+            log_retain_entries: LOG_RETAIN_ENTRIES,
+            log_retain_bytes: u64::MAX,
+            checkpoint_interval_ms: interval,
+            seed,
+        });
+        core.open(GROUP, st, n.checkpointed, n.marker, self.now).expect("open");
+        n.core = Some(core);
+        self.execute(i);
     }
 
-    /// Flushes the store and records the applied index, then compacts the log.
-    fn checkpoint(&mut self, i: usize) {
-        let n = &mut self.nodes[i];
-        let Some(d) = n.driver.as_mut() else { return };
-        if n.rebuild.is_some() {
+    /// Carries out what node `i`'s core asked for, as production's runner does, except that
+    /// applies and checkpoints are left for later steps (`background`).
+    fn execute(&mut self, i: usize) {
+        loop {
+            let Some(core) = self.nodes[i].core.as_mut() else { return };
+            let outputs = core.take_outputs();
+            if outputs.is_empty() {
+                return;
+            }
+            for output in outputs {
+                self.carry_out(i, output);
+            }
+        }
+    }
+
+    fn carry_out(&mut self, i: usize, output: Output<u64, u64>) {
+        match output {
+            Output::Send { messages, .. } => self.send(i, messages),
+            Output::Acked { token, result: Ok(()) } => self.complete(token, None),
+            Output::Acked { token, result: Err(e) } => {
+                trace!("t{} n{} write {token} failed: {e}", self.now, i + 1);
+                self.retry_soon.push(token);
+            }
+            Output::ReadFailed { token, .. } => self.retry_soon.push(token),
+            Output::Serve { reads, .. } => {
+                for r in reads {
+                    if self.ops.get(&r.token).is_none_or(|op| op.node != i) {
+                        continue;
+                    }
+                    match self.read_repaired(i, r.first) {
+                        Some(data) => self.complete(r.token, Some(data)),
+                        None => {
+                            // EIO for this request (no intact copy reachable): the client tries again.
+                            self.eio_reads += 1;
+                            self.retry_soon.push(r.token);
+                        }
+                    }
+                }
+            }
+            Output::Apply { seq, entries, .. } => {
+                let n = &mut self.nodes[i];
+                if n.skip_replay {
+                    if let Some(core) = n.core.as_mut() {
+                        core.applied(GROUP, seq, Ok(ApplyReport::default()));
+                    }
+                    return;
+                }
+                assert!(n.applying.is_none(), "the core started a second apply of one group");
+                n.applying = Some((seq, entries));
+            }
+            Output::Checkpoint { applied, .. } => self.nodes[i].checkpointing = Some(applied),
+            Output::WriteMarker { marker, .. } => {
+                let n = &mut self.nodes[i];
+                n.marker = Some(marker);
+                n.snapshots += 1;
+                trace!("t{} n{} installs snapshot {}", self.now, i + 1, marker.index);
+            }
+            Output::RemoveMarker { .. } => self.nodes[i].marker = None,
+            Output::Rebuild { index, offset, sources, .. } => {
+                trace!("t{} n{} copies the volume as of {index} from {sources:?}", self.now, i + 1);
+                let n = &mut self.nodes[i];
+                // As the production copy does, it records where it starts.
+                n.marker = Some(Marker { index, offset });
+                n.copy = Some((index, offset / BLOCK_BYTES, sources));
+            }
+            Output::Servable { index, .. } => self.nodes[i].servable = index,
+            Output::LeaderChanged { .. } => {}
+        }
+    }
+
+    /// Runs node `i`'s pending apply and checkpoint, each at some step after the core asked
+    /// (meanwhile rounds go on: the pipelining production has).
+    fn background(&mut self, i: usize) {
+        if self.nodes[i].core.is_none() {
             return;
         }
-        n.durable = n.store.duplicate();
-        n.checkpointed = n.applied;
-        trace!("t{} n{} checkpoint {}", self.now, i + 1, n.checkpointed);
-        let to = (n.checkpointed + 1).saturating_sub(LOG_RETAIN_ENTRIES);
-        if to > d.storage().meta().snapshot_index + 1 {
-            d.compact(to).expect("compact");
+        if self.nodes[i].applying.is_some() && (!self.faults || self.rng.chance(60)) {
+            let n = &mut self.nodes[i];
+            let Some((seq, entries)) = n.applying.take() else { return };
+            for e in &entries {
+                trace!(
+                    "t{} n{} applies {} {:?}",
+                    self.now,
+                    i + 1,
+                    e.index,
+                    e.commands
+                        .iter()
+                        .map(|c| match c {
+                            Command::Write(w) => format!("W{}={:?}", w.first, value_of(&w.data)),
+                            other => format!("{other:?}"),
+                        })
+                        .collect::<Vec<_>>()
+                );
+            }
+            let store = &n.store;
+            let grow = |size| {
+                store.grow_to(size);
+                Ok(())
+            };
+            let report = now(apply_entries(store, &grow, entries)).expect("apply");
+            assert!(report.guard_failures.is_empty(), "the simulator's writes carry no guards");
+            if let Some(core) = n.core.as_mut() {
+                core.applied(GROUP, seq, Ok(report));
+            }
+            self.execute(i);
+        }
+        if self.nodes[i].checkpointing.is_some() && (!self.faults || self.rng.chance(60)) {
+            let n = &mut self.nodes[i];
+            let Some(applied) = n.checkpointing.take() else { return };
+            let Some(core) = n.core.as_mut() else { return };
+            // As production's checkpoint: the WAL first, then the store, then the index.
+            if let Some(d) = core.driver(GROUP) {
+                d.storage().wal().lock().expect("lock").sync().expect("sync");
+            }
+            n.durable = n.store.duplicate();
+            n.checkpointed = applied;
+            trace!("t{} n{} checkpoint {}", self.now, i + 1, applied);
+            core.checkpointed(GROUP, Ok(applied));
+            self.execute(i);
         }
     }
 
-    /// One step of node `i`'s rebuild: copy one block from a live member whose store has
-    /// applied the snapshot index; after the last, replay the log over the copy.
+    /// One step of node `i`'s copy: one block from a live member whose store has applied
+    /// the snapshot index; after the last, the core replays the log over the copy.
     fn rebuild_step(&mut self, i: usize) {
-        let Some((index, next)) = self.nodes[i].rebuild else { return };
-        if self.nodes[i].driver.is_none() || !self.rng.chance(50) {
+        let Some((index, next, sources)) = self.nodes[i].copy.clone() else { return };
+        if self.nodes[i].core.is_none() || !self.rng.chance(50) {
             return;
         }
         if next < BLOCKS {
-            let sources: Vec<usize> = (0..self.nodes.len())
+            let from: Vec<usize> = (0..self.nodes.len())
                 .filter(|&j| {
                     let n = &self.nodes[j];
                     j != i
-                        && n.driver.is_some()
-                        && n.rebuild.is_none()
-                        && n.applied >= index
+                        && sources.contains(&(j as u64 + 1))
+                        && n.core.is_some()
+                        && n.servable >= index
+                        && n.servable > 0
                         && self.partition.as_ref().is_none_or(|p| p[i] == p[j])
                 })
                 .collect();
-            if sources.is_empty() {
+            if from.is_empty() {
                 return;
             }
-            let j = sources[self.rng.below(sources.len() as u64) as usize];
+            let j = from[self.rng.below(from.len() as u64) as usize];
             let (src, dst) = if i < j {
                 let (a, b) = self.nodes.split_at_mut(j);
                 (&b[0], &mut a[i])
@@ -369,11 +496,11 @@ impl Sim {
                 (&a[j], &mut b[0])
             };
             trace!(
-                "t{} n{} copies block {next} from n{} (applied {}) for index {index}",
+                "t{} n{} copies block {next} from n{} (servable {}) for index {index}",
                 self.now,
                 i + 1,
                 j + 1,
-                src.applied
+                src.servable
             );
             // As in production, a damaged block never travels (read_chunk refuses it): the
             // copy asks again later, maybe another member.
@@ -382,35 +509,53 @@ impl Sim {
             }
             dst.store.copy_block_from(&src.store, next);
             dst.durable.copy_block_from(&src.store, next);
-            dst.rebuild = Some((index, next + 1));
+            dst.copy = Some((index, next + 1, sources));
             dst.marker = Some(Marker { index, offset: (next + 1) * BLOCK_BYTES });
             return;
         }
         let n = &mut self.nodes[i];
-        let d = n.driver.as_mut().expect("driver");
-        let handed_out = d.handed_out();
-        let replay = if self.opts.rebuild_without_replay { index + 1 } else { handed_out + 1 };
-        let entries = d.committed_entries(index + 1, replay).expect("replay");
-        let store = &n.store;
-        let grow = |size| {
-            store.grow_to(size);
-            Ok(())
-        };
-        now(apply_entries(store, &grow, entries)).expect("replay");
-        trace!("t{} n{} rebuilt at {index}, replayed to {handed_out}", self.now, i + 1);
-        n.applied = handed_out;
-        n.rebuild = None;
-        self.checkpoint(i);
-        self.nodes[i].marker = None;
-        self.complete_applied(i);
+        n.copy = None;
+        // The bug the hook plants: the replay the core asks for is not done.
+        n.skip_replay = self.opts.rebuild_without_replay;
+        let Some(core) = n.core.as_mut() else { return };
+        core.rebuild_done(GROUP, index, Ok(()));
+        trace!("t{} n{} copied the volume as of {index}", self.now, i + 1);
+        self.execute(i);
+        self.nodes[i].skip_replay = false;
     }
 
     fn crash(&mut self, i: usize) {
         trace!("t{} crash n{}", self.now, i + 1);
         let n = &mut self.nodes[i];
-        n.driver = None;
+        n.core = None;
+        n.copy = None;
+        n.applying = None;
+        n.checkpointing = None;
+        n.servable = 0;
         n.disk.crash();
         self.crashes += 1;
+    }
+
+    /// One round of node `i`'s core: propose, collect, sync (or crash before it), synced.
+    fn round(&mut self, i: usize) {
+        let now = self.now;
+        let Some(core) = self.nodes[i].core.as_mut() else { return };
+        core.propose(now);
+        let needs_sync = core.collect().expect("collect");
+        self.execute(i);
+        if needs_sync && self.faults && self.rng.chance(2) {
+            // Power loss between appending and syncing.
+            return self.crash(i);
+        }
+        let Some(core) = self.nodes[i].core.as_mut() else { return };
+        if needs_sync {
+            if let Some(d) = core.driver(GROUP) {
+                d.storage().wal().lock().expect("lock").sync().expect("sync");
+            }
+        }
+        core.synced().expect("synced");
+        core.checkpoints(now);
+        self.execute(i);
     }
 
     fn send(&mut self, from: usize, msgs: Vec<Message>) {
@@ -450,98 +595,8 @@ impl Sim {
                     continue;
                 }
             }
-            if let Some(d) = self.nodes[to].driver.as_mut() {
-                d.step(m).expect("step");
-            }
-        }
-    }
-
-    /// One Ready round of node `i`: collect, sync (or crash before it), send, apply.
-    fn ready(&mut self, i: usize) {
-        let Some(d) = self.nodes[i].driver.as_mut() else { return };
-        let Some(a) = d.collect().expect("collect") else { return };
-        let mut committed = a.committed;
-        if let Some(snap) = a.snapshot {
-            // The marker goes first, as in production: durable before the install is.
-            let n = &mut self.nodes[i];
-            n.marker = Some(Marker { index: snap.index, offset: 0 });
-            n.rebuild = Some((snap.index, 0));
-            n.applied = snap.index;
-            n.snapshots += 1;
-            trace!("t{} n{} installs snapshot {} from n{}", self.now, i + 1, snap.index, snap.from);
-        }
-        self.send(i, a.messages);
-        if self.faults && self.rng.chance(1) {
-            // Power loss between appending and syncing.
-            self.crash(i);
-            return;
-        }
-        let d = self.nodes[i].driver.as_mut().expect("driver");
-        if a.needs_sync {
-            d.storage().wal().lock().expect("lock").sync().expect("sync");
-        }
-        let b = d.on_synced().expect("on_synced");
-        committed.extend(b.committed);
-        self.send(i, b.messages);
-        let n = &mut self.nodes[i];
-        if n.rebuild.is_some() {
-            // Logged and committed; replayed over the copy once it is complete.
-            return;
-        }
-        for e in &committed {
-            trace!(
-                "t{} n{} applies {} {:?}",
-                self.now,
-                i + 1,
-                e.index,
-                e.commands
-                    .iter()
-                    .map(|c| match c {
-                        Command::Write(w) => format!("W{}={:?}", w.first, value_of(&w.data)),
-                        other => format!("{other:?}"),
-                    })
-                    .collect::<Vec<_>>()
-            );
-        }
-        let Some(last) = committed.last().map(|e| e.index) else {
-            self.complete_applied(i);
-            return;
-        };
-        let store = &n.store;
-        let grow = |size| {
-            store.grow_to(size);
-            Ok(())
-        };
-        let report = now(apply_entries(store, &grow, committed)).expect("apply");
-        assert!(report.guard_failures.is_empty(), "the simulator's writes carry no guards");
-        n.applied = last;
-        self.complete_applied(i);
-    }
-
-    /// Completes what node `i`'s applied index now covers.
-    fn complete_applied(&mut self, i: usize) {
-        let n = &mut self.nodes[i];
-        let Some(d) = n.driver.as_mut() else { return };
-        let done = d.applied(n.applied);
-        for id in done.writes {
-            self.complete(id.0, None);
-        }
-        for id in done.failed {
-            self.retry(id.0);
-        }
-        for id in done.reads {
-            let Some(op) = self.ops.get(&id.0) else { continue };
-            if op.node != i {
-                continue;
-            }
-            let block = op.block;
-            match self.read_repaired(i, block) {
-                Some(data) => self.complete(id.0, Some(data)),
-                None => {
-                    // EIO for this request (no intact copy reachable): the client tries again.
-                    self.eio_reads += 1;
-                    self.retry(id.0);
-                }
+            if let Some(core) = self.nodes[to].core.as_mut() {
+                core.step(GROUP, from as u64 + 1, m);
             }
         }
     }
@@ -555,13 +610,14 @@ impl Sim {
         if !matches!(state, BlockState::Damaged(_)) || self.opts.serve_damaged {
             return Some(read.data);
         }
-        let applied = self.nodes[i].applied;
+        let applied = self.nodes[i].applied();
         for j in 0..self.nodes.len() {
             let n = &self.nodes[j];
+            // As production's ReadCopy: the other copy serves if it has applied as much.
             let reachable = j != i
-                && n.driver.is_some()
-                && n.rebuild.is_none()
-                && n.applied >= applied
+                && n.core.is_some()
+                && n.servable > 0
+                && n.servable >= applied
                 && self.partition.as_ref().is_none_or(|p| p[i] == p[j]);
             if !reachable {
                 continue;
@@ -586,7 +642,7 @@ impl Sim {
     /// rotted block nobody reads stays damaged until the other copies are lost to rebuilds,
     /// a second fault on the same block that no replication survives.
     fn scrub(&mut self, i: usize) {
-        if self.nodes[i].driver.is_none() || self.nodes[i].rebuild.is_some() {
+        if self.nodes[i].core.is_none() || self.nodes[i].rebuilding() {
             return;
         }
         for block in 0..BLOCKS {
@@ -603,12 +659,13 @@ impl Sim {
         let block = self.rng.below(BLOCKS);
         let elsewhere = (0..self.nodes.len())
             .any(|j| j != i && read_block(&self.nodes[j].store, block).damaged().next().is_some());
-        // One fault at a time: the block keeps an intact copy on a complete store elsewhere
-        // (rotting the last complete copy while the others rebuild loses the block for good,
+        // One fault at a time: the block keeps intact copies on every other store, all
+        // complete (rotting a block while another copy is being replaced, or when the one
+        // other intact copy is replaced before a scrub came by, loses the block for good,
         // which no replication can undo).
-        let other_complete = (0..self.nodes.len())
-            .any(|j| j != i && self.nodes[j].driver.is_some() && self.nodes[j].rebuild.is_none());
-        if elsewhere || !other_complete || self.nodes[i].rebuild.is_some() {
+        let others_complete = (0..self.nodes.len())
+            .all(|j| j == i || (self.nodes[j].core.is_some() && !self.nodes[j].rebuilding()));
+        if elsewhere || !others_complete || self.nodes[i].rebuilding() {
             return;
         }
         let n = &mut self.nodes[i];
@@ -662,8 +719,8 @@ impl Sim {
     }
 
     fn pick_node(&mut self) -> usize {
-        let up: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].driver.is_some()).collect();
-        if let Some(&l) = up.iter().find(|&&i| self.nodes[i].driver.as_ref().is_some_and(|d| d.is_leader())) {
+        let up: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].core.is_some()).collect();
+        if let Some(&l) = up.iter().find(|&&i| self.nodes[i].driver().is_some_and(|d| d.is_leader())) {
             return l;
         }
         if up.is_empty() {
@@ -683,19 +740,17 @@ impl Sim {
         };
         self.busy[block as usize] = true;
         self.ops.insert(id, Op { block, kind, node, sent_at: self.now });
-        let ack_early = self.opts.ack_before_commit;
-        let Some(d) = self.nodes[node].driver.as_mut() else { return };
+        let Some(core) = self.nodes[node].core.as_mut() else { return };
         match kind {
             OpKind::Write(v) => {
-                let cmd = write_command(block, v);
-                if d.propose(&[cmd], vec![RequestId(id)]).is_ok() && ack_early {
+                core.write(GROUP, vec![write_command(block, v)], id);
+                if self.opts.ack_before_commit {
                     self.complete(id, None);
                 }
             }
-            OpKind::Read => {
-                let _ = d.read(RequestId(id), self.now);
-            }
+            OpKind::Read => core.read(GROUP, block, 1, id),
         }
+        self.execute(node);
     }
 
     fn client(&mut self) {
@@ -706,46 +761,55 @@ impl Sim {
             .filter(|(_, o)| self.now - o.sent_at > OP_TIMEOUT_TICKS)
             .map(|(&id, _)| id)
             .collect();
-        for id in stale {
+        for id in stale.into_iter().chain(std::mem::take(&mut self.retry_soon)) {
             self.retry(id);
         }
-        if self.issued >= self.opts.ops || !self.rng.chance(40) {
-            return;
+        // Up to two new requests a step: the leader batches what arrives together.
+        for _ in 0..2 {
+            if self.issued >= self.opts.ops || !self.rng.chance(40) {
+                return;
+            }
+            let block = self.rng.below(BLOCKS);
+            if self.busy[block as usize] {
+                continue;
+            }
+            self.issued += 1;
+            let kind = if self.rng.chance(50) {
+                let v = if self.rng.chance(10) { 0 } else { self.next_value };
+                self.next_value += 1;
+                self.possible[block as usize].push(v);
+                OpKind::Write(v)
+            } else {
+                OpKind::Read
+            };
+            self.submit(block, kind);
         }
-        let block = self.rng.below(BLOCKS);
-        if self.busy[block as usize] {
-            return;
-        }
-        self.issued += 1;
-        let kind = if self.rng.chance(50) {
-            let v = if self.rng.chance(10) { 0 } else { self.next_value };
-            self.next_value += 1;
-            self.possible[block as usize].push(v);
-            OpKind::Write(v)
-        } else {
-            OpKind::Read
-        };
-        self.submit(block, kind);
     }
 
     fn faults(&mut self) {
         let n = self.nodes.len();
-        let down = self.nodes.iter().filter(|x| x.driver.is_none()).count();
-        if down < n / 2 && self.rng.chance(2) {
+        let down = self.nodes.iter().filter(|x| x.core.is_none()).count();
+        // One fault at a time: while a copy holds a rotted block, no other copy is lost to a
+        // crash or a partition (which can end in a snapshot that replaces the copy): the
+        // scrub or a read repairs it first. Losing every intact copy of a block is what no
+        // replication survives.
+        let damaged = (0..self.nodes.len())
+            .any(|j| (0..BLOCKS).any(|b| read_block(&self.nodes[j].store, b).damaged().next().is_some()));
+        if down < n / 2 && !damaged && self.rng.chance(2) {
             let i = self.rng.below(n as u64) as usize;
-            if self.nodes[i].driver.is_some() {
+            if self.nodes[i].core.is_some() {
                 self.crash(i);
             }
         }
         for i in 0..n {
-            if self.nodes[i].driver.is_none() && self.rng.chance(5) {
+            if self.nodes[i].core.is_none() && self.rng.chance(5) {
                 self.start(i);
             }
         }
         if self.rng.chance(3) {
             self.rot();
         }
-        if self.partition.is_none() && self.rng.chance(2) {
+        if self.partition.is_none() && !damaged && self.rng.chance(2) {
             self.partition = Some((0..n).map(|_| self.rng.chance(50)).collect());
         } else if self.partition.is_some() && self.rng.chance(5) {
             self.partition = None;
@@ -758,9 +822,10 @@ impl Sim {
             self.faults();
         }
         for i in 0..self.nodes.len() {
-            if let Some(d) = self.nodes[i].driver.as_mut() {
-                if !self.faults || self.rng.chance(90) {
-                    d.tick();
+            let tick = !self.faults || self.rng.chance(90);
+            if let Some(core) = self.nodes[i].core.as_mut() {
+                if tick {
+                    core.tick();
                 }
             }
         }
@@ -769,14 +834,16 @@ impl Sim {
         for i in 0..self.nodes.len() {
             // Drain: a round can produce more work (e.g. light-ready commits).
             for _ in 0..4 {
-                self.ready(i);
+                self.round(i);
+                if !self.nodes[i].core.as_ref().is_some_and(|c| c.has_ready()) {
+                    break;
+                }
             }
+            self.background(i);
             self.rebuild_step(i);
-            if self.now >= self.nodes[i].next_checkpoint {
-                self.nodes[i].next_checkpoint =
-                    self.now + CHECKPOINT_TICKS + self.rng.below(CHECKPOINT_TICKS);
+            if self.now >= self.nodes[i].next_scrub {
+                self.nodes[i].next_scrub = self.now + CHECKPOINT_TICKS + self.rng.below(CHECKPOINT_TICKS);
                 self.scrub(i);
-                self.checkpoint(i);
             }
         }
     }
@@ -785,7 +852,7 @@ impl Sim {
         self.faults = false;
         self.partition = None;
         for i in 0..self.nodes.len() {
-            if self.nodes[i].driver.is_none() {
+            if self.nodes[i].core.is_none() {
                 self.start(i);
             }
         }
@@ -826,9 +893,8 @@ impl Sim {
             sim.nodes
                 .iter()
                 .map(|n| {
-                    n.driver
-                        .as_ref()
-                        .map_or((0, 0, false), |d| (d.commit_index(), d.applied_index(), n.rebuild.is_some()))
+                    let busy = n.rebuilding() || n.applying.is_some() || n.copy.is_some();
+                    n.driver().map_or((0, 0, false), |d| (d.commit_index(), d.applied_index(), busy))
                 })
                 .collect()
         };
@@ -840,7 +906,7 @@ impl Sim {
         }
         let commits = state(self);
         if !converged(&commits) {
-            let leaders: Vec<String> = self.nodes.iter().map(|n| format!("{:?}", n.driver)).collect();
+            let leaders: Vec<String> = self.nodes.iter().map(|n| format!("{:?}", n.driver())).collect();
             self.seed_fail(format!(
                 "replicas did not converge: (commit, applied, rebuilding) {commits:?} {leaders:?}"
             ));
@@ -909,7 +975,7 @@ pub fn run_seed(seed: u64, opts: SimOptions) -> SimReport {
         acked_writes: sim.acked_writes,
         reads_ok: sim.reads_ok,
         crashes: sim.crashes,
-        commit_index: sim.nodes[0].driver.as_ref().map_or(0, |d| d.commit_index()),
+        commit_index: sim.nodes[0].driver().map_or(0, |d| d.commit_index()),
         snapshots: sim.nodes.iter().map(|n| n.snapshots).sum(),
         rots: sim.rots,
         repairs: sim.repairs,
@@ -1016,11 +1082,13 @@ mod tests {
             .find_map(|_| {
                 sim.step();
                 let now = sim.now;
-                let (i, d) = sim
-                    .nodes
-                    .iter_mut()
-                    .enumerate()
-                    .find_map(|(i, n)| n.driver.as_mut().filter(|d| d.is_leader()).map(|d| (i, d)))?;
+                let (i, d) = sim.nodes.iter_mut().enumerate().find_map(|(i, n)| {
+                    n.core
+                        .as_mut()
+                        .and_then(|c| c.driver_mut(GROUP))
+                        .filter(|d| d.is_leader())
+                        .map(|d| (i, d))
+                })?;
                 probe += 1;
                 let _ = d.read(RequestId(probe), now);
                 d.holds_lease(now).then_some(i)
@@ -1034,22 +1102,15 @@ mod tests {
                 .nodes
                 .iter()
                 .enumerate()
-                .any(|(i, n)| i != old && n.driver.as_ref().is_some_and(|d| d.is_leader()));
+                .any(|(i, n)| i != old && n.driver().is_some_and(|d| d.is_leader()));
             if new_leader {
-                return sim.nodes[old].driver.as_ref().is_some_and(|d| d.holds_lease(now));
+                return sim.nodes[old].driver().is_some_and(|d| d.holds_lease(now));
             }
         }
         let states: Vec<String> = sim
             .nodes
             .iter()
-            .map(|n| {
-                format!(
-                    "{:?} {:?} rebuild {:?}",
-                    n.driver,
-                    n.driver.as_ref().map(|d| d.raft_status()),
-                    n.rebuild
-                )
-            })
+            .map(|n| format!("{:?} {:?} copy {:?}", n.driver(), n.driver().map(|d| d.raft_status()), n.copy))
             .collect();
         panic!("seed {seed}: no new leader after the partition of node {}: {states:?}", old + 1);
     }

@@ -1,0 +1,832 @@
+//! The node's Raft core, sans-IO: every group's [`GroupDriver`] and what each group waits
+//! for (queued requests, the apply and the checkpoint in flight, a rebuild), fed with inputs
+//! and returning [`Output`]s for a shell to carry out. Production's shell is the runner
+//! thread (`runner.rs`: tokio tasks, the transport, the WAL file); the simulator (`sim`)
+//! drives the same core with its simulated disk, network and clock.
+//!
+//! A round, as a shell drives it:
+//! 1. inputs as they come: [`NodeCore::open`], [`NodeCore::write`], [`NodeCore::read`],
+//!    [`NodeCore::step`], [`NodeCore::tick`], and the reports of work the core asked for:
+//!    [`NodeCore::applied`], [`NodeCore::checkpointed`], [`NodeCore::rebuild_done`];
+//! 2. [`NodeCore::propose`]: queued writes become batched entries, queued reads one ReadIndex
+//!    per group;
+//! 3. [`NodeCore::collect`]: every group's Ready, appended to the WAL (unsynced); the outputs
+//!    carry rebuild markers (written before the sync) and messages (sent at once); returns
+//!    whether the WAL needs a sync;
+//! 4. the shell syncs the WAL if asked, then [`NodeCore::synced`]: the messages that waited
+//!    for the sync, committed entries as `Apply` outputs;
+//! 5. [`NodeCore::checkpoints`]: `Checkpoint` outputs for groups whose interval passed.
+//!
+//! Applies never block a round: at most one per group is in flight (entries apply in log
+//! order; within a batch `apply_entries` runs non-overlapping commands together), the next
+//! batch waits in the group's queue, and acknowledgements and reads follow the applied
+//! index. The WAL's appends and compactions go through each driver's `GroupStorage`, which
+//! writes through the disk seam (`WalDisk`), so the core is generic over the disk.
+
+use std::collections::{BTreeMap, HashMap};
+
+use raft::eraftpb::{ConfChangeV2, Message};
+
+use super::{GroupStatus, NodeError};
+use crate::snapshot::marker::{plan_open, Marker, OpenPlan};
+use crate::storage::GroupStorage;
+use crate::volume::command::{Command, BATCH_COMMANDS_MAX};
+use crate::volume::group::{CommittedEntry, GroupConfig, GroupDriver, GroupError, RequestId};
+use crate::volume::ApplyReport;
+use crate::wal::disk::WalDisk;
+use crate::wal::record::GroupId;
+
+/// Most payload bytes proposed in one entry (several client writes batch into one).
+const ENTRY_PAYLOAD_BYTES_MAX: usize = 8 << 20;
+/// Largest payload of one write request: the NBD maximum (32 MiB) and its blocks' seals (at
+/// most 37 bytes per 4 KiB block, 296 KiB); an entry holding it alone still fits a WAL
+/// record (see `wal::record::PAYLOAD_BYTES_MAX`, 1 MiB above the NBD maximum).
+pub(crate) const REQUEST_PAYLOAD_BYTES_MAX: usize = (32 << 20) + (512 << 10);
+
+/// Settings of a core.
+#[derive(Debug, Clone)]
+pub(crate) struct CoreConfig {
+    pub node_id: u64,
+    /// Election timeout in ticks (each group draws its own in `[n, 2n)`).
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// See `GroupConfig::read_lease_ms`; in the clock the shell passes.
+    pub read_lease_ms: u64,
+    /// Log entries (and most bytes of them) kept below a checkpoint for peers that lag.
+    pub log_retain_entries: u64,
+    pub log_retain_bytes: u64,
+    /// How often each group's store is flushed and its applied index recorded.
+    pub checkpoint_interval_ms: u64,
+    /// Seeds the groups' randomized election timeouts.
+    pub seed: u64,
+}
+
+/// A read waiting for its group's applied index.
+#[derive(Debug)]
+pub(crate) struct ReadRequest<R> {
+    pub first: u64,
+    pub count: u32,
+    pub token: R,
+}
+
+/// What the shell does for the core. `W` and `R` are the shell's handles for a write's and
+/// a read's reply.
+#[derive(Debug)]
+pub(crate) enum Output<W, R> {
+    /// Send Raft messages to their nodes.
+    Send { group: GroupId, messages: Vec<Message> },
+    /// A write is done (committed and applied here) or failed.
+    Acked { token: W, result: Result<(), NodeError> },
+    /// A read failed before it reached the store.
+    ReadFailed { token: R, error: NodeError },
+    /// Reads the local store may now serve: it has applied `applied`, at least their read
+    /// index. `peers` hold other copies to repair damaged blocks from.
+    Serve { group: GroupId, reads: Vec<ReadRequest<R>>, applied: u64, peers: Vec<u64> },
+    /// Apply committed entries to the group's store, in order; report with
+    /// [`NodeCore::applied`] and `seq`.
+    Apply { group: GroupId, seq: u64, entries: Vec<CommittedEntry> },
+    /// Sync the WAL (what applying entries wrote there, a membership's conf state, must be
+    /// durable before an applied index past it is), flush the store, record `applied` as its
+    /// durable index; report with [`NodeCore::checkpointed`].
+    Checkpoint { group: GroupId, applied: u64 },
+    /// Write the rebuild marker, before this round's WAL sync: once the sync makes a snapshot
+    /// install durable, a restart must know the store is not the volume as of the log.
+    WriteMarker { group: GroupId, marker: Marker },
+    /// The store is complete again: remove the rebuild marker.
+    RemoveMarker { group: GroupId },
+    /// Copy the volume as of `index` from `sources` (in that order of preference),
+    /// continuing at `offset`, replacing any copy running; report with
+    /// [`NodeCore::rebuild_done`].
+    Rebuild { group: GroupId, index: u64, offset: u64, sources: Vec<u64> },
+    /// What peers copying from this store may rely on: it holds the volume as of `index`
+    /// (0: nothing, it is being replaced or broken).
+    Servable { group: GroupId, index: u64 },
+    /// The group's leader changed (0: none known).
+    LeaderChanged { group: GroupId, leader: u64 },
+}
+
+/// Where a store being rebuilt stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rebuild {
+    /// The copy waits for the apply in flight (it must not write over the copied blocks).
+    Waiting { index: u64, offset: u64, hint: u64 },
+    /// Copying from peers; committed entries are logged, not applied.
+    Copying { index: u64 },
+    /// Copied: the log since the snapshot replays over the copy as ordinary applies, then a
+    /// checkpoint records `target` before the marker goes. Entries committed meanwhile queue
+    /// behind the replay.
+    Finishing { target: u64 },
+}
+
+struct Slot<D: WalDisk, W, R> {
+    driver: GroupDriver<D>,
+    new_writes: Vec<(Vec<Command>, W)>,
+    new_reads: Vec<ReadRequest<R>>,
+    // Ordered maps (here and for the groups): what a core outputs follows from its inputs
+    // alone, so the simulator replays a seed exactly.
+    writes: BTreeMap<RequestId, W>,
+    reads: BTreeMap<RequestId, Vec<ReadRequest<R>>>,
+    /// Guarded writes this leader proposed, by (entry index, position): which request to
+    /// tell if the guard fails when the entry is applied.
+    guarded: HashMap<(u64, usize), RequestId>,
+    /// Requests whose guarded write was skipped (the block had changed).
+    guard_failed: HashMap<RequestId, u64>,
+    /// Highest index applied to the store.
+    applied: u64,
+    /// Committed entries waiting for the apply in flight to finish, in log order.
+    to_apply: Vec<CommittedEntry>,
+    /// The apply in flight: its number and the last index it applies.
+    applying: Option<(u64, u64)>,
+    /// Highest index applied and flushed, as the store's applied file records.
+    checkpointed: u64,
+    /// The checkpoint in flight: the applied index it records.
+    checkpointing: Option<u64>,
+    last_checkpoint_ms: u64,
+    /// Set when the store failed: the replica stops serving.
+    broken: Option<String>,
+    rebuild: Option<Rebuild>,
+}
+
+/// Every group of one node. See the module docs for the calling protocol.
+pub(crate) struct NodeCore<D: WalDisk, W, R> {
+    config: CoreConfig,
+    groups: BTreeMap<GroupId, Slot<D, W, R>>,
+    out: Vec<Output<W, R>>,
+    /// Groups collected this round (they owe an `on_synced`), and snapshots they installed:
+    /// (group, index, the node it came from).
+    collected: Vec<GroupId>,
+    installed: Vec<(GroupId, u64, u64)>,
+    next_request: u64,
+    next_apply: u64,
+    rng: u64,
+}
+
+fn not_leader_or_internal(e: &GroupError, leader: u64) -> NodeError {
+    match e {
+        GroupError::NotLeader { .. } => NodeError::NotLeader { leader },
+        other => NodeError::Internal(other.to_string()),
+    }
+}
+
+impl<D: WalDisk, W, R> NodeCore<D, W, R> {
+    pub(crate) fn new(config: CoreConfig) -> NodeCore<D, W, R> {
+        let rng = config.seed | 1;
+        NodeCore {
+            config,
+            groups: BTreeMap::new(),
+            out: Vec::new(),
+            collected: Vec::new(),
+            installed: Vec::new(),
+            next_request: 0,
+            next_apply: 0,
+            rng,
+        }
+    }
+
+    /// What the shell has to do, in order.
+    pub(crate) fn take_outputs(&mut self) -> Vec<Output<W, R>> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Whether the core holds `group`.
+    pub(crate) fn contains(&self, group: GroupId) -> bool {
+        self.groups.contains_key(&group)
+    }
+
+    /// Groups held, in no particular order.
+    pub(crate) fn group_ids(&self) -> Vec<GroupId> {
+        self.groups.keys().copied().collect()
+    }
+
+    /// The group's Raft driver (for the simulator).
+    #[cfg(test)]
+    pub(crate) fn driver(&self, group: GroupId) -> Option<&GroupDriver<D>> {
+        self.groups.get(&group).map(|s| &s.driver)
+    }
+
+    /// The group's Raft driver, mutably (for the simulator's probes).
+    #[cfg(test)]
+    pub(crate) fn driver_mut(&mut self, group: GroupId) -> Option<&mut GroupDriver<D>> {
+        self.groups.get_mut(&group).map(|s| &mut s.driver)
+    }
+
+    /// Highest index applied to the group's store (meaningless while it is rebuilt).
+    #[cfg(test)]
+    pub(crate) fn applied_index(&self, group: GroupId) -> u64 {
+        self.groups.get(&group).map_or(0, |s| s.applied)
+    }
+
+    /// Whether the group's store is being rebuilt (copied, or its log replayed over a copy).
+    #[cfg(test)]
+    pub(crate) fn rebuilding(&self, group: GroupId) -> bool {
+        self.groups.get(&group).is_some_and(|s| s.rebuild.is_some())
+    }
+
+    /// Whether some group has Raft work left (then the shell should not wait for input).
+    pub(crate) fn has_ready(&self) -> bool {
+        self.groups.values().any(|s| s.broken.is_none() && s.driver.has_ready())
+    }
+
+    /// The group's state for status reports (`rebuild` is the shell's to fill in).
+    pub(crate) fn status(&self, group: GroupId) -> Option<GroupStatus> {
+        let slot = self.groups.get(&group)?;
+        let crate::volume::group::RaftStatus { term, voters, learners, progress } = slot.driver.raft_status();
+        Some(GroupStatus {
+            leader: slot.driver.leader(),
+            is_leader: slot.driver.is_leader(),
+            term,
+            commit_index: slot.driver.commit_index(),
+            // A store being rebuilt holds no consistent index yet.
+            applied_index: if slot.rebuild.is_some() { 0 } else { slot.applied },
+            voters,
+            learners,
+            progress,
+            first_index: slot.driver.storage().meta().snapshot_index + 1,
+            rebuild: None,
+        })
+    }
+
+    fn random(&mut self) -> u64 {
+        crate::volume::group::xorshift64(&mut self.rng)
+    }
+
+    fn request_id(&mut self) -> RequestId {
+        self.next_request += 1;
+        RequestId(self.next_request)
+    }
+
+    /// Opens a group over its (initialized) log. `checkpointed`: the applied index the
+    /// store's last checkpoint recorded; `marker`: the rebuild marker found, if any. The
+    /// store either replays the log from its checkpoint or is rebuilt (`marker::plan_open`).
+    pub(crate) fn open(
+        &mut self,
+        group: GroupId,
+        storage: GroupStorage<D>,
+        checkpointed: u64,
+        marker: Option<Marker>,
+        now_ms: u64,
+    ) -> Result<(), NodeError> {
+        if self.groups.contains_key(&group) {
+            return Ok(());
+        }
+        let plan =
+            plan_open(checkpointed, storage.meta().snapshot_index, storage.hard_state().commit, marker);
+        let applied = match plan {
+            OpenPlan::Replay { applied } => applied,
+            OpenPlan::Rebuild { index, .. } => index,
+        };
+        let election_tick = self.config.election_ticks.max(2);
+        let cfg = GroupConfig {
+            node_id: self.config.node_id,
+            group,
+            election_tick,
+            seed: self.random(),
+            heartbeat_tick: self.config.heartbeat_ticks,
+            applied,
+            read_lease_ms: self.config.read_lease_ms,
+        };
+        let driver = GroupDriver::new(&cfg, storage)
+            .map_err(|e| NodeError::Internal(format!("group {group}: {e}")))?;
+        tracing::info!(%group, applied, election_tick, ?plan, "replica opened");
+        self.groups.insert(
+            group,
+            Slot {
+                driver,
+                new_writes: Vec::new(),
+                new_reads: Vec::new(),
+                writes: BTreeMap::new(),
+                reads: BTreeMap::new(),
+                guarded: HashMap::new(),
+                guard_failed: HashMap::new(),
+                applied,
+                to_apply: Vec::new(),
+                applying: None,
+                checkpointed: applied,
+                checkpointing: None,
+                last_checkpoint_ms: now_ms,
+                broken: None,
+                rebuild: None,
+            },
+        );
+        match plan {
+            OpenPlan::Replay { applied } => {
+                if marker.is_some() {
+                    self.out.push(Output::RemoveMarker { group });
+                }
+                self.out.push(Output::Servable { group, index: applied });
+            }
+            OpenPlan::Rebuild { index, offset } => self.start_rebuild(group, index, offset, 0),
+        }
+        Ok(())
+    }
+
+    /// Forgets the group (closing it or shutting down), failing what waits on it with
+    /// `error()`. The shell settles it first (see `Runner::settle`).
+    pub(crate) fn remove(&mut self, group: GroupId, error: impl Fn() -> NodeError) {
+        let Some(slot) = self.groups.remove(&group) else { return };
+        let queued = slot.new_writes.into_iter().map(|(_, token)| token);
+        for token in queued.chain(slot.writes.into_values()) {
+            self.out.push(Output::Acked { token, result: Err(error()) });
+        }
+        for r in slot.new_reads.into_iter().chain(slot.reads.into_values().flatten()) {
+            self.out.push(Output::ReadFailed { token: r.token, error: error() });
+        }
+    }
+
+    /// The group's slot if this replica may serve client I/O now: it holds the group, its
+    /// store works, it leads, and its store is not being rebuilt (a rebuilding store cannot
+    /// answer reads or apply writes; clients retry until leadership moves to a complete
+    /// replica, see `tick`).
+    fn serving(&mut self, group: GroupId) -> Result<&mut Slot<D, W, R>, NodeError> {
+        let slot = self.groups.get_mut(&group).ok_or(NodeError::NotMember(group))?;
+        if let Some(why) = &slot.broken {
+            return Err(NodeError::Internal(why.clone()));
+        }
+        if !slot.driver.is_leader() || slot.rebuild.is_some() {
+            return Err(NodeError::NotLeader { leader: slot.driver.leader() });
+        }
+        Ok(slot)
+    }
+
+    /// A client write (already checked against the store: its range, its kind). Queued for
+    /// the next [`NodeCore::propose`]; acknowledged once committed and applied here.
+    pub(crate) fn write(&mut self, group: GroupId, commands: Vec<Command>, token: W) {
+        // Proposals batch requests up to ENTRY_PAYLOAD_BYTES_MAX, and a larger one goes
+        // alone; one past the NBD maximum would not fit a WAL record.
+        let payload: usize = commands.iter().map(Command::payload_len).sum();
+        if payload > REQUEST_PAYLOAD_BYTES_MAX {
+            let error = NodeError::Internal(format!(
+                "a write of {payload} bytes exceeds the largest replicated write ({REQUEST_PAYLOAD_BYTES_MAX})"
+            ));
+            return self.out.push(Output::Acked { token, result: Err(error) });
+        }
+        match self.serving(group) {
+            Ok(slot) => slot.new_writes.push((commands, token)),
+            Err(error) => self.out.push(Output::Acked { token, result: Err(error) }),
+        }
+    }
+
+    /// A linearizable read of blocks `first..first + count` (already checked against the
+    /// store); served by an `Output::Serve` once the store has applied its read index.
+    pub(crate) fn read(&mut self, group: GroupId, first: u64, count: u32, token: R) {
+        match self.serving(group) {
+            Ok(slot) => slot.new_reads.push(ReadRequest { first, count, token }),
+            Err(error) => self.out.push(Output::ReadFailed { token, error }),
+        }
+    }
+
+    /// A Raft message from a peer.
+    pub(crate) fn step(&mut self, group: GroupId, from: u64, message: Message) {
+        let Some(slot) = self.groups.get_mut(&group) else {
+            tracing::debug!(%group, from, "message for a group this node does not (yet) have");
+            return;
+        };
+        if let Err(e) = slot.driver.step(message) {
+            tracing::debug!(%group, from, error = %e, "Raft refused a message");
+        }
+    }
+
+    /// Asks the group's leader (if this node) to hand leadership to `to`.
+    pub(crate) fn transfer_leader(&mut self, group: GroupId, to: u64) {
+        if let Some(slot) = self.groups.get_mut(&group) {
+            slot.driver.transfer_leader(to);
+        }
+    }
+
+    /// Proposes a membership change; it takes effect when committed.
+    pub(crate) fn conf_change(&mut self, group: GroupId, change: ConfChangeV2) -> Result<(), NodeError> {
+        let slot = self.groups.get_mut(&group).ok_or(NodeError::NotMember(group))?;
+        let leader = slot.driver.leader();
+        slot.driver.propose_conf_change(change).map_err(|e| not_leader_or_internal(&e, leader))
+    }
+
+    /// One clock tick of every group. A replica that leads while its store is being copied
+    /// hands leadership to a complete one.
+    pub(crate) fn tick(&mut self) {
+        let me = self.config.node_id;
+        for slot in self.groups.values_mut() {
+            slot.driver.tick();
+            if matches!(slot.rebuild, Some(Rebuild::Copying { .. } | Rebuild::Waiting { .. }))
+                && slot.driver.is_leader()
+            {
+                let status = slot.driver.raft_status();
+                let best = status
+                    .progress
+                    .iter()
+                    .filter(|(id, _)| *id != me && status.voters.contains(id))
+                    .max_by_key(|(_, matched)| *matched)
+                    .map(|(id, _)| *id);
+                if let Some(to) = best {
+                    slot.driver.transfer_leader(to);
+                }
+            }
+        }
+    }
+
+    /// Turns queued writes into proposals (batched into few entries) and queued reads
+    /// into one ReadIndex request per group. `now_ms` is the clock read leases run on.
+    pub(crate) fn propose(&mut self, now_ms: u64) {
+        for group in self.group_ids() {
+            let mut writes = match self.groups.get_mut(&group) {
+                Some(slot) if !slot.new_writes.is_empty() => std::mem::take(&mut slot.new_writes),
+                _ => Vec::new(),
+            };
+            writes.reverse(); // popped from the back, in arrival order
+            while !writes.is_empty() {
+                let mut commands = Vec::new();
+                let mut bytes = 0usize;
+                let mut batch = Vec::new();
+                let mut guarded = Vec::new();
+                while let Some((cmds, _)) = writes.last() {
+                    let size: usize = cmds.iter().map(|c| c.payload_len().max(16)).sum();
+                    let fits = commands.len() + cmds.len() <= BATCH_COMMANDS_MAX
+                        && (batch.is_empty() || bytes + size <= ENTRY_PAYLOAD_BYTES_MAX);
+                    if !fits {
+                        break;
+                    }
+                    let Some((cmds, token)) = writes.pop() else { break };
+                    bytes += size;
+                    let id = self.request_id();
+                    for (i, c) in cmds.iter().enumerate() {
+                        if matches!(c, Command::Write(w) if !w.guards.is_empty()) {
+                            guarded.push((commands.len() + i, id));
+                        }
+                    }
+                    commands.extend(cmds);
+                    batch.push((id, token));
+                }
+                let Some(slot) = self.groups.get_mut(&group) else { break };
+                let ids: Vec<RequestId> = batch.iter().map(|(id, _)| *id).collect();
+                match slot.driver.propose(&commands, ids) {
+                    Ok(index) => {
+                        slot.writes.extend(batch);
+                        slot.guarded
+                            .extend(guarded.into_iter().map(|(position, id)| ((index, position), id)));
+                    }
+                    Err(e) => {
+                        let leader = slot.driver.leader();
+                        for (_, token) in batch {
+                            let result = Err(not_leader_or_internal(&e, leader));
+                            self.out.push(Output::Acked { token, result });
+                        }
+                    }
+                }
+            }
+            let reads = match self.groups.get_mut(&group) {
+                Some(slot) if !slot.new_reads.is_empty() => std::mem::take(&mut slot.new_reads),
+                _ => continue,
+            };
+            let id = self.request_id();
+            if let Some(slot) = self.groups.get_mut(&group) {
+                slot.driver.read(id, now_ms);
+                slot.reads.insert(id, reads);
+            }
+        }
+    }
+
+    /// Phase 1 of a round: every group's Ready, appended to the WAL unsynced. Returns
+    /// whether the WAL must be synced before [`NodeCore::synced`]; the outputs so far must be
+    /// carried out before that sync (markers) or may be at once (messages).
+    pub(crate) fn collect(&mut self) -> Result<bool, NodeError> {
+        let mut needs_sync = false;
+        for group in self.group_ids() {
+            let Some(slot) = self.groups.get_mut(&group) else { continue };
+            if slot.broken.is_some() {
+                continue;
+            }
+            let Some(actions) =
+                slot.driver.collect().map_err(|e| NodeError::Internal(format!("group {group}: {e}")))?
+            else {
+                continue;
+            };
+            if let Some(leader) = actions.leader_changed {
+                self.leader_changed(group, leader);
+            }
+            if let Some(snap) = actions.snapshot {
+                self.out.push(Output::WriteMarker { group, marker: Marker { index: snap.index, offset: 0 } });
+                self.out.push(Output::Servable { group, index: 0 });
+                self.installed.push((group, snap.index, snap.from));
+            }
+            self.send(group, actions.messages);
+            self.committed(group, actions.committed);
+            needs_sync |= actions.needs_sync;
+            self.collected.push(group);
+        }
+        Ok(needs_sync)
+    }
+
+    /// Phase 2 of a round, after the WAL sync [`NodeCore::collect`] asked for.
+    pub(crate) fn synced(&mut self) -> Result<(), NodeError> {
+        for (group, index, from) in std::mem::take(&mut self.installed) {
+            tracing::info!(%group, index, from, "snapshot installed");
+            self.start_rebuild(group, index, 0, from);
+        }
+        for group in std::mem::take(&mut self.collected) {
+            let Some(slot) = self.groups.get_mut(&group) else { continue };
+            let actions =
+                slot.driver.on_synced().map_err(|e| NodeError::Internal(format!("group {group}: {e}")))?;
+            if let Some(leader) = actions.leader_changed {
+                self.leader_changed(group, leader);
+            }
+            self.send(group, actions.messages);
+            self.committed(group, actions.committed);
+        }
+        for group in self.group_ids() {
+            self.start_apply(group);
+            self.complete(group);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, group: GroupId, messages: Vec<Message>) {
+        if !messages.is_empty() {
+            self.out.push(Output::Send { group, messages });
+        }
+    }
+
+    fn leader_changed(&mut self, group: GroupId, leader: u64) {
+        tracing::info!(%group, leader, "leader changed");
+        self.out.push(Output::LeaderChanged { group, leader });
+        let me = self.config.node_id;
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        if leader != me {
+            // ReadIndex requests of a deposed leader never complete: fail them so the
+            // clients retry at the new leader. Writes resolve through the log.
+            for (_, reads) in std::mem::take(&mut slot.reads) {
+                for r in reads {
+                    self.out
+                        .push(Output::ReadFailed { token: r.token, error: NodeError::NotLeader { leader } });
+                }
+            }
+        }
+    }
+
+    /// Queues committed entries for the group's store.
+    fn committed(&mut self, group: GroupId, entries: Vec<CommittedEntry>) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        match slot.rebuild {
+            // Logged and committed; replayed over the copy when it is complete.
+            Some(Rebuild::Copying { .. } | Rebuild::Waiting { .. }) => {}
+            None | Some(Rebuild::Finishing { .. }) => slot.to_apply.extend(entries),
+        }
+    }
+
+    /// Starts applying the group's queued entries unless an apply is in flight.
+    fn start_apply(&mut self, group: GroupId) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        if slot.applying.is_some() || slot.to_apply.is_empty() || slot.broken.is_some() {
+            return;
+        }
+        let entries = std::mem::take(&mut slot.to_apply);
+        let Some(last) = entries.last().map(|e| e.index) else { return };
+        self.next_apply += 1;
+        let seq = self.next_apply;
+        slot.applying = Some((seq, last));
+        self.out.push(Output::Apply { group, seq, entries });
+    }
+
+    /// Apply `seq` of the group finished: take in its result, complete what it covers, start
+    /// the next batch (or the copy that waited for it).
+    pub(crate) fn applied(&mut self, group: GroupId, seq: u64, result: Result<ApplyReport, String>) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        let Some((_, last)) = slot.applying.filter(|(s, _)| *s == seq) else { return };
+        slot.applying = None;
+        match slot.rebuild {
+            Some(Rebuild::Waiting { index, offset, hint }) => {
+                // The store is being replaced: the copy that waited for this apply starts.
+                return self.start_rebuild(group, index, offset, hint);
+            }
+            Some(Rebuild::Copying { .. }) => return,
+            None | Some(Rebuild::Finishing { .. }) => {}
+        }
+        match result {
+            Ok(report) => {
+                for at in report.guard_failures {
+                    if let Some(id) = slot.guarded.remove(&at) {
+                        slot.guard_failed.insert(id, at.0);
+                    }
+                }
+                slot.applied = slot.applied.max(last);
+                if slot.broken.is_none() && slot.rebuild.is_none() {
+                    self.out.push(Output::Servable { group, index: slot.applied });
+                }
+            }
+            Err(e) => {
+                tracing::error!(%group, error = %e, "replica stops: the local store cannot apply committed entries");
+                slot.broken = Some(format!("applying to the local store failed: {e}"));
+                self.out.push(Output::Servable { group, index: 0 });
+            }
+        }
+        self.finish_rebuild(group);
+        self.complete(group);
+        self.start_apply(group);
+    }
+
+    /// A store whose log replayed over its copy up to the target is checkpointed (once no
+    /// older checkpoint is in flight), which [`NodeCore::checkpointed`] turns into the end of
+    /// the rebuild.
+    fn finish_rebuild(&mut self, group: GroupId) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        let Some(Rebuild::Finishing { target }) = slot.rebuild else { return };
+        if slot.applied >= target && slot.checkpointing.is_none() && slot.broken.is_none() {
+            slot.checkpointing = Some(slot.applied);
+            self.out.push(Output::Checkpoint { group, applied: slot.applied });
+        }
+    }
+
+    /// Acknowledges writes and serves reads that the applied index now covers.
+    fn complete(&mut self, group: GroupId) {
+        let me = self.config.node_id;
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        if slot.rebuild.is_some() {
+            return;
+        }
+        let done = slot.driver.applied(slot.applied);
+        for id in done.writes {
+            if let Some(token) = slot.writes.remove(&id) {
+                let result = match slot.guard_failed.remove(&id) {
+                    Some(block) => Err(NodeError::GuardFailed { block }),
+                    None => Ok(()),
+                };
+                self.out.push(Output::Acked { token, result });
+            }
+        }
+        let applied = slot.applied;
+        slot.guarded.retain(|&(index, _), _| index > applied);
+        for id in done.failed {
+            if let Some(token) = slot.writes.remove(&id) {
+                self.out.push(Output::Acked { token, result: Err(NodeError::Dropped) });
+            }
+        }
+        let mut serve = Vec::new();
+        for id in done.reads {
+            serve.extend(slot.reads.remove(&id).into_iter().flatten());
+        }
+        if !serve.is_empty() {
+            let status = slot.driver.raft_status();
+            let peers = status.voters.iter().chain(&status.learners).copied().filter(|&n| n != me).collect();
+            self.out.push(Output::Serve { group, reads: serve, applied, peers });
+        }
+    }
+
+    /// Starts copying the volume as of `index` from the group's other members (`hint`
+    /// first), continuing at `offset`, once no apply is in flight. Replaces a copy running.
+    fn start_rebuild(&mut self, group: GroupId, index: u64, offset: u64, hint: u64) {
+        let me = self.config.node_id;
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        // Committed entries not applied yet are replayed over the copy from the log.
+        slot.to_apply.clear();
+        slot.applied = index;
+        if slot.applying.is_some() {
+            slot.rebuild = Some(Rebuild::Waiting { index, offset, hint });
+            return;
+        }
+        slot.rebuild = Some(Rebuild::Copying { index });
+        let status = slot.driver.raft_status();
+        let mut sources: Vec<u64> = Vec::new();
+        for id in std::iter::once(hint).chain(status.voters).chain(status.learners) {
+            if id != 0 && id != me && !sources.contains(&id) {
+                sources.push(id);
+            }
+        }
+        tracing::info!(%group, index, offset, ?sources, "rebuilding the store from peers");
+        self.out.push(Output::Servable { group, index: 0 });
+        self.out.push(Output::Rebuild { group, index, offset, sources });
+    }
+
+    /// The copy for `index` is complete (or failed on the local store): replay the entries
+    /// logged since the snapshot index over it, checkpoint, and only then drop the marker.
+    pub(crate) fn rebuild_done(&mut self, group: GroupId, index: u64, result: Result<(), String>) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        if slot.rebuild != Some(Rebuild::Copying { index }) {
+            return; // a superseded copy
+        }
+        if let Err(why) = result {
+            tracing::error!(%group, index, error = %why, "rebuild failed; the replica stops");
+            slot.rebuild = None;
+            slot.broken = Some(format!("rebuild failed: {why}"));
+            return;
+        }
+        let target = slot.driver.handed_out();
+        let replay = match slot.driver.committed_entries(index + 1, target + 1) {
+            Ok(entries) => entries,
+            Err(e) => {
+                slot.rebuild = None;
+                slot.broken = Some(format!("rebuild: reading the log to replay: {e}"));
+                return;
+            }
+        };
+        tracing::info!(%group, index, replay = replay.len(), target, "store copied; replaying the log over it");
+        // Guards decide the same way as on the first apply (see `apply_entries`); nobody
+        // waits for their outcome here.
+        slot.to_apply = replay;
+        slot.applied = index;
+        slot.rebuild = Some(Rebuild::Finishing { target });
+        self.start_apply(group);
+        self.finish_rebuild(group);
+    }
+
+    /// Starts a checkpoint of every group whose interval passed.
+    pub(crate) fn checkpoints(&mut self, now_ms: u64) {
+        let interval = self.config.checkpoint_interval_ms;
+        for group in self.group_ids() {
+            let Some(slot) = self.groups.get_mut(&group) else { continue };
+            if slot.checkpointing.is_some() || now_ms.saturating_sub(slot.last_checkpoint_ms) < interval {
+                continue;
+            }
+            slot.last_checkpoint_ms = now_ms;
+            self.checkpoint_now(group);
+        }
+    }
+
+    /// Checkpoints the group if it has anything to checkpoint (closing it, shutting down);
+    /// an idle group gives up the log entries it keeps for lagging peers instead.
+    pub(crate) fn checkpoint_now(&mut self, group: GroupId) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        if slot.broken.is_some() || slot.rebuild.is_some() {
+            return;
+        }
+        if slot.applied <= slot.checkpointed {
+            // Nothing applied for a whole interval: the group is idle. The entries it keeps
+            // for lagging peers would pin every WAL segment written after them (see the
+            // WAL's deletion rule) while other groups keep writing, so the WAL would grow
+            // without bound; an idle group gives them up (a peer that still needs them gets a
+            // snapshot instead).
+            let to = slot.checkpointed + 1;
+            return compact_to(group, slot, to);
+        }
+        slot.checkpointing = Some(slot.applied);
+        self.out.push(Output::Checkpoint { group, applied: slot.applied });
+    }
+
+    /// A checkpoint finished: the store is durable up to the index `result` holds.
+    pub(crate) fn checkpointed(&mut self, group: GroupId, result: Result<u64, String>) {
+        let (retain_entries, retain_bytes) = (self.config.log_retain_entries, self.config.log_retain_bytes);
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        let Some(requested) = slot.checkpointing.take() else { return };
+        match (slot.rebuild, result) {
+            (Some(Rebuild::Finishing { target }), _) if requested < target => {
+                // One from before the copy: the rebuild's own checkpoint follows.
+                self.finish_rebuild(group);
+            }
+            (Some(Rebuild::Finishing { target }), result) => {
+                slot.rebuild = None;
+                match result {
+                    Ok(durable) if durable >= target => {
+                        slot.checkpointed = durable;
+                        self.out.push(Output::RemoveMarker { group });
+                    }
+                    // The marker stays: a restart rebuilds again.
+                    Ok(durable) => {
+                        tracing::warn!(%group, durable, target, "the store's checkpoint after a rebuild fell short")
+                    }
+                    Err(e) => tracing::warn!(%group, error = %e, "checkpoint after a rebuild failed"),
+                }
+                tracing::info!(%group, applied = slot.applied, "store rebuilt");
+                if slot.broken.is_none() {
+                    self.out.push(Output::Servable { group, index: slot.applied });
+                }
+                self.complete(group);
+            }
+            // A copy that began meanwhile starts the store over; its own checkpoint counts.
+            (Some(_), _) => {}
+            (None, Ok(durable)) if slot.broken.is_none() => {
+                slot.checkpointed = slot.checkpointed.max(durable);
+                compact(group, slot, retain_entries, retain_bytes);
+            }
+            (None, Ok(_)) => {}
+            (None, Err(e)) => tracing::warn!(%group, error = %e, "checkpoint skipped"),
+        }
+    }
+}
+
+/// Drops log entries the store has durably applied, keeping the last `retain_entries` /
+/// `retain_bytes` of them for peers that lag a little.
+fn compact<D: WalDisk, W, R>(
+    group: GroupId,
+    slot: &mut Slot<D, W, R>,
+    retain_entries: u64,
+    retain_bytes: u64,
+) {
+    let hi = slot.checkpointed + 1;
+    let by_count = hi.saturating_sub(retain_entries);
+    let by_bytes = match slot.driver.storage().compaction_point(hi, retain_bytes) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(%group, error = %e, "cannot size the log for compaction");
+            return;
+        }
+    };
+    compact_to(group, slot, by_count.max(by_bytes));
+}
+
+/// Drops the group's log entries below `to` (nothing if they are gone already).
+fn compact_to<D: WalDisk, W, R>(group: GroupId, slot: &mut Slot<D, W, R>, to: u64) {
+    if to <= slot.driver.storage().meta().snapshot_index + 1 {
+        return;
+    }
+    match slot.driver.compact(to) {
+        Ok(()) => tracing::debug!(%group, to, "log compacted"),
+        Err(e) => tracing::warn!(%group, to, error = %e, "log compaction refused"),
+    }
+}

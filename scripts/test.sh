@@ -69,13 +69,16 @@ in_ci() { [[ ${CI:-} == true || ${CI:-} == 1 ]]; }
 
 fuzz_all() {
     local dir target ran=0
+    # One target dir for every fuzz crate: they share most dependencies (the replication
+    # crate's include the block device's), built once with the fuzzing flags.
+    local target_dir="$root/target/fuzz"
     for dir in */fuzz; do
         [[ -f $dir/Cargo.toml ]] || continue
         local targets
         targets=$(cd "$dir" && cargo +nightly fuzz list)
         for target in $targets; do
             echo "--- fuzz $dir $target (${fuzz_seconds}s)"
-            (cd "$dir" && cargo +nightly fuzz run "$target" -- -max_total_time="$fuzz_seconds")
+            (cd "$dir" && cargo +nightly fuzz run --target-dir "$target_dir" "$target" -- -max_total_time="$fuzz_seconds")
             ran=$((ran + 1))
         done
     done

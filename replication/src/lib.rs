@@ -6,7 +6,9 @@
 //! is what the entries carry (sealed blocks: checksummed, and encrypted where the volume is,
 //! by the node that received the write); [`volume::apply_entries`] applies them to a copy
 //! (a `raftblk_blockdev::seal::CopyStore`), the same function in production and in the
-//! simulator. [`transport`] carries Raft messages between nodes.
+//! simulator. [`node`] runs every group of a node as one sans-IO core (`node::node_core`)
+//! behind a thread shell; the simulator drives the same core. [`transport`] carries Raft
+//! messages between nodes.
 //! Logs are compacted once applied; a replica that falls behind the compacted log (or loses
 //! its copy) pulls the volume from a peer as a [`snapshot`] and replays its log over it.
 //! Groups that replicate a [`machine::StateMachine`] instead of a volume (the cluster
@@ -19,7 +21,8 @@
 //! ```text
 //! client write ─▶ GroupDriver::propose (leader only; else NotLeader → client retries)
 //!   │
-//! node runner, per round, over all groups:
+//! node core (node::node_core, sans-IO; the runner thread carries out what it asks), per round,
+//! over all groups:
 //!   │ GroupDriver::collect: entries + hard state ─▶ Wal::append (not durable yet)
 //!   │                       leader's append messages ─▶ transport (safe before the sync)
 //!   │ Wal::sync: one fdatasync for every group (group commit; none if the round only
@@ -27,7 +30,7 @@
 //!   │ GroupDriver::on_synced: votes and append acks ─▶ transport; newly committed entries
 //!   │ apply committed entries, in order, on the runtime ─▶ the volume's local copy (one
 //!   │            apply task per group in flight; the next rounds do not wait for it)
-//!   │ Event::Applied ─▶ GroupDriver::applied(index) ─▶ acknowledged writes (committed = in a
+//!   │ Event::Applied ─▶ NodeCore::applied ─▶ GroupDriver::applied ─▶ acknowledged writes (committed = in a
 //!   │            majority's synced WAL, and applied here), reads that may proceed
 //!   ▼
 //! wal::Wal ─▶ wal::segment (files <id>.wal, framed records) ─▶ wal::disk::WalDisk

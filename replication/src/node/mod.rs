@@ -2,16 +2,18 @@
 //! and all groups share one WAL and one [`Transport`].
 //!
 //! ```text
-//! ReplicatedBackend (per volume, async) ──Event──▶ runner thread (runner.rs, owns every GroupDriver)
-//!   │ not leader? forward to the leader       │  drain events → propose (one entry per group per round)
-//!   │ over the transport (forward.rs)         │  collect Readies of all groups → send leader appends
-//!   ▼                                         │  one WAL fdatasync for all groups (group commit)
-//! leader's node: same path, locally           │  on_synced → send votes/acks → apply committed entries
-//!                                             ▼  to each volume's store → acknowledge writes, serve reads
+//! ReplicatedStore (per volume, async) ──Event──▶ runner thread (runner.rs: the I/O shell)
+//!   │ not leader? forward to the leader       │  events → NodeCore inputs (node_core.rs, sans-IO,
+//!   │ over the transport (forward.rs)         │  every GroupDriver): propose (batched entries),
+//!   ▼                                         │  collect Readies → send leader appends, one WAL
+//! leader's node: same path, locally           │  fdatasync for all groups → synced → apply tasks
+//!                                             ▼  → Event::Applied → acknowledge writes, serve reads
 //! ```
 //!
-//! The runner is a dedicated thread: it blocks on the WAL sync and drives the
-//! block store's async API with `block_on`, so no tokio worker ever waits on a disk.
+//! The runner is a dedicated thread that blocks only on the WAL sync: applies, checkpoints,
+//! copies and reads of the stores run as tasks on the runtime and report back as events, so
+//! neither a tokio worker nor the round waits on a copy. The simulator (`crate::sim`) drives
+//! the same `NodeCore`.
 
 pub mod backend;
 pub mod forward;

@@ -830,3 +830,178 @@ fn compact_to<D: WalDisk, W, R>(group: GroupId, slot: &mut Slot<D, W, R>, to: u6
         Err(e) => tracing::warn!(%group, to, error = %e, "log compaction refused"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use raft::eraftpb::ConfState;
+    use raftblk_blockdev::seal::{BlockWrite, Seal};
+
+    use super::*;
+    use crate::wal::disk::SimDisk;
+    use crate::wal::{Wal, WalOptions};
+
+    const G: GroupId = GroupId(5);
+    type Core = NodeCore<SimDisk, u64, u64>;
+
+    fn write(block: u64) -> Vec<Command> {
+        let data = Bytes::from(vec![block as u8 + 1; 4096]);
+        let seals = vec![Seal::plain(block, &data)];
+        vec![Command::Write(BlockWrite { first: block, data, seals, guards: vec![] })]
+    }
+
+    /// One round as the runner drives it; returns what the core asked for.
+    fn round(core: &mut Core, _disk: &SimDisk, now: u64) -> Vec<Output<u64, u64>> {
+        core.propose(now);
+        let needs_sync = core.collect().unwrap();
+        let mut out = core.take_outputs();
+        if needs_sync {
+            core.driver(G).unwrap().storage().wal().lock().unwrap().sync().unwrap();
+        }
+        core.synced().unwrap();
+        out.extend(core.take_outputs());
+        out
+    }
+
+    /// A core leading a one-voter group, with nothing left to apply.
+    fn leader() -> (Core, SimDisk) {
+        let disk = SimDisk::new(9);
+        let wal = Arc::new(Mutex::new(Wal::open(disk.clone(), WalOptions::default()).unwrap()));
+        let mut storage = GroupStorage::open(wal.clone(), G).unwrap();
+        storage.initialize(ConfState::from((vec![1], vec![]))).unwrap();
+        wal.lock().unwrap().sync().unwrap();
+        let mut core = Core::new(CoreConfig {
+            node_id: 1,
+            election_ticks: 3,
+            heartbeat_ticks: 1,
+            read_lease_ms: 0,
+            log_retain_entries: 10,
+            log_retain_bytes: 1 << 20,
+            checkpoint_interval_ms: 1000,
+            seed: 1,
+        });
+        core.open(G, storage, 0, None, 0).unwrap();
+        core.take_outputs();
+        for now in 0..50 {
+            core.tick();
+            for o in round(&mut core, &disk, now) {
+                if let Output::Apply { seq, .. } = o {
+                    core.applied(G, seq, Ok(ApplyReport::default()));
+                }
+            }
+            core.take_outputs();
+            if core.driver(G).is_some_and(|d| d.is_leader()) && core.groups[&G].applying.is_none() {
+                return (core, disk);
+            }
+        }
+        panic!("a one-voter group did not elect itself");
+    }
+
+    fn applies(out: &[Output<u64, u64>]) -> Vec<(u64, usize)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Apply { seq, entries, .. } => Some((*seq, entries.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn acked(out: &[Output<u64, u64>]) -> Vec<(u64, bool)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Acked { token, result } => Some((*token, result.is_ok())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn writes_batch_into_one_entry_and_are_acknowledged_after_their_apply() {
+        let (mut core, disk) = leader();
+        core.write(G, write(1), 10);
+        core.write(G, write(2), 11);
+        let out = round(&mut core, &disk, 100);
+        // Committed (one voter) and handed to the shell as one entry; nobody is told yet.
+        assert_eq!(applies(&out).iter().map(|a| a.1).sum::<usize>(), 1);
+        assert!(acked(&out).is_empty(), "acknowledged before the apply: {out:?}");
+        let (seq, _) = applies(&out)[0];
+        // The next round does not wait for the apply, and starts no second one.
+        core.write(G, write(3), 12);
+        let out = round(&mut core, &disk, 101);
+        assert!(applies(&out).is_empty() && acked(&out).is_empty(), "{out:?}");
+        core.applied(G, seq, Ok(ApplyReport::default()));
+        let out = core.take_outputs();
+        assert_eq!(acked(&out), vec![(10, true), (11, true)]);
+        // What committed meanwhile follows as the next apply.
+        assert_eq!(applies(&out).len(), 1);
+    }
+
+    #[test]
+    fn reads_are_served_once_their_index_is_applied() {
+        let (mut core, disk) = leader();
+        core.write(G, write(1), 10);
+        let out = round(&mut core, &disk, 100);
+        let (seq, _) = applies(&out)[0];
+        core.read(G, 1, 1, 20);
+        let mut out = Vec::new();
+        for now in 101..105 {
+            out.extend(round(&mut core, &disk, now));
+        }
+        assert!(!out.iter().any(|o| matches!(o, Output::Serve { .. })), "served before the apply: {out:?}");
+        core.applied(G, seq, Ok(ApplyReport::default()));
+        let out = core.take_outputs();
+        let served: Vec<u64> = out
+            .iter()
+            .flat_map(|o| match o {
+                Output::Serve { reads, applied, .. } if *applied >= 2 => {
+                    reads.iter().map(|r| r.token).collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(served, vec![20]);
+    }
+
+    #[test]
+    fn a_failed_apply_stops_the_replica_serving() {
+        let (mut core, disk) = leader();
+        core.write(G, write(1), 10);
+        let out = round(&mut core, &disk, 100);
+        let (seq, _) = applies(&out)[0];
+        core.applied(G, seq, Err("disk gone".into()));
+        let out = core.take_outputs();
+        assert!(out.iter().any(|o| matches!(o, Output::Servable { index: 0, .. })), "{out:?}");
+        core.write(G, write(2), 11);
+        let out = core.take_outputs();
+        assert!(
+            matches!(&out[..], [Output::Acked { token: 11, result: Err(NodeError::Internal(_)) }]),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_write_is_refused_not_proposed() {
+        let (mut core, _disk) = leader();
+        let data = Bytes::from(vec![0u8; REQUEST_PAYLOAD_BYTES_MAX + 4096]);
+        let seals = (0..data.len() as u64 / 4096).map(|b| Seal::plain(b, &data[..4096])).collect();
+        core.write(G, vec![Command::Write(BlockWrite { first: 0, data, seals, guards: vec![] })], 7);
+        let out = core.take_outputs();
+        assert!(
+            matches!(&out[..], [Output::Acked { token: 7, result: Err(NodeError::Internal(_)) }]),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_write_to_a_group_not_held_fails_with_not_member() {
+        let (mut core, _disk) = leader();
+        core.write(GroupId(99), write(1), 3);
+        let out = core.take_outputs();
+        assert!(matches!(
+            &out[..],
+            [Output::Acked { token: 3, result: Err(NodeError::NotMember(GroupId(99))) }]
+        ));
+    }
+}

@@ -1,5 +1,12 @@
 //! Deterministic simulation of one replicated volume on 3 or 5 nodes.
 //!
+//! Each node runs the production node core (`node::node_core::NodeCore`) over its
+//! [`SimDisk`]; the simulator is its shell, as the runner thread is in production: it
+//! delivers messages, ticks, syncs the WAL (or crashes before), and carries out the core's
+//! outputs, running applies and checkpoints some steps after the core asked for them (rounds
+//! go on meanwhile, as with production's apply tasks). Proposals batch, checkpoints and log
+//! compaction follow the production rules.
+//!
 //! Everything comes from one seed: message drops, delays, duplicates and reordering,
 //! partitions, node crashes (the [`SimDisk`] loses or tears unsynced writes; the store keeps
 //! what its last checkpoint flushed plus a random part of what came after; the node restarts
@@ -663,8 +670,14 @@ impl Sim {
         // complete (rotting a block while another copy is being replaced, or when the one
         // other intact copy is replaced before a scrub came by, loses the block for good,
         // which no replication can undo).
-        let others_complete = (0..self.nodes.len())
-            .all(|j| j == i || (self.nodes[j].core.is_some() && !self.nodes[j].rebuilding()));
+        // And those copies can repair it: they are reachable and have applied what this one
+        // has (the repair rule reads a copy only at or past the reader's applied index).
+        let applied = self.nodes[i].applied();
+        let others_complete = self.partition.is_none()
+            && (0..self.nodes.len()).all(|j| {
+                let n = &self.nodes[j];
+                j == i || (n.core.is_some() && !n.rebuilding() && n.servable >= applied)
+            });
         if elsewhere || !others_complete || self.nodes[i].rebuilding() {
             return;
         }

@@ -36,6 +36,12 @@ use crate::storage::{GroupStorage, StorageError};
 use crate::wal::disk::WalDisk;
 use crate::wal::record::GroupId;
 
+/// Ticks a pre-candidate waits before campaigning again, drawn from `lo..hi` (see
+/// `GroupDriver::campaign_again`).
+const PRE_CANDIDATE_RETRY_TICKS: (usize, usize) = (2, 5);
+/// The same for a candidate.
+const CANDIDATE_RETRY_TICKS: (usize, usize) = (3, 7);
+
 /// xorshift64: election timeouts only need to differ between nodes, groups and elections,
 /// from a seed the caller controls (the simulator's runs must repeat). `state` must not be 0.
 pub(crate) fn xorshift64(state: &mut u64) -> u64 {
@@ -203,6 +209,9 @@ pub struct GroupDriver<D: WalDisk> {
     drawn_for: (u64, StateRole),
     /// Election timeouts are drawn from `min..max` ticks.
     election_range: (usize, usize),
+    /// While campaigning: as what, ticks since the campaign began, and after how many the
+    /// driver campaigns again (see `campaign_again`).
+    campaign: Option<(StateRole, usize, usize)>,
 }
 
 /// How a read was started by [`GroupDriver::read`].
@@ -262,6 +271,7 @@ impl<D: WalDisk> GroupDriver<D> {
             rng: config.seed | 1,
             drawn_for: (u64::MAX, StateRole::Follower),
             election_range: (config.election_tick, 2 * config.election_tick),
+            campaign: None,
         };
         driver.redraw_election_timeout();
         Ok(driver)
@@ -383,12 +393,48 @@ impl<D: WalDisk> GroupDriver<D> {
         self.raw.raft.set_randomized_election_timeout(min + (xorshift64(&mut self.rng) % span) as usize);
     }
 
+    /// A (pre-)candidate that got no majority campaigns again after a short random wait
+    /// instead of a whole election timeout: after a leader dies, two survivors that campaign
+    /// at once (a split vote), or one whose pre-vote a peer refused because the peer's own
+    /// timeout was a tick behind, otherwise add 350-700 ms to the failover. Only a campaign
+    /// already under way is repeated, so the first one still waits the full timeout and the
+    /// read lease holds (a peer grants no vote while it heard from a leader within its
+    /// election timeout). Each attempt draws its own wait, so two nodes do not collide again.
+    fn campaign_again(&mut self) {
+        let role = self.raw.raft.state;
+        let (lo, hi) = match role {
+            StateRole::PreCandidate => PRE_CANDIDATE_RETRY_TICKS,
+            // A candidate's votes are synced to the voters' WALs before they answer.
+            StateRole::Candidate => CANDIDATE_RETRY_TICKS,
+            _ => {
+                self.campaign = None;
+                return;
+            }
+        };
+        let started = self.raw.raft.election_elapsed == 0;
+        match &mut self.campaign {
+            Some((was, ticks, wait)) if *was == role && !started => {
+                *ticks += 1;
+                if *ticks < *wait {
+                    return;
+                }
+                // Fails only on a node that cannot be elected (removed, a learner): it then
+                // stops campaigning anyway.
+                let _ = self.raw.campaign();
+            }
+            _ => {}
+        }
+        let wait = lo + (xorshift64(&mut self.rng) % (hi - lo) as u64) as usize;
+        self.campaign = Some((self.raw.raft.state, 0, wait));
+    }
+
     /// Advances the logical clock by one tick. A leader also gives up on snapshots nobody
     /// confirmed within [`SNAPSHOT_CONFIRM_TICKS`]: raft-rs waits for the peer forever
     /// otherwise, and a lost snapshot message would leave the peer behind for good.
     pub fn tick(&mut self) {
         self.raw.tick();
         self.redraw_election_timeout();
+        self.campaign_again();
         let waiting = self.peers_awaiting_snapshot();
         self.snapshot_waits.retain(|peer, _| waiting.contains(peer));
         for peer in waiting {

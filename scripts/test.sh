@@ -9,13 +9,13 @@
 #   7. a short fuzz run of every cargo-fuzz target (needs nightly; skipped otherwise)
 #   8. the real Linux kernel NBD client in a VM (tests/vm/run-kernel-test.sh)
 # Stops at the first failure and prints a summary either way.
-# Environment: FUZZ_SECONDS (default 20) per fuzz target; SKIP_FUZZ=1, SKIP_VM=1
+# Environment: FUZZ_SECONDS (default 10) per fuzz target; SKIP_FUZZ=1, SKIP_VM=1
 # to leave those steps out locally (never in CI).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-fuzz_seconds=${FUZZ_SECONDS:-20}
+fuzz_seconds=${FUZZ_SECONDS:-10}
 
 summary=()
 current=""

@@ -918,3 +918,58 @@ impl ReplicationNode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error as the requester sees it after the leader's answer crossed the wire.
+    fn across_the_wire(e: NodeError) -> NodeError {
+        let status = ForwardStatus::from(e);
+        let decoded = ForwardStatus::decode(status.encode()).expect("decodes");
+        decoded.into_result(GroupId(4)).expect_err("an error stays an error")
+    }
+
+    #[test]
+    fn an_out_of_range_refusal_keeps_its_range_across_nodes_and_to_the_client() {
+        let e = across_the_wire(NodeError::OutOfRange { offset: 1 << 30, len: 8192, size: 1 << 29 });
+        assert!(
+            matches!(e, NodeError::OutOfRange { offset: 1073741824, len: 8192, size: 536870912 }),
+            "{e:?}"
+        );
+        match BackendError::from(e) {
+            BackendError::OutOfRange { offset, len, size } => {
+                assert_eq!((offset, len, size), (1 << 30, 8192, 1 << 29))
+            }
+            other => panic!("became {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_keep_their_kind_across_nodes() {
+        assert!(matches!(
+            across_the_wire(NodeError::NotLeader { leader: 3 }),
+            NodeError::NotLeader { leader: 3 }
+        ));
+        // A proposal lost to a leader change is retried at whoever leads now.
+        assert!(matches!(across_the_wire(NodeError::Dropped), NodeError::NotLeader { leader: 0 }));
+        assert!(matches!(
+            across_the_wire(NodeError::NotMember(GroupId(9))),
+            NodeError::NotMember(GroupId(4))
+        ));
+        assert!(matches!(
+            across_the_wire(NodeError::GuardFailed { block: 12 }),
+            NodeError::GuardFailed { block: 12 }
+        ));
+        assert!(matches!(across_the_wire(NodeError::NotReady), NodeError::NotReady));
+        match across_the_wire(NodeError::Refused("not volume I/O".into())) {
+            NodeError::Refused(why) => assert_eq!(why, "not volume I/O"),
+            other => panic!("became {other:?}"),
+        }
+        // What only makes sense on the node that failed travels as its message.
+        match across_the_wire(NodeError::Internal("the store failed".into())) {
+            NodeError::Unavailable(why) => assert!(why.contains("the store failed"), "{why}"),
+            other => panic!("became {other:?}"),
+        }
+    }
+}

@@ -234,6 +234,8 @@ struct Sim {
     eio_reads: u64,
     /// Requests refused or failed this step: the client sends them again next step.
     retry_soon: Vec<u64>,
+    /// Entries applied that batched several requests.
+    batched: u64,
 }
 
 /// Prints the run's events when `SIM_TRACE` is set (for replaying one seed).
@@ -303,6 +305,7 @@ impl Sim {
             repairs: 0,
             eio_reads: 0,
             retry_soon: Vec::new(),
+            batched: 0,
         };
         for i in 0..sim.nodes.len() {
             sim.start(i);
@@ -444,6 +447,8 @@ impl Sim {
                         .collect::<Vec<_>>()
                 );
             }
+            self.batched += entries.iter().filter(|e| e.commands.len() > 1).count() as u64;
+            let n = &mut self.nodes[i];
             let store = &n.store;
             let grow = |size| {
                 store.grow_to(size);
@@ -977,6 +982,8 @@ pub struct SimReport {
     pub rots: u64,
     pub repairs: u64,
     pub eio_reads: u64,
+    /// Entries applied (on any node) that carried several client writes.
+    pub batched: u64,
 }
 
 /// Runs one seed; panics with the seed and the replay command if an invariant breaks.
@@ -993,6 +1000,7 @@ pub fn run_seed(seed: u64, opts: SimOptions) -> SimReport {
         rots: sim.rots,
         repairs: sim.repairs,
         eio_reads: sim.eio_reads,
+        batched: sim.batched,
     }
 }
 
@@ -1033,6 +1041,7 @@ mod tests {
             rots: 0,
             repairs: 0,
             eio_reads: 0,
+            batched: 0,
         };
         for &seed in &seeds {
             let r = run_seed(seed, options_for(seed));
@@ -1047,6 +1056,7 @@ mod tests {
             total.rots += r.rots;
             total.repairs += r.repairs;
             total.eio_reads += r.eio_reads;
+            total.batched += r.batched;
         }
         println!("{} seeds in {:?}: {total:?}", seeds.len(), start.elapsed());
         assert!(total.acked_writes > 0 && total.reads_ok > 0);
@@ -1056,6 +1066,7 @@ mod tests {
                 total.rots > 0 && total.repairs > 0,
                 "no block rotted or was repaired: the damage path went untested"
             );
+            assert!(total.batched > 0, "no entry batched several writes: batching went untested");
         }
     }
 

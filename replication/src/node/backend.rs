@@ -131,10 +131,11 @@ impl ReplicatedStore {
             }
         } else {
             let request = ForwardRequest { group: self.group, op: op.clone() };
-            match self.node.forward(target, request, timeout).await.and_then(|s| s.into_result(self.group)) {
-                Ok(data) => self.answer(op, data),
-                Err(e) => Err(e),
-            }
+            self.node
+                .forward(target, request, timeout)
+                .await
+                .and_then(|s| s.into_result(self.group))
+                .and_then(|data| self.answer(op, data))
         };
         match result {
             Ok(answer) => Outcome::Done(answer),

@@ -852,9 +852,7 @@ impl ReplicationNode {
             me,
             peers,
         };
-        let after = repair::read_repaired(&ctx, store, first, count, applied)
-            .await
-            .map_err(|e| NodeError::Internal(e.to_string()))?;
+        let after = repair::read_repaired(&ctx, store, first, count, applied).await?;
         let damaged_after = after.damaged().count() as u32;
         Ok((damaged_before - damaged_after, damaged_after))
     }

@@ -193,7 +193,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         self.groups.contains_key(&group)
     }
 
-    /// Groups held, in no particular order.
+    /// Groups held, in id order.
     pub(crate) fn group_ids(&self) -> Vec<GroupId> {
         self.groups.keys().copied().collect()
     }
@@ -718,9 +718,9 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         };
         tracing::info!(%group, index, replay = replay.len(), target, "store copied; replaying the log over it");
         // Guards decide the same way as on the first apply (see `apply_entries`); nobody
-        // waits for their outcome here.
+        // waits for their outcome here. (`applied` is still `index`: nothing applies while
+        // the copy runs.)
         slot.to_apply = replay;
-        slot.applied = index;
         slot.rebuild = Some(Rebuild::Finishing { target });
         self.start_apply(group);
         self.finish_rebuild(group);
@@ -853,7 +853,7 @@ mod tests {
     }
 
     /// One round as the runner drives it; returns what the core asked for.
-    fn round(core: &mut Core, _disk: &SimDisk, now: u64) -> Vec<Output<u64, u64>> {
+    fn round(core: &mut Core, now: u64) -> Vec<Output<u64, u64>> {
         core.propose(now);
         let needs_sync = core.collect().unwrap();
         let mut out = core.take_outputs();
@@ -866,9 +866,9 @@ mod tests {
     }
 
     /// A core leading a one-voter group, with nothing left to apply.
-    fn leader() -> (Core, SimDisk) {
+    fn leader() -> Core {
         let disk = SimDisk::new(9);
-        let wal = Arc::new(Mutex::new(Wal::open(disk.clone(), WalOptions::default()).unwrap()));
+        let wal = Arc::new(Mutex::new(Wal::open(disk, WalOptions::default()).unwrap()));
         let mut storage = GroupStorage::open(wal.clone(), G).unwrap();
         storage.initialize(ConfState::from((vec![1], vec![]))).unwrap();
         wal.lock().unwrap().sync().unwrap();
@@ -886,14 +886,14 @@ mod tests {
         core.take_outputs();
         for now in 0..50 {
             core.tick();
-            for o in round(&mut core, &disk, now) {
+            for o in round(&mut core, now) {
                 if let Output::Apply { seq, .. } = o {
                     core.applied(G, seq, Ok(ApplyReport::default()));
                 }
             }
             core.take_outputs();
             if core.driver(G).is_some_and(|d| d.is_leader()) && core.groups[&G].applying.is_none() {
-                return (core, disk);
+                return core;
             }
         }
         panic!("a one-voter group did not elect itself");
@@ -919,17 +919,17 @@ mod tests {
 
     #[test]
     fn writes_batch_into_one_entry_and_are_acknowledged_after_their_apply() {
-        let (mut core, disk) = leader();
+        let mut core = leader();
         core.write(G, write(1), 10);
         core.write(G, write(2), 11);
-        let out = round(&mut core, &disk, 100);
+        let out = round(&mut core, 100);
         // Committed (one voter) and handed to the shell as one entry; nobody is told yet.
         assert_eq!(applies(&out).iter().map(|a| a.1).sum::<usize>(), 1);
         assert!(acked(&out).is_empty(), "acknowledged before the apply: {out:?}");
         let (seq, _) = applies(&out)[0];
         // The next round does not wait for the apply, and starts no second one.
         core.write(G, write(3), 12);
-        let out = round(&mut core, &disk, 101);
+        let out = round(&mut core, 101);
         assert!(applies(&out).is_empty() && acked(&out).is_empty(), "{out:?}");
         core.applied(G, seq, Ok(ApplyReport::default()));
         let out = core.take_outputs();
@@ -940,14 +940,14 @@ mod tests {
 
     #[test]
     fn reads_are_served_once_their_index_is_applied() {
-        let (mut core, disk) = leader();
+        let mut core = leader();
         core.write(G, write(1), 10);
-        let out = round(&mut core, &disk, 100);
+        let out = round(&mut core, 100);
         let (seq, _) = applies(&out)[0];
         core.read(G, 1, 1, 20);
         let mut out = Vec::new();
         for now in 101..105 {
-            out.extend(round(&mut core, &disk, now));
+            out.extend(round(&mut core, now));
         }
         assert!(!out.iter().any(|o| matches!(o, Output::Serve { .. })), "served before the apply: {out:?}");
         core.applied(G, seq, Ok(ApplyReport::default()));
@@ -966,9 +966,9 @@ mod tests {
 
     #[test]
     fn a_failed_apply_stops_the_replica_serving() {
-        let (mut core, disk) = leader();
+        let mut core = leader();
         core.write(G, write(1), 10);
-        let out = round(&mut core, &disk, 100);
+        let out = round(&mut core, 100);
         let (seq, _) = applies(&out)[0];
         core.applied(G, seq, Err("disk gone".into()));
         let out = core.take_outputs();
@@ -983,7 +983,7 @@ mod tests {
 
     #[test]
     fn an_oversized_write_is_refused_not_proposed() {
-        let (mut core, _disk) = leader();
+        let mut core = leader();
         let data = Bytes::from(vec![0u8; REQUEST_PAYLOAD_BYTES_MAX + 4096]);
         let seals = (0..data.len() as u64 / 4096).map(|b| Seal::plain(b, &data[..4096])).collect();
         core.write(G, vec![Command::Write(BlockWrite { first: 0, data, seals, guards: vec![] })], 7);
@@ -996,7 +996,7 @@ mod tests {
 
     #[test]
     fn a_write_to_a_group_not_held_fails_with_not_member() {
-        let (mut core, _disk) = leader();
+        let mut core = leader();
         core.write(GroupId(99), write(1), 3);
         let out = core.take_outputs();
         assert!(matches!(

@@ -295,16 +295,11 @@ impl Runner {
                 let _ = done.send(self.core.conf_change(group, change));
             }
             Event::Applied { group, seq } => {
-                let Some(t) = self.tasks.get_mut(&group) else { return Ok(()) };
-                if t.applying.as_ref().is_some_and(|(s, _)| *s == seq) {
-                    if let Some((seq, task)) = t.applying.take() {
-                        // The task has finished: it reported.
-                        let result = self
-                            .rt
-                            .block_on(task)
-                            .unwrap_or_else(|e| Err(format!("the apply task failed: {e}")));
-                        self.applied(group, seq, result);
-                    }
+                let finished =
+                    self.tasks.get_mut(&group).and_then(|t| t.applying.take_if(|(s, _)| *s == seq));
+                if let Some((seq, task)) = finished {
+                    // The task has finished: it reported.
+                    self.applied(group, seq, task);
                 }
             }
             Event::Checkpointed { group, result } => {
@@ -401,9 +396,7 @@ impl Runner {
     /// flight and what is queued behind it, then a checkpoint, waiting for each.
     fn settle(&mut self, group: GroupId) {
         while let Some((seq, task)) = self.tasks.get_mut(&group).and_then(|t| t.applying.take()) {
-            let result =
-                self.rt.block_on(task).unwrap_or_else(|e| Err(format!("the apply task failed: {e}")));
-            self.applied(group, seq, result);
+            self.applied(group, seq, task);
             self.execute_logged();
         }
         if let Some(task) = self.tasks.get_mut(&group).and_then(|t| t.checkpointing.take()) {
@@ -416,8 +409,11 @@ impl Runner {
         }
     }
 
-    /// An apply finished: its scrub findings go to the scrubber, the rest to the core.
-    fn applied(&mut self, group: GroupId, seq: u64, mut result: Result<ApplyReport, String>) {
+    /// Takes in apply task `seq` (waiting for it if it has not finished): its scrub findings
+    /// go to the scrubber, the rest to the core.
+    fn applied(&mut self, group: GroupId, seq: u64, task: ApplyTask) {
+        let mut result =
+            self.rt.block_on(task).unwrap_or_else(|e| Err(format!("the apply task failed: {e}")));
         if let Ok(report) = &mut result {
             if !report.scrubs.is_empty() {
                 let mut found = super::lock(&self.shared.scrubs);

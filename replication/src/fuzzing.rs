@@ -6,6 +6,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::node::forward::{ForwardRequest, ForwardStatus};
+use crate::node::raft_codec;
 use crate::snapshot::chunk::Chunk;
 use crate::transport::frame::{self, Body, Decoded as FrameDecoded, FRAME_HEADER_BYTES};
 use crate::volume::command::{decode_batch, encode_batch};
@@ -29,12 +30,19 @@ pub fn peer_frame(data: &[u8]) {
     match f.body {
         Body::RaftBatch(messages) => {
             for m in messages {
-                let _ = <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(&m.bytes);
+                raft_message(&m.bytes);
             }
         }
         Body::AppRequest { payload, .. } => forward_request(payload),
         Body::AppResponse { payload, .. } => forward_status(payload),
         Body::Hello { .. } => {}
+    }
+}
+
+fn raft_message(bytes: &Bytes) {
+    if let Ok(m) = raft_codec::decode(bytes) {
+        let again = Bytes::from(raft_codec::encode(m.clone()).expect("a decoded message encodes").concat());
+        assert_eq!(raft_codec::decode(&again).as_ref(), Ok(&m), "Raft message round trip");
     }
 }
 

@@ -53,6 +53,7 @@
 
 pub mod durable_file;
 pub mod fuzzing;
+pub mod gather;
 pub mod machine;
 pub mod node;
 #[cfg(test)]

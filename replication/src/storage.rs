@@ -171,14 +171,14 @@ fn entry_type_code(t: EntryType) -> u8 {
     }
 }
 
-/// Encodes a Raft entry's type, context and data for the WAL record's data field.
-pub fn encode_entry_data(e: &Entry) -> Bytes {
-    let mut out = BytesMut::with_capacity(ENTRY_HEADER_BYTES + e.context.len() + e.data.len());
-    out.put_u8(entry_type_code(e.get_entry_type()));
-    out.put_u32_le(e.context.len() as u32);
-    out.put_slice(&e.context);
-    out.put_slice(&e.data);
-    out.freeze()
+/// A Raft entry as a WAL record: its type and context in the record's head, its data (shared,
+/// not copied) after them.
+pub fn entry_record(group: GroupId, e: &Entry) -> Record {
+    let mut head = BytesMut::with_capacity(ENTRY_HEADER_BYTES + e.context.len());
+    head.put_u8(entry_type_code(e.get_entry_type()));
+    head.put_u32_le(e.context.len() as u32);
+    head.put_slice(&e.context);
+    Record::entry_with_head(group, LogIndex(e.index), Term(e.term), head.freeze(), e.data.clone())
 }
 
 /// Rebuilds a Raft entry from a WAL entry.
@@ -336,7 +336,7 @@ impl<D: WalDisk> GroupStorage<D> {
         }
         let records: Vec<Record> = entries
             .iter()
-            .map(|e| Record::entry(self.group, LogIndex(e.index), Term(e.term), encode_entry_data(e)))
+            .map(|e| entry_record(self.group, e))
             .collect();
         lock(&self.wal)?.append(&records)?;
         self.remember(entries);

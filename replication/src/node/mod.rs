@@ -18,6 +18,7 @@
 pub mod backend;
 pub mod forward;
 pub(crate) mod node_core;
+pub mod raft_codec;
 pub(crate) mod repair;
 mod runner;
 

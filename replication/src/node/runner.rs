@@ -16,6 +16,7 @@ use raftblk_blockdev::backend::check_range;
 use raftblk_blockdev::seal::{SealedBlocks, BLOCK};
 use tokio::sync::oneshot;
 
+use super::raft_codec;
 use super::node_core::{CoreConfig, NodeCore, Output, ReadRequest};
 use super::repair::{read_repaired, RepairContext};
 use super::{GroupStore, NodeConfig, NodeError, PeerFetcher, RebuildStatus, Shared, SnapshotSource};
@@ -285,7 +286,7 @@ impl Runner {
             }
             Event::Raft { from, group, bytes } => {
                 // Entries' data become slices of the frame's buffer, not copies of it.
-                match <Message as protobuf::Message>::parse_from_carllerche_bytes(&bytes) {
+                match raft_codec::decode(&bytes) {
                     Ok(m) => self.core.step(group, from.0, m),
                     Err(e) => tracing::warn!(%group, %from, error = %e, "undecodable Raft message"),
                 }
@@ -580,9 +581,9 @@ impl Runner {
     fn send(&self, group: GroupId, messages: Vec<Message>) {
         for m in messages {
             let to = m.to;
-            match protobuf::Message::write_to_bytes(&m) {
-                Ok(bytes) => {
-                    if let Err(e) = self.transport.send(NodeId(to), group, Bytes::from(bytes)) {
+            match raft_codec::encode(m) {
+                Ok(parts) => {
+                    if let Err(e) = self.transport.send_parts(NodeId(to), group, parts) {
                         tracing::debug!(%group, to, error = %e, "cannot send a Raft message");
                     }
                 }

@@ -43,6 +43,7 @@ use raftblk_blockdev::seal::{
     BlockImage, BlockState, BlockWrite, CopyStore, MemSealedStore, Seal, SealedBlocks,
 };
 
+use crate::node::raft_codec;
 use crate::node::node_core::{CoreConfig, NodeCore, Output};
 use crate::node::repair::usable;
 use crate::snapshot::marker::Marker;
@@ -573,6 +574,9 @@ impl Sim {
     fn send(&mut self, from: usize, msgs: Vec<Message>) {
         for m in msgs {
             let to = m.to as usize - 1;
+            // Through the wire layout the nodes use, so the simulation runs its codec too.
+            let wire = Bytes::from(raft_codec::encode(m).expect("a Raft message encodes").concat());
+            let m = raft_codec::decode(&wire).expect("an encoded Raft message decodes");
             if self.faults && self.rng.chance(5) {
                 continue;
             }

@@ -18,11 +18,14 @@
 //! | 4 `AppResponse` | request id u64, payload (the rest) |
 //!
 //! Raft messages are opaque bytes here: the Raft layer encodes raft-rs `eraftpb::Message`
-//! itself, so this module knows nothing about Raft.
+//! itself (`node::raft_codec`), so this module knows nothing about Raft. A message may be
+//! handed over in several parts ([`RaftMessage::more`]); [`Frame::encode_gathered`] keeps
+//! large parts and payloads as they are, for a vectored write.
 //!
 //! # Versions
 //!
-//! [`PROTOCOL_VERSION`] `1`: the layout above. The `[len][crc]` header and the leading
+//! [`PROTOCOL_VERSION`] `2`: the layout above, Raft messages laid out by `node::raft_codec`
+//! (version `1` carried whole protobuf messages). The `[len][crc]` header and the leading
 //! `[version][kind][from]` of the body stay as they are in every later version, so a node
 //! can always tell a frame of another version from a damaged one
 //! ([`FrameError::UnsupportedVersion`] rather than a CRC failure).
@@ -35,10 +38,11 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::gather::Gather;
 use crate::wal::record::{GroupId, NodeId};
 
 /// The only wire version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Bytes of the frame header: len (4) and crc (4).
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -79,14 +83,31 @@ pub struct RequestId(pub u64);
 pub struct RaftMessage {
     /// The Raft group (volume) the message belongs to.
     pub group: GroupId,
-    /// The encoded message (raft-rs `eraftpb::Message`), opaque to the transport.
+    /// The encoded message, opaque to the transport.
     pub bytes: Bytes,
+    /// Further parts of the message, sent right after `bytes` without being copied into one
+    /// buffer; the receiver gets them all joined in `bytes` (and `more` empty).
+    pub more: Vec<Bytes>,
 }
 
 impl RaftMessage {
+    /// A message in one part.
+    pub fn new(group: GroupId, bytes: Bytes) -> RaftMessage {
+        RaftMessage { group, bytes, more: Vec::new() }
+    }
+
+    /// Bytes of the message, all parts.
+    pub fn len(&self) -> usize {
+        self.bytes.len() + self.more.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Bytes this message takes inside a [`Body::RaftBatch`].
     pub fn wire_bytes(&self) -> usize {
-        RAFT_MESSAGE_OVERHEAD_BYTES + self.bytes.len()
+        RAFT_MESSAGE_OVERHEAD_BYTES + self.len()
     }
 }
 
@@ -184,31 +205,42 @@ impl Frame {
     /// Appends the encoded frame to `out`. Fails only if the body would exceed
     /// [`FRAME_BODY_BYTES_MAX`]; `out` is unchanged then.
     pub fn encode(&self, out: &mut BytesMut) -> Result<(), FrameError> {
+        let mut gathered = Gather::default();
+        self.encode_gathered(&mut gathered)?;
+        for part in gathered.into_parts() {
+            out.put_slice(&part);
+        }
+        Ok(())
+    }
+
+    /// Appends the encoded frame to `out` as [`Frame::encode`] does, large payloads shared
+    /// rather than copied (see [`Gather`]), for a vectored write.
+    pub fn encode_gathered(&self, out: &mut Gather) -> Result<(), FrameError> {
         let body_len = self.body_bytes();
         if body_len > FRAME_BODY_BYTES_MAX {
             return Err(FrameError::TooLarge(body_len));
         }
-        out.reserve(FRAME_HEADER_BYTES + body_len);
-        let start = out.len();
-        // Within FRAME_BODY_BYTES_MAX, which fits in u32 (checked above).
-        out.put_u32_le(body_len as u32);
-        out.put_u32_le(0); // crc, filled in below
-        out.put_u8(PROTOCOL_VERSION);
+        let mut body = Gather::default();
+        body.put_slice(&[PROTOCOL_VERSION]);
         match &self.body {
             Body::Hello { cluster } => {
-                out.put_u8(KIND_HELLO);
-                out.put_u64_le(self.from.0);
-                out.put_u64_le(cluster.0);
+                body.put_slice(&[KIND_HELLO]);
+                body.put_slice(&self.from.0.to_le_bytes());
+                body.put_slice(&cluster.0.to_le_bytes());
             }
             Body::RaftBatch(messages) => {
-                out.put_u8(KIND_RAFT_BATCH);
-                out.put_u64_le(self.from.0);
+                body.put_slice(&[KIND_RAFT_BATCH]);
+                body.put_slice(&self.from.0.to_le_bytes());
                 // Each message takes at least 12 bytes, so the count fits in u32.
-                out.put_u32_le(messages.len() as u32);
+                body.put_slice(&(messages.len() as u32).to_le_bytes());
                 for m in messages {
-                    out.put_u64_le(m.group.0);
-                    out.put_u32_le(m.bytes.len() as u32);
-                    out.put_slice(&m.bytes);
+                    body.put_slice(&m.group.0.to_le_bytes());
+                    // Within the body's limit, which fits in u32 (checked above).
+                    body.put_slice(&(m.len() as u32).to_le_bytes());
+                    body.put_bytes(&m.bytes);
+                    for part in &m.more {
+                        body.put_bytes(part);
+                    }
                 }
             }
             Body::AppRequest { id, payload } | Body::AppResponse { id, payload } => {
@@ -217,16 +249,24 @@ impl Frame {
                 } else {
                     KIND_APP_RESPONSE
                 };
-                out.put_u8(kind);
-                out.put_u64_le(self.from.0);
-                out.put_u64_le(id.0);
-                out.put_slice(payload);
+                body.put_slice(&[kind]);
+                body.put_slice(&self.from.0.to_le_bytes());
+                body.put_slice(&id.0.to_le_bytes());
+                body.put_bytes(payload);
             }
         }
-        let body_start = start + FRAME_HEADER_BYTES;
-        assert_eq!(out.len() - body_start, body_len, "frame body length miscomputed");
-        let crc = crc32fast::hash(&out[body_start..]);
-        out[start + 4..body_start].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(body.len(), body_len, "frame body length miscomputed");
+        let parts = body.into_parts();
+        let mut crc = crc32fast::Hasher::new();
+        for part in &parts {
+            crc.update(part);
+        }
+        // Within FRAME_BODY_BYTES_MAX, which fits in u32 (checked above).
+        out.put_slice(&(body_len as u32).to_le_bytes());
+        out.put_slice(&crc.finalize().to_le_bytes());
+        for part in &parts {
+            out.put_bytes(part);
+        }
         Ok(())
     }
 }
@@ -288,7 +328,7 @@ fn parse_body(mut rest: Bytes) -> Result<Frame, FrameError> {
                 if rest.len() < len {
                     return Err(FrameError::Truncated);
                 }
-                messages.push(RaftMessage { group, bytes: rest.split_to(len) });
+                messages.push(RaftMessage::new(group, rest.split_to(len)));
             }
             Body::RaftBatch(messages)
         }
@@ -326,9 +366,9 @@ mod tests {
         Frame {
             from: NodeId(7),
             body: Body::RaftBatch(vec![
-                RaftMessage { group: GroupId(1), bytes: Bytes::from_static(b"hello") },
-                RaftMessage { group: GroupId(u64::MAX), bytes: Bytes::new() },
-                RaftMessage { group: GroupId(3), bytes: Bytes::from(vec![0xAB; 1000]) },
+                RaftMessage::new(GroupId(1), Bytes::from_static(b"hello")),
+                RaftMessage::new(GroupId(u64::MAX), Bytes::new()),
+                RaftMessage::new(GroupId(3), Bytes::from(vec![0xAB; 1000])),
             ]),
         }
     }
@@ -543,7 +583,7 @@ mod tests {
     fn arb_frame() -> impl Strategy<Value = Frame> {
         let payload = proptest::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from);
         let message =
-            (any::<u64>(), payload.clone()).prop_map(|(g, bytes)| RaftMessage { group: GroupId(g), bytes });
+            (any::<u64>(), payload.clone()).prop_map(|(g, bytes)| RaftMessage::new(GroupId(g), bytes));
         let body = prop_oneof![
             any::<u64>().prop_map(|c| Body::Hello { cluster: ClusterId(c) }),
             proptest::collection::vec(message, 0..20).prop_map(Body::RaftBatch),

@@ -329,8 +329,19 @@ impl Transport {
     /// counted in [`TransportStats::queue_drops`]); Raft retransmits. Callable from any
     /// thread.
     pub fn send(&self, to: NodeId, group: GroupId, bytes: Bytes) -> Result<(), TransportError> {
-        if bytes.len() > RAFT_MESSAGE_BYTES_MAX {
-            return Err(TransportError::MessageTooLarge { len: bytes.len(), max: RAFT_MESSAGE_BYTES_MAX });
+        self.send_message(to, RaftMessage::new(group, bytes))
+    }
+
+    /// Queues a Raft message given as parts (sent one after another, not copied into one
+    /// buffer; the peer receives them joined), as [`Transport::send`] does.
+    pub fn send_parts(&self, to: NodeId, group: GroupId, mut parts: Vec<Bytes>) -> Result<(), TransportError> {
+        let bytes = if parts.is_empty() { Bytes::new() } else { parts.remove(0) };
+        self.send_message(to, RaftMessage { group, bytes, more: parts })
+    }
+
+    fn send_message(&self, to: NodeId, message: RaftMessage) -> Result<(), TransportError> {
+        if message.len() > RAFT_MESSAGE_BYTES_MAX {
+            return Err(TransportError::MessageTooLarge { len: message.len(), max: RAFT_MESSAGE_BYTES_MAX });
         }
         let peers = self.peers.read().unwrap_or_else(PoisonError::into_inner);
         let link = peers.get(&to).ok_or(TransportError::UnknownPeer(to))?;
@@ -338,7 +349,7 @@ impl Transport {
             self.shared.counters.fault_drops.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        let dropped = link.queue.push_raft(RaftMessage { group, bytes });
+        let dropped = link.queue.push_raft(message);
         if dropped > 0 {
             self.shared.counters.queue_drops.fetch_add(dropped, Ordering::Relaxed);
         }

@@ -6,8 +6,9 @@
 //!
 //! * connect (with [`CONNECT_TIMEOUT`]), send a `Hello`, then loop: take everything queued
 //!   (up to [`BATCH_BYTES_MAX`] per frame), encode all Raft messages as one `RaftBatch`
-//!   frame plus one frame per application message, and write them with one `write_all`;
-//!   wait for more.
+//!   frame plus one frame per application message, and write them with vectored writes
+//!   (the payloads of large messages are written from the senders' own buffers, not copied
+//!   into the frame); wait for more.
 //! * The connection is one-way: the peer never writes on it, so a read that returns means
 //!   the peer closed it (or broke the protocol); the writer then reconnects.
 //! * Any failure (connect, write, write stalled past [`WRITE_TIMEOUT`], peer closed) ends
@@ -29,13 +30,14 @@
 //! refused to the caller instead.
 
 use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -43,6 +45,7 @@ use tracing::{debug, info, warn};
 
 use super::frame::{Body, Frame, FrameError, RaftMessage};
 use super::Shared;
+use crate::gather::Gather;
 use crate::wal::record::NodeId;
 
 /// Raft messages a peer queue holds at most; past it the oldest are dropped.
@@ -405,10 +408,10 @@ impl Writer {
 
     async fn serve(&mut self, stream: TcpStream) -> Result<Ended, PeerError> {
         let (mut rd, mut wr) = stream.into_split();
-        let mut buf = BytesMut::with_capacity(64 << 10);
+        let mut buf = Gather::default();
         let hello = Frame { from: self.shared.local, body: Body::Hello { cluster: self.shared.cluster } };
-        hello.encode(&mut buf)?;
-        self.write(&mut wr, &buf, 1).await?;
+        hello.encode_gathered(&mut buf)?;
+        self.write(&mut wr, buf.take_parts(), 1).await?;
         let mut probe = [0u8; 1];
         loop {
             loop {
@@ -423,12 +426,8 @@ impl Writer {
                     self.shared.counters.fault_drops.fetch_add(drained.message_count(), Ordering::Relaxed);
                     continue;
                 }
-                buf.clear();
-                if buf.capacity() > 4 * BATCH_BYTES_MAX {
-                    buf = BytesMut::with_capacity(64 << 10);
-                }
                 let (frames, raft_n, app_n) = self.encode(drained, &mut buf)?;
-                self.write(&mut wr, &buf, frames).await?;
+                self.write(&mut wr, buf.take_parts(), frames).await?;
                 let c = &self.shared.counters;
                 c.raft_messages_sent.fetch_add(raft_n, Ordering::Relaxed);
                 c.app_messages_sent.fetch_add(app_n, Ordering::Relaxed);
@@ -451,18 +450,18 @@ impl Writer {
 
     /// Encodes one write: a `RaftBatch` frame and one frame per application message.
     /// Returns the frame, Raft message and application message counts.
-    fn encode(&self, drained: Drained, buf: &mut BytesMut) -> Result<(u64, u64, u64), FrameError> {
+    fn encode(&self, drained: Drained, buf: &mut Gather) -> Result<(u64, u64, u64), FrameError> {
         let from = self.shared.local;
         let raft_n = drained.raft.len() as u64;
         let app_n = drained.app.len() as u64;
         let mut frames = 0;
         if !drained.raft.is_empty() {
             // Sizes were checked by `send`, and a batch stays far below the frame limit.
-            Frame { from, body: Body::RaftBatch(drained.raft) }.encode(buf)?;
+            Frame { from, body: Body::RaftBatch(drained.raft) }.encode_gathered(buf)?;
             frames += 1;
         }
         for body in drained.app {
-            Frame { from, body }.encode(buf)?;
+            Frame { from, body }.encode_gathered(buf)?;
             frames += 1;
         }
         Ok((frames, raft_n, app_n))
@@ -471,17 +470,55 @@ impl Writer {
     async fn write(
         &self,
         wr: &mut tokio::net::tcp::OwnedWriteHalf,
-        bytes: &[u8],
+        parts: Vec<Bytes>,
         frames: u64,
     ) -> Result<(), PeerError> {
-        tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(bytes))
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        tokio::time::timeout(WRITE_TIMEOUT, write_all_parts(wr, &parts))
             .await
             .map_err(|_| PeerError::WriteTimeout)?
             .map_err(PeerError::Write)?;
         let c = &self.shared.counters;
         c.frames_sent.fetch_add(frames, Ordering::Relaxed);
-        c.bytes_sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        c.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// Iovecs handed to one `writev`: enough for a batch of large messages, few enough to build
+/// on the stack's worth of a `Vec` each call.
+const WRITE_SLICES_MAX: usize = 64;
+
+/// Writes `parts` one after another with vectored writes (the payloads are not gathered into
+/// one buffer first).
+async fn write_all_parts<W: AsyncWrite + Unpin>(wr: &mut W, parts: &[Bytes]) -> io::Result<()> {
+    let (mut i, mut offset) = (0, 0);
+    loop {
+        while i < parts.len() && offset == parts[i].len() {
+            i += 1;
+            offset = 0;
+        }
+        if i == parts.len() {
+            return Ok(());
+        }
+        let slices: Vec<IoSlice<'_>> = std::iter::once(&parts[i][offset..])
+            .chain(parts[i + 1..].iter().map(|p| &p[..]))
+            .take(WRITE_SLICES_MAX)
+            .map(IoSlice::new)
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "the peer's socket took no bytes"));
+        }
+        while n > 0 {
+            let step = n.min(parts[i].len() - offset);
+            offset += step;
+            n -= step;
+            if offset == parts[i].len() && n > 0 {
+                i += 1;
+                offset = 0;
+            }
+        }
     }
 }
 
@@ -494,7 +531,7 @@ mod tests {
     use crate::wal::record::GroupId;
 
     fn msg(i: u64, len: usize) -> RaftMessage {
-        RaftMessage { group: GroupId(i), bytes: Bytes::from(vec![0; len]) }
+        RaftMessage::new(GroupId(i), Bytes::from(vec![0; len]))
     }
 
     #[test]

@@ -414,3 +414,28 @@ async fn overflowing_a_dead_peer_drops_oldest_and_counts() {
         Err(TransportError::MessageTooLarge { .. })
     ));
 }
+
+/// Messages in several parts, large ones among them (written with vectored writes, more parts
+/// than one `writev` takes in a batch), arrive whole and in order.
+#[tokio::test]
+async fn messages_sent_in_parts_arrive_joined() {
+    let (a, _rx_a) = node(1).await;
+    let (b, mut rx_b) = node(2).await;
+    mesh(&[&a, &b]);
+    let mut sent = Vec::new();
+    for i in 0..40u64 {
+        let part = |n: usize, seed: u64| Bytes::from((0..n).map(|j| (j as u64 * 7 + seed) as u8).collect::<Vec<u8>>());
+        let parts = vec![part(10, i), part(if i % 3 == 0 { 300_000 } else { 5000 }, i + 1), Bytes::new(), part(3, i + 2)];
+        sent.push(parts.concat());
+        a.send_parts(NodeId(2), GroupId(i % 4), parts).unwrap();
+    }
+    for (i, want) in sent.iter().enumerate() {
+        match recv(&mut rx_b).await {
+            Inbound::Raft { from, group, bytes } => {
+                assert_eq!((from, group), (NodeId(1), GroupId(i as u64 % 4)));
+                assert!(bytes[..] == want[..], "message {i} damaged");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+
 pub use super::uring::{UringDisk, UringFile};
 
 /// Errors of the disk layer.
@@ -85,6 +87,11 @@ pub trait WalFile {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError>;
     /// Appends `data` at the end. Not durable until [`WalFile::sync`].
     fn append(&mut self, data: &[u8]) -> Result<(), DiskError>;
+    /// Appends `parts`, one after another, as [`WalFile::append`] does. A file that buffers
+    /// appends keeps the parts themselves, not a copy.
+    fn append_parts(&mut self, parts: Vec<Bytes>) -> Result<(), DiskError> {
+        parts.iter().try_for_each(|part| self.append(part))
+    }
     /// Makes all appended data (and any truncation) durable.
     fn sync(&mut self) -> Result<(), DiskError>;
     /// Cuts the file to `len_bytes`, its old bytes past them included.
@@ -412,6 +419,13 @@ impl WalFile for NodeFile {
         }
     }
 
+    fn append_parts(&mut self, parts: Vec<Bytes>) -> Result<(), DiskError> {
+        match self {
+            NodeFile::Std(f) => f.append_parts(parts),
+            NodeFile::Uring(f) => f.append_parts(parts),
+        }
+    }
+
     fn sync(&mut self) -> Result<(), DiskError> {
         match self {
             NodeFile::Std(f) => f.sync(),
@@ -489,7 +503,6 @@ pub struct CrashReport {
     pub survived_bytes: u64,
 }
 
-/// Small deterministic generator (splitmix64); the disk needs no more than this.
 #[derive(Debug, Clone)]
 /// A small seeded generator (SplitMix64) for the simulated disk and the WAL tests.
 pub(crate) struct SplitMix64(pub(crate) u64);
@@ -698,6 +711,10 @@ impl WalFile for SimFile {
             SimFile::state(st, &self.name)?.data.extend_from_slice(data);
             Ok(())
         })
+    }
+
+    fn append_parts(&mut self, parts: Vec<Bytes>) -> Result<(), DiskError> {
+        self.append(&parts.concat())
     }
 
     fn sync(&mut self) -> Result<(), DiskError> {

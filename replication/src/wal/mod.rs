@@ -76,6 +76,7 @@ pub mod uring;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use self::disk::WalDisk;
+use crate::gather::Gather;
 use self::record::{
     EncodeError, Entry, GroupId, GroupMeta, HardState, LogIndex, Payload, Record, Term, HEADER_BYTES,
     PAYLOAD_BYTES_MAX,
@@ -438,19 +439,17 @@ impl<D: WalDisk> Wal<D> {
     }
 
     fn write_batch(&mut self, records: &[Record]) -> Result<(), WalError> {
-        let mut buf = Vec::new();
+        let mut buf = Gather::default();
         for r in records {
             let len_bytes = r.encoded_len() as u64;
             let segment_bytes = self.active.len_bytes() + buf.len() as u64;
             if segment_bytes + len_bytes > self.options.segment_target_bytes
                 && segment_bytes > self.active_base_bytes
             {
-                self.active.append(&buf)?;
-                buf.clear();
+                self.active.append_parts(buf.take_parts())?;
                 self.rotate()?;
             } else if buf.len() >= WRITE_BUFFER_BYTES_MAX {
-                self.active.append(&buf)?;
-                buf.clear();
+                self.active.append_parts(buf.take_parts())?;
             }
             let loc = RecordLoc {
                 segment: self.active.id(),
@@ -458,12 +457,12 @@ impl<D: WalDisk> Wal<D> {
                 // validate() bounded it by HEADER_BYTES + PAYLOAD_BYTES_MAX.
                 len_bytes: len_bytes as u32,
             };
-            r.encode_salted(&mut buf, self.active.salt())?;
+            r.encode_gathered(&mut buf, self.active.salt())?;
             apply_record(&mut self.groups, r, loc, Mode::Append)?;
             self.unsynced = true;
         }
         if !buf.is_empty() {
-            self.active.append(&buf)?;
+            self.active.append_parts(buf.into_parts())?;
         }
         Ok(())
     }

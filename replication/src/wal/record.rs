@@ -25,6 +25,8 @@ use std::fmt;
 
 use bytes::Bytes;
 
+use crate::gather::Gather;
+
 /// Identifies a Raft group (one per volume).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct GroupId(pub u64);
@@ -77,13 +79,19 @@ const ENTRY_FIXED_BYTES: usize = 16;
 const HARD_STATE_BYTES: usize = 24;
 const COMPACT_TO_BYTES: usize = 8;
 const GROUP_META_FIXED_BYTES: usize = 8;
+/// The largest of the fixed parts above.
+const FIXED_BYTES_MAX: usize = HARD_STATE_BYTES;
 
-/// One Raft log entry. `data` is opaque to the WAL: the Raft storage layer (issue 2/3) decides
-/// what goes in it (for raft-rs, the encoded entry with its type and context).
+/// One Raft log entry. Its bytes, `head` then `data`, are opaque to the WAL: the Raft storage
+/// layer decides what goes in them (for raft-rs, the entry's type and context, then its data).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub index: LogIndex,
     pub term: Term,
+    /// Bytes stored before `data`, kept apart so that a small header in front of a large
+    /// payload costs no copy of the payload. Decoding returns them joined in `data` (and
+    /// `head` empty).
+    pub head: Bytes,
     pub data: Bytes,
 }
 
@@ -184,7 +192,12 @@ pub enum Decoded {
 
 impl Record {
     pub fn entry(group: GroupId, index: LogIndex, term: Term, data: Bytes) -> Record {
-        Record { group, payload: Payload::Entry(Entry { index, term, data }) }
+        Record::entry_with_head(group, index, term, Bytes::new(), data)
+    }
+
+    /// An entry whose bytes are `head` followed by `data` (see [`Entry::head`]).
+    pub fn entry_with_head(group: GroupId, index: LogIndex, term: Term, head: Bytes, data: Bytes) -> Record {
+        Record { group, payload: Payload::Entry(Entry { index, term, head, data }) }
     }
 
     pub fn hard_state(group: GroupId, hard_state: HardState) -> Record {
@@ -202,7 +215,7 @@ impl Record {
 
     fn payload_bytes(&self) -> usize {
         match &self.payload {
-            Payload::Entry(e) => ENTRY_FIXED_BYTES + e.data.len(),
+            Payload::Entry(e) => ENTRY_FIXED_BYTES + e.head.len() + e.data.len(),
             Payload::HardState(_) => HARD_STATE_BYTES,
             Payload::CompactTo(_) => COMPACT_TO_BYTES,
             Payload::GroupMeta(m) => GROUP_META_FIXED_BYTES + m.data.len(),
@@ -223,44 +236,73 @@ impl Record {
     /// Appends the framed record to `out`, its CRC seeded with `salt` (the segment's, see
     /// [`segment_salt`]). On error `out` is left unchanged.
     pub fn encode_salted(&self, out: &mut Vec<u8>, salt: u32) -> Result<(), EncodeError> {
+        let mut gathered = Gather::default();
+        self.encode_gathered(&mut gathered, salt)?;
+        out.extend_from_slice(&gathered.to_vec());
+        Ok(())
+    }
+
+    /// Appends the framed record to `out` as [`encode_salted`](Record::encode_salted) does,
+    /// the payload's large `Bytes` shared rather than copied (see [`Gather`]). On error `out`
+    /// is left unchanged.
+    pub fn encode_gathered(&self, out: &mut Gather, salt: u32) -> Result<(), EncodeError> {
         let payload_bytes = self.payload_bytes();
         if payload_bytes > PAYLOAD_BYTES_MAX {
             return Err(EncodeError::TooLarge { payload_bytes });
         }
         let len = u32::try_from(payload_bytes).map_err(|_| EncodeError::TooLarge { payload_bytes })?;
-        let start = out.len();
-        out.reserve(HEADER_BYTES + payload_bytes);
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&[0; 4]); // crc, filled in below
-        out.extend_from_slice(&self.group.0.to_le_bytes());
-        match &self.payload {
+        // The header and the kind's fixed fields, then the variable parts, which are not
+        // copied here.
+        let mut fixed = [0u8; HEADER_BYTES + FIXED_BYTES_MAX];
+        let mut n = 0;
+        let mut put = |bytes: &[u8]| {
+            fixed[n..n + bytes.len()].copy_from_slice(bytes);
+            n += bytes.len();
+        };
+        put(&len.to_le_bytes());
+        put(&[0; 4]); // crc, filled in below
+        put(&self.group.0.to_le_bytes());
+        let variable: [&Bytes; 2] = match &self.payload {
             Payload::Entry(e) => {
-                out.push(KIND_ENTRY);
-                out.extend_from_slice(&e.index.0.to_le_bytes());
-                out.extend_from_slice(&e.term.0.to_le_bytes());
-                out.extend_from_slice(&e.data);
+                put(&[KIND_ENTRY]);
+                put(&e.index.0.to_le_bytes());
+                put(&e.term.0.to_le_bytes());
+                [&e.head, &e.data]
             }
             Payload::HardState(hs) => {
-                out.push(KIND_HARD_STATE);
-                out.extend_from_slice(&hs.term.0.to_le_bytes());
-                out.extend_from_slice(&hs.vote.0.to_le_bytes());
-                out.extend_from_slice(&hs.commit.0.to_le_bytes());
+                put(&[KIND_HARD_STATE]);
+                put(&hs.term.0.to_le_bytes());
+                put(&hs.vote.0.to_le_bytes());
+                put(&hs.commit.0.to_le_bytes());
+                [&EMPTY, &EMPTY]
             }
             Payload::CompactTo(index) => {
-                out.push(KIND_COMPACT_TO);
-                out.extend_from_slice(&index.0.to_le_bytes());
+                put(&[KIND_COMPACT_TO]);
+                put(&index.0.to_le_bytes());
+                [&EMPTY, &EMPTY]
             }
             Payload::GroupMeta(m) => {
-                out.push(KIND_GROUP_META);
-                out.extend_from_slice(&m.reset_to.map_or(0, |i| i.0).to_le_bytes());
-                out.extend_from_slice(&m.data);
+                put(&[KIND_GROUP_META]);
+                put(&m.reset_to.map_or(0, |i| i.0).to_le_bytes());
+                [&m.data, &EMPTY]
             }
+        };
+        let mut hasher = crc32fast::Hasher::new_with_initial(salt);
+        hasher.update(&fixed[..4]);
+        hasher.update(&fixed[8..n]);
+        for part in variable {
+            hasher.update(part);
         }
-        let crc = checksum(&out[start..], salt);
-        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        fixed[4..8].copy_from_slice(&hasher.finalize().to_le_bytes());
+        out.put_slice(&fixed[..n]);
+        for part in variable {
+            out.put_bytes(part);
+        }
         Ok(())
     }
 }
+
+static EMPTY: Bytes = Bytes::new();
 
 /// The CRC seed of the records of segment `id` (format 2). A recycled segment file still
 /// holds its previous life's records past the new ones; seeded with another segment's salt,
@@ -330,6 +372,7 @@ pub fn decode_salted(buf: &[u8], salt: u32) -> Decoded {
             Payload::Entry(Entry {
                 index: LogIndex(u64_at(p, 0)),
                 term: Term(u64_at(p, 8)),
+                head: Bytes::new(),
                 data: Bytes::copy_from_slice(&p[ENTRY_FIXED_BYTES..]),
             })
         }

@@ -15,6 +15,8 @@
 //! damage to synced data, logged as an error, and the log is still cut there because a log
 //! with a hole cannot be replayed.
 
+use bytes::Bytes;
+
 use super::disk::{DiskError, WalDisk, WalFile};
 use super::record::{self, Corruption, Decoded, Record};
 
@@ -190,6 +192,16 @@ impl<F: WalFile> Segment<F> {
         let offset = self.len_bytes;
         self.file.append(bytes)?;
         self.len_bytes += bytes.len() as u64;
+        Ok(offset)
+    }
+
+    /// Appends already-framed records held as parts (see [`WalFile::append_parts`]);
+    /// returns the offset they start at.
+    pub fn append_parts(&mut self, parts: Vec<Bytes>) -> Result<u64, SegmentError> {
+        let offset = self.len_bytes;
+        let len_bytes: usize = parts.iter().map(Bytes::len).sum();
+        self.file.append_parts(parts)?;
+        self.len_bytes += len_bytes as u64;
         Ok(offset)
     }
 

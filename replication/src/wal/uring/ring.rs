@@ -1,9 +1,9 @@
 //! The only `unsafe` code of this crate: a small io_uring that the WAL thread uses
 //! synchronously, behind the safe [`WalRing`].
 //!
-//! One call, [`WalRing::write_all`], writes a buffer at an offset of a file and, if asked,
-//! `fdatasync`s the file after it: the buffer is cut into WRITE SQEs of at most
-//! [`SQE_BYTES_MAX`] bytes, chained with `IOSQE_IO_LINK` and followed by an
+//! One call, [`WalRing::write_all`], writes a list of buffers (one after another) at an
+//! offset of a file and, if asked, `fdatasync`s the file after it: the buffers are covered by
+//! WRITEV SQEs of at most [`SQE_BYTES_MAX`] bytes and [`IOVECS_MAX`] iovecs, chained with `IOSQE_IO_LINK` and followed by an
 //! `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`, so a group commit is one
 //! `io_uring_enter` that submits the writes and the sync and waits for all of them. The
 //! kernel runs a linked SQE only after the previous one succeeded in full; a short or
@@ -11,14 +11,14 @@
 //! from the first byte not written (short writes, EINTR/EAGAIN up to [`RETRIES_MAX`]
 //! times) or returns the error.
 //!
-//! Soundness: the kernel reads the buffer and uses the descriptor until each SQE's
-//! completion is posted. `write_all` returns only after it has reaped the completion of
-//! every SQE it pushed, so the borrow of the file and of the buffer covers the kernel's use.
+//! Soundness: the kernel reads the buffers, the iovec arrays and the descriptor until each
+//! SQE's completion is posted. `write_all` returns only after it has reaped the completion of
+//! every SQE it pushed, so the borrow of the file and of the buffers covers the kernel's use.
 //! If the ring itself fails with SQEs pushed or in flight (an `io_uring_enter` error other
-//! than EINTR/EAGAIN/EBUSY, or completions that never come), the buffer is leaked, never
+//! than EINTR/EAGAIN/EBUSY, or completions that never come), the buffers are leaked, never
 //! freed, and the ring refuses every later call, so SQEs left in its queue are never
 //! submitted with a descriptor number that may by then name another file. A panic between
-//! pushing and reaping leaves the buffer leaked as well (it is held in a `ManuallyDrop`) and
+//! pushing and reaping leaves the buffers leaked as well (they are held in a `ManuallyDrop`) and
 //! the ring marked busy, which later calls also treat as broken.
 #![allow(unsafe_code)]
 
@@ -27,6 +27,7 @@ use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::AsRawFd;
 
+use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 
 /// Submission queue entries (the completion queue gets twice as many).
@@ -39,6 +40,8 @@ const CHAIN_WRITES_MAX: usize = RING_ENTRIES as usize - 1;
 const SQE_BYTES_MAX: usize = 1 << 30;
 #[cfg(test)]
 const SQE_BYTES_MAX: usize = 4096;
+/// Most iovecs of one WRITEV (the kernel's `UIO_MAXIOV`).
+const IOVECS_MAX: usize = 1024;
 /// Times one call retries after EINTR/EAGAIN completions before returning the error.
 const RETRIES_MAX: u32 = 16;
 /// `io_uring_enter` calls one submission may take (EINTR, EBUSY, EAGAIN) before the ring is
@@ -87,7 +90,7 @@ impl WalRing {
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for (code, name) in
-            [(opcode::Nop::CODE, "NOP"), (opcode::Write::CODE, "WRITE"), (opcode::Fsync::CODE, "FSYNC")]
+            [(opcode::Nop::CODE, "NOP"), (opcode::Writev::CODE, "WRITEV"), (opcode::Fsync::CODE, "FSYNC")]
         {
             if !probe.is_supported(code) {
                 return Err(io::Error::new(
@@ -111,17 +114,17 @@ impl WalRing {
         }
     }
 
-    /// Writes all of `buf` at `offset` of `file` and, if `fdatasync`, then makes the file's
-    /// data durable; returns once everything completed. Partial progress is not reported:
-    /// after an error, any prefix of `buf` may have been written.
+    /// Writes `parts`, one after another, at `offset` of `file` and, if `fdatasync`, then
+    /// makes the file's data durable; returns once everything completed. Partial progress is
+    /// not reported: after an error, any prefix of the bytes may have been written.
     ///
-    /// `buf` is lent to the kernel: it is handed back unchanged, except when the ring itself
-    /// breaks (then it is leaked and left empty, and every later call fails).
+    /// `parts` are lent to the kernel: they are handed back unchanged, except when the ring
+    /// itself breaks (then they are leaked and left empty, and every later call fails).
     pub(crate) fn write_all(
         &mut self,
         file: &File,
         offset: u64,
-        buf: &mut Vec<u8>,
+        parts: &mut Vec<Bytes>,
         fdatasync: bool,
     ) -> io::Result<()> {
         match self.state {
@@ -132,45 +135,53 @@ impl WalRing {
             }
         }
         // Not freed if we unwind while the kernel may read it.
-        let lent = ManuallyDrop::new(std::mem::take(buf));
+        let lent = ManuallyDrop::new(std::mem::take(parts));
         match self.run(file, offset, &lent, fdatasync) {
             Ok(()) => {
-                *buf = ManuallyDrop::into_inner(lent);
+                *parts = ManuallyDrop::into_inner(lent);
                 Ok(())
             }
             Err(Failure::Op(e)) => {
-                *buf = ManuallyDrop::into_inner(lent);
+                *parts = ManuallyDrop::into_inner(lent);
                 Err(e)
             }
             Err(Failure::Ring(e)) => {
                 // `lent` stays leaked: the kernel may still read it.
                 self.state = State::Broken;
-                tracing::error!(error = %e, "the WAL's io_uring failed; its buffer is leaked");
+                tracing::error!(error = %e, "the WAL's io_uring failed; its buffers are leaked");
                 Err(e)
             }
         }
     }
 
-    fn run(&mut self, file: &File, offset: u64, data: &[u8], fdatasync: bool) -> Result<(), Failure> {
+    fn run(&mut self, file: &File, offset: u64, parts: &[Bytes], fdatasync: bool) -> Result<(), Failure> {
         let fd = types::Fd(file.as_raw_fd());
+        let layout = Layout::of(parts);
         let mut progress = Progress { done: 0, synced: !fdatasync, retries: 0 };
         let mut plan: Vec<(usize, usize)> = Vec::new();
+        // Each SQE's iovecs, one after another. Held in a `ManuallyDrop` so that a ring
+        // failure (which returns early) leaks them with the parts they point into.
+        let mut iovecs = ManuallyDrop::new(Vec::<libc::iovec>::new());
+        let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
         let mut entries: Vec<squeue::Entry> = Vec::new();
-        while progress.done < data.len() || !progress.synced {
+        while progress.done < layout.total || !progress.synced {
             plan.clear();
+            iovecs.clear();
+            spans.clear();
             let mut at = progress.done;
-            while at < data.len() && plan.len() < CHAIN_WRITES_MAX {
-                let n = (data.len() - at).min(SQE_BYTES_MAX);
+            while at < layout.total && plan.len() < CHAIN_WRITES_MAX {
+                let first = iovecs.len();
+                let n = layout.iovecs(at, &mut iovecs);
                 plan.push((at, n));
+                spans.push(first..iovecs.len());
                 at += n;
             }
-            let with_sync = !progress.synced && at == data.len();
+            let with_sync = !progress.synced && at == layout.total;
             entries.clear();
-            for (i, &(start, n)) in plan.iter().enumerate() {
-                let rest = &data[start..start + n];
-                // `n <= SQE_BYTES_MAX`, which fits in a u32.
-                let write = opcode::Write::new(fd, rest.as_ptr(), n as u32)
-                    .offset(offset + start as u64)
+            for (i, span) in spans.iter().enumerate() {
+                // `span.len() <= IOVECS_MAX`, which fits in a u32.
+                let write = opcode::Writev::new(fd, iovecs[span.start..].as_ptr(), span.len() as u32)
+                    .offset(offset + plan[i].0 as u64)
                     .build()
                     .user_data(i as u64);
                 let linked = i + 1 < plan.len() || with_sync;
@@ -184,17 +195,23 @@ impl WalRing {
                         .user_data(plan.len() as u64),
                 );
             }
-            // SAFETY: the WRITEs point into `data` and name `file`'s descriptor; both are
-            // borrowed for this whole call, and `reap_all` returns `Ok` only once every
-            // completion was reaped. On `Failure::Ring` the caller leaks the buffer and the
-            // ring is never entered again, so nothing outlives its referent in the kernel.
+            // SAFETY: the WRITEVs point at `iovecs`, which point into `parts`, and name
+            // `file`'s descriptor; all are borrowed or held for this whole call, `iovecs` is not
+            // touched until the completions are reaped, and `reap_all` returns `Ok` only once
+            // every completion was reaped. On `Failure::Ring` the caller leaks the parts and
+            // `iovecs` is never dropped, and the ring is never entered again, so nothing
+            // outlives its referent in the kernel.
             unsafe { self.push_all(&entries) }.map_err(Failure::Ring)?;
             self.reap_all(entries.len())?;
-            progress.apply(&plan, with_sync, &self.results).map_err(Failure::Op)?;
+            if let Err(e) = progress.apply(&plan, with_sync, &self.results) {
+                ManuallyDrop::into_inner(iovecs);
+                return Err(Failure::Op(e));
+            }
         }
         if fdatasync {
             self.fdatasyncs += 1;
         }
+        ManuallyDrop::into_inner(iovecs);
         Ok(())
     }
 
@@ -261,6 +278,45 @@ impl WalRing {
         }
         self.state = State::Ready;
         Ok(())
+    }
+}
+
+/// Where each part starts in the bytes one `write_all` writes.
+struct Layout<'a> {
+    parts: &'a [Bytes],
+    /// `starts[i]`: offset of `parts[i]`.
+    starts: Vec<usize>,
+    total: usize,
+}
+
+impl<'a> Layout<'a> {
+    fn of(parts: &'a [Bytes]) -> Layout<'a> {
+        let mut starts = Vec::with_capacity(parts.len());
+        let mut total = 0;
+        for p in parts {
+            starts.push(total);
+            total += p.len();
+        }
+        Layout { parts, starts, total }
+    }
+
+    /// Appends the iovecs of one WRITEV from offset `at` (below `total`): up to
+    /// [`IOVECS_MAX`] of them and [`SQE_BYTES_MAX`] bytes. Returns the bytes they cover.
+    fn iovecs(&self, at: usize, out: &mut Vec<libc::iovec>) -> usize {
+        let mut n = 0;
+        let mut count = 0;
+        while at + n < self.total && n < SQE_BYTES_MAX && count < IOVECS_MAX {
+            let pos = at + n;
+            // The last part starting at or before `pos`; empty parts are passed over, since
+            // the part after one starts at the same offset.
+            let i = self.starts.partition_point(|&s| s <= pos) - 1;
+            let rest = &self.parts[i][pos - self.starts[i]..];
+            let len = rest.len().min(SQE_BYTES_MAX - n);
+            out.push(libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: len });
+            n += len;
+            count += 1;
+        }
+        n
     }
 }
 
@@ -342,28 +398,59 @@ mod tests {
         (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
 
+    /// `data` cut into parts of varied sizes, an empty one among them.
+    fn parts_of(data: &[u8]) -> Vec<Bytes> {
+        let mut parts = Vec::new();
+        let mut at = 0;
+        let mut size = 1;
+        while at < data.len() {
+            let n = size.min(data.len() - at);
+            parts.push(Bytes::copy_from_slice(&data[at..at + n]));
+            if parts.len() == 2 {
+                parts.push(Bytes::new());
+            }
+            at += n;
+            size = size * 3 % (3 * SQE_BYTES_MAX) + 1;
+        }
+        parts
+    }
+
     #[test]
     fn long_writes_span_several_chains_and_land_in_place() {
         let Some(mut ring) = ring() else { return };
         let file = tempfile::tempfile().expect("tempfile");
         // More SQEs than one chain holds, and a tail shorter than one SQE.
         let len = SQE_BYTES_MAX * (CHAIN_WRITES_MAX + 5) + 123;
-        let mut buf = pattern(len, 7);
-        ring.write_all(&file, 10, &mut buf, true).expect("write and sync");
+        let data = pattern(len, 7);
+        let mut parts = parts_of(&data);
+        let before = parts.clone();
+        ring.write_all(&file, 10, &mut parts, true).expect("write and sync");
         assert_eq!(ring.fdatasyncs(), 1);
-        assert_eq!(buf, pattern(len, 7), "the buffer is handed back");
+        assert_eq!(parts, before, "the parts are handed back");
         let mut back = vec![0u8; len];
         file.read_exact_at(&mut back, 10).expect("read");
-        assert!(back == buf);
+        assert!(back == data);
         assert_eq!(file.metadata().expect("stat").len(), 10 + len as u64);
         // A sync alone, and a write alone.
         ring.write_all(&file, 0, &mut Vec::new(), true).expect("sync only");
-        ring.write_all(&file, 0, &mut b"0123456789".to_vec(), false).expect("write only");
+        ring.write_all(&file, 0, &mut vec![Bytes::from_static(b"0123456789")], false).expect("write only");
         let mut head = [0u8; 12];
         file.read_exact_at(&mut head, 0).expect("read");
         assert_eq!(&head[..10], b"0123456789");
-        assert_eq!(&head[10..], &buf[..2]);
+        assert_eq!(&head[10..], &data[..2]);
         assert_eq!(ring.fdatasyncs(), 2, "a write alone does not sync");
+    }
+
+    #[test]
+    fn more_parts_than_one_writev_takes_land_in_order() {
+        let Some(mut ring) = ring() else { return };
+        let file = tempfile::tempfile().expect("tempfile");
+        let data = pattern(3 * IOVECS_MAX + 7, 3);
+        let mut parts: Vec<Bytes> = data.chunks(1).map(Bytes::copy_from_slice).collect();
+        ring.write_all(&file, 0, &mut parts, false).expect("write");
+        let mut back = vec![0u8; data.len()];
+        file.read_exact_at(&mut back, 0).expect("read");
+        assert!(back == data);
     }
 
     #[test]
@@ -373,12 +460,13 @@ mod tests {
         let path = dir.path().join("ro");
         std::fs::write(&path, b"x").expect("write");
         let ro = File::open(&path).expect("open read-only");
-        let mut buf = pattern(3 * SQE_BYTES_MAX, 1);
-        let err = ring.write_all(&ro, 0, &mut buf, true).expect_err("EBADF");
+        let mut parts = parts_of(&pattern(3 * SQE_BYTES_MAX, 1));
+        let count = parts.len();
+        let err = ring.write_all(&ro, 0, &mut parts, true).expect_err("EBADF");
         assert_eq!(err.raw_os_error(), Some(libc::EBADF));
-        assert_eq!(buf.len(), 3 * SQE_BYTES_MAX, "the buffer is handed back after an error");
+        assert_eq!(parts.len(), count, "the parts are handed back after an error");
         let rw = tempfile::tempfile().expect("tempfile");
-        ring.write_all(&rw, 0, &mut buf, true).expect("the ring still works");
+        ring.write_all(&rw, 0, &mut parts, true).expect("the ring still works");
     }
 
     #[test]
@@ -386,9 +474,9 @@ mod tests {
         let Some(mut ring) = ring() else { return };
         ring.state = State::Busy;
         let file = tempfile::tempfile().expect("tempfile");
-        assert!(ring.write_all(&file, 0, &mut vec![1], false).is_err());
+        assert!(ring.write_all(&file, 0, &mut vec![Bytes::from_static(&[1])], false).is_err());
         assert_eq!(ring.state, State::Broken);
-        assert!(ring.write_all(&file, 0, &mut vec![1], false).is_err());
+        assert!(ring.write_all(&file, 0, &mut vec![Bytes::from_static(&[1])], false).is_err());
     }
 
     fn progress() -> Progress {

@@ -691,6 +691,23 @@ impl<D: WalDisk> GroupDriver<D> {
         Ok(out)
     }
 
+    /// Takes the requests of the committed entries up to `index` that `done_at_commit`
+    /// accepts, so they complete now; the others complete when applied.
+    pub fn take_committed(&mut self, index: u64, done_at_commit: impl Fn(RequestId) -> bool) -> Vec<RequestId> {
+        let mut done = Vec::new();
+        for ids in self.committed_proposals.range_mut(..=index).map(|(_, ids)| ids) {
+            ids.retain(|&id| {
+                let now = done_at_commit(id);
+                if now {
+                    done.push(id);
+                }
+                !now
+            });
+        }
+        self.committed_proposals.retain(|_, ids| !ids.is_empty());
+        done
+    }
+
     /// Reports that every handed-out entry up to `index` is applied to the local store;
     /// returns the requests that completed.
     pub fn applied(&mut self, index: u64) -> Applied {

@@ -11,6 +11,18 @@
 //!   `fdatasync` (`IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`) in one `io_uring_enter`
 //!   and waits for all of them: the group commit of a round costs one system call where
 //!   [`StdDisk`] makes one `pwrite` per append plus the `fdatasync`.
+//! * **Direct writes.** Where the file system takes `O_DIRECT` (ext4, xfs; not tmpfs), a
+//!   flush copies the block the file's end lies in (kept in memory), then the pending bytes,
+//!   into one 4 KiB-aligned buffer padded with zeroes to whole blocks, and writes that with
+//!   `O_DIRECT` at the block's offset: the next flush writes the partial block again, with
+//!   what follows it. Rewriting an already synced prefix with the same bytes cannot damage
+//!   it, even if the write tears. Measured on this project's machine (ext4 on virtio, Linux
+//!   6.18), a buffered 1 MiB write cost about 0.77 ms of CPU (page cache allocation and the
+//!   kernel's copy, `copy_folio_from_iter_atomic`, in an io-wq worker) against 0.12 ms direct:
+//!   with three nodes each writing every byte to its WAL, it was the largest item of a
+//!   replicated 1 MiB write's profile. The copy into the aligned buffer is the only
+//!   user-space copy of a payload on its way to the WAL. [`UringDisk::open_buffered`] keeps
+//!   the page cache (and writes the parts themselves, no copy).
 //! * [`WalFile::read_at`] serves the buffered part from memory and the rest with `pread`
 //!   (not through the ring): reads are rare (recovery reads each segment once; raft-rs
 //!   reads entries the in-memory cache no longer holds), each is one blocking call either
@@ -21,8 +33,9 @@
 //! * Creating, opening, listing and removing files (and syncing the directory) are
 //!   [`StdDisk`]'s own code: rare metadata calls.
 //!
-//! Dropping a file writes out (without syncing) what it still buffers, so a clean drop
-//! leaves the same bytes as [`StdDisk`] does; unsynced bytes carry no promise either way.
+//! Dropping a file writes out (without syncing) what it still buffers and cuts a direct
+//! write's padding, so a clean drop leaves the same bytes as [`StdDisk`] does; unsynced bytes
+//! carry no promise either way.
 //!
 //! After a failed write or sync the file refuses every further call (the bytes on disk are
 //! unknown, and after a failed `fdatasync` the kernel may have dropped dirty pages); the
@@ -30,13 +43,14 @@
 
 mod ring;
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use raftblk_blockdev::store::{AlignedBuf, DIRECT_IO_ALIGN_BYTES};
 
 use self::ring::WalRing;
 use super::disk::{DiskError, StdDisk, WalDisk, WalFile};
@@ -49,11 +63,16 @@ pub const FLUSH_BYTES: usize = 4 << 20;
 #[cfg(test)]
 pub const FLUSH_BYTES: usize = 10_001;
 
+/// Block size of direct writes: offsets and lengths are multiples of it.
+const BLOCK: u64 = DIRECT_IO_ALIGN_BYTES as u64;
+
 /// A directory of WAL files written through io_uring.
 #[derive(Debug, Clone)]
 pub struct UringDisk {
     std: StdDisk,
     ring: Arc<Mutex<WalRing>>,
+    /// Files are written with `O_DIRECT` where the file system allows it.
+    direct: bool,
 }
 
 /// A file of a [`UringDisk`].
@@ -62,8 +81,13 @@ pub struct UringFile {
     ring: Arc<Mutex<WalRing>>,
     file: File,
     name: String,
+    /// The same file opened with `O_DIRECT` (see the module docs), if the file system takes it.
+    direct: Option<File>,
     /// Bytes handed to the kernel and written: the file's length on disk.
     written: u64,
+    /// Direct writes only: the bytes of the block `written` ends inside (from its start to
+    /// `written`), which the next flush writes again, with what follows them.
+    partial: Vec<u8>,
     /// Appended bytes not yet handed to the kernel; they belong at offset `written`.
     pending: Gather,
     /// A write or sync failed; the file is unusable.
@@ -79,7 +103,13 @@ impl UringDisk {
             name: dir.as_ref().display().to_string(),
             source,
         })?;
-        Ok(UringDisk { std: StdDisk::open(dir)?, ring: Arc::new(Mutex::new(ring)) })
+        Ok(UringDisk { std: StdDisk::open(dir)?, ring: Arc::new(Mutex::new(ring)), direct: true })
+    }
+
+    /// As [`UringDisk::open`], with writes through the page cache even where `O_DIRECT`
+    /// works (what a file system without it gets).
+    pub fn open_buffered(dir: impl AsRef<Path>) -> Result<UringDisk, DiskError> {
+        Ok(UringDisk { direct: false, ..UringDisk::open(dir)? })
     }
 
     pub fn dir(&self) -> &Path {
@@ -91,8 +121,23 @@ impl UringDisk {
         self.ring.lock().unwrap_or_else(|p| p.into_inner()).fdatasyncs()
     }
 
-    fn wrap(&self, (file, name, len_bytes): (File, String, u64)) -> UringFile {
-        UringFile { ring: self.ring.clone(), file, name, written: len_bytes, pending: Gather::default(), failed: false }
+    fn wrap(&self, (file, name, len_bytes): (File, String, u64)) -> Result<UringFile, DiskError> {
+        // EINVAL where the file system has no direct I/O (tmpfs): that file is buffered.
+        let direct = self.direct.then(|| {
+            OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(self.dir().join(&name)).ok()
+        });
+        let mut f = UringFile {
+            ring: self.ring.clone(),
+            file,
+            direct: direct.flatten(),
+            name,
+            written: len_bytes,
+            partial: Vec::new(),
+            pending: Gather::default(),
+            failed: false,
+        };
+        f.load_partial()?;
+        Ok(f)
     }
 }
 
@@ -100,11 +145,11 @@ impl WalDisk for UringDisk {
     type File = UringFile;
 
     fn create(&self, name: &str) -> Result<UringFile, DiskError> {
-        Ok(self.wrap(self.std.create(name)?.into_parts()))
+        self.wrap(self.std.create(name)?.into_parts())
     }
 
     fn open(&self, name: &str) -> Result<UringFile, DiskError> {
-        Ok(self.wrap(self.std.open(name)?.into_parts()))
+        self.wrap(self.std.open(name)?.into_parts())
     }
 
     fn list(&self) -> Result<Vec<String>, DiskError> {
@@ -120,7 +165,7 @@ impl WalDisk for UringDisk {
     }
 
     fn reuse(&self, from: &str, to: &str) -> Result<UringFile, DiskError> {
-        Ok(self.wrap(self.std.reuse(from, to)?.into_parts()))
+        self.wrap(self.std.reuse(from, to)?.into_parts())
     }
 }
 
@@ -146,17 +191,64 @@ impl UringFile {
             return Ok(());
         }
         let len_bytes = self.pending.len() as u64;
-        let mut parts = self.pending.take_parts();
+        let parts = self.pending.take_parts();
+        let (file, offset, mut parts, partial) = match &self.direct {
+            Some(direct) if len_bytes > 0 => {
+                let (block, partial) = self.blocks(&parts);
+                (direct, self.written - self.partial.len() as u64, vec![block], Some(partial))
+            }
+            Some(direct) => (direct, self.written, parts, None),
+            None => (&self.file, self.written, parts, None),
+        };
         // A panic while the lock was held left the ring marked busy, and it refuses work.
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
-        let result = ring.write_all(&self.file, self.written, &mut parts, sync);
+        let result = ring.write_all(file, offset, &mut parts, sync);
         drop(ring);
         if let Err(source) = result {
             self.failed = true;
             return Err(DiskError::Io { op, name: self.name.clone(), source });
         }
         self.written += len_bytes;
+        if let Some(partial) = partial {
+            self.partial = partial;
+        }
         Ok(())
+    }
+
+    /// For a direct write of `parts` after `written`: one aligned buffer of whole blocks
+    /// holding the partial block's bytes, then the parts, then zeroes (a recycled buffer's
+    /// old bytes past the end could read as records of this segment); and the new partial
+    /// block's bytes. The copy replaces the page cache's: a buffered write of 1 MiB costs
+    /// this kernel several times the CPU of a user-space copy and a direct write.
+    fn blocks(&self, parts: &[Bytes]) -> (Bytes, Vec<u8>) {
+        let len = self.partial.len() + parts.iter().map(Bytes::len).sum::<usize>();
+        let mut buf = AlignedBuf::recycled(len.next_multiple_of(DIRECT_IO_ALIGN_BYTES));
+        let out = buf.as_mut_slice();
+        out[..self.partial.len()].copy_from_slice(&self.partial);
+        let mut at = self.partial.len();
+        for part in parts {
+            out[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        out[len..].fill(0);
+        let partial = out[len - len % DIRECT_IO_ALIGN_BYTES..len].to_vec();
+        (buf.into_bytes(), partial)
+    }
+
+    /// Direct writes only: reads the bytes of the block `written` ends inside from the file.
+    fn load_partial(&mut self) -> Result<(), DiskError> {
+        self.partial.clear();
+        if self.direct.is_none() {
+            return Ok(());
+        }
+        let start = self.written - self.written % BLOCK;
+        // Below one block, so it fits in a usize.
+        self.partial.resize((self.written - start) as usize, 0);
+        self.file.read_exact_at(&mut self.partial, start).map_err(|source| DiskError::Io {
+            op: "read",
+            name: self.name.clone(),
+            source,
+        })
     }
 
     fn flush_if_full(&mut self) -> Result<(), DiskError> {
@@ -172,6 +264,13 @@ impl Drop for UringFile {
         if !self.failed && !self.pending.is_empty() {
             if let Err(e) = self.flush(false) {
                 tracing::warn!(error = %e, "wal: writing out a dropped file's unsynced bytes failed");
+            }
+        }
+        // A direct write ends on a block boundary; the zeroes past the file's length go, so
+        // a clean drop leaves the same bytes as a buffered file.
+        if !self.failed && !self.partial.is_empty() {
+            if let Err(e) = self.file.set_len(self.written) {
+                tracing::warn!(error = %e, "wal: cutting a dropped file's padding failed");
             }
         }
     }
@@ -257,7 +356,7 @@ impl WalFile for UringFile {
             source,
         })?;
         self.written = len_bytes;
-        Ok(())
+        self.load_partial()
     }
 }
 
@@ -270,10 +369,11 @@ mod tests {
     use crate::wal::record::{GroupId, HardState, LogIndex, NodeId, Record, Term};
     use crate::wal::{Wal, WalOptions};
 
-    /// A [`UringDisk`] in `dir`, or `None` (with a note: the io_uring half did not run) when
-    /// this kernel refuses io_uring.
-    fn uring_disk(dir: &Path) -> Option<UringDisk> {
-        match UringDisk::open(dir) {
+    /// A [`UringDisk`] in `dir` (with direct writes if `direct` and the file system takes
+    /// them), or `None` (with a note: the io_uring half did not run) when this kernel refuses
+    /// io_uring.
+    fn uring_disk(dir: &Path, direct: bool) -> Option<UringDisk> {
+        match if direct { UringDisk::open(dir) } else { UringDisk::open_buffered(dir) } {
             Ok(d) => Some(d),
             Err(e) => {
                 eprintln!("skipping: io_uring unavailable: {e}");
@@ -300,9 +400,9 @@ mod tests {
     /// Applies the same random appends, syncs, truncates, reads, reopens, creates and removes
     /// to a [`StdDisk`] and a [`UringDisk`] and checks that every answer and, at the end, every
     /// file's bytes are the same.
-    fn differential(seed: u64, steps: usize) {
+    fn differential(seed: u64, steps: usize, direct: bool) {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let Some(uring) = uring_disk(&tmp.path().join("uring")) else { return };
+        let Some(uring) = uring_disk(&tmp.path().join("uring"), direct) else { return };
         let std_disk = StdDisk::open(tmp.path().join("std")).expect("std disk");
         let mut rng = Rng(seed);
         let names = ["a", "b", "c"];
@@ -400,14 +500,29 @@ mod tests {
     #[test]
     fn std_and_uring_disks_agree_on_random_operations() {
         for seed in 0..12 {
-            differential(seed, 600);
+            differential(seed, 600, seed % 2 == 0);
         }
+    }
+
+    /// The file's bytes up to `len`, and that any past it are a direct write's zero padding.
+    fn file_bytes(path: &Path, len: usize) -> Vec<u8> {
+        let mut bytes = std::fs::read(path).expect("read");
+        assert!(bytes.len() >= len, "the file is shorter than {len}");
+        assert!(bytes[len..].iter().all(|&b| b == 0), "past the end: not zeroes");
+        bytes.truncate(len);
+        bytes
     }
 
     #[test]
     fn reads_span_written_and_buffered_bytes() {
+        for direct in [true, false] {
+            reads_span(direct);
+        }
+    }
+
+    fn reads_span(direct: bool) {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let Some(disk) = uring_disk(tmp.path()) else { return };
+        let Some(disk) = uring_disk(tmp.path(), direct) else { return };
         let fdatasyncs = || disk.fdatasyncs();
         let mut f = disk.create("f").expect("create");
         f.append(b"0123456789").expect("append");
@@ -419,11 +534,11 @@ mod tests {
         f.read_at(6, &mut buf).expect("read across the boundary");
         assert_eq!(&buf, b"6789abcd");
         // Only the synced part is in the file so far.
-        assert_eq!(std::fs::read(tmp.path().join("f")).expect("read"), b"0123456789");
+        assert_eq!(file_bytes(&tmp.path().join("f"), 10), b"0123456789");
         f.truncate(12).expect("truncate inside the buffer");
         f.sync().expect("sync");
         assert_eq!(fdatasyncs(), 2);
-        assert_eq!(std::fs::read(tmp.path().join("f")).expect("read"), b"0123456789ab");
+        assert_eq!(file_bytes(&tmp.path().join("f"), 12), b"0123456789ab");
         f.append(b"XY").expect("append");
         f.truncate(4).expect("truncate into written data");
         f.append(b"!").expect("append");
@@ -435,10 +550,13 @@ mod tests {
     #[test]
     fn a_failed_file_refuses_further_calls() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let Some(disk) = uring_disk(tmp.path()) else { return };
+        let Some(disk) = uring_disk(tmp.path(), true) else { return };
         let mut f = disk.create("f").expect("create");
-        // Swap in a read-only descriptor: the kernel refuses the write (EBADF).
+        // Swap in read-only descriptors: the kernel refuses the write (EBADF).
         f.file = File::open(tmp.path().join("f")).expect("open read-only");
+        if f.direct.is_some() {
+            f.direct = Some(File::open(tmp.path().join("f")).expect("open read-only"));
+        }
         f.append(b"data").expect("append only buffers");
         let err = f.sync().expect_err("write to a read-only descriptor");
         assert!(
@@ -466,8 +584,14 @@ mod tests {
     /// entries come back and the segment files are byte for byte the same.
     #[test]
     fn wal_on_uring_matches_wal_on_std_across_reopens() {
+        for direct in [true, false] {
+            wal_on_uring_matches(direct);
+        }
+    }
+
+    fn wal_on_uring_matches(direct: bool) {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let Some(uring) = uring_disk(&tmp.path().join("uring")) else { return };
+        let Some(uring) = uring_disk(&tmp.path().join("uring"), direct) else { return };
         let std_dir = tmp.path().join("std");
         let options = WalOptions { segment_target_bytes: 64 << 10 };
         let mut a = Wal::open(StdDisk::open(&std_dir).expect("disk"), options).expect("open");

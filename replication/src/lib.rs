@@ -27,11 +27,13 @@
 //!   │                       leader's append messages ─▶ transport (safe before the sync)
 //!   │ Wal::sync: one fdatasync for every group (group commit; none if the round only
 //!   │            moved commit indexes)
-//!   │ GroupDriver::on_synced: votes and append acks ─▶ transport; newly committed entries
+//!   │ GroupDriver::on_synced: votes and append acks ─▶ transport; newly committed entries,
+//!   │            whose writes are acknowledged now (committed = in a majority's synced WAL)
 //!   │ apply committed entries, in order, on the runtime ─▶ the volume's local copy (one
 //!   │            apply task per group in flight; the next rounds do not wait for it)
-//!   │ Event::Applied ─▶ NodeCore::applied ─▶ GroupDriver::applied ─▶ acknowledged writes (committed = in a
-//!   │            majority's synced WAL, and applied here), reads that may proceed
+//!   │ Event::Applied ─▶ NodeCore::applied ─▶ GroupDriver::applied ─▶ reads that may proceed
+//!   │            (they wait for the commit index they started at to be applied), guarded
+//!   │            writes and state-machine commands answered
 //!   ▼
 //! wal::Wal ─▶ wal::segment (files <id>.wal, framed records) ─▶ wal::disk::WalDisk
 //!                                                              (UringDisk or StdDisk, SimDisk)

@@ -7,7 +7,7 @@
 //!   │ over the transport (forward.rs)         │  every GroupDriver): propose (batched entries),
 //!   ▼                                         │  collect Readies → send leader appends, one WAL
 //! leader's node: same path, locally           │  fdatasync for all groups → synced → apply tasks
-//!                                             ▼  → Event::Applied → acknowledge writes, serve reads
+//!                                             ▼  → committed: acknowledge writes; Event::Applied → serve reads
 //! ```
 //!
 //! The runner is a dedicated thread that blocks only on the WAL sync: applies, checkpoints,

@@ -35,7 +35,9 @@ pub const INBOUND_CONNECTIONS_MAX: usize = 1024;
 /// How long the listener pauses after a failed accept (e.g. out of file descriptors).
 const ACCEPT_ERROR_DELAY: Duration = Duration::from_millis(100);
 
-/// Most bytes reserved for one read, however large the frame being read.
+/// Most bytes reserved for one read before the peer's `Hello`, however large the frame being
+/// read. After it, the rest of a frame is reserved at once: a large frame (a MsgAppend of
+/// MiB-sized entries) then lands in one buffer instead of being moved each time it grows.
 const READ_RESERVE_BYTES_MAX: usize = 1 << 20;
 
 /// Least bytes reserved for one read.
@@ -122,7 +124,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%remote, error = %e, "cannot set TCP_NODELAY");
     }
-    let mut conn = Conn { shared, stream, remote, buf: BytesMut::new() };
+    let mut conn = Conn { shared, stream, remote, buf: BytesMut::new(), reserve_max: READ_RESERVE_BYTES_MAX };
     match conn.run().await {
         Ok(node) => debug!(%remote, peer = ?node, "inbound connection closed"),
         Err(e) if e.is_violation() => {
@@ -138,6 +140,8 @@ struct Conn {
     stream: TcpStream,
     remote: SocketAddr,
     buf: BytesMut,
+    /// Most bytes one read reserves (see [`READ_RESERVE_BYTES_MAX`]).
+    reserve_max: usize,
 }
 
 impl Conn {
@@ -160,6 +164,7 @@ impl Conn {
             _ => return Err(InboundError::NoHello),
         }
         debug!(remote = %self.remote, peer = %node, "inbound connection from peer");
+        self.reserve_max = frame::FRAME_HEADER_BYTES + frame::FRAME_BODY_BYTES_MAX;
         while let Some(frame) = self.read_frame().await? {
             if frame.from != node {
                 return Err(InboundError::WrongSender { hello: node, frame: frame.from });
@@ -224,7 +229,7 @@ impl Conn {
                 }
                 Decoded::Corrupt(e) => return Err(e.into()),
                 Decoded::NeedMore(n) => {
-                    self.buf.reserve(n.clamp(READ_RESERVE_BYTES_MIN, READ_RESERVE_BYTES_MAX));
+                    self.buf.reserve(n.clamp(READ_RESERVE_BYTES_MIN, self.reserve_max));
                     if self.stream.read_buf(&mut self.buf).await? == 0 {
                         return if self.buf.is_empty() {
                             Ok(None)

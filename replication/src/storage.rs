@@ -334,10 +334,7 @@ impl<D: WalDisk> GroupStorage<D> {
         if entries.is_empty() {
             return Ok(());
         }
-        let records: Vec<Record> = entries
-            .iter()
-            .map(|e| entry_record(self.group, e))
-            .collect();
+        let records: Vec<Record> = entries.iter().map(|e| entry_record(self.group, e)).collect();
         lock(&self.wal)?.append(&records)?;
         self.remember(entries);
         Ok(())

@@ -98,13 +98,12 @@ mod tests {
         m.entries = datas
             .iter()
             .enumerate()
-            .map(|(i, d)| {
-                let mut e = Entry::default();
-                e.index = 42 + i as u64;
-                e.term = 7;
-                e.data = Bytes::from(d.clone());
-                e.context = Bytes::from_static(b"ctx");
-                e
+            .map(|(i, d)| Entry {
+                index: 42 + i as u64,
+                term: 7,
+                data: Bytes::from(d.clone()),
+                context: Bytes::from_static(b"ctx"),
+                ..Default::default()
             })
             .collect();
         m
@@ -131,7 +130,10 @@ mod tests {
     #[test]
     fn malformed_messages_are_refused() {
         assert_eq!(decode(&Bytes::new()), Err(RaftCodecError::Truncated("entry count")));
-        assert_eq!(decode(&Bytes::from_static(&[5, 0, 0, 0, 1])), Err(RaftCodecError::Truncated("data-length table")));
+        assert_eq!(
+            decode(&Bytes::from_static(&[5, 0, 0, 0, 1])),
+            Err(RaftCodecError::Truncated("data-length table"))
+        );
         // One entry claiming more data than there is.
         let mut wire = joined(&encode(append(&[vec![9; 8]])).expect("encode")).to_vec();
         wire[4] = 200;

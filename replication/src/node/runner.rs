@@ -16,8 +16,8 @@ use raftblk_blockdev::backend::check_range;
 use raftblk_blockdev::seal::{SealedBlocks, BLOCK};
 use tokio::sync::oneshot;
 
-use super::raft_codec;
 use super::node_core::{CoreConfig, NodeCore, Output, ReadRequest};
+use super::raft_codec;
 use super::repair::{read_repaired, RepairContext};
 use super::{GroupStore, NodeConfig, NodeError, PeerFetcher, RebuildStatus, Shared, SnapshotSource};
 use crate::snapshot::image::pull_image;

@@ -43,8 +43,8 @@ use raftblk_blockdev::seal::{
     BlockImage, BlockState, BlockWrite, CopyStore, MemSealedStore, Seal, SealedBlocks,
 };
 
-use crate::node::raft_codec;
 use crate::node::node_core::{CoreConfig, NodeCore, Output};
+use crate::node::raft_codec;
 use crate::node::repair::usable;
 use crate::snapshot::marker::Marker;
 use crate::storage::GroupStorage;

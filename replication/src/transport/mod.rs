@@ -334,7 +334,12 @@ impl Transport {
 
     /// Queues a Raft message given as parts (sent one after another, not copied into one
     /// buffer; the peer receives them joined), as [`Transport::send`] does.
-    pub fn send_parts(&self, to: NodeId, group: GroupId, mut parts: Vec<Bytes>) -> Result<(), TransportError> {
+    pub fn send_parts(
+        &self,
+        to: NodeId,
+        group: GroupId,
+        mut parts: Vec<Bytes>,
+    ) -> Result<(), TransportError> {
         let bytes = if parts.is_empty() { Bytes::new() } else { parts.remove(0) };
         self.send_message(to, RaftMessage { group, bytes, more: parts })
     }

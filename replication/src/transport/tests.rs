@@ -424,8 +424,15 @@ async fn messages_sent_in_parts_arrive_joined() {
     mesh(&[&a, &b]);
     let mut sent = Vec::new();
     for i in 0..40u64 {
-        let part = |n: usize, seed: u64| Bytes::from((0..n).map(|j| (j as u64 * 7 + seed) as u8).collect::<Vec<u8>>());
-        let parts = vec![part(10, i), part(if i % 3 == 0 { 300_000 } else { 5000 }, i + 1), Bytes::new(), part(3, i + 2)];
+        let part = |n: usize, seed: u64| {
+            Bytes::from((0..n).map(|j| (j as u64 * 7 + seed) as u8).collect::<Vec<u8>>())
+        };
+        let parts = vec![
+            part(10, i),
+            part(if i % 3 == 0 { 300_000 } else { 5000 }, i + 1),
+            Bytes::new(),
+            part(3, i + 2),
+        ];
         sent.push(parts.concat());
         a.send_parts(NodeId(2), GroupId(i % 4), parts).unwrap();
     }

@@ -396,7 +396,10 @@ mod tests {
                     let block = (i - data.start) / BLOCK_BYTES;
                     let bytes = &w.data[block * BLOCK_BYTES..(block + 1) * BLOCK_BYTES];
                     let resealed = raftblk_blockdev::seal::Seal::plain(w.first + block as u64, bytes);
-                    assert_ne!(resealed.crc, w.seals[block].crc, "byte {i} bit {bit}: the seal still matches");
+                    assert_ne!(
+                        resealed.crc, w.seals[block].crc,
+                        "byte {i} bit {bit}: the seal still matches"
+                    );
                 } else {
                     assert!(decoded.is_err(), "byte {i} bit {bit}");
                 }

@@ -693,7 +693,11 @@ impl<D: WalDisk> GroupDriver<D> {
 
     /// Takes the requests of the committed entries up to `index` that `done_at_commit`
     /// accepts, so they complete now; the others complete when applied.
-    pub fn take_committed(&mut self, index: u64, done_at_commit: impl Fn(RequestId) -> bool) -> Vec<RequestId> {
+    pub fn take_committed(
+        &mut self,
+        index: u64,
+        done_at_commit: impl Fn(RequestId) -> bool,
+    ) -> Vec<RequestId> {
         let mut done = Vec::new();
         for ids in self.committed_proposals.range_mut(..=index).map(|(_, ids)| ids) {
             ids.retain(|&id| {

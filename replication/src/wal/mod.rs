@@ -76,7 +76,6 @@ pub mod uring;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use self::disk::WalDisk;
-use crate::gather::Gather;
 use self::record::{
     EncodeError, Entry, GroupId, GroupMeta, HardState, LogIndex, Payload, Record, Term, HEADER_BYTES,
     PAYLOAD_BYTES_MAX,
@@ -84,6 +83,7 @@ use self::record::{
 use self::segment::{
     RecordLoc, Segment, SegmentError, SegmentId, Truncation, FREE_SUFFIX, SEGMENT_TARGET_BYTES_DEFAULT,
 };
+use crate::gather::Gather;
 
 /// Encoded bytes buffered by one `append` before they are written out.
 const WRITE_BUFFER_BYTES_MAX: usize = 1 << 20;

@@ -83,7 +83,8 @@ pub struct UringFile {
     name: String,
     /// The same file opened with `O_DIRECT` (see the module docs), if the file system takes it.
     direct: Option<File>,
-    /// Bytes handed to the kernel and written: the file's length on disk.
+    /// Bytes handed to the kernel and written: the file's length on disk (which a direct
+    /// write's zero padding may exceed until the next flush, truncate or drop).
     written: u64,
     /// Direct writes only: the bytes of the block `written` ends inside (from its start to
     /// `written`), which the next flush writes again, with what follows them.
@@ -435,13 +436,14 @@ mod tests {
                     } as usize;
                     let data = rng.bytes(n);
                     // Chosen by the length, so the draws (and the seeds' coverage) stay as they were.
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         s.append(&data).expect("std append");
                         u.append(&data).expect("uring append");
                     } else {
                         // The same bytes as parts, which the uring file keeps as they are.
                         let cut = n / 3;
-                        let parts = vec![Bytes::copy_from_slice(&data[..cut]), Bytes::copy_from_slice(&data[cut..])];
+                        let parts =
+                            vec![Bytes::copy_from_slice(&data[..cut]), Bytes::copy_from_slice(&data[cut..])];
                         s.append_parts(parts.clone()).expect("std append_parts");
                         u.append_parts(parts).expect("uring append_parts");
                     }

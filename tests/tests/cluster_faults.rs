@@ -432,7 +432,8 @@ fn wal_records(data: &[u8]) -> Vec<WalRecord> {
     while p + WAL_RECORD_HEADER <= data.len() {
         let len = u32::from_le_bytes(data[p..p + 4].try_into().expect("4 bytes")) as usize;
         let bytes = WAL_RECORD_HEADER + len;
-        if p + bytes > data.len() {
+        // Kind 0 is no record: the zero padding after the last one.
+        if p + bytes > data.len() || data[p + 16] == 0 {
             break;
         }
         out.push(WalRecord { offset: p as u64, bytes: bytes as u64, kind: data[p + 16] });
@@ -454,7 +455,7 @@ fn newest_segment(wal_dir: &Path) -> std::path::PathBuf {
 
 #[derive(Debug, Clone, Copy)]
 enum Damage {
-    /// Flip bytes in the last 100 bytes of the newest segment.
+    /// Flip bytes in the last 100 bytes of the newest segment's records.
     FlipTail,
     /// Cut the newest segment in the middle of its last log entry.
     TruncateMidRecord,
@@ -465,8 +466,10 @@ fn damage_wal(wal_dir: &Path, how: Damage) -> String {
     let seg = newest_segment(wal_dir);
     let mut data = std::fs::read(&seg).expect("read segment");
     let records = wal_records(&data);
-    let len = data.len();
     assert!(records.len() > 10, "only {} records in {}", records.len(), seg.display());
+    // Where the records end: a segment left by a killed node may be longer (the zero padding
+    // of a direct write), and damage there would hit nothing.
+    let len = records.last().map_or(data.len(), |r| (r.offset + r.bytes) as usize);
     let desc = match how {
         Damage::FlipTail => {
             let mut flipped = 0;

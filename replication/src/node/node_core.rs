@@ -61,6 +61,15 @@ pub(crate) struct CoreConfig {
     pub seed: u64,
 }
 
+/// Committed payload bytes a group's copy may have yet to apply while writes are still
+/// acknowledged at commit (see `NodeCore::committed`).
+const APPLY_BACKLOG_BYTES_MAX: usize = 16 << 20;
+
+/// Payload bytes of committed entries.
+fn entries_bytes(entries: &[CommittedEntry]) -> usize {
+    entries.iter().flat_map(|e| &e.commands).map(Command::payload_len).sum()
+}
+
 /// A read waiting for its group's applied index.
 #[derive(Debug)]
 pub(crate) struct ReadRequest<R> {
@@ -140,6 +149,8 @@ struct Slot<D: WalDisk, W, R> {
     to_apply: Vec<CommittedEntry>,
     /// The apply in flight: its number and the last index it applies.
     applying: Option<(u64, u64)>,
+    /// Payload bytes of the apply in flight.
+    applying_bytes: usize,
     /// Highest index applied and flushed, as the store's applied file records.
     checkpointed: u64,
     /// The checkpoint in flight: the applied index it records.
@@ -305,6 +316,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
                 applied,
                 to_apply: Vec::new(),
                 applying: None,
+                applying_bytes: 0,
                 checkpointed: applied,
                 checkpointing: None,
                 last_checkpoint_ms: now_ms,
@@ -592,7 +604,12 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
             Some(Rebuild::Finishing { .. }) => return slot.to_apply.extend(entries),
             None => slot.to_apply.extend(entries),
         }
-        if slot.broken.is_some() {
+        // Bounded lag: past it, writes wait for their apply again, which slows the clients
+        // down to what the copy takes (otherwise the backlog, and what a read waits for,
+        // would grow without bound).
+        if slot.broken.is_some()
+            || slot.applying_bytes + entries_bytes(&slot.to_apply) > APPLY_BACKLOG_BYTES_MAX
+        {
             return;
         }
         let at_apply = &slot.at_apply;
@@ -614,6 +631,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         self.next_apply += 1;
         let seq = self.next_apply;
         slot.applying = Some((seq, last));
+        slot.applying_bytes = entries_bytes(&entries);
         self.out.push(Output::Apply { group, seq, entries });
     }
 
@@ -623,6 +641,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         let Some(slot) = self.groups.get_mut(&group) else { return };
         let Some((_, last)) = slot.applying.filter(|(s, _)| *s == seq) else { return };
         slot.applying = None;
+        slot.applying_bytes = 0;
         match slot.rebuild {
             Some(Rebuild::Waiting { index, offset, hint }) => {
                 // The store is being replaced: the copy that waited for this apply starts.
@@ -976,6 +995,37 @@ mod tests {
         assert_eq!(acked(&out), vec![(11, true)]);
         // What committed meanwhile follows as the next apply.
         assert_eq!(applies(&out).len(), 1);
+    }
+
+    #[test]
+    fn writes_wait_for_their_apply_once_the_copy_lags_too_far() {
+        let mut core = leader();
+        let mib = |first: u64| {
+            let blocks = (1 << 20) / 4096;
+            let data = Bytes::from(vec![7u8; 1 << 20]);
+            let seals =
+                (0..blocks).map(|b| Seal::plain(first + b, &data[b as usize * 4096..][..4096])).collect();
+            vec![Command::Write(BlockWrite { first, data, seals, guards: vec![] })]
+        };
+        let mut acked_at_commit = Vec::new();
+        let mut first_apply = None;
+        for i in 0..20u64 {
+            core.write(G, mib(i * 256), i);
+            let out = round(&mut core, 100 + i);
+            first_apply = first_apply.or(applies(&out).first().map(|a| a.0));
+            acked_at_commit.extend(acked(&out));
+        }
+        // Nothing was applied: up to 16 MiB of backlog (15 writes of 1 MiB and their seals)
+        // are acknowledged at commit, the rest not.
+        assert_eq!(acked_at_commit, (0..15).map(|t| (t, true)).collect::<Vec<_>>());
+        core.applied(G, first_apply.expect("an apply started"), Ok(ApplyReport::default()));
+        let out = core.take_outputs();
+        assert!(acked(&out).is_empty(), "the first apply covered only the first write: {out:?}");
+        let (seq, n) = applies(&out)[0];
+        assert_eq!(n, 19, "the rest goes as one apply");
+        core.applied(G, seq, Ok(ApplyReport::default()));
+        let out = core.take_outputs();
+        assert_eq!(acked(&out), (15..20).map(|t| (t, true)).collect::<Vec<_>>(), "answered once applied");
     }
 
     #[test]

@@ -52,13 +52,6 @@ impl Gather {
         }
     }
 
-    /// Appends everything `other` holds, sharing its parts.
-    pub fn append(&mut self, other: Gather) {
-        for part in other.into_parts() {
-            self.put_bytes(&part);
-        }
-    }
-
     fn close_tail(&mut self) {
         if !self.tail.is_empty() {
             self.parts.push(Bytes::from(std::mem::take(&mut self.tail)));
@@ -77,7 +70,8 @@ impl Gather {
         self.take_parts()
     }
 
-    /// One contiguous copy of the bytes (tests and cold paths).
+    /// One contiguous copy of the bytes.
+    #[cfg(test)]
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len);
         for part in &self.parts {

@@ -592,9 +592,8 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
     /// acknowledged write is seen by every later read whether or not it is applied yet. So a
     /// write is acknowledged at commit; only one with guards (a read-modify-write of a partial
     /// block, which apply may skip and the proposer then retries) and a state machine's
-    /// commands (`at_apply`) wait for their apply. This
-    /// takes the apply (an O_DIRECT write of the whole entry: several ms for 8 MiB) off the
-    /// write's latency.
+    /// commands (`at_apply`) wait for their apply. This takes the apply (an O_DIRECT write of
+    /// the whole entry: several ms for 8 MiB) off the write's latency.
     fn committed(&mut self, group: GroupId, entries: Vec<CommittedEntry>) {
         let Some(slot) = self.groups.get_mut(&group) else { return };
         let Some(last) = entries.last().map(|e| e.index) else { return };

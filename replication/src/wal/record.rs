@@ -238,7 +238,9 @@ impl Record {
     pub fn encode_salted(&self, out: &mut Vec<u8>, salt: u32) -> Result<(), EncodeError> {
         let mut gathered = Gather::default();
         self.encode_gathered(&mut gathered, salt)?;
-        out.extend_from_slice(&gathered.to_vec());
+        for part in gathered.into_parts() {
+            out.extend_from_slice(&part);
+        }
         Ok(())
     }
 
@@ -287,13 +289,8 @@ impl Record {
                 [&m.data, &EMPTY]
             }
         };
-        let mut hasher = crc32fast::Hasher::new_with_initial(salt);
-        hasher.update(&fixed[..4]);
-        hasher.update(&fixed[8..n]);
-        for part in variable {
-            hasher.update(part);
-        }
-        fixed[4..8].copy_from_slice(&hasher.finalize().to_le_bytes());
+        let crc = checksum_parts(&fixed[..n], variable.iter().map(|b| &b[..]), salt);
+        fixed[4..8].copy_from_slice(&crc.to_le_bytes());
         out.put_slice(&fixed[..n]);
         for part in variable {
             out.put_bytes(part);
@@ -316,9 +313,18 @@ pub fn segment_salt(id: u64) -> u32 {
 /// CRC over a whole framed record, skipping the CRC field (bytes 4..8), seeded with `salt`
 /// (0: format 1, unsalted).
 pub(crate) fn checksum(record: &[u8], salt: u32) -> u32 {
+    checksum_parts(&record[..HEADER_BYTES], [&record[HEADER_BYTES..]], salt)
+}
+
+/// [`checksum`] of a record given as its header (`HEADER_BYTES` or more, the CRC field
+/// included) and the rest in pieces.
+fn checksum_parts<'a>(head: &[u8], rest: impl IntoIterator<Item = &'a [u8]>, salt: u32) -> u32 {
     let mut hasher = crc32fast::Hasher::new_with_initial(salt);
-    hasher.update(&record[..4]);
-    hasher.update(&record[8..]);
+    hasher.update(&head[..4]);
+    hasher.update(&head[8..]);
+    for piece in rest {
+        hasher.update(piece);
+    }
     hasher.finalize()
 }
 

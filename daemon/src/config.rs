@@ -131,12 +131,19 @@ pub struct ClusterConfig {
     pub log_retain_mib: u64,
     /// Most MiB/s a replica being rebuilt copies from its peers (0: unlimited).
     pub rebuild_rate_mib_s: u64,
+    /// Single-copy volumes acknowledge writes before they are synced, durable at FLUSH/FUA.
+    #[serde(default = "default_true")]
+    pub single_copy_write_back: bool,
     /// Hours between background scrubs of each volume (0: no background scrub).
     #[serde(default = "default_scrub_interval_h")]
     pub scrub_interval_h: u64,
     /// Most MiB/s of allocated data a scrub reads (0: unlimited).
     #[serde(default = "default_scrub_rate_mib_s")]
     pub scrub_rate_mib_s: u64,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_scrub_interval_h() -> u64 {

@@ -110,6 +110,7 @@ async fn start(id: u64, retain: u64) -> TestNode {
         log_retain_bytes: 1 << 20,
         rebuild_rate_bytes_per_s: 0,
         snapshot_chunk_bytes: 1 << 20,
+        write_back: true,
     };
     let node = ReplicationNode::start(config).await.unwrap();
     TestNode { node, machine: Arc::new(KvMachine::default()), _dir: dir }

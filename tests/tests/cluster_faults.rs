@@ -659,3 +659,44 @@ fn g_leader_moves_to_the_node_its_client_uses() {
     let out = client.join().expect("qemu-io thread");
     assert!(out.status.success(), "qemu-io failed: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A single-copy volume acknowledges a write before the WAL is synced (write-back, durable at
+/// the next FLUSH: see `GroupConfig::write_back`), so what it acknowledged must still be in the
+/// kernel when the daemon is killed: writes never flushed survive kill -9 of its node.
+#[test]
+fn h_single_copy_writes_never_flushed_survive_kill9() {
+    if !require_tools("single copy kill9", &["qemu-io"]) {
+        return;
+    }
+    let name = "wb";
+    let mut c = Cluster::start(3);
+    c.create_volume(1, name, "16M", 0);
+    // The one copy's node is the only one that names a leader: itself.
+    let holder = poll("the single copy's node to lead", ELECTION_LIMIT, || {
+        ALL.iter()
+            .copied()
+            .find(|&id| c.try_repl(id, name).is_ok_and(|r| r.leader == id))
+            .ok_or_else(|| "no node leads yet".to_string())
+    });
+    let pats = [pat(0x71, 0, 4096), pat(0x72, 5 * MIB, 64 * 1024), pat(0x73, 9 * MIB + 4096, 4096)];
+    let mut nbd = RawNbd::connect(c.node(holder).nbd_addr, name).expect("NBD connect");
+    for p in &pats {
+        let reply = nbd.write(p.off, &vec![p.byte; p.len as usize]).expect("NBD write");
+        assert_eq!(reply.error, 0, "write of {p:?} failed");
+    }
+    c.kill9(holder);
+    drop(nbd);
+    c.restart(holder);
+    c.wait_leader(name, &[holder], ELECTION_LIMIT);
+    assert_patterns_read(&c.nbd_uri(holder, name), &pats);
+    assert!(
+        !read_patterns(&c.nbd_uri(holder, name), &[pat(0x70, 0, 4096)]).success(),
+        "a wrong pattern read as good"
+    );
+    // A FLUSH through another node reaches the copy's node and is answered.
+    let via = others(holder)[0];
+    let mut nbd = RawNbd::connect(c.node(via).nbd_addr, name).expect("NBD connect");
+    assert_eq!(nbd.write(MIB, &[0x74; 4096]).expect("NBD write").error, 0);
+    let flushed = nbd.request(raftblk_tests::wire::CMD_FLUSH, 0, 0, 0, &[]).expect("NBD flush");
+    assert_eq!(flushed.error, 0, "FLUSH failed");
+}

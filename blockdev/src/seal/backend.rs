@@ -388,7 +388,7 @@ impl BlockBackend for SealingBackend {
             return Ok(());
         }
         self.write_bytes(offset, data).await?;
-        if fua && self.store.needs_flush() {
+        if fua {
             self.store.flush().await?;
         }
         Ok(())

@@ -243,12 +243,6 @@ pub trait SealedStore: Send + Sync + 'static {
 
     /// Makes every completed write durable.
     async fn flush(&self) -> BackendResult<()>;
-
-    /// Whether FLUSH means anything here (a replicated store's writes are durable when
-    /// acknowledged, so a FUA write needs no extra flush).
-    fn needs_flush(&self) -> bool {
-        true
-    }
 }
 
 /// Blocks to restore into a copy exactly as another copy holds them (a rebuild, or the

@@ -364,6 +364,7 @@ async fn start_replication(config: &Config, membership: &Membership) -> Result<O
         log_retain_bytes: c.log_retain_mib.saturating_mul(1 << 20),
         rebuild_rate_bytes_per_s: c.rebuild_rate_mib_s.saturating_mul(1 << 20),
         snapshot_chunk_bytes: raftblk_replication::snapshot::CHUNK_BYTES_DEFAULT,
+        write_back: c.single_copy_write_back,
     };
     let node = ReplicationNode::start(node_config)
         .await

@@ -224,8 +224,9 @@ impl SealedStore for ReplicatedStore {
     }
 
     async fn write_blocks(&self, write: BlockWrite) -> BackendResult<WriteOutcome> {
-        // FUA needs nothing more: an acknowledged write is committed, i.e. fdatasynced
-        // in the WAL of a majority of the volume's replicas.
+        // FUA is a FLUSH after the write (`SealedBackend::write`): an acknowledged write of
+        // a replicated group is already fdatasynced in the WAL of a majority; a single-copy
+        // volume's is in the kernel until its next sync.
         check_range(write.first.saturating_mul(BLOCK), write.count() * BLOCK, self.size_bytes())?;
         if write.seals.is_empty() {
             return Ok(WriteOutcome::Written);
@@ -245,12 +246,9 @@ impl SealedStore for ReplicatedStore {
     }
 
     async fn flush(&self) -> BackendResult<()> {
-        // Every acknowledged write is already durable on a majority (see `write_blocks`).
-        Ok(())
-    }
-
-    fn needs_flush(&self) -> bool {
-        false
+        // At the leader, which acknowledged the writes: a replicated group's are durable on a
+        // majority already and it answers at once; a single-copy volume's wait for its sync.
+        self.execute(ForwardOp::Flush).await.map(|_| ())
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> BackendResult<Vec<Extent>> {

@@ -7,6 +7,7 @@
 //! 0 Read       a = first block, b = count
 //! 1 Write      data = a command batch holding one Write (sealed blocks, see volume::command)
 //! 2 Zero       a = first block, b = count, data = [deallocate u8]
+//! 3 Flush      (every write acknowledged before it made durable)
 //! 4 Resize     a = size
 //! 5 Control    data = the daemon's message
 //! 6 ReadChunk  a = offset, b = length, data = [min index u64]   (snapshot chunks)
@@ -33,6 +34,8 @@ pub enum ForwardOp {
     Read { first: u64, count: u32 },
     /// Replicated write of sealed blocks.
     Write(BlockWrite),
+    /// Makes every write the leader acknowledged before it durable.
+    Flush,
     /// Replicated zeroing of blocks.
     Zero { first: u64, count: u64, deallocate: bool },
     /// Replicated grow to `size` bytes.
@@ -121,6 +124,7 @@ impl ForwardRequest {
             ForwardOp::Zero { first, count, deallocate } => {
                 (2, *first, *count, Some(if *deallocate { &[1u8][..] } else { &[0u8][..] }))
             }
+            ForwardOp::Flush => (3, 0, 0, None),
             ForwardOp::Resize { size } => (4, *size, 0, None),
             ForwardOp::Control { payload } => (5, 0, payload.len() as u64, Some(&payload[..])),
             ForwardOp::ReadChunk { offset, len, min_index } => {
@@ -187,6 +191,7 @@ impl ForwardRequest {
                     other => return Err(ForwardError::Unknown(other)),
                 },
             },
+            3 => ForwardOp::Flush,
             4 => ForwardOp::Resize { size: a },
             5 if bytes.len() as u64 != b => return Err(ForwardError::Truncated),
             5 => ForwardOp::Control { payload: bytes },
@@ -280,6 +285,7 @@ mod tests {
             ForwardOp::Write(write()),
             ForwardOp::Zero { first: 1, count: 2, deallocate: true },
             ForwardOp::Zero { first: 3, count: 4, deallocate: false },
+            ForwardOp::Flush,
             ForwardOp::Resize { size: 1 << 30 },
             ForwardOp::Control { payload: Bytes::from_static(b"{}") },
             ForwardOp::ReadChunk { offset: 1 << 20, len: 4 << 20, min_index: 77 },

@@ -94,6 +94,9 @@ pub struct NodeConfig {
     pub rebuild_rate_bytes_per_s: u64,
     /// Volume bytes per snapshot chunk.
     pub snapshot_chunk_bytes: u64,
+    /// Single-copy volumes acknowledge a write once its record is in the kernel and make it
+    /// durable at the next FLUSH (see `GroupConfig::write_back`); false: at every write.
+    pub write_back: bool,
 }
 
 impl NodeConfig {
@@ -659,6 +662,15 @@ impl ReplicationNode {
         rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 
+    /// Makes every write the local replica (which must be the leader) acknowledged before
+    /// this durable: answered at once unless the group acknowledges before syncing (a
+    /// single-copy volume, see `NodeConfig::write_back`), which waits for the next sync.
+    pub async fn local_flush(&self, group: GroupId) -> Result<(), NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Event::Flush { group, done: tx })?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
+    }
+
     /// Linearizable read of sealed blocks through the local replica, which must be the
     /// leader. Damaged blocks of the local copy are repaired from another copy first where
     /// one is intact.
@@ -681,6 +693,7 @@ impl ReplicationNode {
             ForwardOp::Read { first, count } => {
                 return self.local_read(group, first, count).await.map(Answer::Blocks)
             }
+            ForwardOp::Flush => return self.local_flush(group).await.map(|()| Answer::Done),
             ForwardOp::Write(w) => Command::Write(w),
             ForwardOp::Zero { first, count, deallocate } => Command::Zero { first, count, deallocate },
             ForwardOp::Resize { size } => Command::Resize { size },

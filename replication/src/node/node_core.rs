@@ -12,9 +12,10 @@
 //!    per group;
 //! 3. [`NodeCore::collect`]: every group's Ready, appended to the WAL (unsynced); the outputs
 //!    carry rebuild markers (written before the sync) and messages (sent at once); returns
-//!    whether the WAL needs a sync;
-//! 4. the shell syncs the WAL if asked, then [`NodeCore::synced`]: the messages that waited
-//!    for the sync, committed entries as `Apply` outputs;
+//!    what the WAL needs ([`Persist`]: a sync, or only a write-out for single-copy volumes,
+//!    which follow a disk's write-cache contract, see [`NodeCore::flush`]);
+//! 4. the shell syncs (or writes out) the WAL as asked, then [`NodeCore::synced`]: the
+//!    messages that waited for it, committed entries as `Apply` outputs, flushes answered;
 //! 5. [`NodeCore::checkpoints`]: `Checkpoint` outputs for groups whose interval passed.
 //!
 //! Applies never block a round: at most one per group is in flight (entries apply in log
@@ -59,6 +60,22 @@ pub(crate) struct CoreConfig {
     pub checkpoint_interval_ms: u64,
     /// Seeds the groups' randomized election timeouts.
     pub seed: u64,
+}
+
+/// Longest a single-copy volume's acknowledged writes stay unsynced without a FLUSH (a power
+/// loss takes at most this much of them; a crash of the process none).
+const WRITE_BACK_SYNC_MS: u64 = 1000;
+
+/// What the WAL needs between [`NodeCore::collect`] and [`NodeCore::synced`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Persist {
+    /// Nothing was appended that must persist first.
+    Nothing,
+    /// Hand what was appended to the kernel ([`crate::wal::Wal::write_out`]): only
+    /// write-back groups appended, and no FLUSH waits.
+    Write,
+    /// `fdatasync` it ([`crate::wal::Wal::sync`]).
+    Sync,
 }
 
 /// Committed payload bytes a group's copy may have yet to apply while writes are still
@@ -159,6 +176,10 @@ struct Slot<D: WalDisk, W, R> {
     /// Set when the store failed: the replica stops serving.
     broken: Option<String>,
     rebuild: Option<Rebuild>,
+    /// Write-back only: the group appended entries that no sync has covered yet.
+    unsynced: bool,
+    /// FLUSH requests waiting for the next sync (see [`NodeCore::flush`]).
+    flushes: Vec<W>,
 }
 
 /// Every group of one node. See the module docs for the calling protocol.
@@ -170,6 +191,13 @@ pub(crate) struct NodeCore<D: WalDisk, W, R> {
     /// (group, index, the node it came from).
     collected: Vec<GroupId>,
     installed: Vec<(GroupId, u64, u64)>,
+    /// What this round's WAL needs, and the FLUSH requests its sync answers.
+    persist: Persist,
+    flushing: Vec<W>,
+    /// Since when write-back groups hold entries no sync has covered (the shell's clock).
+    unsynced_since_ms: Option<u64>,
+    /// The clock as of the last [`NodeCore::propose`].
+    now_ms: u64,
     next_request: u64,
     next_apply: u64,
     rng: u64,
@@ -191,6 +219,10 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
             out: Vec::new(),
             collected: Vec::new(),
             installed: Vec::new(),
+            persist: Persist::Nothing,
+            flushing: Vec::new(),
+            unsynced_since_ms: None,
+            now_ms: 0,
             next_request: 0,
             next_apply: 0,
             rng,
@@ -272,12 +304,15 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
     /// Opens a group over its (initialized) log. `checkpointed`: the applied index the
     /// store's last checkpoint recorded; `marker`: the rebuild marker found, if any. The
     /// store either replays the log from its checkpoint or is rebuilt (`marker::plan_open`).
+    /// `write_back`: see [`GroupConfig::write_back`] (a volume's data, never records a
+    /// control plane relies on).
     pub(crate) fn open(
         &mut self,
         group: GroupId,
         storage: GroupStorage<D>,
         checkpointed: u64,
         marker: Option<Marker>,
+        write_back: bool,
         now_ms: u64,
     ) -> Result<(), NodeError> {
         if self.groups.contains_key(&group) {
@@ -298,6 +333,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
             heartbeat_tick: self.config.heartbeat_ticks,
             applied,
             read_lease_ms: self.config.read_lease_ms,
+            write_back,
         };
         let driver = GroupDriver::new(&cfg, storage)
             .map_err(|e| NodeError::Internal(format!("group {group}: {e}")))?;
@@ -322,6 +358,8 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
                 last_checkpoint_ms: now_ms,
                 broken: None,
                 rebuild: None,
+                unsynced: false,
+                flushes: Vec::new(),
             },
         );
         match plan {
@@ -341,7 +379,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
     pub(crate) fn remove(&mut self, group: GroupId, error: impl Fn() -> NodeError) {
         let Some(slot) = self.groups.remove(&group) else { return };
         let queued = slot.new_writes.into_iter().map(|(_, token)| token);
-        for token in queued.chain(slot.writes.into_values()) {
+        for token in queued.chain(slot.writes.into_values()).chain(slot.flushes) {
             self.out.push(Output::Acked { token, result: Err(error()) });
         }
         for r in slot.new_reads.into_iter().chain(slot.reads.into_values().flatten()) {
@@ -378,6 +416,17 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         }
         match self.serving(group) {
             Ok(slot) => slot.new_writes.push((commands, token)),
+            Err(error) => self.out.push(Output::Acked { token, result: Err(error) }),
+        }
+    }
+
+    /// A FLUSH: once it is answered, every write acknowledged before it came is durable.
+    /// Acknowledged writes of a replicated group are (in the synced WAL of a majority), so it
+    /// is answered at once; a write-back group's wait for the next round's sync.
+    pub(crate) fn flush(&mut self, group: GroupId, token: W) {
+        match self.serving(group) {
+            Ok(slot) if slot.unsynced => slot.flushes.push(token),
+            Ok(_) => self.out.push(Output::Acked { token, result: Ok(()) }),
             Err(error) => self.out.push(Output::Acked { token, result: Err(error) }),
         }
     }
@@ -442,6 +491,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
     /// Turns queued writes into proposals (batched into few entries) and queued reads
     /// into one ReadIndex request per group. `now_ms` is the clock read leases run on.
     pub(crate) fn propose(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
         for group in self.group_ids() {
             let mut writes = match self.groups.get_mut(&group) {
                 Some(slot) if !slot.new_writes.is_empty() => std::mem::take(&mut slot.new_writes),
@@ -507,11 +557,12 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         }
     }
 
-    /// Phase 1 of a round: every group's Ready, appended to the WAL unsynced. Returns
-    /// whether the WAL must be synced before [`NodeCore::synced`]; the outputs so far must be
-    /// carried out before that sync (markers) or may be at once (messages).
-    pub(crate) fn collect(&mut self) -> Result<bool, NodeError> {
+    /// Phase 1 of a round: every group's Ready, appended to the WAL unsynced. Returns what
+    /// the WAL needs before [`NodeCore::synced`]; the outputs so far must be carried out
+    /// before that (markers) or may be at once (messages).
+    pub(crate) fn collect(&mut self) -> Result<Persist, NodeError> {
         let mut needs_sync = false;
+        let mut needs_write = false;
         for group in self.group_ids() {
             let Some(slot) = self.groups.get_mut(&group) else { continue };
             if slot.broken.is_some() {
@@ -533,13 +584,44 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
             self.send(group, actions.messages);
             self.committed(group, actions.committed);
             needs_sync |= actions.needs_sync;
+            if actions.needs_write && !actions.needs_sync {
+                needs_write = true;
+                if let Some(slot) = self.groups.get_mut(&group) {
+                    slot.unsynced = true;
+                }
+                self.unsynced_since_ms.get_or_insert(self.now_ms);
+            }
             self.collected.push(group);
         }
-        Ok(needs_sync)
+        let flushes_wait = self.groups.values().any(|s| !s.flushes.is_empty());
+        let sync_due =
+            self.unsynced_since_ms.is_some_and(|t| self.now_ms.saturating_sub(t) >= WRITE_BACK_SYNC_MS);
+        self.persist = if needs_sync || flushes_wait || sync_due {
+            // One fdatasync covers every group's appends: the write-back groups' and their
+            // FLUSHes ride along.
+            for slot in self.groups.values_mut() {
+                self.flushing.append(&mut slot.flushes);
+            }
+            Persist::Sync
+        } else if needs_write {
+            Persist::Write
+        } else {
+            Persist::Nothing
+        };
+        Ok(self.persist)
     }
 
-    /// Phase 2 of a round, after the WAL sync [`NodeCore::collect`] asked for.
+    /// Phase 2 of a round, after the WAL sync (or write-out) [`NodeCore::collect`] asked for.
     pub(crate) fn synced(&mut self) -> Result<(), NodeError> {
+        if std::mem::replace(&mut self.persist, Persist::Nothing) == Persist::Sync {
+            self.unsynced_since_ms = None;
+            for slot in self.groups.values_mut() {
+                slot.unsynced = false;
+            }
+            for token in std::mem::take(&mut self.flushing) {
+                self.out.push(Output::Acked { token, result: Ok(()) });
+            }
+        }
         for (group, index, from) in std::mem::take(&mut self.installed) {
             tracing::info!(%group, index, from, "snapshot installed");
             self.start_rebuild(group, index, 0, from);
@@ -888,7 +970,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use bytes::Bytes;
-    use raft::eraftpb::ConfState;
+    use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfState};
     use raftblk_blockdev::seal::{BlockWrite, Guard, Seal};
 
     use super::*;
@@ -906,19 +988,32 @@ mod tests {
 
     /// One round as the runner drives it; returns what the core asked for.
     fn round(core: &mut Core, now: u64) -> Vec<Output<u64, u64>> {
+        round_persisting(core, now).1
+    }
+
+    /// As [`round`], with what the round asked of the WAL.
+    fn round_persisting(core: &mut Core, now: u64) -> (Persist, Vec<Output<u64, u64>>) {
         core.propose(now);
-        let needs_sync = core.collect().unwrap();
+        let persist = core.collect().unwrap();
         let mut out = core.take_outputs();
-        if needs_sync {
-            core.driver(G).unwrap().storage().wal().lock().unwrap().sync().unwrap();
+        let wal = core.driver(G).unwrap().storage().wal().clone();
+        match persist {
+            Persist::Sync => wal.lock().unwrap().sync().unwrap(),
+            Persist::Write => wal.lock().unwrap().write_out().unwrap(),
+            Persist::Nothing => {}
         }
         core.synced().unwrap();
         out.extend(core.take_outputs());
-        out
+        (persist, out)
     }
 
     /// A core leading a one-voter group, with nothing left to apply.
     fn leader() -> Core {
+        leader_with(false)
+    }
+
+    /// As [`leader`], the group opened with `write_back`.
+    fn leader_with(write_back: bool) -> Core {
         let disk = SimDisk::new(9);
         let wal = Arc::new(Mutex::new(Wal::open(disk, WalOptions::default()).unwrap()));
         let mut storage = GroupStorage::open(wal.clone(), G).unwrap();
@@ -934,7 +1029,7 @@ mod tests {
             checkpoint_interval_ms: 1000,
             seed: 1,
         });
-        core.open(G, storage, 0, None, 0).unwrap();
+        core.open(G, storage, 0, None, write_back, 0).unwrap();
         core.take_outputs();
         for now in 0..50 {
             core.tick();
@@ -994,6 +1089,51 @@ mod tests {
         assert_eq!(acked(&out), vec![(11, true)]);
         // What committed meanwhile follows as the next apply.
         assert_eq!(applies(&out).len(), 1);
+    }
+
+    #[test]
+    fn a_single_copy_volume_acknowledges_writes_unsynced_and_a_flush_waits_for_the_sync() {
+        let mut core = leader_with(true);
+        core.write(G, write(1), 1);
+        let (persist, out) = round_persisting(&mut core, 100);
+        assert_eq!(persist, Persist::Write);
+        assert_eq!(acked(&out), vec![(1, true)], "acknowledged once written out");
+        core.flush(G, 2);
+        assert!(acked(&core.take_outputs()).is_empty(), "a FLUSH waits for the sync");
+        let (persist, out) = round_persisting(&mut core, 101);
+        assert_eq!(persist, Persist::Sync);
+        assert_eq!(acked(&out), vec![(2, true)]);
+        core.flush(G, 3);
+        assert_eq!(acked(&core.take_outputs()), vec![(3, true)], "nothing unsynced: answered at once");
+        // Without a FLUSH, the sync comes within WRITE_BACK_SYNC_MS.
+        core.write(G, write(2), 4);
+        assert_eq!(round_persisting(&mut core, 200).0, Persist::Write);
+        assert_eq!(round_persisting(&mut core, 200 + WRITE_BACK_SYNC_MS - 1).0, Persist::Nothing);
+        assert_eq!(round_persisting(&mut core, 200 + WRITE_BACK_SYNC_MS).0, Persist::Sync);
+    }
+
+    #[test]
+    fn a_volume_without_write_back_or_with_a_second_copy_coming_syncs_every_write() {
+        let mut core = leader();
+        core.write(G, write(1), 1);
+        assert_eq!(round_persisting(&mut core, 100).0, Persist::Sync);
+        core.flush(G, 2);
+        assert_eq!(acked(&core.take_outputs()), vec![(2, true)], "acknowledged writes are durable");
+
+        let mut core = leader_with(true);
+        let mut learner = ConfChangeSingle::default();
+        learner.set_change_type(ConfChangeType::AddLearnerNode);
+        learner.node_id = 2;
+        let mut change = ConfChangeV2::default();
+        change.mut_changes().push(learner);
+        core.conf_change(G, change).unwrap();
+        assert_eq!(round_persisting(&mut core, 100).0, Persist::Sync, "a membership change pending");
+        for now in 101..105 {
+            round(&mut core, now);
+        }
+        assert_eq!(core.driver(G).unwrap().raft_status().learners, vec![2]);
+        core.write(G, write(1), 3);
+        assert_eq!(round_persisting(&mut core, 105).0, Persist::Sync, "a second copy relies on the log");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The runner thread: the I/O shell around the node's sans-IO [`NodeCore`]. It turns events
 //! (client requests, peer messages, ticks, finished tasks) into the core's inputs and
-//! carries out its outputs: one WAL sync per round, messages to the transport, applies,
+//! carries out its outputs: one WAL sync (or, for single-copy volumes, write-out) per round, messages to the transport, applies,
 //! checkpoints and rebuild copies as tasks on the runtime (which report back as events), and
 //! replies. The round never waits for a copy.
 
@@ -16,7 +16,7 @@ use raftblk_blockdev::backend::check_range;
 use raftblk_blockdev::seal::{SealedBlocks, BLOCK};
 use tokio::sync::oneshot;
 
-use super::node_core::{CoreConfig, NodeCore, Output, ReadRequest};
+use super::node_core::{CoreConfig, NodeCore, Output, Persist, ReadRequest};
 use super::raft_codec;
 use super::repair::{read_repaired, RepairContext};
 use super::{GroupStore, NodeConfig, NodeError, PeerFetcher, RebuildStatus, Shared, SnapshotSource};
@@ -63,6 +63,11 @@ pub(super) enum Event {
         first: u64,
         count: u32,
         done: Reply<SealedBlocks>,
+    },
+    /// Every write acknowledged before this made durable.
+    Flush {
+        group: GroupId,
+        done: Reply<()>,
     },
     Raft {
         from: NodeId,
@@ -238,11 +243,13 @@ impl Runner {
             }
             let now_ms = self.now_ms();
             self.core.propose(now_ms);
-            let needs_sync = self.core.collect()?;
+            let persist = self.core.collect()?;
             // Markers before the sync; leader appends go out in parallel with it.
             self.execute(false)?;
-            if needs_sync {
-                self.sync_wal()?;
+            match persist {
+                Persist::Sync => self.sync_wal()?,
+                Persist::Write => self.write_out_wal()?,
+                Persist::Nothing => {}
             }
             self.core.synced()?;
             self.core.checkpoints(now_ms);
@@ -275,6 +282,13 @@ impl Runner {
                     fail(done, e);
                 } else {
                     self.core.write(group, commands, done);
+                }
+            }
+            Event::Flush { group, done } => {
+                if self.tasks.contains_key(&group) {
+                    self.core.flush(group, done);
+                } else {
+                    fail(done, NodeError::NotMember(group));
                 }
             }
             Event::Read { group, first, count, done } => {
@@ -383,7 +397,10 @@ impl Runner {
         };
         self.tasks.insert(group, tasks);
         let now_ms = self.now_ms();
-        if let Err(e) = self.core.open(group, storage, checkpointed, found, now_ms) {
+        // A single-copy volume follows a disk's write-cache contract; a state machine's
+        // records (the catalog) are durable when acknowledged.
+        let write_back = self.config.write_back && matches!(store, GroupStore::Volume(_));
+        if let Err(e) = self.core.open(group, storage, checkpointed, found, write_back, now_ms) {
             self.tasks.remove(&group);
             return Err(e);
         }
@@ -576,6 +593,12 @@ impl Runner {
     fn sync_wal(&self) -> Result<(), NodeError> {
         let mut wal = self.wal.lock().map_err(|_| NodeError::Internal("WAL lock poisoned".into()))?;
         wal.sync().map_err(|e| NodeError::Internal(format!("WAL sync: {e}")))
+    }
+
+    /// Hands what the WAL buffered to the kernel, without an `fdatasync`.
+    fn write_out_wal(&self) -> Result<(), NodeError> {
+        let mut wal = self.wal.lock().map_err(|_| NodeError::Internal("WAL lock poisoned".into()))?;
+        wal.write_out().map_err(|e| NodeError::Internal(format!("WAL write: {e}")))
     }
 
     fn send(&self, group: GroupId, messages: Vec<Message>) {

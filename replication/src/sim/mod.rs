@@ -43,7 +43,7 @@ use raftblk_blockdev::seal::{
     BlockImage, BlockState, BlockWrite, CopyStore, MemSealedStore, Seal, SealedBlocks,
 };
 
-use crate::node::node_core::{CoreConfig, NodeCore, Output};
+use crate::node::node_core::{CoreConfig, NodeCore, Output, Persist};
 use crate::node::raft_codec;
 use crate::node::repair::usable;
 use crate::snapshot::marker::Marker;
@@ -349,7 +349,7 @@ impl Sim {
             checkpoint_interval_ms: interval,
             seed,
         });
-        core.open(GROUP, st, n.checkpointed, n.marker, self.now).expect("open");
+        core.open(GROUP, st, n.checkpointed, n.marker, false, self.now).expect("open");
         n.core = Some(core);
         self.execute(i);
     }
@@ -554,16 +554,19 @@ impl Sim {
         let now = self.now;
         let Some(core) = self.nodes[i].core.as_mut() else { return };
         core.propose(now);
-        let needs_sync = core.collect().expect("collect");
+        let persist = core.collect().expect("collect");
         self.execute(i);
-        if needs_sync && self.faults && self.rng.chance(2) {
+        if persist != Persist::Nothing && self.faults && self.rng.chance(2) {
             // Power loss between appending and syncing.
             return self.crash(i);
         }
         let Some(core) = self.nodes[i].core.as_mut() else { return };
-        if needs_sync {
-            if let Some(d) = core.driver(GROUP) {
-                d.storage().wal().lock().expect("lock").sync().expect("sync");
+        if let Some(d) = core.driver(GROUP) {
+            let mut wal = d.storage().wal().lock().expect("lock");
+            match persist {
+                Persist::Sync => wal.sync().expect("sync"),
+                Persist::Write => wal.write_out().expect("write out"),
+                Persist::Nothing => {}
             }
         }
         core.synced().expect("synced");

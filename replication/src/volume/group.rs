@@ -109,6 +109,9 @@ pub struct GroupConfig {
     /// its leadership, in the caller's clock (0: always ReadIndex). See [`GroupDriver::read`]
     /// for the bound it must respect.
     pub read_lease_ms: u64,
+    /// While this node is the group's only member, what a round appends needs only to reach
+    /// the kernel, not the disk, before it counts as persisted: see [`Actions::needs_sync`].
+    pub write_back: bool,
 }
 
 /// A committed entry to apply to the volume's store.
@@ -139,7 +142,17 @@ pub struct Actions {
     /// write's path on the leader (which learns the commit from the acks). A membership
     /// applied from a committed entry needs none either: the entry is in the synced log, and
     /// the node syncs the WAL before it records an applied index past it (its checkpoint).
+    ///
+    /// A write-back group (see [`GroupConfig::write_back`]) whose only member is this node
+    /// needs no sync either, only [`Actions::needs_write`]: with no other copy there is no
+    /// vote or acknowledgement another node relies on, and a crash of the process keeps what
+    /// reached the kernel. What a power loss takes is a suffix of the log (the WAL recovers a
+    /// prefix), which is the contract of a disk with a volatile write cache: a write is
+    /// durable once a FLUSH (or FUA) that follows it returns (see `NodeCore::flush`).
     pub needs_sync: bool,
+    /// What `collect` appended must at least be handed to the kernel before `on_synced`
+    /// (implied by `needs_sync`).
+    pub needs_write: bool,
 }
 
 /// A snapshot that raft-rs installed: only metadata. The caller owes the store the volume's
@@ -203,6 +216,8 @@ pub struct GroupDriver<D: WalDisk> {
     /// ReadIndex requests in flight: request context → (term, when issued).
     lease_probes: BTreeMap<u64, (u64, u64)>,
     next_probe: u64,
+    /// See [`GroupConfig::write_back`].
+    write_back: bool,
     /// xorshift64 state for election timeouts.
     rng: u64,
     /// (term, role) when the election timeout was last drawn.
@@ -268,6 +283,7 @@ impl<D: WalDisk> GroupDriver<D> {
             lease_until_ms: 0,
             lease_probes: BTreeMap::new(),
             next_probe: 0,
+            write_back: config.write_back,
             rng: config.seed | 1,
             drawn_for: (u64::MAX, StateRole::Follower),
             election_range: (config.election_tick, 2 * config.election_tick),
@@ -502,6 +518,21 @@ impl<D: WalDisk> GroupDriver<D> {
         self.is_leader() && now_ms < self.lease_until_ms
     }
 
+    /// Whether this round may skip the sync (see [`Actions::needs_sync`]): write-back is on
+    /// and this node is the only member, with no change of membership under way (the sync of
+    /// the round that appends one makes everything before it durable, before a second copy
+    /// can rely on it).
+    pub fn alone_with_write_back(&self) -> bool {
+        if !self.write_back || self.raw.raft.has_pending_conf() {
+            return false;
+        }
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        cs.learners.is_empty()
+            && cs.learners_next.is_empty()
+            && cs.voters_outgoing.is_empty()
+            && cs.voters == [self.raw.raft.id]
+    }
+
     /// Whether [`GroupDriver::collect`] has anything to do.
     pub fn has_ready(&self) -> bool {
         self.in_flight.is_none() && self.raw.has_ready()
@@ -567,9 +598,10 @@ impl<D: WalDisk> GroupDriver<D> {
         let mut rd = self.raw.ready();
         let mut out = Actions { messages: rd.take_messages(), ..Actions::default() };
         let before = self.raw.store().hard_state();
-        out.needs_sync = !rd.entries().is_empty()
+        out.needs_write = !rd.entries().is_empty()
             || !rd.snapshot().is_empty()
             || rd.hs().is_some_and(|hs| hs.term != before.term || hs.vote != before.vote);
+        out.needs_sync = out.needs_write && !self.alone_with_write_back();
         if let Some(ss) = rd.ss() {
             if ss.leader_id != self.leader {
                 self.leader = ss.leader_id;

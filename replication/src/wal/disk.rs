@@ -96,6 +96,11 @@ pub trait WalFile {
     fn append_parts(&mut self, parts: Vec<Bytes>) -> Result<(), DiskError> {
         parts.iter().try_for_each(|part| self.append(part))
     }
+    /// Hands every appended byte to the kernel (a crash of the process then keeps it; a
+    /// power loss may not). A file that writes through at once has nothing to do.
+    fn write_out(&mut self) -> Result<(), DiskError> {
+        Ok(())
+    }
     /// Makes all appended data (and any truncation) durable.
     fn sync(&mut self) -> Result<(), DiskError>;
     /// Cuts the file to `len_bytes`, its old bytes past them included.
@@ -427,6 +432,13 @@ impl WalFile for NodeFile {
         match self {
             NodeFile::Std(f) => f.append_parts(parts),
             NodeFile::Uring(f) => f.append_parts(parts),
+        }
+    }
+
+    fn write_out(&mut self) -> Result<(), DiskError> {
+        match self {
+            NodeFile::Std(f) => f.write_out(),
+            NodeFile::Uring(f) => f.write_out(),
         }
     }
 

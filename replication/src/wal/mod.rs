@@ -495,6 +495,18 @@ impl<D: WalDisk> Wal<D> {
         Ok(())
     }
 
+    /// Hands every record appended so far to the kernel, without waiting for the disk: a
+    /// crash of the process keeps them, a power loss may take a suffix of the log (see
+    /// `GroupConfig::write_back`). [`Wal::sync`] still owes the disk them.
+    pub fn write_out(&mut self) -> Result<(), WalError> {
+        self.check_usable()?;
+        let result = self.active.write_out().map_err(WalError::from);
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result
+    }
+
     /// Makes every record appended so far durable, then deletes segments nothing needs any
     /// more.
     pub fn sync(&mut self) -> Result<(), WalError> {

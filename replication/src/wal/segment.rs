@@ -209,6 +209,11 @@ impl<F: WalFile> Segment<F> {
         Ok(self.file.sync()?)
     }
 
+    /// See [`WalFile::write_out`].
+    pub fn write_out(&mut self) -> Result<(), SegmentError> {
+        Ok(self.file.write_out()?)
+    }
+
     /// Reads and decodes the record at `loc` (which must be in this segment).
     pub fn read_record(&self, loc: RecordLoc) -> Result<Record, SegmentError> {
         let mut buf = vec![0u8; loc.len_bytes as usize];

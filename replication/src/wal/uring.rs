@@ -333,6 +333,10 @@ impl WalFile for UringFile {
         self.flush_if_full()
     }
 
+    fn write_out(&mut self) -> Result<(), DiskError> {
+        self.flush(false)
+    }
+
     fn sync(&mut self) -> Result<(), DiskError> {
         self.flush(true)
     }

@@ -210,6 +210,9 @@ if [[ $replicated == 1 ]]; then
         "$raftblk" --api "$api" volume delete "r$r" --force >/dev/null || true
     done
     kill -INT "$cpid"; wait "$cpid" 2>/dev/null || true
+    # The node alone once more, after the cluster: this host's speed drifts over a run, and
+    # the targets' ratios use the mean of the two alone runs around the cluster's.
+    run_alone raftblkd-after "$raftblkd"
 fi
 
 python3 "$root/benches/report.py" "$out" "$runtime" | tee "$out/table.md"

@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use raft::eraftpb::{ConfChangeV2, Message};
+use raft::eraftpb::{ConfChangeV2, Message, MessageType};
 
 use super::{GroupStatus, NodeError};
 use crate::snapshot::marker::{plan_open, Marker, OpenPlan};
@@ -85,6 +85,11 @@ const APPLY_BACKLOG_BYTES_MAX: usize = 16 << 20;
 /// Payload bytes of committed entries.
 fn entries_bytes(entries: &[CommittedEntry]) -> usize {
     entries.iter().flat_map(|e| &e.commands).map(Command::payload_len).sum()
+}
+
+/// Payload bytes the group's copy has committed and not yet applied (in flight or queued).
+fn backlog_bytes<D: WalDisk, W, R>(slot: &Slot<D, W, R>) -> usize {
+    slot.applying_bytes + entries_bytes(&slot.to_apply)
 }
 
 /// A read waiting for its group's applied index.
@@ -180,6 +185,9 @@ struct Slot<D: WalDisk, W, R> {
     unsynced: bool,
     /// FLUSH requests waiting for the next sync (see [`NodeCore::flush`]).
     flushes: Vec<W>,
+    /// A follower's latest acknowledgement of appends to each node, held back while its copy
+    /// lags by over APPLY_BACKLOG_BYTES_MAX (see `NodeCore::send`).
+    held: BTreeMap<u64, Message>,
 }
 
 /// Every group of one node. See the module docs for the calling protocol.
@@ -360,6 +368,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
                 rebuild: None,
                 unsynced: false,
                 flushes: Vec::new(),
+                held: BTreeMap::new(),
             },
         );
         match plan {
@@ -639,14 +648,53 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         for group in self.group_ids() {
             self.start_apply(group);
             self.complete(group);
+            // Also after a change of role or a rebuild, which `applied` does not see.
+            self.release_held(group);
         }
         Ok(())
     }
 
-    fn send(&mut self, group: GroupId, messages: Vec<Message>) {
+    /// Sends the group's messages, except that a follower whose copy lags by over
+    /// APPLY_BACKLOG_BYTES_MAX holds back its acknowledgements of appends until its apply
+    /// catches up: the leader commits no faster than a majority's copies apply, the way its
+    /// own writes wait for its apply past that lag (`committed`). Without it a follower slower
+    /// than the leader queues committed entries without bound (memory, and reads after the
+    /// writes stop wait behind its catching up on a shared machine). Holding a message is a
+    /// network delay to Raft; an acknowledgement covers every earlier one, so only the latest
+    /// per node is kept. Heartbeat responses and rejections go out, so leadership holds.
+    fn send(&mut self, group: GroupId, mut messages: Vec<Message>) {
+        if let Some(slot) = self.groups.get_mut(&group) {
+            if slot.broken.is_none()
+                && !slot.driver.is_leader()
+                && backlog_bytes(slot) > APPLY_BACKLOG_BYTES_MAX
+            {
+                messages.retain(|m| {
+                    let ack = m.get_msg_type() == MessageType::MsgAppendResponse && !m.reject;
+                    if ack {
+                        slot.held.insert(m.to, m.clone());
+                    }
+                    !ack
+                });
+            }
+        }
         if !messages.is_empty() {
             self.out.push(Output::Send { group, messages });
         }
+    }
+
+    /// Lets held acknowledgements go once the copy's backlog is back within bounds (or the
+    /// replica leads now, or broke).
+    fn release_held(&mut self, group: GroupId) {
+        let Some(slot) = self.groups.get_mut(&group) else { return };
+        if slot.held.is_empty()
+            || (slot.broken.is_none()
+                && !slot.driver.is_leader()
+                && backlog_bytes(slot) > APPLY_BACKLOG_BYTES_MAX)
+        {
+            return;
+        }
+        let messages: Vec<Message> = std::mem::take(&mut slot.held).into_values().collect();
+        self.out.push(Output::Send { group, messages });
     }
 
     fn leader_changed(&mut self, group: GroupId, leader: u64) {
@@ -688,9 +736,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         // Bounded lag: past it, writes wait for their apply again, which slows the clients
         // down to what the copy takes (otherwise the backlog, and what a read waits for,
         // would grow without bound).
-        if slot.broken.is_some()
-            || slot.applying_bytes + entries_bytes(&slot.to_apply) > APPLY_BACKLOG_BYTES_MAX
-        {
+        if slot.broken.is_some() || backlog_bytes(slot) > APPLY_BACKLOG_BYTES_MAX {
             return;
         }
         let at_apply = &slot.at_apply;
@@ -752,6 +798,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         self.finish_rebuild(group);
         self.complete(group);
         self.start_apply(group);
+        self.release_held(group);
     }
 
     /// A store whose log replayed over its copy up to the target is checkpointed (once no
@@ -1139,17 +1186,10 @@ mod tests {
     #[test]
     fn writes_wait_for_their_apply_once_the_copy_lags_too_far() {
         let mut core = leader();
-        let mib = |first: u64| {
-            let blocks = (1 << 20) / 4096;
-            let data = Bytes::from(vec![7u8; 1 << 20]);
-            let seals =
-                (0..blocks).map(|b| Seal::plain(first + b, &data[b as usize * 4096..][..4096])).collect();
-            vec![Command::Write(BlockWrite { first, data, seals, guards: vec![] })]
-        };
         let mut acked_at_commit = Vec::new();
         let mut first_apply = None;
         for i in 0..20u64 {
-            core.write(G, mib(i * 256), i);
+            core.write(G, mib_write(i * 256), i);
             let out = round(&mut core, 100 + i);
             first_apply = first_apply.or(applies(&out).first().map(|a| a.0));
             acked_at_commit.extend(acked(&out));
@@ -1165,6 +1205,118 @@ mod tests {
         core.applied(G, seq, Ok(ApplyReport::default()));
         let out = core.take_outputs();
         assert_eq!(acked(&out), (15..20).map(|t| (t, true)).collect::<Vec<_>>(), "answered once applied");
+    }
+
+    /// Carries out `out` of core `from`: messages go to `other`, applies are reported done at
+    /// once or, with `hold`, kept there to report later; returns the other outputs.
+    fn drain(
+        core: &mut Core,
+        other: &mut Core,
+        from: u64,
+        mut out: Vec<Output<u64, u64>>,
+        mut hold: Option<&mut Vec<u64>>,
+    ) -> Vec<Output<u64, u64>> {
+        let mut kept = Vec::new();
+        while !out.is_empty() {
+            for o in std::mem::take(&mut out) {
+                match o {
+                    Output::Send { messages, .. } => {
+                        messages.into_iter().for_each(|m| other.step(G, from, m))
+                    }
+                    Output::Apply { seq, .. } => match hold.as_deref_mut() {
+                        Some(held) => held.push(seq),
+                        None => core.applied(G, seq, Ok(ApplyReport::default())),
+                    },
+                    o => kept.push(o),
+                }
+            }
+            out = core.take_outputs();
+        }
+        kept
+    }
+
+    /// One round of leader `a` (node 1) and follower `b` (node 2), each delivering to the
+    /// other; returns `a`'s outputs other than messages and applies.
+    fn exchange(
+        a: &mut Core,
+        b: &mut Core,
+        now: u64,
+        b_holds: Option<&mut Vec<u64>>,
+    ) -> Vec<Output<u64, u64>> {
+        let out = round(a, now);
+        let kept = drain(a, b, 1, out, None);
+        let out = round(b, now);
+        drain(b, a, 2, out, b_holds);
+        kept
+    }
+
+    fn mib_write(first: u64) -> Vec<Command> {
+        let blocks = (1 << 20) / 4096;
+        let data = Bytes::from(vec![7u8; 1 << 20]);
+        let seals = (0..blocks).map(|b| Seal::plain(first + b, &data[b as usize * 4096..][..4096])).collect();
+        vec![Command::Write(BlockWrite { first, data, seals, guards: vec![] })]
+    }
+
+    #[test]
+    fn a_follower_whose_copy_lags_too_far_holds_its_acknowledgements_until_it_applies() {
+        let core = |id: u64| {
+            let wal = Arc::new(Mutex::new(Wal::open(SimDisk::new(id), WalOptions::default()).unwrap()));
+            let mut storage = GroupStorage::open(wal.clone(), G).unwrap();
+            storage.initialize(ConfState::from((vec![1, 2], vec![]))).unwrap();
+            wal.lock().unwrap().sync().unwrap();
+            let mut core = Core::new(CoreConfig {
+                node_id: id,
+                election_ticks: 3,
+                heartbeat_ticks: 1,
+                read_lease_ms: 0,
+                log_retain_entries: 10,
+                log_retain_bytes: 1 << 20,
+                checkpoint_interval_ms: 1_000_000,
+                seed: id,
+            });
+            core.open(G, storage, 0, None, false, 0).unwrap();
+            core.take_outputs();
+            core
+        };
+        let (mut a, mut b) = (core(1), core(2));
+        // Only node 1's clock runs, so it is the one that campaigns.
+        for now in 0..100 {
+            a.tick();
+            exchange(&mut a, &mut b, now, None);
+            if a.driver(G).is_some_and(|d| d.is_leader()) && b.driver(G).is_some_and(|d| d.leader() == 1) {
+                break;
+            }
+        }
+        assert!(a.driver(G).is_some_and(|d| d.is_leader()), "node 1 did not get elected");
+        // The follower's copy applies nothing: once it lags by 16 MiB, the leader, which needs
+        // its acknowledgement to commit, stops acknowledging writes.
+        let mut pending = Vec::new();
+        let mut acks = Vec::new();
+        for i in 0..24u64 {
+            a.write(G, mib_write(i * 256), i);
+            for r in 0..3 {
+                acks.extend(acked(&exchange(&mut a, &mut b, 200 + i * 3 + r, Some(&mut pending))));
+            }
+        }
+        assert!(acks.iter().all(|(_, ok)| *ok), "{acks:?}");
+        let before = acks.len();
+        assert!(
+            (15..21).contains(&before),
+            "{before} of 24 writes acknowledged with the follower's copy stalled"
+        );
+        // Once it applies, the acknowledgements go out, and every write commits.
+        let out: Vec<_> = pending
+            .drain(..)
+            .flat_map(|seq| {
+                b.applied(G, seq, Ok(ApplyReport::default()));
+                b.take_outputs()
+            })
+            .collect();
+        drain(&mut b, &mut a, 2, out, None);
+        for r in 0..10 {
+            acks.extend(acked(&exchange(&mut a, &mut b, 400 + r, None)));
+        }
+        assert_eq!(acks.len(), 24, "{acks:?}");
     }
 
     #[test]

@@ -12,6 +12,33 @@ use raftblk_daemon::size::{format_size, parse_size};
 use raftblk_daemon::volumes::{NodeStatus, VolumeHealth, VolumeStatus};
 use serde_json::{json, Value};
 
+/// Writes to stdout as `print!`/`println!` do, but a closed stdout (`raftblk volume list |
+/// head`) ends the process quietly instead of panicking, and another write error is reported.
+macro_rules! out {
+    (@write $how:ident, $($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = $how!(stdout, $($arg)*).and_then(|()| stdout.flush()) {
+            stdout_failed(e);
+        }
+    }};
+    () => { out!(@write writeln,) };
+    ($($arg:tt)*) => { out!(@write writeln, $($arg)*) };
+}
+
+/// As [`out!`], without the newline.
+macro_rules! out_part {
+    ($($arg:tt)*) => { out!(@write write, $($arg)*) };
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: writing to stdout: {e}");
+    std::process::exit(1);
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "raftblk", version, about = "Manage raftblk volumes")]
 struct Cli {
@@ -287,17 +314,18 @@ fn run(cli: &Cli) -> Result<()> {
             let catalog: Option<CatalogStatus> =
                 client.call("GET", "/v1/catalog", None).ok().and_then(|v| serde_json::from_value(v).ok());
             if cli.json {
-                println!(
-                    "{:#}",
-                    json!({ "node": node, "nodes": nodes, "catalog": catalog, "volumes": volumes })
-                );
+                out!("{:#}", json!({ "node": node, "nodes": nodes, "catalog": catalog, "volumes": volumes }));
             } else {
-                println!(
+                out!(
                     "raftblkd {}  engine {}  nbd {} and {}  data {}",
-                    node.version, node.io_engine, node.nbd_listen, node.nbd_socket, node.data_dir
+                    node.version,
+                    node.io_engine,
+                    node.nbd_listen,
+                    node.nbd_socket,
+                    node.data_dir
                 );
                 if !nodes.is_empty() {
-                    println!();
+                    out!();
                     print_nodes(&nodes);
                 }
                 if let Some(c) = &catalog {
@@ -306,15 +334,19 @@ fn run(cli: &Cli) -> Result<()> {
                     } else {
                         format!("node {}", c.leader)
                     };
-                    println!(
+                    out!(
                         "\ncatalog: leader {leader}, term {}, voters {:?}, learners {:?}, applied {} of {}",
-                        c.term, c.voters, c.learners, c.applied_index, c.commit_index
+                        c.term,
+                        c.voters,
+                        c.learners,
+                        c.applied_index,
+                        c.commit_index
                     );
                 }
-                println!();
+                out!();
                 print_volumes(&volumes);
                 let count = |h: VolumeHealth| volumes.iter().filter(|v| v.health == h).count();
-                println!(
+                out!(
                     "\n{} volume{}: {} healthy, {} rebuilding, {} degraded",
                     volumes.len(),
                     if volumes.len() == 1 { "" } else { "s" },
@@ -338,9 +370,9 @@ fn run(cli: &Cli) -> Result<()> {
                     let v =
                         client.call("POST", "/v1/cluster/rotate-kek", Some(json!({ "key_file": path })))?;
                     if cli.json {
-                        println!("{v:#}");
+                        out!("{v:#}");
                     } else {
-                        println!(
+                        out!(
                             "KEK rotated to {}: {} encrypted volume(s) rewrapped on nodes {}\n{}",
                             v["kek"].as_str().unwrap_or("?"),
                             v["volumes_rewrapped"],
@@ -352,12 +384,12 @@ fn run(cli: &Cli) -> Result<()> {
                 }
             };
             if cli.json {
-                println!("{v:#}");
+                out!("{v:#}");
             } else {
                 let settings: Vec<SettingView> = serde_json::from_value(v)?;
-                println!("{:<24} {:<8} {:<20} MEANING", "SETTING", "VALUE", "FROM");
+                out!("{:<24} {:<8} {:<20} MEANING", "SETTING", "VALUE", "FROM");
                 for s in settings {
-                    println!("{:<24} {:<8} {:<20} {}", s.key, s.value.to_string(), s.source, s.help);
+                    out!("{:<24} {:<8} {:<20} {}", s.key, s.value.to_string(), s.source, s.help);
                 }
             }
         }
@@ -391,11 +423,11 @@ fn dev_cluster(n: u16, base_dir: &std::path::Path, base_port: u16, volume_size: 
             "/v1/volumes",
             Some(json!({"name": "vol0", "size": size, "replicas": replicas})),
         )?;
-        println!("created volume vol0 ({}, replicas={replicas})", format_size(size));
+        out!("created volume vol0 ({}, replicas={replicas})", format_size(size));
     }
-    println!("{:<5} {:<24} {:<24} {:<16} DATA", "NODE", "NBD", "API", "PEER");
+    out!("{:<5} {:<24} {:<24} {:<16} DATA", "NODE", "NBD", "API", "PEER");
     for node in &cluster.nodes {
-        println!(
+        out!(
             "{:<5} {:<24} {:<24} {:<16} {}",
             node.id,
             format!("nbd://127.0.0.1:{}/", node.nbd_port),
@@ -404,8 +436,8 @@ fn dev_cluster(n: u16, base_dir: &std::path::Path, base_port: u16, volume_size: 
             node.data_dir.display()
         );
     }
-    println!("every node serves every volume; e.g. nbdinfo nbd://127.0.0.1:{}/vol0", first.nbd_port);
-    println!("logs: <data dir>/raftblkd.log; Ctrl-C stops the cluster");
+    out!("every node serves every volume; e.g. nbdinfo nbd://127.0.0.1:{}/vol0", first.nbd_port);
+    out!("logs: <data dir>/raftblkd.log; Ctrl-C stops the cluster");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [libc::SIGINT, libc::SIGTERM] {
         signal_hook_flag(sig, stop.clone())?;
@@ -416,7 +448,7 @@ fn dev_cluster(n: u16, base_dir: &std::path::Path, base_port: u16, volume_size: 
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    println!("stopping the cluster");
+    out!("stopping the cluster");
     cluster.stop(std::time::Duration::from_secs(30));
     Ok(())
 }
@@ -445,7 +477,7 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
         VolumeCommand::List => {
             let v = client.call("GET", "/v1/volumes", None)?;
             if cli.json {
-                println!("{v:#}");
+                out!("{v:#}");
             } else {
                 print_volumes(&serde_json::from_value::<Vec<VolumeStatus>>(v)?);
             }
@@ -465,7 +497,7 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
             let v = if *no_wait || *status { v } else { watch_scrub(client, &path, v, cli.json)? };
             let s: ScrubStatus = serde_json::from_value(v.clone())?;
             if cli.json {
-                println!("{:#}", serde_json::to_value(&s.summary)?);
+                out!("{:#}", serde_json::to_value(&s.summary)?);
             } else {
                 print_scrub(name, &s);
             }
@@ -489,17 +521,17 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
                 Some(json!({"read_only": read_only})),
             )?;
             if cli.json {
-                println!("{v:#}");
+                out!("{v:#}");
             } else {
-                println!("{}", v["device"].as_str().unwrap_or("?"));
+                out!("{}", v["device"].as_str().unwrap_or("?"));
             }
         }
         VolumeCommand::Detach { target, force } => {
             let v = client.call("POST", "/v1/detach", Some(json!({"target": target, "force": force})))?;
             if cli.json {
-                println!("{v:#}");
+                out!("{v:#}");
             } else {
-                println!(
+                out!(
                     "detached {} ({})",
                     v["volume"].as_str().unwrap_or("?"),
                     v["device"].as_str().unwrap_or("?")
@@ -513,9 +545,9 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
                 Some(json!({"node": node, "read_only": read_only, "force": force})),
             )?;
             if cli.json {
-                println!("{v:#}");
+                out!("{v:#}");
             } else {
-                println!(
+                out!(
                     "published {name} to node {node} ({}), generation {}",
                     if v["read_only"].as_bool().unwrap_or(false) { "read-only" } else { "read-write" },
                     v["generation"].as_u64().unwrap_or(0)
@@ -529,19 +561,19 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
                 Some(json!({"node": node})),
             )?;
             if cli.json {
-                println!("{v:#}");
+                out!("{v:#}");
             } else {
-                println!("unpublished {name} from node {node}");
+                out!("unpublished {name} from node {node}");
             }
         }
         VolumeCommand::Attachments => {
             let v = client.call("GET", "/v1/attachments", None)?;
             if cli.json {
-                println!("{v:#}");
+                out!("{v:#}");
             } else {
-                println!("{:<12} {:<20} {:<10} {:>10}", "DEVICE", "VOLUME", "MODE", "GENERATION");
+                out!("{:<12} {:<20} {:<10} {:>10}", "DEVICE", "VOLUME", "MODE", "GENERATION");
                 for a in v.as_array().into_iter().flatten() {
-                    println!(
+                    out!(
                         "{:<12} {:<20} {:<10} {:>10}",
                         a["device"].as_str().unwrap_or("?"),
                         a["volume"].as_str().unwrap_or("?"),
@@ -580,17 +612,17 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
                 Some(json!({"to": node})),
             )?;
             if cli.json {
-                println!("{}", json!({"volume": name, "transfer_to": node}));
+                out!("{}", json!({"volume": name, "transfer_to": node}));
             } else {
-                println!("asked the leader of {name} to hand over to node {node}; `raftblk volume inspect {name}` shows the leader");
+                out!("asked the leader of {name} to hand over to node {node}; `raftblk volume inspect {name}` shows the leader");
             }
         }
         VolumeCommand::Delete { name, force } => {
             client.call("DELETE", &format!("/v1/volumes/{}?force={force}", path_segment(name)?), None)?;
             if cli.json {
-                println!("{}", json!({"deleted": name}));
+                out!("{}", json!({"deleted": name}));
             } else {
-                println!("deleted volume {name}");
+                out!("deleted volume {name}");
             }
         }
     }
@@ -610,12 +642,12 @@ fn path_segment(name: &str) -> Result<&str> {
 
 fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
     if cli.json {
-        println!("{v:#}");
+        out!("{v:#}");
         return Ok(());
     }
     let s: VolumeStatus = serde_json::from_value(v)?;
     if !verb.is_empty() {
-        println!("{verb} volume {}", s.name);
+        out!("{verb} volume {}", s.name);
     }
     let rows = [
         ("name", s.name.clone()),
@@ -630,31 +662,34 @@ fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
         ("export", format!("nbd://127.0.0.1/{}", s.name)),
     ];
     for (k, val) in rows {
-        println!("{k:<12} {val}");
+        out!("{k:<12} {val}");
     }
     if let Some(why) = &s.locked {
-        println!("{:<12} locked on this node: {why}", "state");
+        out!("{:<12} locked on this node: {why}", "state");
     }
     if !s.labels.is_empty() {
         let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("{:<12} {}", "labels", labels.join(", "));
+        out!("{:<12} {}", "labels", labels.join(", "));
     }
     if let Some(r) = &s.replication {
         let leader = if r.leader == 0 { "none".to_string() } else { format!("node {}", r.leader) };
-        println!("{:<12} {leader}", "leader");
+        out!("{:<12} {leader}", "leader");
         if r.term > 0 {
-            println!(
+            out!(
                 "{:<12} term {}, commit {}, applied here {}",
-                "raft", r.term, r.commit_index, r.applied_index
+                "raft",
+                r.term,
+                r.commit_index,
+                r.applied_index
             );
         }
         for (node, matched) in &r.progress {
             let behind = r.commit_index.saturating_sub(*matched);
             let role = if r.learners.contains(node) { "learner, catching up" } else { "voter" };
-            println!("{:<12} node {node}: matched {matched} ({behind} behind commit; {role})", "replica");
+            out!("{:<12} node {node}: matched {matched} ({behind} behind commit; {role})", "replica");
         }
         if r.log_first_index > 1 {
-            println!("{:<12} entries from {} on (older ones compacted)", "log here", r.log_first_index);
+            out!("{:<12} entries from {} on (older ones compacted)", "log here", r.log_first_index);
         }
         for b in &r.rebuilds {
             let pct = (b.done_bytes * 100).checked_div(b.total_bytes).unwrap_or(0);
@@ -663,7 +698,7 @@ fn show_one(cli: &Cli, v: Value, verb: &str) -> Result<()> {
             } else {
                 format!("from node {}", b.source)
             };
-            println!(
+            out!(
                 "{:<12} node {}: {} {pct}% ({} of {}; {} of data copied {source}, {} s, snapshot index {})",
                 "rebuilding",
                 b.node,
@@ -692,7 +727,7 @@ fn watch_rebuilds(client: &Client, path: &str, mut v: Value) -> Result<()> {
         let s: VolumeStatus = serde_json::from_value(v)?;
         let rebuilds = s.replication.map(|r| r.rebuilds).unwrap_or_default();
         if rebuilds.is_empty() {
-            println!("{}no copy is being rebuilt; health: {}", if tty { "\r" } else { "" }, s.health.label());
+            out!("{}no copy is being rebuilt; health: {}", if tty { "\r" } else { "" }, s.health.label());
             return Ok(());
         }
         let line: Vec<String> = rebuilds
@@ -708,10 +743,10 @@ fn watch_rebuilds(client: &Client, path: &str, mut v: Value) -> Result<()> {
             })
             .collect();
         if tty {
-            print!("\r{}   ", line.join("   "));
+            out_part!("\r{}   ", line.join("   "));
             std::io::Write::flush(&mut std::io::stdout())?;
         } else {
-            println!("{}", line.join("   "));
+            out!("{}", line.join("   "));
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
         v = client.call("GET", path, None)?;
@@ -725,12 +760,12 @@ fn watch_scrub(client: &Client, path: &str, mut v: Value, quiet: bool) -> Result
         let s: ScrubStatus = serde_json::from_value(v.clone())?;
         if !s.running {
             if tty {
-                println!();
+                out!();
             }
             return Ok(v);
         }
         if tty {
-            print!(
+            out_part!(
                 "\rscrub {} {}/{}   ",
                 bar(s.done_bytes, s.total_bytes, 30),
                 format_size(s.done_bytes),
@@ -745,17 +780,17 @@ fn watch_scrub(client: &Client, path: &str, mut v: Value, quiet: bool) -> Result
 
 fn print_scrub(name: &str, s: &ScrubStatus) {
     let Some(sum) = &s.summary else {
-        println!("volume {name} was never scrubbed; `raftblk volume scrub {name}` runs one");
+        out!("volume {name} was never scrubbed; `raftblk volume scrub {name}` runs one");
         return;
     };
     let state = if s.running { "running" } else { "finished" };
-    println!(
+    out!(
         "scrub of {name} {state}: {} blocks checked on each copy, {} of data",
         sum.blocks_checked,
         format_size(sum.data_bytes)
     );
     if let Some(e) = &sum.error {
-        println!("stopped early: {e}");
+        out!("stopped early: {e}");
     }
     let rows: Vec<Vec<String>> = sum
         .copies
@@ -778,7 +813,7 @@ fn print_scrub(name: &str, s: &ScrubStatus) {
     );
     for (node, f) in &sum.copies {
         if !f.unrepaired_blocks.is_empty() {
-            println!("copy {node}: unrepaired blocks (4 KiB each) {:?}", f.unrepaired_blocks);
+            out!("copy {node}: unrepaired blocks (4 KiB each) {:?}", f.unrepaired_blocks);
         }
     }
 }
@@ -788,7 +823,7 @@ fn node_command(cli: &Cli, client: &Client, cmd: &NodeCommand) -> Result<()> {
         NodeCommand::List => {
             let v = client.call("GET", "/v1/nodes", None)?;
             if cli.json {
-                println!("{v:#}");
+                out!("{v:#}");
             } else {
                 print_nodes(&serde_json::from_value::<Vec<NodeStatus>>(v)?);
             }
@@ -802,9 +837,9 @@ fn node_command(cli: &Cli, client: &Client, cmd: &NodeCommand) -> Result<()> {
     let v = client.call("POST", &format!("/v1/nodes/{id}/{action}"), None)?;
     if !wait {
         if cli.json {
-            println!("{v:#}");
+            out!("{v:#}");
         } else {
-            println!("node {id}: {action} recorded");
+            out!("node {id}: {action} recorded");
         }
         return Ok(());
     }
@@ -819,7 +854,7 @@ fn node_command(cli: &Cli, client: &Client, cmd: &NodeCommand) -> Result<()> {
     while left > 0 {
         if tty && !cli.json {
             let done = total - left;
-            print!(
+            out_part!(
                 "\r{action} node {id}: {} {done}/{total} copies moved",
                 bar(done as u64, total as u64, 30)
             );
@@ -829,12 +864,12 @@ fn node_command(cli: &Cli, client: &Client, cmd: &NodeCommand) -> Result<()> {
         left = copies_on(&client.call("GET", "/v1/nodes", None)?)?;
     }
     if cli.json {
-        println!("{:#}", client.call("GET", "/v1/nodes", None)?);
+        out!("{:#}", client.call("GET", "/v1/nodes", None)?);
     } else {
         if tty {
-            println!();
+            out!();
         }
-        println!("node {id}: {action} done, {total} copies moved, none left on it");
+        out!("node {id}: {action} done, {total} copies moved, none left on it");
     }
     Ok(())
 }
@@ -873,7 +908,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
     let line = |cells: Vec<&str>| {
         let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
+        out!("{}", parts.join("  ").trim_end());
     };
     line(header.to_vec());
     for r in rows {
@@ -883,7 +918,7 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 
 fn print_volumes(volumes: &[VolumeStatus]) {
     if volumes.is_empty() {
-        println!("no volumes; create one with `raftblk volume create NAME --size 10G`");
+        out!("no volumes; create one with `raftblk volume create NAME --size 10G`");
         return;
     }
     let rows: Vec<Vec<String>> = volumes

@@ -113,7 +113,7 @@ run_target() {
         echo "== $name: $jn"
         # Every job starts on a quiet disk: what the previous job left in the page cache
         # (three copies' worth on a replicated volume) is written back first, not during
-        # this job (it cut replicas=2's random reads after random writes to 0.67x of replicas=0's).
+        # this job.
         sync
         sleep 1
         before=$([[ $pid != 0 ]] && cpu_ticks "$pid" || echo 0)

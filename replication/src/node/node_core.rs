@@ -87,9 +87,39 @@ fn entries_bytes(entries: &[CommittedEntry]) -> usize {
     entries.iter().flat_map(|e| &e.commands).map(Command::payload_len).sum()
 }
 
+/// Committed entries waiting for the apply in flight, in log order, with their payload bytes
+/// (kept as they come and go, not summed again on every round).
+#[derive(Debug, Default)]
+struct ApplyQueue {
+    entries: Vec<CommittedEntry>,
+    bytes: usize,
+}
+
+impl ApplyQueue {
+    fn extend(&mut self, entries: Vec<CommittedEntry>) {
+        self.bytes += entries_bytes(&entries);
+        self.entries.extend(entries);
+    }
+
+    /// Everything queued, leaving the queue empty.
+    fn take(&mut self) -> (Vec<CommittedEntry>, usize) {
+        (std::mem::take(&mut self.entries), std::mem::take(&mut self.bytes))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// Payload bytes the group's copy has committed and not yet applied (in flight or queued).
 fn backlog_bytes<D: WalDisk, W, R>(slot: &Slot<D, W, R>) -> usize {
-    slot.applying_bytes + entries_bytes(&slot.to_apply)
+    slot.applying_bytes + slot.to_apply.bytes
+}
+
+/// Whether the replica holds back its acknowledgements of appends (see `NodeCore::send`): a
+/// working follower whose copy lags by over APPLY_BACKLOG_BYTES_MAX.
+fn holds_acks<D: WalDisk, W, R>(slot: &Slot<D, W, R>) -> bool {
+    slot.broken.is_none() && !slot.driver.is_leader() && backlog_bytes(slot) > APPLY_BACKLOG_BYTES_MAX
 }
 
 /// A read waiting for its group's applied index.
@@ -168,7 +198,7 @@ struct Slot<D: WalDisk, W, R> {
     /// Highest index applied to the store.
     applied: u64,
     /// Committed entries waiting for the apply in flight to finish, in log order.
-    to_apply: Vec<CommittedEntry>,
+    to_apply: ApplyQueue,
     /// The apply in flight: its number and the last index it applies.
     applying: Option<(u64, u64)>,
     /// Payload bytes of the apply in flight.
@@ -358,7 +388,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
                 at_apply: HashSet::new(),
                 guard_failed: HashMap::new(),
                 applied,
-                to_apply: Vec::new(),
+                to_apply: ApplyQueue::default(),
                 applying: None,
                 applying_bytes: 0,
                 checkpointed: applied,
@@ -663,19 +693,14 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
     /// network delay to Raft; an acknowledgement covers every earlier one, so only the latest
     /// per node is kept. Heartbeat responses and rejections go out, so leadership holds.
     fn send(&mut self, group: GroupId, mut messages: Vec<Message>) {
-        if let Some(slot) = self.groups.get_mut(&group) {
-            if slot.broken.is_none()
-                && !slot.driver.is_leader()
-                && backlog_bytes(slot) > APPLY_BACKLOG_BYTES_MAX
-            {
-                messages.retain(|m| {
-                    let ack = m.get_msg_type() == MessageType::MsgAppendResponse && !m.reject;
-                    if ack {
-                        slot.held.insert(m.to, m.clone());
-                    }
-                    !ack
-                });
-            }
+        if let Some(slot) = self.groups.get_mut(&group).filter(|s| holds_acks(s)) {
+            messages.retain(|m| {
+                let ack = m.get_msg_type() == MessageType::MsgAppendResponse && !m.reject;
+                if ack {
+                    slot.held.insert(m.to, m.clone());
+                }
+                !ack
+            });
         }
         if !messages.is_empty() {
             self.out.push(Output::Send { group, messages });
@@ -686,11 +711,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
     /// replica leads now, or broke).
     fn release_held(&mut self, group: GroupId) {
         let Some(slot) = self.groups.get_mut(&group) else { return };
-        if slot.held.is_empty()
-            || (slot.broken.is_none()
-                && !slot.driver.is_leader()
-                && backlog_bytes(slot) > APPLY_BACKLOG_BYTES_MAX)
-        {
+        if slot.held.is_empty() || holds_acks(slot) {
             return;
         }
         let messages: Vec<Message> = std::mem::take(&mut slot.held).into_values().collect();
@@ -753,12 +774,12 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         if slot.applying.is_some() || slot.to_apply.is_empty() || slot.broken.is_some() {
             return;
         }
-        let entries = std::mem::take(&mut slot.to_apply);
+        let (entries, bytes) = slot.to_apply.take();
         let Some(last) = entries.last().map(|e| e.index) else { return };
         self.next_apply += 1;
         let seq = self.next_apply;
         slot.applying = Some((seq, last));
-        slot.applying_bytes = entries_bytes(&entries);
+        slot.applying_bytes = bytes;
         self.out.push(Output::Apply { group, seq, entries });
     }
 
@@ -856,7 +877,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         let me = self.config.node_id;
         let Some(slot) = self.groups.get_mut(&group) else { return };
         // Committed entries not applied yet are replayed over the copy from the log.
-        slot.to_apply.clear();
+        slot.to_apply = ApplyQueue::default();
         slot.applied = index;
         if slot.applying.is_some() {
             slot.rebuild = Some(Rebuild::Waiting { index, offset, hint });
@@ -901,7 +922,8 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         // Guards decide the same way as on the first apply (see `apply_entries`); nobody
         // waits for their outcome here. (`applied` is still `index`: nothing applies while
         // the copy runs.)
-        slot.to_apply = replay;
+        slot.to_apply = ApplyQueue::default();
+        slot.to_apply.extend(replay);
         slot.rebuild = Some(Rebuild::Finishing { target });
         self.start_apply(group);
         self.finish_rebuild(group);
@@ -1054,6 +1076,27 @@ mod tests {
         (persist, out)
     }
 
+    /// Node `id`'s core with group `G` open over a fresh log whose members are `voters`.
+    fn open_core(id: u64, voters: Vec<u64>, write_back: bool) -> Core {
+        let wal = Arc::new(Mutex::new(Wal::open(SimDisk::new(id), WalOptions::default()).unwrap()));
+        let mut storage = GroupStorage::open(wal.clone(), G).unwrap();
+        storage.initialize(ConfState::from((voters, vec![]))).unwrap();
+        wal.lock().unwrap().sync().unwrap();
+        let mut core = Core::new(CoreConfig {
+            node_id: id,
+            election_ticks: 3,
+            heartbeat_ticks: 1,
+            read_lease_ms: 0,
+            log_retain_entries: 10,
+            log_retain_bytes: 1 << 20,
+            checkpoint_interval_ms: 1000,
+            seed: id,
+        });
+        core.open(G, storage, 0, None, write_back, 0).unwrap();
+        core.take_outputs();
+        core
+    }
+
     /// A core leading a one-voter group, with nothing left to apply.
     fn leader() -> Core {
         leader_with(false)
@@ -1061,23 +1104,7 @@ mod tests {
 
     /// As [`leader`], the group opened with `write_back`.
     fn leader_with(write_back: bool) -> Core {
-        let disk = SimDisk::new(9);
-        let wal = Arc::new(Mutex::new(Wal::open(disk, WalOptions::default()).unwrap()));
-        let mut storage = GroupStorage::open(wal.clone(), G).unwrap();
-        storage.initialize(ConfState::from((vec![1], vec![]))).unwrap();
-        wal.lock().unwrap().sync().unwrap();
-        let mut core = Core::new(CoreConfig {
-            node_id: 1,
-            election_ticks: 3,
-            heartbeat_ticks: 1,
-            read_lease_ms: 0,
-            log_retain_entries: 10,
-            log_retain_bytes: 1 << 20,
-            checkpoint_interval_ms: 1000,
-            seed: 1,
-        });
-        core.open(G, storage, 0, None, write_back, 0).unwrap();
-        core.take_outputs();
+        let mut core = open_core(1, vec![1], write_back);
         for now in 0..50 {
             core.tick();
             for o in round(&mut core, now) {
@@ -1259,26 +1286,7 @@ mod tests {
 
     #[test]
     fn a_follower_whose_copy_lags_too_far_holds_its_acknowledgements_until_it_applies() {
-        let core = |id: u64| {
-            let wal = Arc::new(Mutex::new(Wal::open(SimDisk::new(id), WalOptions::default()).unwrap()));
-            let mut storage = GroupStorage::open(wal.clone(), G).unwrap();
-            storage.initialize(ConfState::from((vec![1, 2], vec![]))).unwrap();
-            wal.lock().unwrap().sync().unwrap();
-            let mut core = Core::new(CoreConfig {
-                node_id: id,
-                election_ticks: 3,
-                heartbeat_ticks: 1,
-                read_lease_ms: 0,
-                log_retain_entries: 10,
-                log_retain_bytes: 1 << 20,
-                checkpoint_interval_ms: 1_000_000,
-                seed: id,
-            });
-            core.open(G, storage, 0, None, false, 0).unwrap();
-            core.take_outputs();
-            core
-        };
-        let (mut a, mut b) = (core(1), core(2));
+        let (mut a, mut b) = (open_core(1, vec![1, 2], false), open_core(2, vec![1, 2], false));
         // Only node 1's clock runs, so it is the one that campaigns.
         for now in 0..100 {
             a.tick();

@@ -1,8 +1,8 @@
 //! The runner thread: the I/O shell around the node's sans-IO [`NodeCore`]. It turns events
 //! (client requests, peer messages, ticks, finished tasks) into the core's inputs and
-//! carries out its outputs: one WAL sync (or, for single-copy volumes, write-out) per round, messages to the transport, applies,
-//! checkpoints and rebuild copies as tasks on the runtime (which report back as events), and
-//! replies. The round never waits for a copy.
+//! carries out its outputs: one WAL sync (or, for single-copy volumes, write-out) per round,
+//! messages to the transport, applies, checkpoints and rebuild copies as tasks on the runtime
+//! (which report back as events), and replies. The round never waits for a copy.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -284,13 +284,8 @@ impl Runner {
                     self.core.write(group, commands, done);
                 }
             }
-            Event::Flush { group, done } => {
-                if self.tasks.contains_key(&group) {
-                    self.core.flush(group, done);
-                } else {
-                    fail(done, NodeError::NotMember(group));
-                }
-            }
+            // The core refuses a group it does not hold (NotMember), as for writes.
+            Event::Flush { group, done } => self.core.flush(group, done),
             Event::Read { group, first, count, done } => {
                 if let Err(e) = self.check_read(group, first, count) {
                     fail(done, e);
@@ -589,16 +584,18 @@ impl Runner {
         self.publish_status();
     }
 
+    fn lock_wal(&self) -> Result<std::sync::MutexGuard<'_, Wal<NodeDisk>>, NodeError> {
+        self.wal.lock().map_err(|_| NodeError::Internal("WAL lock poisoned".into()))
+    }
+
     /// One `fdatasync` of the WAL for everything appended so far (nothing if it is synced).
     fn sync_wal(&self) -> Result<(), NodeError> {
-        let mut wal = self.wal.lock().map_err(|_| NodeError::Internal("WAL lock poisoned".into()))?;
-        wal.sync().map_err(|e| NodeError::Internal(format!("WAL sync: {e}")))
+        self.lock_wal()?.sync().map_err(|e| NodeError::Internal(format!("WAL sync: {e}")))
     }
 
     /// Hands what the WAL buffered to the kernel, without an `fdatasync`.
     fn write_out_wal(&self) -> Result<(), NodeError> {
-        let mut wal = self.wal.lock().map_err(|_| NodeError::Internal("WAL lock poisoned".into()))?;
-        wal.write_out().map_err(|e| NodeError::Internal(format!("WAL write: {e}")))
+        self.lock_wal()?.write_out().map_err(|e| NodeError::Internal(format!("WAL write: {e}")))
     }
 
     fn send(&self, group: GroupId, messages: Vec<Message>) {

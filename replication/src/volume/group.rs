@@ -526,11 +526,12 @@ impl<D: WalDisk> GroupDriver<D> {
         if !self.write_back || self.raw.raft.has_pending_conf() {
             return false;
         }
-        let cs = self.raw.raft.prs().conf().to_conf_state();
-        cs.learners.is_empty()
-            && cs.learners_next.is_empty()
-            && cs.voters_outgoing.is_empty()
-            && cs.voters == [self.raw.raft.id]
+        // Every round asks: read the configuration in place, without building a ConfState.
+        let conf = self.raw.raft.prs().conf();
+        conf.learners().is_empty()
+            && conf.learners_next().is_empty()
+            && conf.voters().is_singleton()
+            && conf.voters().contains(self.raw.raft.id)
     }
 
     /// Whether [`GroupDriver::collect`] has anything to do.

@@ -68,19 +68,6 @@ pub const FLUSH_BYTES: usize = 10_001;
 /// more CPU than it saves.
 const BUFFERED_WRITE_OUT_BYTES: usize = 64 << 10;
 
-/// The last `keep` bytes of `partial` followed by `parts` (`keep` is at most their length).
-fn tail_block(partial: &[u8], parts: &[Bytes], keep: usize) -> Vec<u8> {
-    let total = partial.len() + parts.iter().map(Bytes::len).sum::<usize>();
-    let mut skip = total - keep;
-    let mut tail = Vec::with_capacity(keep);
-    for piece in std::iter::once(partial).chain(parts.iter().map(|p| &p[..])) {
-        let take = piece.len().saturating_sub(skip);
-        tail.extend_from_slice(&piece[piece.len() - take..]);
-        skip = skip.saturating_sub(piece.len());
-    }
-    tail
-}
-
 /// Block size of direct writes: offsets and lengths are multiples of it.
 const BLOCK: u64 = DIRECT_IO_ALIGN_BYTES as u64;
 
@@ -245,6 +232,7 @@ impl UringFile {
             return Ok(());
         }
         let len_bytes = self.pending.len() as u64;
+        let partial = self.partial_after_pending();
         let parts = self.pending.take_parts();
         let mut offset = self.written;
         for part in &parts {
@@ -255,8 +243,23 @@ impl UringFile {
             offset += part.len() as u64;
         }
         self.written += len_bytes;
-        self.partial = tail_block(&self.partial, &parts, (self.written % BLOCK) as usize);
+        self.partial = partial;
         Ok(())
+    }
+
+    /// The bytes of the block the file will end inside once the pending bytes are written:
+    /// the end of today's partial block (if they stay inside it), then the pending bytes' tail.
+    fn partial_after_pending(&self) -> Vec<u8> {
+        let pending = self.pending.len();
+        let keep = ((self.written + pending as u64) % BLOCK) as usize;
+        let from_pending = keep.min(pending);
+        // When the pending bytes stay inside today's partial block, `keep` covers all of both.
+        let mut partial = self.partial[self.partial.len() - (keep - from_pending)..].to_vec();
+        let start = partial.len();
+        partial.resize(keep, 0);
+        let held = self.pending.read_at(pending - from_pending, &mut partial[start..]);
+        debug_assert!(held, "the range ends at the pending bytes' end");
+        partial
     }
 
     /// For a direct write of `parts` after `written`: one aligned buffer of whole blocks
@@ -450,14 +453,28 @@ mod tests {
     }
 
     #[test]
-    fn tail_block_takes_the_last_bytes_across_the_partial_block_and_the_parts() {
-        let parts = [Bytes::from_static(b"abc"), Bytes::from_static(b""), Bytes::from_static(b"defg")];
-        assert_eq!(tail_block(b"xy", &parts, 9), b"xyabcdefg");
-        assert_eq!(tail_block(b"xy", &parts, 8), b"yabcdefg");
-        assert_eq!(tail_block(b"xy", &parts, 5), b"cdefg");
-        assert_eq!(tail_block(b"xy", &parts, 2), b"fg");
-        assert_eq!(tail_block(b"xy", &parts, 0), b"");
-        assert_eq!(tail_block(b"", &[], 0), b"");
+    fn a_buffered_write_out_keeps_the_partial_block_for_the_next_direct_write() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let Some(disk) = uring_disk(tmp.path(), true) else { return };
+        let mut f = disk.create("f").expect("create");
+        if f.direct.is_none() {
+            return; // this file system takes no O_DIRECT: no partial block to keep
+        }
+        let data: Vec<u8> = (0..9010u32).map(|i| (i * 7 % 251) as u8).collect();
+        // Inside the first block, then across into the second, then into the third.
+        for (from, to) in [(0, 100), (100, 5000), (5000, 5010), (5010, 9010)] {
+            f.append(&data[from..to]).expect("append");
+            f.write_out().expect("write_out");
+            let block_start = to - to % BLOCK as usize;
+            assert_eq!(f.partial, data[block_start..to], "partial block after {to} bytes");
+        }
+        // A direct write (the sync) rewrites the partial block from what was kept.
+        f.append(&data[..10]).expect("append");
+        f.sync().expect("sync");
+        drop(f);
+        let on_disk = std::fs::read(tmp.path().join("f")).expect("read");
+        assert_eq!(on_disk[..9010], data[..]);
+        assert_eq!(on_disk[9010..], data[..10]);
     }
 
     /// Applies the same random appends, syncs, truncates, reads, reopens, creates and removes

@@ -7,7 +7,8 @@
 # end fio must report no error and no verify failure; the longest single write
 # (fio's max write completion latency) is printed against the 1.0 s bound.
 #
-# Usage: tests/failover-cycles.sh [--cycles N] [--size SIZE] [--keep DIR]
+# Usage: tests/failover-cycles.sh [--cycles N] [--size SIZE] [--keep DIR] [--bin-dir DIR]
+# (--bin-dir: use the raftblkd and raftblk already built there instead of building)
 # Prints one line per cycle and a summary; exits non-zero if fio saw an error, a
 # verify failure, or a write slower than the bound.
 set -euo pipefail
@@ -17,22 +18,27 @@ root=$(pwd)
 cycles=100
 size=256M
 keep=""
+bin_dir=""
 bound_ms=1000
 while [[ $# -gt 0 ]]; do
     case $1 in
         --cycles) cycles=$2; shift 2 ;;
         --size) size=$2; shift 2 ;;
         --keep) keep=$2; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        --bin-dir) bin_dir=$2; shift 2 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
 command -v fio >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio; }
 
-cargo build --release -p raftblk-daemon --bins
-target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-raftblkd=$target_dir/release/raftblkd
-raftblk=$target_dir/release/raftblk
+if [[ -z $bin_dir ]]; then
+    cargo build --release -p raftblk-daemon --bins
+    bin_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
+fi
+raftblkd=$bin_dir/raftblkd
+raftblk=$bin_dir/raftblk
+[[ -x $raftblkd && -x $raftblk ]] || { echo "no raftblkd and raftblk in $bin_dir" >&2; exit 2; }
 
 work=${keep:-$(mktemp -d)}
 mkdir -p "$work"

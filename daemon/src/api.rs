@@ -166,8 +166,23 @@ impl From<VolumeError> for ApiError {
             VolumeError::Exists(_) | VolumeError::InUse { .. } => StatusCode::CONFLICT,
             VolumeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             VolumeError::Catalog(_) | VolumeError::Store { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            VolumeError::Remote { error, .. } => status_of_refusal(error.kind),
         };
         ApiError { status, message: e.to_string() }
+    }
+}
+
+/// The HTTP status for another node's refusal of `kind`, so a refusal keeps its meaning
+/// however many nodes it crossed.
+fn status_of_refusal(kind: crate::control::ErrorKind) -> StatusCode {
+    use crate::control::ErrorKind as K;
+    match kind {
+        K::Invalid | K::Malformed => StatusCode::BAD_REQUEST,
+        K::NotFound => StatusCode::NOT_FOUND,
+        K::Exists | K::Conflict => StatusCode::CONFLICT,
+        K::Unavailable | K::NotLeader { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        K::Unsupported => StatusCode::NOT_IMPLEMENTED,
+        K::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -480,7 +495,7 @@ async fn set_cluster_settings(State(s): State<Arc<ApiState>>, body: Bytes) -> Re
         crate::cluster_catalog::settings::validate(key, value).map_err(ApiError::bad_request)?;
     }
     for (key, value) in wanted {
-        let op = crate::cluster_catalog::op::CatalogOp::SetSetting { key, value };
+        let op = crate::model::CatalogOp::SetSetting { key, value };
         catalog.propose(op).await.map_err(crate::volumes::VolumeError::from)?;
     }
     crate::cluster::apply_settings(&s.volumes, catalog);
@@ -494,7 +509,7 @@ async fn node_action(
     State(s): State<Arc<ApiState>>,
     Path((id, action)): Path<(u64, String)>,
 ) -> Result<Response, ApiError> {
-    use crate::nodes::AdminState;
+    use crate::model::AdminState;
     let state = match action.as_str() {
         "cordon" => AdminState::Cordoned,
         "uncordon" => AdminState::Active,
@@ -535,7 +550,7 @@ async fn node_action(
         }
     }
     if let Some(catalog) = s.volumes.cluster_catalog() {
-        let op = crate::cluster_catalog::op::CatalogOp::SetNodeAdmin { node: id, state };
+        let op = crate::model::CatalogOp::SetNodeAdmin { node: id, state };
         catalog.propose(op).await.map_err(crate::volumes::VolumeError::from)?;
         // This node's table follows its catalog replica, which the leader's answer means
         // has applied the decision or is about to: take it over now so the answer shows it.

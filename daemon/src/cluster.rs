@@ -1,5 +1,5 @@
-//! Control messages between nodes, carried as JSON in the replication transport's
-//! application messages, and the loops that keep a node in line with the cluster.
+//! The answering side of the control protocol ([`crate::control`]): which part of the
+//! node handles each request. And the loops that keep a node in line with the cluster.
 //!
 //! Volume records live in the cluster catalog ([`crate::cluster_catalog`]): a change is
 //! committed there first (`CatalogPropose` to the catalog leader), then pushed to the
@@ -17,13 +17,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use raftblk_replication::node::ReplicationNode;
-use serde::{Deserialize, Serialize};
 
-use crate::catalog::VolumeRecord;
-use crate::cluster_catalog::op::{CatalogOp, NodeRecord};
 use crate::cluster_catalog::settings::{SettingView, SETTINGS};
 use crate::cluster_catalog::ClusterCatalog;
-use crate::membership::{Change, JoinAnswer, JoinRequest, Member, Membership, MembershipError};
+use crate::control::{send, Answer, ErrorKind, Request};
+use crate::membership::{Change, JoinAnswer, JoinRequest, Membership, MembershipError};
+use crate::model::{CatalogOp, Member, NodeRecord};
 use crate::volumes::VolumeManager;
 
 /// How often each node pulls its peers' volume records.
@@ -34,151 +33,6 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(3);
 /// whose id the joiner claims at another address to show it is still alive.
 const JOIN_CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A control-plane request from one node to another.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub enum ControlMessage {
-    /// Create (or learn the new size of) a volume.
-    Upsert(VolumeRecord),
-    /// Forget a deleted volume.
-    Delete {
-        /// The deleted volume's uuid.
-        uuid: String,
-    },
-    /// Commit a change to the cluster catalog (sent to the catalog leader).
-    CatalogPropose(crate::cluster_catalog::op::Proposal),
-    /// If leading `group_id`, propose a membership change.
-    Membership {
-        /// The volume's group.
-        group_id: u64,
-        /// "add_learner", "promote" or "remove".
-        change: String,
-        /// The node concerned.
-        node: u64,
-    },
-    /// Report the replication status of `group_id` as this node sees it.
-    GroupStatus {
-        /// The volume's group.
-        group_id: u64,
-    },
-    /// If leading `group_id`, hand leadership to node `to`.
-    TransferLeader {
-        /// The volume's group.
-        group_id: u64,
-        /// The node to lead next.
-        to: u64,
-    },
-    /// The sender is alive: its report and the operator decisions it knows.
-    Heartbeat {
-        /// The sender's report.
-        report: crate::nodes::NodeReport,
-        /// Operator decisions, by node id.
-        admin: std::collections::BTreeMap<u64, crate::nodes::AdminEntry>,
-    },
-    /// A node joined (or moved): add it as a peer at `peer_addr`.
-    AddPeer {
-        /// Its node id.
-        id: u64,
-        /// Its peer address.
-        peer_addr: std::net::SocketAddr,
-    },
-    /// Send every member this node knows (itself included).
-    Members,
-    /// Load the KEK in this file (the same path on every node) for a rotation; answer
-    /// with its id.
-    LoadKek {
-        /// Absolute path of the key file.
-        path: std::path::PathBuf,
-    },
-    /// Wrap new volumes' data keys with this KEK from now on (the end of a rotation).
-    UseKek {
-        /// The KEK's id.
-        id: String,
-    },
-}
-
-/// The answer to a [`ControlMessage`].
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub enum ControlAnswer {
-    /// Done.
-    Ok,
-    /// Refused or failed, with the reason.
-    Error(String),
-    /// The answer to `GroupStatus`: leader, commit index, voters, learners, progress.
-    Status {
-        /// Leader known (0: none).
-        leader: u64,
-        /// Commit index.
-        commit_index: u64,
-        /// Voters.
-        voters: Vec<u64>,
-        /// Learners.
-        learners: Vec<u64>,
-        /// Matched index per node (leader only).
-        progress: Vec<(u64, u64)>,
-        /// This node's copy is being rebuilt from a snapshot.
-        #[serde(default)]
-        rebuild: Option<crate::volumes::RebuildView>,
-        /// NBD connections to the volume on the answering node.
-        #[serde(default)]
-        connections: usize,
-    },
-    /// The answer to `CatalogPropose`: what applying the change did, and an index of the
-    /// catalog log at or after it.
-    Catalog {
-        /// What applying the change did.
-        outcome: crate::cluster_catalog::op::Outcome,
-        /// The leader's applied index when it answered.
-        index: u64,
-    },
-    /// The answer to `Members`: the answering node and every peer it knows.
-    Members(Vec<Member>),
-    /// The answer to `LoadKek`: the id of the key the node loaded.
-    Kek {
-        /// The KEK's id.
-        id: String,
-    },
-    /// The answer to `Heartbeat`: the answering node's report and decisions.
-    Heartbeat {
-        /// The answering node's report.
-        report: crate::nodes::NodeReport,
-        /// Operator decisions, by node id.
-        admin: std::collections::BTreeMap<u64, crate::nodes::AdminEntry>,
-    },
-}
-
-/// Why a control message did not get an `Ok`.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    /// The peer did not answer or the transport refused.
-    #[error("{0}")]
-    Unreachable(String),
-    /// The peer answered with an error.
-    #[error("refused: {0}")]
-    Refused(String),
-    /// The answer did not decode.
-    #[error("unintelligible answer: {0}")]
-    Garbled(String),
-}
-
-/// Sends `msg` to node `to` and returns its answer; `Error` answers become errors.
-pub async fn send(
-    node: &ReplicationNode,
-    to: u64,
-    msg: &ControlMessage,
-    timeout: Duration,
-) -> Result<ControlAnswer, ControlError> {
-    let payload = serde_json::to_vec(msg).map_err(|e| ControlError::Garbled(e.to_string()))?;
-    let answer = node
-        .control(to, Bytes::from(payload), timeout)
-        .await
-        .map_err(|e| ControlError::Unreachable(e.to_string()))?;
-    match serde_json::from_slice::<ControlAnswer>(&answer) {
-        Ok(ControlAnswer::Error(e)) => Err(ControlError::Refused(e)),
-        Ok(a) => Ok(a),
-        Err(e) => Err(ControlError::Garbled(e.to_string())),
-    }
-}
-
 /// Makes `volumes` (volume messages) and `membership` (membership messages) answer
 /// peers' control messages.
 pub fn install_handler(node: &ReplicationNode, volumes: Arc<VolumeManager>, membership: Arc<Membership>) {
@@ -186,30 +40,30 @@ pub fn install_handler(node: &ReplicationNode, volumes: Arc<VolumeManager>, memb
         let volumes = volumes.clone();
         let membership = membership.clone();
         Box::pin(async move {
-            let answer = match serde_json::from_slice::<ControlMessage>(&payload) {
-                Ok(ControlMessage::Heartbeat { report, admin }) => match volumes.nodes() {
+            let answer = match Request::decode(&payload) {
+                Ok(Request::Heartbeat { report, admin }) => match volumes.nodes() {
                     Some(dir) => {
                         absorb(dir, report, &admin);
-                        ControlAnswer::Heartbeat { report: dir.my_report(), admin: dir.table.admin_entries() }
+                        Answer::Heartbeat { report: dir.my_report(), admin: dir.table.admin_entries() }
                     }
-                    None => ControlAnswer::Error("this node keeps no node table".into()),
+                    None => Answer::error(ErrorKind::Invalid, "this node keeps no node table"),
                 },
-                Ok(ControlMessage::AddPeer { id, peer_addr }) => match membership.add(id, peer_addr) {
-                    Ok(_) => ControlAnswer::Ok,
-                    Err(e) => ControlAnswer::Error(e.to_string()),
+                Ok(Request::AddPeer { id, peer_addr }) => match membership.add(id, peer_addr) {
+                    Ok(_) => Answer::Ok,
+                    Err(e) => Answer::error(ErrorKind::Internal, e.to_string()),
                 },
-                Ok(ControlMessage::Members) => ControlAnswer::Members(members_of(&membership)),
-                Ok(ControlMessage::CatalogPropose(proposal)) => match volumes.cluster_catalog() {
+                Ok(Request::Members) => Answer::Members(members_of(&membership)),
+                Ok(Request::CatalogPropose(proposal)) => match volumes.cluster_catalog() {
                     Some(catalog) => match catalog.propose_here(&proposal).await {
-                        Ok((outcome, index)) => ControlAnswer::Catalog { outcome, index },
-                        Err(e) => ControlAnswer::Error(e),
+                        Ok((outcome, index)) => Answer::Catalog { outcome, index },
+                        Err(e) => Answer::Error(e),
                     },
-                    None => ControlAnswer::Error("this node has no catalog replica".into()),
+                    None => Answer::error(ErrorKind::Invalid, "this node has no catalog replica"),
                 },
-                Ok(msg) => volumes.on_control(msg).await,
-                Err(e) => ControlAnswer::Error(format!("malformed control message: {e}")),
+                Ok(request) => volumes.on_control(request).await,
+                Err(e) => Answer::Error(e.into()),
             };
-            Bytes::from(serde_json::to_vec(&answer).unwrap_or_default())
+            answer.encode()
         })
     }));
 }
@@ -288,7 +142,7 @@ pub async fn accept_join(membership: &Membership, req: JoinRequest) -> Result<Jo
     }
     if let Some(old) = membership.addr_of(req.node_id).filter(|&a| a != req.peer_addr) {
         // The transport still points id N at `old`, so an answer can only come from there.
-        if send(node, req.node_id, &ControlMessage::Members, JOIN_CONTROL_TIMEOUT).await.is_ok() {
+        if send(node, req.node_id, &Request::Members, JOIN_CONTROL_TIMEOUT).await.is_ok() {
             return Err(JoinError::Conflict(format!(
                 "node id {} is a live member at {old}; give the joining node another --node-id, or stop that node first if it is moving to {}",
                 req.node_id, req.peer_addr
@@ -299,7 +153,7 @@ pub async fn accept_join(membership: &Membership, req: JoinRequest) -> Result<Jo
     tracing::info!(node = req.node_id, peer_addr = %req.peer_addr, ?change, "join accepted");
     // Tell the others, including on a re-join, which repairs members that missed it.
     // A member that does not confirm catches up through the sync loop's Members pull.
-    let msg = ControlMessage::AddPeer { id: req.node_id, peer_addr: req.peer_addr };
+    let msg = Request::AddPeer { id: req.node_id, peer_addr: req.peer_addr };
     for peer in node.peer_ids().into_iter().filter(|&p| p != req.node_id) {
         if let Err(e) = send(node, peer, &msg, JOIN_CONTROL_TIMEOUT).await {
             tracing::warn!(peer, joined = req.node_id, error = %e, "member did not confirm the new node; it will learn it at its next sync");
@@ -316,8 +170,8 @@ pub async fn accept_join(membership: &Membership, req: JoinRequest) -> Result<Jo
 pub async fn sync_members_once(membership: &Membership) {
     let Some(node) = membership.node() else { return };
     for peer in node.peer_ids() {
-        match send(node, peer, &ControlMessage::Members, SYNC_TIMEOUT).await {
-            Ok(ControlAnswer::Members(members)) => {
+        match send(node, peer, &Request::Members, SYNC_TIMEOUT).await {
+            Ok(Answer::Members(members)) => {
                 for m in members {
                     // Only unknown ids: an address change travels with AddPeer from the
                     // member that accepted it, and without versions a pulled list cannot
@@ -338,8 +192,8 @@ pub async fn sync_members_once(membership: &Membership) {
 /// Records a peer's heartbeat (or answer) and merges its operator decisions.
 fn absorb(
     dir: &crate::nodes::NodeDirectory,
-    report: crate::nodes::NodeReport,
-    admin: &std::collections::BTreeMap<u64, crate::nodes::AdminEntry>,
+    report: crate::model::NodeReport,
+    admin: &std::collections::BTreeMap<u64, crate::model::AdminEntry>,
 ) {
     dir.table.heard(report, std::time::Instant::now());
     if let Err(e) = dir.table.merge_admin(admin) {
@@ -355,12 +209,12 @@ pub async fn heartbeat_loop(
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
-        let msg = ControlMessage::Heartbeat { report: dir.my_report(), admin: dir.table.admin_entries() };
+        let msg = Request::Heartbeat { report: dir.my_report(), admin: dir.table.admin_entries() };
         let sends = node.peer_ids().into_iter().map(|peer| {
             let (node, msg, dir) = (&node, &msg, &dir);
             async move {
                 match send(node, peer, msg, crate::nodes::HEARTBEAT_INTERVAL).await {
-                    Ok(ControlAnswer::Heartbeat { report, admin }) => absorb(dir, report, &admin),
+                    Ok(Answer::Heartbeat { report, admin }) => absorb(dir, report, &admin),
                     Ok(other) => tracing::debug!(peer, ?other, "unexpected answer to a heartbeat"),
                     Err(e) => tracing::trace!(peer, error = %e, "no heartbeat answer"),
                 }
@@ -535,50 +389,5 @@ pub async fn sync_loop(membership: Arc<Membership>, stop: tokio_util::sync::Canc
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(SYNC_INTERVAL) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_round_trip_as_json() {
-        let record = VolumeRecord {
-            name: "v".into(),
-            uuid: "u".into(),
-            size_bytes: 4096,
-            read_only: false,
-            created_unix_s: 1,
-            replicas: 2,
-            voters: vec![1, 2, 3],
-            group_id: 9,
-            initial_voters: vec![1, 2, 3],
-            generation: 4,
-            labels: [("app".to_string(), "db".to_string())].into(),
-            ..VolumeRecord::default()
-        };
-        for m in [
-            ControlMessage::Upsert(record.clone()),
-            ControlMessage::Delete { uuid: "u".into() },
-            ControlMessage::CatalogPropose(crate::cluster_catalog::op::Proposal {
-                id: 3,
-                op: crate::cluster_catalog::op::CatalogOp::PutVolume {
-                    record: record.clone(),
-                    expect: Some(3),
-                },
-            }),
-            ControlMessage::TransferLeader { group_id: 9, to: 2 },
-            ControlMessage::AddPeer { id: 4, peer_addr: "127.0.0.1:10841".parse().unwrap() },
-            ControlMessage::Members,
-        ] {
-            let bytes = serde_json::to_vec(&m).unwrap();
-            assert_eq!(serde_json::from_slice::<ControlMessage>(&bytes).unwrap(), m);
-        }
-        let a = ControlAnswer::Catalog {
-            outcome: crate::cluster_catalog::op::Outcome::Conflict { current: Some(Box::new(record)) },
-            index: 12,
-        };
-        assert_eq!(serde_json::from_slice::<ControlAnswer>(&serde_json::to_vec(&a).unwrap()).unwrap(), a);
     }
 }

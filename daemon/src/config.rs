@@ -147,11 +147,11 @@ fn default_true() -> bool {
 }
 
 fn default_scrub_interval_h() -> u64 {
-    crate::volumes::SCRUB_INTERVAL_H_DEFAULT
+    crate::scrub::SCRUB_INTERVAL_H_DEFAULT
 }
 
 fn default_scrub_rate_mib_s() -> u64 {
-    crate::volumes::SCRUB_RATE_MIB_S_DEFAULT
+    crate::scrub::SCRUB_RATE_MIB_S_DEFAULT
 }
 
 fn default_node_dead_after_s() -> u64 {
@@ -481,7 +481,7 @@ impl Config {
         }
         if let Some(v) = &o.labels {
             for l in v.iter().filter(|l| !l.is_empty()) {
-                let (key, value) = crate::catalog::parse_label(l)
+                let (key, value) = crate::model::parse_label(l)
                     .map_err(|message| ConfigError::Invalid { key: "cluster.labels", message })?;
                 self.cluster.labels.insert(key, value);
             }

@@ -21,11 +21,15 @@
 //! The cluster catalog's own membership is kept by its leader instead ([`catalog_loop`]):
 //! it changes quickly (a catalog replica holds kilobytes) and must not wait behind a volume
 //! copy that takes minutes.
+//!
+//! The acting node also schedules background scrubs ([`scrub_loop`]): a scrub covers every
+//! copy of a volume, so one node starting them is enough.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::nodes::{Liveness, NodeDirectory};
+use crate::model::Liveness;
+use crate::nodes::NodeDirectory;
 use crate::volumes::VolumeManager;
 
 /// How often the acting node looks for copies to replace.
@@ -45,7 +49,7 @@ pub fn is_acting(volumes: &VolumeManager, dir: &NodeDirectory) -> bool {
         .chain(std::iter::once(me))
         .filter(|&id| {
             dir.table.liveness(id, now) == Liveness::Alive
-                && dir.table.admin(id) != crate::nodes::AdminState::Removed
+                && dir.table.admin(id) != crate::model::AdminState::Removed
         })
         .min();
     lowest == Some(me)
@@ -109,7 +113,7 @@ pub async fn balance_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Optio
     let now = Instant::now();
     let usable = |id: u64| {
         dir.table.liveness(id, now) == Liveness::Alive
-            && dir.table.admin(id) == crate::nodes::AdminState::Active
+            && dir.table.admin(id) == crate::model::AdminState::Active
     };
     let mut records = volumes.records();
     records.sort_by(|a, b| a.name.cmp(&b.name));
@@ -128,7 +132,7 @@ pub async fn balance_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Optio
         *counts.entry(leader).or_default() += 1;
         leaders.push((r, leader, clients));
     }
-    let mut best: Option<(&crate::catalog::VolumeRecord, u64, u64, usize)> = None;
+    let mut best: Option<(&crate::model::VolumeRecord, u64, u64, usize)> = None;
     for (r, leader, clients) in leaders {
         if clients > 0 {
             continue;
@@ -173,7 +177,7 @@ pub fn catalog_candidates(
             crate::cluster_catalog::Candidate {
                 id,
                 alive: liveness == Liveness::Alive,
-                gone: liveness == Liveness::Dead || admin == crate::nodes::AdminState::Removed,
+                gone: liveness == Liveness::Dead || admin == crate::model::AdminState::Removed,
                 may_vote: !admin.evicts_copies(),
                 caught_up: false, // filled in from the leader's progress
             }
@@ -219,6 +223,41 @@ pub async fn heal_loop(
         if healed.is_empty() {
             if let Some(what) = balance_once(&volumes, &dir).await {
                 tracing::info!(%what, "leadership moved to spread leaders");
+            }
+        }
+    }
+}
+
+/// How often the background scrubber looks for a volume due.
+const SCRUB_CHECK: Duration = Duration::from_secs(60);
+
+/// Scrubs each volume every `scrub_interval_h` hours, one at a time. In a cluster the
+/// acting node (the one that heals) does it, since a scrub covers every copy.
+pub async fn scrub_loop(volumes: Arc<VolumeManager>, shutdown: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SCRUB_CHECK) => {}
+        }
+        if volumes.nodes().is_some_and(|dir| !is_acting(&volumes, dir)) {
+            continue;
+        }
+        let records = volumes.records();
+        let Some(r) =
+            crate::scrub::due_for_scrub(&records, volumes.scrub_interval_h(), crate::scrub::now_unix_s())
+        else {
+            continue;
+        };
+        tracing::info!(volume = %r.name, "background scrub starts");
+        if let Err(e) = volumes.start_scrub(&r.name) {
+            tracing::warn!(volume = %r.name, error = %e, "background scrub did not start");
+            continue;
+        }
+        // One at a time: wait for it before looking for the next.
+        while volumes.scrub_status(&r.name).is_ok_and(|s| s.running) {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }

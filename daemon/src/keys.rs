@@ -362,9 +362,9 @@ impl NonceReserver for CatalogReserver {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         };
         let at_least = at_least.max(self.local.mark()?);
-        let op = crate::cluster_catalog::op::CatalogOp::ReserveNonces { node: self.node, at_least, count };
+        let op = crate::model::CatalogOp::ReserveNonces { node: self.node, at_least, count };
         match catalog.propose(op).await {
-            Ok(crate::cluster_catalog::op::Outcome::Reserved { from, to }) => {
+            Ok(crate::model::Outcome::Reserved { from, to }) => {
                 self.local.raise(to).await?;
                 Ok((from, to))
             }

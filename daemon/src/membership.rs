@@ -19,19 +19,10 @@ use raftblk_replication::node::ReplicationNode;
 use serde::{Deserialize, Serialize};
 
 use crate::config::PeerSetting;
+use crate::model::Member;
 
 /// The file under the data directory that holds the membership.
 pub const MEMBERSHIP_FILE: &str = "cluster.json";
-
-/// One node of the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Member {
-    /// Node id.
-    pub id: u64,
-    /// Its `cluster.peer_listen` address.
-    pub peer_addr: SocketAddr,
-}
 
 /// The body of `POST /v1/cluster/join`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

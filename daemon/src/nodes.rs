@@ -17,97 +17,12 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use crate::model::{AdminEntry, AdminState, Liveness, NodeReport, NodeView};
 
 /// How often a node sends its heartbeat to every peer.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// File under the data directory holding the operator decisions.
 pub const NODES_FILE: &str = "nodes.json";
-
-/// Whether a node is heard from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Liveness {
-    /// Heard from recently.
-    Alive,
-    /// Missed a few heartbeats (or not heard from since this node started).
-    Suspect,
-    /// Silent for longer than the dead timeout: its copies are replaced.
-    Dead,
-}
-
-/// What operators decided about a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AdminState {
-    /// Takes new copies.
-    #[default]
-    Active,
-    /// Keeps its copies, takes no new ones.
-    Cordoned,
-    /// Takes no new copies; its copies are being moved away.
-    Draining,
-    /// Out of the cluster: holds no copies, takes none (it may be shut down).
-    Removed,
-}
-
-impl AdminState {
-    /// Whether new copies may be placed on such a node.
-    pub fn takes_copies(self) -> bool {
-        self == AdminState::Active
-    }
-
-    /// Whether copies on such a node must move away.
-    pub fn evicts_copies(self) -> bool {
-        matches!(self, AdminState::Draining | AdminState::Removed)
-    }
-}
-
-/// One operator decision, with the generation that orders it against others.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AdminEntry {
-    /// The decision.
-    pub state: AdminState,
-    /// Higher wins; a new decision takes the highest generation known plus one.
-    pub generation: u64,
-}
-
-/// What a node says about itself in each heartbeat.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct NodeReport {
-    /// Node id.
-    pub id: u64,
-    /// Its zone label (`cluster.zone`; empty: none).
-    #[serde(default)]
-    pub zone: String,
-    /// Size of the file system holding its data directory.
-    #[serde(default)]
-    pub capacity_bytes: u64,
-    /// Free bytes on it.
-    #[serde(default)]
-    pub free_bytes: u64,
-    /// Its HTTP API address.
-    #[serde(default)]
-    pub api_addr: String,
-    /// Its other labels (`cluster.labels`).
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
-
-/// A node as `GET /v1/nodes` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeView {
-    /// Node id.
-    pub id: u64,
-    /// Heard from or not.
-    pub liveness: Liveness,
-    /// Operator decision.
-    pub admin: AdminState,
-    /// What it last reported (defaults if never heard from).
-    pub report: NodeReport,
-    /// Milliseconds since it was last heard from (`None`: never, since this node started).
-    pub last_heard_ms: Option<u64>,
-}
 
 /// When silence makes a node suspect, then dead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

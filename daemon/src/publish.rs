@@ -9,19 +9,7 @@
 //! another node has taken the volume over. Read-only publications may be many, on any
 //! nodes, as long as no other node holds the volume read-write.
 
-use serde::{Deserialize, Serialize};
-
-/// One node's right to attach a volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Publication {
-    /// The node (its raftblk node id; 0 for a node alone).
-    pub node: u64,
-    /// Read-only.
-    pub read_only: bool,
-    /// The attachment generation its writes carry (read-only ones carry the fence current
-    /// when they were made, and never write).
-    pub generation: u64,
-}
+use crate::model::Publication;
 
 /// A publish request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

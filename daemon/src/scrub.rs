@@ -23,6 +23,10 @@ use std::time::{Duration, Instant};
 use raftblk_blockdev::seal::{BlockState, SealedStore, BLOCK};
 use serde::{Deserialize, Serialize};
 
+/// Default scrub rate (MiB of allocated data per second).
+pub const SCRUB_RATE_MIB_S_DEFAULT: u64 = 100;
+/// Default interval between background scrubs of a volume (hours; a week).
+pub const SCRUB_INTERVAL_H_DEFAULT: u64 = 168;
 /// Blocks per scrub command (1 MiB).
 pub const CHUNK_BLOCKS: u32 = 256;
 /// How long the coordinator waits for a copy to report a chunk.
@@ -361,60 +365,30 @@ pub fn end(job: &ScrubJob) -> ScrubSummary {
     job.summary()
 }
 
-fn now_unix_s() -> u64 {
+/// Seconds since the Unix epoch now.
+pub fn now_unix_s() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Shared handle for a volume's scrub.
 pub type SharedJob = Arc<ScrubJob>;
 
-/// How often the background scrubber looks for a volume due.
-const BACKGROUND_CHECK: Duration = Duration::from_secs(60);
-
-/// Scrubs each volume every `scrub_interval_h` hours, one at a time. In a cluster the
-/// acting node (the one that heals) does it, since a scrub covers every copy.
-pub async fn background_loop(
-    volumes: Arc<crate::volumes::VolumeManager>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(BACKGROUND_CHECK) => {}
-        }
-        let hours = volumes.scrub_interval_h();
-        if hours == 0 {
-            continue;
-        }
-        if let Some(dir) = volumes.nodes() {
-            if !crate::healer::is_acting(&volumes, dir) {
-                continue;
-            }
-        }
-        let due_after = hours.saturating_mul(3600);
-        let now = now_unix_s();
-        let mut records = volumes.records();
-        // Oldest scrub first; a new volume counts from its creation.
-        records.sort_by_key(|r| r.scrubbed_unix_s.max(r.created_unix_s));
-        let Some(r) = records
-            .into_iter()
-            .find(|r| now.saturating_sub(r.scrubbed_unix_s.max(r.created_unix_s)) >= due_after)
-        else {
-            continue;
-        };
-        tracing::info!(volume = %r.name, "background scrub starts");
-        if let Err(e) = volumes.start_scrub(&r.name) {
-            tracing::warn!(volume = %r.name, error = %e, "background scrub did not start");
-            continue;
-        }
-        // One at a time: wait for it before looking for the next.
-        while volumes.scrub_status(&r.name).is_ok_and(|s| s.running) {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
+/// The volume whose scrub is due first (oldest scrub, a new volume counting from its
+/// creation) among `records`, if any is older than `interval_h` hours at `now_unix_s`.
+pub fn due_for_scrub(
+    records: &[crate::model::VolumeRecord],
+    interval_h: u64,
+    now_unix_s: u64,
+) -> Option<&crate::model::VolumeRecord> {
+    if interval_h == 0 {
+        return None;
     }
+    let due_after = interval_h.saturating_mul(3600);
+    let last = |r: &crate::model::VolumeRecord| r.scrubbed_unix_s.max(r.created_unix_s);
+    records
+        .iter()
+        .filter(|r| now_unix_s.saturating_sub(last(r)) >= due_after)
+        .min_by_key(|r| (last(r), r.name.as_str()))
 }
 
 #[cfg(test)]
@@ -425,6 +399,27 @@ mod tests {
 
     fn sealed(v: u64) -> BlockState {
         BlockState::Sealed { seal: Seal { crc: v as u32, cipher: None }, version: v }
+    }
+
+    #[test]
+    fn the_volume_scrubbed_longest_ago_is_due_first() {
+        let r = |name: &str, created: u64, scrubbed: u64| crate::model::VolumeRecord {
+            name: name.into(),
+            created_unix_s: created,
+            scrubbed_unix_s: scrubbed,
+            ..Default::default()
+        };
+        let hour = 3600;
+        let records =
+            vec![r("a", 0, 10 * hour), r("b", 0, 2 * hour), r("new", 20 * hour, 0), r("c", hour, 0)];
+        let now = 25 * hour;
+        // b was scrubbed at 2 h, c created at 1 h and never scrubbed: c is older.
+        assert_eq!(due_for_scrub(&records, 10, now).map(|r| r.name.as_str()), Some("c"));
+        // Nothing is 24 h old but c (24 h): only it is due; at 25 h nothing is.
+        assert_eq!(due_for_scrub(&records, 24, now).map(|r| r.name.as_str()), Some("c"));
+        assert_eq!(due_for_scrub(&records, 25, now), None);
+        assert_eq!(due_for_scrub(&records, 0, now), None, "interval 0 turns the background scrub off");
+        assert_eq!(due_for_scrub(&[], 1, now), None);
     }
 
     #[test]

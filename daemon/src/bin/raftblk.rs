@@ -464,7 +464,7 @@ fn volume(cli: &Cli, client: &Client, cmd: &VolumeCommand) -> Result<()> {
             let bytes = parse_size(size).map_err(|e| anyhow!("--size: {e}"))?;
             let labels: std::collections::BTreeMap<String, String> = labels
                 .iter()
-                .map(|l| raftblk_daemon::catalog::parse_label(l).map_err(|e| anyhow!("--label: {e}")))
+                .map(|l| raftblk_daemon::model::parse_label(l).map_err(|e| anyhow!("--label: {e}")))
                 .collect::<Result<_>>()?;
             let mut body = json!({"name": name, "size": bytes, "read_only": read_only, "replicas": replicas, "labels": labels});
             if *encrypted {

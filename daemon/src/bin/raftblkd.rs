@@ -126,7 +126,7 @@ async fn run(config: Config) -> Result<()> {
     volumes.set_scrub_interval_h(config.cluster.scrub_interval_h);
     volumes.set_scrub_rate_mib_s(config.cluster.scrub_rate_mib_s);
     let shutdown = CancellationToken::new();
-    tokio::spawn(raftblk_daemon::scrub::background_loop(volumes.clone(), shutdown.clone()));
+    tokio::spawn(raftblk_daemon::healer::scrub_loop(volumes.clone(), shutdown.clone()));
     let mut sync_task = None;
     if let Some(node) = &replication {
         membership.attach(node.clone());

@@ -20,9 +20,9 @@ use bytes::Bytes;
 use raftblk_replication::machine::{MachineError, StateMachine};
 use serde::{Deserialize, Serialize};
 
-use super::op::{CatalogOp, NodeRecord, Outcome, Proposal};
-use crate::catalog::VolumeRecord;
-use crate::nodes::AdminEntry;
+use crate::model::AdminEntry;
+use crate::model::VolumeRecord;
+use crate::model::{CatalogOp, NodeRecord, Outcome, Proposal};
 
 const APPLIED_KEY: &[u8] = b"applied";
 /// Outcomes kept for proposers to collect (they ask right after their entry applied).
@@ -380,7 +380,7 @@ impl StateMachine for CatalogMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nodes::AdminState;
+    use crate::model::AdminState;
 
     fn record(name: &str, uuid: &str, generation: u64) -> VolumeRecord {
         VolumeRecord {
@@ -456,7 +456,7 @@ mod tests {
             m.apply(2, &[admin.encode()]).unwrap();
             let del = Proposal { id: 4, op: CatalogOp::DeleteVolume { name: "b".into(), uuid: "ub".into() } };
             let node = NodeRecord {
-                report: crate::nodes::NodeReport { id: 4, zone: "z1".into(), ..Default::default() },
+                report: crate::model::NodeReport { id: 4, zone: "z1".into(), ..Default::default() },
                 peer_addr: "10.0.0.4:10811".into(),
             };
             let reg = Proposal { id: 5, op: CatalogOp::PutNode { node } };

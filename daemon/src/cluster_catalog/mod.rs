@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! API call on any node ── CatalogOp ──▶ ClusterCatalog::propose
-//!   │ leader here? local_write(App) : ControlMessage::CatalogPropose ──▶ catalog leader
+//!   │ leader here? local_write(App) : Request::CatalogPropose ──▶ catalog leader
 //!   │ committed by a majority of the catalog voters, applied on every replica
 //!   ▼
 //! every node's replica (voter or learner) ──watch──▶ reconcile loop (cluster.rs)
@@ -20,7 +20,6 @@
 //! once get one volume: the log orders them and the second finds the name taken.
 
 pub mod machine;
-pub mod op;
 pub mod settings;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,8 +32,8 @@ use raftblk_replication::volume::command::Command;
 use raftblk_replication::wal::record::GroupId;
 
 use self::machine::CatalogMachine;
-use self::op::{CatalogOp, Outcome, Proposal};
-use crate::cluster::{ControlAnswer, ControlMessage};
+use crate::control::{Answer, ErrorKind, RemoteError, Request};
+use crate::model::{CatalogOp, Outcome, Proposal};
 
 /// The catalog's Raft group (volume groups have odd ids).
 pub const CATALOG_GROUP: GroupId = GroupId(2);
@@ -239,11 +238,11 @@ impl ClusterCatalog {
 
     async fn attempt(&self, leader: u64, proposal: &Proposal) -> Result<(Outcome, u64), String> {
         if leader == self.node.node_id().0 {
-            return self.propose_here(proposal).await;
+            return self.propose_here(proposal).await.map_err(|e| e.to_string());
         }
-        let msg = ControlMessage::CatalogPropose(proposal.clone());
-        match crate::cluster::send(&self.node, leader, &msg, ATTEMPT_TIMEOUT).await {
-            Ok(ControlAnswer::Catalog { outcome, index }) => Ok((outcome, index)),
+        let request = Request::CatalogPropose(proposal.clone());
+        match crate::control::send(&self.node, leader, &request, ATTEMPT_TIMEOUT).await {
+            Ok(Answer::Catalog { outcome, index }) => Ok((outcome, index)),
             Ok(other) => Err(format!("unexpected answer {other:?}")),
             Err(e) => Err(e.to_string()),
         }
@@ -251,19 +250,20 @@ impl ClusterCatalog {
 
     /// Commits `proposal` through the local replica, which must lead the catalog group;
     /// returns its outcome and an index at or after its entry.
-    pub async fn propose_here(&self, proposal: &Proposal) -> Result<(Outcome, u64), String> {
+    pub async fn propose_here(&self, proposal: &Proposal) -> Result<(Outcome, u64), RemoteError> {
         let command = Command::App { data: proposal.encode() };
         let wrote =
             tokio::time::timeout(ATTEMPT_TIMEOUT, self.node.local_write(CATALOG_GROUP, vec![command]));
         match wrote.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("timed out".into()),
+            Ok(Err(e)) => return Err(RemoteError::from(&e)),
+            Err(_) => return Err(RemoteError::new(ErrorKind::Unavailable, "the catalog commit timed out")),
         }
         // The leader acknowledges only once its own replica applied the entry.
         let index = self.machine.applied_index();
-        let outcome =
-            self.machine.take_outcome(proposal.id).ok_or_else(|| "outcome not recorded".to_string())?;
+        let outcome = self.machine.take_outcome(proposal.id).ok_or_else(|| {
+            RemoteError::new(ErrorKind::Internal, "the catalog recorded no outcome for the change")
+        })?;
         Ok((outcome, index))
     }
 

@@ -427,8 +427,8 @@ impl Controller for ControllerService {
         let available = free.get(usize::from(wanted.replicas)).copied().unwrap_or(0);
         Ok(Response::new(GetCapacityResponse {
             available_capacity: available.min(i64::MAX as u64) as i64,
-            maximum_volume_size: Some(crate::catalog::VOLUME_SIZE_MAX_BYTES as i64),
-            minimum_volume_size: Some(crate::catalog::VOLUME_SIZE_ALIGN_BYTES as i64),
+            maximum_volume_size: Some(crate::model::VOLUME_SIZE_MAX_BYTES as i64),
+            minimum_volume_size: Some(crate::model::VOLUME_SIZE_ALIGN_BYTES as i64),
         }))
     }
 

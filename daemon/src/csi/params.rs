@@ -3,7 +3,7 @@
 //! ignored; any other unknown key is refused, so a typo in a StorageClass fails loudly
 //! instead of creating a volume without the copies or the encryption it asked for.
 
-use crate::catalog::{REPLICAS_MAX, VOLUME_SIZE_ALIGN_BYTES, VOLUME_SIZE_MAX_BYTES};
+use crate::model::{REPLICAS_MAX, VOLUME_SIZE_ALIGN_BYTES, VOLUME_SIZE_MAX_BYTES};
 
 /// Extra copies (`"0"` to `"4"`).
 pub const REPLICAS: &str = "replicas";

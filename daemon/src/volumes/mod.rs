@@ -29,12 +29,15 @@ use raftblk_replication::node::{ReplicaStore, ReplicatedStore, ReplicationNode};
 use raftblk_replication::wal::record::GroupId;
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{validate_name, validate_size, Catalog, CatalogError, VolumeRecord, REPLICAS_MAX};
-use crate::cluster::{ControlAnswer, ControlMessage};
-use crate::cluster_catalog::op::{CatalogOp, Outcome};
+use crate::catalog::{Catalog, CatalogError};
 use crate::cluster_catalog::ClusterCatalog;
+use crate::control::{
+    self, Answer, ControlError, ErrorKind, GroupView, MembershipChange, RemoteError, Request,
+};
 use crate::keys::{volume_id, Keyring};
 use crate::metrics::{MeteredBackend, Metrics};
+use crate::model::{validate_name, validate_size, RebuildView, VolumeRecord, REPLICAS_MAX};
+use crate::model::{CatalogOp, Outcome};
 
 /// A copy's data requests below this size go through the page cache (see
 /// `FileBackend::cache_below`); 64 KiB folios are small enough for ext4's per-block walk.
@@ -76,6 +79,9 @@ pub enum VolumeError {
     /// Data file failure.
     #[error("volume {name:?} data file: {message}")]
     Store { name: String, message: String },
+    /// Another node refused, with the kind of refusal it gave.
+    #[error("node {node}: {error}")]
+    Remote { node: u64, error: RemoteError },
 }
 
 impl From<crate::cluster_catalog::CatalogGroupError> for VolumeError {
@@ -137,30 +143,11 @@ impl VolumeHealth {
 pub struct NodeStatus {
     /// Liveness, operator state, report.
     #[serde(flatten)]
-    pub view: crate::nodes::NodeView,
+    pub view: crate::model::NodeView,
     /// Volumes with a copy on it.
     pub copies: usize,
     /// Volumes it leads (as far as this node knows: the groups it is a member of).
     pub leads: usize,
-}
-
-/// A copy being rebuilt from its peers (snapshot streaming).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct RebuildView {
-    /// The node whose copy is rebuilt.
-    pub node: u64,
-    /// Snapshot index the copy is taken at.
-    pub index: u64,
-    /// Bytes of the volume covered so far.
-    pub done_bytes: u64,
-    /// The volume's size.
-    pub total_bytes: u64,
-    /// Bytes of data transferred (holes cost nothing).
-    pub copied_bytes: u64,
-    /// The node the last chunk came from.
-    pub source: u64,
-    /// Seconds since the copy (re)started.
-    pub elapsed_s: u64,
 }
 
 impl RebuildView {
@@ -217,7 +204,7 @@ pub struct VolumeStatus {
     pub replication: Option<ReplicationStatus>,
     /// The nodes it is published to (CSI ControllerPublish).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub publications: Vec<crate::publish::Publication>,
+    pub publications: Vec<crate::model::Publication>,
 }
 
 /// What a create asks for.
@@ -304,11 +291,6 @@ pub struct Security {
     pub nonces: Arc<NonceSource>,
 }
 
-/// Scrub read rate until configured (MiB/s of allocated data).
-pub const SCRUB_RATE_MIB_S_DEFAULT: u64 = 100;
-/// Hours between background scrubs until configured.
-pub const SCRUB_INTERVAL_H_DEFAULT: u64 = 168;
-
 /// How long a client must stay connected before the leader moves to its node: short
 /// probes (nbdinfo, a health check) should not move it.
 const LEADER_FOLLOW_DELAY: Duration = Duration::from_secs(3);
@@ -350,8 +332,8 @@ impl VolumeManager {
             control: tokio::sync::Mutex::new(()),
             leader_follows_client: std::sync::atomic::AtomicBool::new(false),
             scrubs: Mutex::new(HashMap::new()),
-            scrub_rate_bytes_per_s: AtomicU64::new(SCRUB_RATE_MIB_S_DEFAULT << 20),
-            scrub_interval_h: AtomicU64::new(SCRUB_INTERVAL_H_DEFAULT),
+            scrub_rate_bytes_per_s: AtomicU64::new(crate::scrub::SCRUB_RATE_MIB_S_DEFAULT << 20),
+            scrub_interval_h: AtomicU64::new(crate::scrub::SCRUB_INTERVAL_H_DEFAULT),
             nodes: std::sync::OnceLock::new(),
             cluster_catalog: std::sync::OnceLock::new(),
             keys: security.keys,
@@ -436,8 +418,8 @@ impl VolumeManager {
                 return;
             }
             tracing::info!(volume = %record.name, from = leader, to = me, "moving the leader to the node its client uses");
-            let msg = ControlMessage::TransferLeader { group_id: record.group_id, to: me };
-            if let Err(e) = crate::cluster::send(&node, leader, &msg, CONTROL_TIMEOUT).await {
+            let msg = Request::TransferLeader { group_id: record.group_id, to: me };
+            if let Err(e) = control::send(&node, leader, &msg, CONTROL_TIMEOUT).await {
                 tracing::debug!(error = %e, "leader move refused");
             }
         });
@@ -694,7 +676,7 @@ impl VolumeManager {
         let (name, size_bytes, read_only, replicas) = (name.as_str(), *size_bytes, *read_only, *replicas);
         validate_name(name).map_err(VolumeError::Invalid)?;
         validate_size(size_bytes).map_err(VolumeError::Invalid)?;
-        crate::catalog::validate_labels(labels).map_err(VolumeError::Invalid)?;
+        crate::model::validate_labels(labels).map_err(VolumeError::Invalid)?;
         let _control = self.control.lock().await;
         let existing = lock(&self.open).get(name).cloned();
         if let Some(v) = existing {
@@ -757,7 +739,7 @@ impl VolumeManager {
                 _ => return Err(VolumeError::Exists(name.to_string())),
             }
         }
-        let told = self.broadcast(&ControlMessage::Upsert(record.clone()), &voters).await;
+        let told = self.broadcast(&Request::Upsert(record.clone()), &voters).await;
         self.upsert_locked(record.clone(), true).await?;
         tracing::info!(volume = name, size_bytes, replicas, ?voters, uuid = %record.uuid, encrypted, "volume created");
         if let Err(e) = told {
@@ -867,13 +849,13 @@ impl VolumeManager {
         &self,
         node: &ReplicationNode,
         to: u64,
-        msg: &ControlMessage,
-    ) -> Result<ControlAnswer, crate::cluster::ControlError> {
+        msg: &Request,
+    ) -> Result<Answer, ControlError> {
         if to != node.node_id().0 {
-            return crate::cluster::send(node, to, msg, CONTROL_TIMEOUT).await;
+            return control::send(node, to, msg, CONTROL_TIMEOUT).await;
         }
         match Box::pin(self.on_control(msg.clone())).await {
-            ControlAnswer::Error(e) => Err(crate::cluster::ControlError::Refused(e)),
+            Answer::Error(e) => Err(ControlError::Refused(e)),
             answer => Ok(answer),
         }
     }
@@ -882,25 +864,25 @@ impl VolumeManager {
     /// for those and for every peer not known dead (so the change is everywhere when this
     /// returns); dead peers are told in the background (errors logged: they catch up at their
     /// next sync when they return), so they do not hold up the operation.
-    async fn broadcast(&self, msg: &ControlMessage, must: &[u64]) -> Result<(), VolumeError> {
+    async fn broadcast(&self, msg: &Request, must: &[u64]) -> Result<(), VolumeError> {
         let Some(node) = &self.replication else { return Ok(()) };
         let now = std::time::Instant::now();
         let alive = |p: u64| {
-            self.nodes.get().is_none_or(|d| d.table.liveness(p, now) != crate::nodes::Liveness::Dead)
+            self.nodes.get().is_none_or(|d| d.table.liveness(p, now) != crate::model::Liveness::Dead)
         };
         let (waited, background): (Vec<u64>, Vec<u64>) =
             node.peer_ids().into_iter().partition(|&p| must.contains(&p) || alive(p));
         for peer in background {
             let (node, msg) = (node.clone(), msg.clone());
             tokio::spawn(async move {
-                if let Err(e) = crate::cluster::send(&node, peer, &msg, CONTROL_TIMEOUT).await {
+                if let Err(e) = control::send(&node, peer, &msg, CONTROL_TIMEOUT).await {
                     tracing::warn!(peer, error = %e, "peer did not confirm; it will catch up at its next sync");
                 }
             });
         }
         let sends = waited
             .into_iter()
-            .map(|peer| async move { (peer, crate::cluster::send(node, peer, msg, CONTROL_TIMEOUT).await) });
+            .map(|peer| async move { (peer, control::send(node, peer, msg, CONTROL_TIMEOUT).await) });
         let mut missing = Vec::new();
         for (peer, result) in futures::future::join_all(sends).await {
             match result {
@@ -923,7 +905,7 @@ impl VolumeManager {
         &self,
         record: &VolumeRecord,
         deadline: std::time::Instant,
-    ) -> Result<(u64, ControlAnswer), VolumeError> {
+    ) -> Result<(u64, GroupView), VolumeError> {
         let Some(node) = &self.replication else {
             return Err(VolumeError::Invalid("not in a cluster".into()));
         };
@@ -931,12 +913,10 @@ impl VolumeManager {
             let leader = node.leader(GroupId(record.group_id));
             let candidates: Vec<u64> = if leader != 0 { vec![leader] } else { record.voters.clone() };
             for c in candidates {
-                let msg = ControlMessage::GroupStatus { group_id: record.group_id };
-                if let Ok(answer @ ControlAnswer::Status { leader: l, .. }) =
-                    self.send_control(node, c, &msg).await
-                {
-                    if l == c {
-                        return Ok((c, answer));
+                let msg = Request::GroupStatus { group_id: record.group_id };
+                if let Ok(Answer::Status(view)) = self.send_control(node, c, &msg).await {
+                    if view.leader == c {
+                        return Ok((c, view));
                     }
                 }
             }
@@ -953,21 +933,14 @@ impl VolumeManager {
     async fn propose_membership(
         &self,
         record: &VolumeRecord,
-        change: &str,
+        change: MembershipChange,
         target: u64,
         deadline: std::time::Instant,
     ) -> Result<(), VolumeError> {
         let Some(node) = &self.replication else {
             return Err(VolumeError::Invalid("not in a cluster".into()));
         };
-        let took_effect = |status: &ControlAnswer| match status {
-            ControlAnswer::Status { voters, learners, .. } => match change {
-                "add_learner" => learners.contains(&target) || voters.contains(&target),
-                "promote" => voters.contains(&target),
-                _ => !voters.contains(&target) && !learners.contains(&target),
-            },
-            _ => false,
-        };
+        let took_effect = |g: &GroupView| change.took_effect(target, &g.voters, &g.learners);
         // raft-rs drops a configuration change proposed while another is still being applied
         // (it commits an empty entry instead), so a proposal is repeated until the leader
         // reports the change.
@@ -976,8 +949,7 @@ impl VolumeManager {
             if took_effect(&status) {
                 return Ok(());
             }
-            let msg =
-                ControlMessage::Membership { group_id: record.group_id, change: change.into(), node: target };
+            let msg = Request::Membership { group_id: record.group_id, change, node: target };
             let sent = self.send_control(node, leader, &msg).await;
             if let Err(e) = &sent {
                 if std::time::Instant::now() >= deadline {
@@ -1032,11 +1004,7 @@ impl VolumeManager {
         let _control = self.control.lock().await;
         let v = self.get(name)?;
         let mut record = lock(&v.record).clone();
-        let ControlAnswer::Status { voters, learners, .. } = status else {
-            return Err(VolumeError::Unavailable(
-                "the leader answered a status query with something else".into(),
-            ));
-        };
+        let GroupView { voters, learners, .. } = status;
         if voters.contains(&target) {
             return Err(VolumeError::Invalid(format!(
                 "node {target} already holds a voting copy of {name:?}"
@@ -1054,14 +1022,14 @@ impl VolumeManager {
             record.generation += 1;
             self.commit_change(&record, record.generation - 1).await?;
             self.upsert_locked_change(&v, record.clone()).await?;
-            self.broadcast(&ControlMessage::Upsert(record.clone()), &[target]).await?;
+            self.broadcast(&Request::Upsert(record.clone()), &[target]).await?;
         }
         // The record is settled; what follows is waiting on the volume's own group, which
         // must not hold up every other volume operation on this node (a copy can take
         // minutes to catch up).
         drop(_control);
         if !learners.contains(&target) {
-            self.propose_membership(&record, "add_learner", target, deadline).await?;
+            self.propose_membership(&record, MembershipChange::AddLearner, target, deadline).await?;
         }
         tracing::info!(
             volume = name,
@@ -1069,15 +1037,14 @@ impl VolumeManager {
             "new copy added as a learner; waiting for it to catch up"
         );
         loop {
-            let (_, status) = self.leader_status(&record, deadline).await?;
-            if let ControlAnswer::Status { commit_index, progress, learners, .. } = status {
-                let matched = progress.iter().find(|(id, _)| *id == target).map_or(0, |p| p.1);
-                if learners.contains(&target)
-                    && matched >= commit_index.saturating_sub(LEARNER_CAUGHT_UP_SLACK)
-                    && !self.rebuilding(&record, target).await
-                {
-                    break;
-                }
+            let (_, GroupView { commit_index, progress, learners, .. }) =
+                self.leader_status(&record, deadline).await?;
+            let matched = progress.iter().find(|(id, _)| *id == target).map_or(0, |p| p.1);
+            if learners.contains(&target)
+                && matched >= commit_index.saturating_sub(LEARNER_CAUGHT_UP_SLACK)
+                && !self.rebuilding(&record, target).await
+            {
+                break;
             }
             if std::time::Instant::now() >= deadline {
                 return Err(VolumeError::Unavailable(format!(
@@ -1086,7 +1053,7 @@ impl VolumeManager {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        self.propose_membership(&record, "promote", target, deadline).await?;
+        self.propose_membership(&record, MembershipChange::Promote, target, deadline).await?;
         tracing::info!(volume = name, node = target, "learner caught up and promoted to voter");
         self.status(name)
     }
@@ -1131,7 +1098,7 @@ impl VolumeManager {
         let Some(dir) = self.nodes.get() else { return VolumeHealth::Healthy };
         let now = std::time::Instant::now();
         let bad = r.voters.iter().any(|&id| {
-            dir.table.liveness(id, now) != crate::nodes::Liveness::Alive
+            dir.table.liveness(id, now) != crate::model::Liveness::Alive
                 || dir.table.admin(id).evicts_copies()
         });
         if bad || r.voters.len() < r.replicas as usize + 1 {
@@ -1145,16 +1112,19 @@ impl VolumeManager {
 
     /// `GroupStatus` answers of the nodes `ids` for `group_id`, asked all at once (this node
     /// answers locally); nodes that do not answer within [`INSPECT_TIMEOUT`] are left out.
-    async fn group_statuses(&self, group_id: u64, ids: &[u64]) -> Vec<(u64, ControlAnswer)> {
+    async fn group_statuses(&self, group_id: u64, ids: &[u64]) -> Vec<(u64, GroupView)> {
         let Some(node) = &self.replication else { return Vec::new() };
         let asks = ids.iter().map(|&id| async move {
-            let msg = ControlMessage::GroupStatus { group_id };
+            let msg = Request::GroupStatus { group_id };
             let answer = if id == node.node_id().0 {
                 self.send_control(node, id, &msg).await
             } else {
-                crate::cluster::send(node, id, &msg, INSPECT_TIMEOUT).await
+                control::send(node, id, &msg, INSPECT_TIMEOUT).await
             };
-            answer.ok().map(|a| (id, a))
+            match answer {
+                Ok(Answer::Status(view)) => Some((id, view)),
+                _ => None,
+            }
         });
         futures::future::join_all(asks).await.into_iter().flatten().collect()
     }
@@ -1166,10 +1136,7 @@ impl VolumeManager {
             .group_statuses(record.group_id, &record.voters)
             .await
             .into_iter()
-            .filter_map(|(id, a)| match a {
-                ControlAnswer::Status { leader, connections, .. } => Some((id, leader, connections)),
-                _ => None,
-            })
+            .map(|(id, g)| (id, g.leader, g.connections))
             .collect();
         let leader = answers.iter().find(|(id, leader, _)| id == leader).map_or(0, |a| a.0);
         (leader, answers.iter().map(|a| a.2).sum())
@@ -1180,10 +1147,10 @@ impl VolumeManager {
     /// move, removing the copy it pulls from) before it has it would lose the volume.
     async fn rebuilding(&self, record: &VolumeRecord, target: u64) -> bool {
         let Some(node) = &self.replication else { return false };
-        let msg = ControlMessage::GroupStatus { group_id: record.group_id };
+        let msg = Request::GroupStatus { group_id: record.group_id };
         !matches!(
             self.send_control(node, target, &msg).await,
-            Ok(ControlAnswer::Status { rebuild: None, commit_index, .. }) if commit_index > 0
+            Ok(Answer::Status(GroupView { rebuild: None, commit_index, .. })) if commit_index > 0
         )
     }
 
@@ -1218,18 +1185,16 @@ impl VolumeManager {
             }
             let to = record.voters.iter().copied().find(|&n| n != target).unwrap_or(0);
             if let Some(node) = &self.replication {
-                let msg = ControlMessage::TransferLeader { group_id: record.group_id, to };
+                let msg = Request::TransferLeader { group_id: record.group_id, to };
                 let _ = self.send_control(node, leader, &msg).await;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        self.propose_membership(&record, "remove", target, deadline).await?;
+        self.propose_membership(&record, MembershipChange::Remove, target, deadline).await?;
         loop {
-            let (_, status) = self.leader_status(&record, deadline).await?;
-            if let ControlAnswer::Status { voters, learners, .. } = status {
-                if !voters.contains(&target) && !learners.contains(&target) {
-                    break;
-                }
+            let (_, g) = self.leader_status(&record, deadline).await?;
+            if MembershipChange::Remove.took_effect(target, &g.voters, &g.learners) {
+                break;
             }
             if std::time::Instant::now() >= deadline {
                 return Err(VolumeError::Unavailable(format!(
@@ -1252,7 +1217,7 @@ impl VolumeManager {
             self.commit_change(&record, record.generation - 1).await?;
             self.upsert_locked_change(&v, record.clone()).await?;
             // Peers that miss it follow their catalog replica (errors are logged).
-            let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
+            let _ = self.broadcast(&Request::Upsert(record), &[]).await;
         }
         tracing::info!(volume = name, node = target, "copy removed");
         drop(_control);
@@ -1309,12 +1274,10 @@ impl VolumeManager {
             .group_statuses(group_id, &members)
             .await
             .into_iter()
-            .filter_map(|(member, a)| match a {
-                ControlAnswer::Status { rebuild: Some(mut r), .. } => {
-                    r.node = member;
-                    Some(r)
-                }
-                _ => None,
+            .filter_map(|(member, g)| {
+                let mut r = g.rebuild?;
+                r.node = member;
+                Some(r)
             })
             .collect();
         let mut status = self.status(name)?;
@@ -1402,7 +1365,7 @@ impl VolumeManager {
         self.metrics.volume_size.with_label_values(&[name]).set(size_bytes as i64);
         tracing::info!(volume = name, size_bytes, "volume grown");
         // Peers that miss it follow their catalog replica (errors are logged).
-        let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
+        let _ = self.broadcast(&Request::Upsert(record), &[]).await;
         drop(_control);
         self.status(name)
     }
@@ -1423,7 +1386,7 @@ impl VolumeManager {
         self.remove_locked(&record).await?;
         tracing::info!(volume = name, forced = force, connections, "volume deleted");
         // Peers that miss it follow their catalog replica (errors are logged).
-        let _ = self.broadcast(&ControlMessage::Delete { uuid: record.uuid.clone() }, &[]).await;
+        let _ = self.broadcast(&Request::Delete { uuid: record.uuid.clone() }, &[]).await;
         Ok(())
     }
 
@@ -1494,11 +1457,12 @@ impl VolumeManager {
                 "volume {name:?} has no leader right now; retry shortly"
             )));
         }
-        let msg = ControlMessage::TransferLeader { group_id: record.group_id, to };
-        self.send_control(node, leader, &msg)
-            .await
-            .map_err(|e| VolumeError::Unavailable(format!("leader node {leader} did not answer: {e}")))?;
-        Ok(())
+        let msg = Request::TransferLeader { group_id: record.group_id, to };
+        match self.send_control(node, leader, &msg).await {
+            Ok(_) => Ok(()),
+            Err(ControlError::Refused(error)) => Err(VolumeError::Remote { node: leader, error }),
+            Err(e) => Err(VolumeError::Unavailable(format!("leader node {leader} did not answer: {e}"))),
+        }
     }
 
     /// Cuts this node off from `block` (both directions) after healing every earlier cut.
@@ -1568,20 +1532,19 @@ impl VolumeManager {
     }
 
     /// Answers a peer's control message.
-    pub async fn on_control(&self, msg: ControlMessage) -> ControlAnswer {
+    pub async fn on_control(&self, msg: Request) -> Answer {
+        let not_clustered = || VolumeError::Invalid("this node runs alone: it has no volume groups".into());
         let result = match msg {
-            ControlMessage::Upsert(record) => self.upsert(record).await,
-            ControlMessage::Delete { uuid } => self.delete_uuid(&uuid).await,
-            ControlMessage::GroupStatus { group_id } => {
-                let Some(node) = &self.replication else {
-                    return ControlAnswer::Error("not in a cluster".into());
-                };
+            Request::Upsert(record) => self.upsert(record).await,
+            Request::Delete { uuid } => self.delete_uuid(&uuid).await,
+            Request::GroupStatus { group_id } => {
+                let Some(node) = &self.replication else { return Answer::Error((&not_clustered()).into()) };
                 let connections = lock(&self.open)
                     .values()
                     .find(|v| lock(&v.record).group_id == group_id)
                     .map_or(0, |v| v.connections.load(Ordering::SeqCst));
-                return match node.status(GroupId(group_id)) {
-                    Some(s) => ControlAnswer::Status {
+                let view = match node.status(GroupId(group_id)) {
+                    Some(s) => GroupView {
                         leader: s.leader,
                         commit_index: s.commit_index,
                         voters: s.voters,
@@ -1590,63 +1553,76 @@ impl VolumeManager {
                         rebuild: s.rebuild.as_ref().map(|r| RebuildView::from_status(node.node_id().0, r)),
                         connections,
                     },
-                    None => ControlAnswer::Status {
+                    None => GroupView {
                         leader: node.leader(GroupId(group_id)),
-                        commit_index: 0,
-                        voters: Vec::new(),
-                        learners: Vec::new(),
-                        progress: Vec::new(),
-                        rebuild: None,
                         connections,
+                        ..GroupView::default()
                     },
                 };
+                return Answer::Status(view);
             }
-            ControlMessage::Membership { group_id, change, node: target } => match &self.replication {
+            Request::Membership { group_id, change, node: target } => match &self.replication {
                 Some(node) => {
-                    use raftblk_replication::node::MembershipChange;
-                    let change = match change.as_str() {
-                        "add_learner" => MembershipChange::AddLearner(target),
-                        "promote" => MembershipChange::Promote(target),
-                        "remove" => MembershipChange::Remove(target),
-                        other => return ControlAnswer::Error(format!("unknown membership change {other:?}")),
+                    use raftblk_replication::node::MembershipChange as Change;
+                    let change = match change {
+                        MembershipChange::AddLearner => Change::AddLearner(target),
+                        MembershipChange::Promote => Change::Promote(target),
+                        MembershipChange::Remove => Change::Remove(target),
                     };
-                    node.change_membership(GroupId(group_id), change)
-                        .await
-                        .map_err(|e| VolumeError::Unavailable(e.to_string()))
+                    if let Err(e) = node.change_membership(GroupId(group_id), change).await {
+                        return Answer::Error((&e).into());
+                    }
+                    Ok(())
                 }
-                None => Err(VolumeError::Invalid("not in a cluster".into())),
+                None => Err(not_clustered()),
             },
-            ControlMessage::AddPeer { .. }
-            | ControlMessage::Members
-            | ControlMessage::Heartbeat { .. }
-            | ControlMessage::CatalogPropose(_) => {
+            Request::AddPeer { .. }
+            | Request::Members
+            | Request::Heartbeat { .. }
+            | Request::CatalogPropose(_) => {
                 // cluster::install_handler answers these before they get here.
-                return ControlAnswer::Error("membership messages are not volume messages".into());
+                return Answer::error(ErrorKind::Invalid, "membership messages are not volume messages");
             }
-            ControlMessage::LoadKek { path } => {
+            Request::LoadKek { path } => {
                 return match self.keys.load_file(&path) {
                     Ok(id) => {
                         self.unlock_all();
-                        ControlAnswer::Kek { id: id.to_string() }
+                        Answer::Kek { id: id.to_string() }
                     }
-                    Err(e) => ControlAnswer::Error(e.to_string()),
+                    Err(e) => Answer::error(ErrorKind::Invalid, e.to_string()),
                 };
             }
-            ControlMessage::UseKek { id } => match id.parse() {
+            Request::UseKek { id } => match id.parse() {
                 Ok(id) => self.keys.set_current(id).map_err(|e| VolumeError::Invalid(e.to_string())),
                 Err(e) => Err(VolumeError::Invalid(format!("KEK id {id:?}: {e}"))),
             },
-            ControlMessage::TransferLeader { group_id, to } => match &self.replication {
-                Some(node) => node
-                    .transfer_leader(GroupId(group_id), to)
-                    .map_err(|e| VolumeError::Unavailable(e.to_string())),
-                None => Err(VolumeError::Invalid("not in a cluster".into())),
+            Request::TransferLeader { group_id, to } => match &self.replication {
+                Some(node) => match node.transfer_leader(GroupId(group_id), to) {
+                    Ok(()) => Ok(()),
+                    Err(e) => return Answer::Error((&e).into()),
+                },
+                None => Err(not_clustered()),
             },
         };
         match result {
-            Ok(()) => ControlAnswer::Ok,
-            Err(e) => ControlAnswer::Error(e.to_string()),
+            Ok(()) => Answer::Ok,
+            Err(e) => Answer::Error((&e).into()),
         }
+    }
+}
+
+impl From<&VolumeError> for RemoteError {
+    fn from(e: &VolumeError) -> RemoteError {
+        let kind = match e {
+            VolumeError::Invalid(_) => ErrorKind::Invalid,
+            VolumeError::NotFound(_) => ErrorKind::NotFound,
+            VolumeError::Exists(_) => ErrorKind::Exists,
+            VolumeError::InUse { .. } => ErrorKind::Conflict,
+            VolumeError::NoPlacement(_) | VolumeError::Unavailable(_) => ErrorKind::Unavailable,
+            VolumeError::Remote { error, .. } => error.kind,
+            VolumeError::Catalog(_) | VolumeError::Store { .. } => ErrorKind::Internal,
+        };
+        RemoteError::new(kind, e.to_string())
     }
 }
 

@@ -5,9 +5,10 @@
 use std::time::Instant;
 
 use super::{lock, Volume, VolumeError, VolumeManager};
-use crate::catalog::VolumeRecord;
-use crate::cluster::ControlMessage;
-use crate::publish::{self, Publication, PublishRefusal, PublishRequest, Published};
+use crate::control::Request;
+use crate::model::Publication;
+use crate::model::VolumeRecord;
+use crate::publish::{self, PublishRefusal, PublishRequest, Published};
 
 /// Why a publish failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +30,7 @@ impl VolumeManager {
         let mut record = lock(&v.record).clone();
         let now = Instant::now();
         let dead = |node: u64| {
-            self.nodes.get().is_some_and(|d| d.table.liveness(node, now) == crate::nodes::Liveness::Dead)
+            self.nodes.get().is_some_and(|d| d.table.liveness(node, now) == crate::model::Liveness::Dead)
         };
         let Published { publications, fence, mine, fenced_out, changed } =
             publish::publish(&record.publications, record.fence, record.read_only, req, dead)?;
@@ -77,7 +78,7 @@ impl VolumeManager {
         self.commit_change(&record, record.generation - 1).await?;
         self.catalog.update(&record)?;
         *lock(&v.record) = record.clone();
-        let _ = self.broadcast(&ControlMessage::Upsert(record), &[]).await;
+        let _ = self.broadcast(&Request::Upsert(record), &[]).await;
         Ok(())
     }
 }

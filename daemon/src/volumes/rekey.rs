@@ -20,7 +20,7 @@ use raftblk_blockdev::seal::SealingBackend;
 use serde::{Deserialize, Serialize};
 
 use super::{lock, Volume, VolumeError, VolumeManager};
-use crate::cluster::{ControlAnswer, ControlMessage};
+use crate::control::{Answer, Request};
 use crate::keys::volume_id;
 
 /// How long each node may take to load the new KEK or switch to it.
@@ -53,12 +53,12 @@ impl VolumeManager {
         let me = self.node_id().unwrap_or(0);
         let mut nodes = vec![me];
         if let Some(node) = &self.replication {
-            let msg = ControlMessage::LoadKek { path: path.to_owned() };
+            let msg = Request::LoadKek { path: path.to_owned() };
             let mut refused = Vec::new();
             for peer in self.peer_ids() {
-                match crate::cluster::send(node, peer, &msg, KEK_CONTROL_TIMEOUT).await {
-                    Ok(ControlAnswer::Kek { id: got }) if got == id.to_string() => nodes.push(peer),
-                    Ok(ControlAnswer::Kek { id: got }) => {
+                match crate::control::send(node, peer, &msg, KEK_CONTROL_TIMEOUT).await {
+                    Ok(Answer::Kek { id: got }) if got == id.to_string() => nodes.push(peer),
+                    Ok(Answer::Kek { id: got }) => {
                         refused.push(format!("node {peer} read KEK {got} from {}, not {id}", path.display()))
                     }
                     Ok(other) => refused.push(format!("node {peer} answered {other:?}")),
@@ -81,9 +81,9 @@ impl VolumeManager {
         }
         self.keys.set_current(id).map_err(|e| VolumeError::Invalid(e.to_string()))?;
         if let Some(node) = &self.replication {
-            let msg = ControlMessage::UseKek { id: id.to_string() };
+            let msg = Request::UseKek { id: id.to_string() };
             for peer in self.peer_ids() {
-                if let Err(e) = crate::cluster::send(node, peer, &msg, KEK_CONTROL_TIMEOUT).await {
+                if let Err(e) = crate::control::send(node, peer, &msg, KEK_CONTROL_TIMEOUT).await {
                     tracing::warn!(peer, error = %e, "a node did not switch to the new KEK; new volumes it creates use the old one until it does");
                 }
             }

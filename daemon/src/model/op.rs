@@ -3,8 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::VolumeRecord;
-use crate::nodes::{AdminState, NodeReport};
+use super::{AdminState, NodeRecord, VolumeRecord};
 
 /// One change to the catalog, with the proposer's id for it (to find its [`Outcome`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,21 +29,12 @@ pub enum CatalogOp {
     SetNodeAdmin { node: u64, state: AdminState },
     /// Registers a node (or updates its registration): what it reports about itself.
     PutNode { node: NodeRecord },
-    /// Sets a cluster setting (checked by [`super::settings::validate`] before proposing).
+    /// Sets a cluster setting (checked by `cluster_catalog::settings::validate` before proposing).
     SetSetting { key: String, value: serde_json::Value },
     /// Reserves `count` of node `node`'s nonce counter values, at or above `at_least` and
     /// above every value reserved for it before ([`Outcome::Reserved`] says which). A retry
     /// applied twice reserves twice, which wastes values and never repeats one.
     ReserveNonces { node: u64, at_least: u64, count: u64 },
-}
-
-/// A node as the catalog records it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeRecord {
-    /// Its report: id, zone, labels, capacity, free space, API address.
-    pub report: NodeReport,
-    /// Where its peers reach it.
-    pub peer_addr: String,
 }
 
 /// What applying a proposal did.

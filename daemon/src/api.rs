@@ -538,7 +538,7 @@ async fn node_action(
         // Refuse what cannot finish: the copies need somewhere to go.
         let views = dir.views(&s.volumes.peer_ids());
         for r in s.volumes.records().into_iter().filter(|r| r.voters.contains(&id)) {
-            if let Err(why) = crate::nodes::place(&views, 1, &r.voters, None) {
+            if let Err(why) = crate::planner::placement::place(&views, 1, &r.voters, None) {
                 return Err(ApiError {
                     status: StatusCode::CONFLICT,
                     message: format!(

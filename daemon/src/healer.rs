@@ -7,8 +7,10 @@
 //! every change goes through the volume's Raft group, one configuration change at a time,
 //! and through the volume record's generation.
 //!
-//! For each volume with a copy to replace, one at a time: pick a node by
-//! [`crate::nodes::place`] (excluding the current holders, so zones stay spread), add
+//! The decisions are pure planners ([`crate::planner`]); this module carries them out. For
+//! each volume with a copy to replace, one at a time: pick a node by
+//! [`crate::planner::healing::plan_heal`] (excluding the current holders, so zones stay
+//! spread, and spreading one pass's copies over the nodes), add
 //! the copy there (a learner that gets a snapshot, promoted once it holds the data), then
 //! remove the old one. A copy is only ever removed after its replacement votes, so
 //! redundancy never drops below what the failure left.
@@ -26,10 +28,13 @@
 //! copy of a volume, so one node starting them is enough.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::model::Liveness;
+use std::collections::BTreeSet;
+
+use crate::model::{AdminState, Liveness, NodeView};
 use crate::nodes::NodeDirectory;
+use crate::planner::{self, healing::Replacement};
 use crate::volumes::VolumeManager;
 
 /// How often the acting node looks for copies to replace.
@@ -39,150 +44,78 @@ const ADD_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest wait for a removal to take effect.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Whether this node is the one that repairs: the lowest id alive and not removed.
-pub fn is_acting(volumes: &VolumeManager, dir: &NodeDirectory) -> bool {
-    let Some(me) = volumes.node_id() else { return false };
-    let now = Instant::now();
-    let peers = volumes.peer_ids();
-    let lowest = peers
-        .into_iter()
-        .chain(std::iter::once(me))
-        .filter(|&id| {
-            dir.table.liveness(id, now) == Liveness::Alive
-                && dir.table.admin(id) != crate::model::AdminState::Removed
-        })
-        .min();
-    lowest == Some(me)
+/// Every node this one knows of (itself, its peers, and every node holding a copy) as it
+/// sees them now: the snapshot the planners decide on.
+fn view(
+    volumes: &VolumeManager,
+    dir: &NodeDirectory,
+    records: &[crate::model::VolumeRecord],
+) -> Vec<NodeView> {
+    let mut ids = volumes.peer_ids();
+    ids.extend(records.iter().flat_map(|r| r.voters.iter().copied()));
+    ids.sort_unstable();
+    ids.dedup();
+    ids.retain(|&id| Some(id) != volumes.node_id());
+    dir.views(&ids)
 }
 
-/// One pass: every volume copy that must move gets a replacement. Returns what it did.
+/// Whether this node is the one that repairs (see [`planner::acting::is_acting`]).
+pub fn is_acting(volumes: &VolumeManager, dir: &NodeDirectory) -> bool {
+    let Some(me) = volumes.node_id() else { return false };
+    planner::acting::is_acting(me, &dir.views(&volumes.peer_ids()))
+}
+
+/// One pass: every volume copy that must move gets a replacement
+/// ([`planner::healing::plan_heal`]), one volume after another. Returns what it did.
 pub async fn heal_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Vec<String> {
+    let records = volumes.records();
+    let plan = planner::healing::plan_heal(&records, &view(volumes, dir, &records));
+    for stuck in &plan.stuck {
+        tracing::warn!(volume = %stuck.volume, why = %stuck.why, "cannot replace a copy yet");
+    }
     let mut done = Vec::new();
-    let now = Instant::now();
-    let mut records = volumes.records();
-    records.sort_by(|a, b| a.name.cmp(&b.name));
-    for record in records {
-        let leaving: Vec<u64> = record
-            .voters
-            .iter()
-            .copied()
-            .filter(|&id| {
-                dir.table.liveness(id, now) == Liveness::Dead
-                    || dir.table.admin(id).evicts_copies()
-                    // A copy a scrub could not repair is rebuilt elsewhere from the good ones.
-                    || (record.damaged_copies.contains(&id) && record.voters.len() > 1)
-            })
-            .collect();
-        let source = record.voters.iter().any(|&id| dir.table.liveness(id, now) != Liveness::Dead);
-        if !leaving.is_empty() && !source {
-            // A replacement would wait forever for data nobody reachable holds: the volume is
-            // unavailable until one of its nodes returns (replicas=0 risks exactly this).
-            tracing::warn!(volume = %record.name, voters = ?record.voters, "every copy is on a dead node; nothing to copy from");
+    for Replacement { volume, from, to } in plan.replacements {
+        tracing::info!(%volume, from, to, "replacing a copy");
+        if let Err(e) = volumes.add_replica(&volume, to, ADD_TIMEOUT).await {
+            tracing::warn!(%volume, to, error = %e, "adding the replacement copy failed; will retry");
             continue;
         }
-        for old in leaving {
-            let views = dir.views(&volumes.peer_ids());
-            let new = match crate::nodes::place(&views, 1, &record.voters, None) {
-                Ok(chosen) => chosen[0],
-                Err(why) => {
-                    tracing::warn!(volume = %record.name, node = old, %why, "cannot replace a copy yet");
-                    continue;
-                }
-            };
-            tracing::info!(volume = %record.name, from = old, to = new, "replacing a copy");
-            if let Err(e) = volumes.add_replica(&record.name, new, ADD_TIMEOUT).await {
-                tracing::warn!(volume = %record.name, to = new, error = %e, "adding the replacement copy failed; will retry");
-                break;
+        match volumes.remove_replica(&volume, from, REMOVE_TIMEOUT).await {
+            Ok(_) => done.push(format!("{volume}: node {from} -> node {to}")),
+            Err(e) => {
+                tracing::warn!(%volume, node = from, error = %e, "removing the replaced copy failed; will retry")
             }
-            match volumes.remove_replica(&record.name, old, REMOVE_TIMEOUT).await {
-                Ok(_) => done.push(format!("{}: node {old} -> node {new}", record.name)),
-                Err(e) => {
-                    tracing::warn!(volume = %record.name, node = old, error = %e, "removing the replaced copy failed; will retry")
-                }
-            }
-            // The record changed: the next pass sees the new holders.
-            break;
         }
     }
     done
 }
 
-/// Moves at most one leadership from the node leading the most volumes to a copy holder
-/// leading at least two fewer. Returns what it moved.
+/// Moves at most one leadership ([`planner::leaders::plan_balance`]). Returns what it moved.
 pub async fn balance_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Option<String> {
-    let now = Instant::now();
-    let usable = |id: u64| {
-        dir.table.liveness(id, now) == Liveness::Alive
-            && dir.table.admin(id) == crate::model::AdminState::Active
-    };
-    let mut records = volumes.records();
-    records.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut counts: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
-    for id in volumes.peer_ids().into_iter().chain(volumes.node_id()) {
-        if usable(id) {
-            counts.insert(id, 0);
-        }
-    }
-    let mut leaders = Vec::new();
-    for r in &records {
-        let (leader, clients) = volumes.leader_and_clients(r).await;
+    let records = volumes.records();
+    let usable: BTreeSet<u64> = view(volumes, dir, &records)
+        .iter()
+        .filter(|n| n.liveness == Liveness::Alive && n.admin == AdminState::Active)
+        .map(|n| n.id)
+        .collect();
+    let mut groups = Vec::with_capacity(records.len());
+    for record in &records {
+        let (leader, clients) = volumes.leader_and_clients(record).await;
         if leader == 0 {
             return None; // an election is under way: counts would be wrong
         }
-        *counts.entry(leader).or_default() += 1;
-        leaders.push((r, leader, clients));
+        groups.push(planner::leaders::Led { record, leader, clients });
     }
-    let mut best: Option<(&crate::model::VolumeRecord, u64, u64, usize)> = None;
-    for (r, leader, clients) in leaders {
-        if clients > 0 {
-            continue;
+    let m = planner::leaders::plan_balance(&groups, &usable)?;
+    match volumes.transfer_leader(&m.volume, m.to).await {
+        Ok(()) => {
+            Some(format!("{}: node {} -> node {} (leader counts {:?})", m.volume, m.from, m.to, m.counts))
         }
-        let from = counts.get(&leader).copied().unwrap_or(0);
-        let to = r
-            .voters
-            .iter()
-            .copied()
-            .filter(|&v| v != leader && usable(v))
-            .min_by_key(|v| (counts.get(v).copied().unwrap_or(0), *v));
-        if let Some(to) = to {
-            let gap = from.saturating_sub(counts.get(&to).copied().unwrap_or(0));
-            if gap >= 2 && best.is_none_or(|b| gap > b.3) {
-                best = Some((r, leader, to, gap));
-            }
-        }
-    }
-    let (r, from, to, _) = best?;
-    match volumes.transfer_leader(&r.name, to).await {
-        Ok(()) => Some(format!("{}: node {from} -> node {to} (leader counts {counts:?})", r.name)),
         Err(e) => {
-            tracing::debug!(volume = %r.name, to, error = %e, "leader transfer for balance failed");
+            tracing::debug!(volume = %m.volume, to = m.to, error = %e, "leader transfer for balance failed");
             None
         }
     }
-}
-
-/// How the catalog leader sees every node, for [`crate::cluster_catalog::plan_membership`].
-pub fn catalog_candidates(
-    volumes: &VolumeManager,
-    dir: &NodeDirectory,
-) -> Vec<crate::cluster_catalog::Candidate> {
-    let now = Instant::now();
-    volumes
-        .peer_ids()
-        .into_iter()
-        .chain(volumes.node_id())
-        .map(|id| {
-            let liveness = dir.table.liveness(id, now);
-            let admin = dir.table.admin(id);
-            crate::cluster_catalog::Candidate {
-                id,
-                alive: liveness == Liveness::Alive,
-                gone: liveness == Liveness::Dead || admin == crate::model::AdminState::Removed,
-                may_vote: !admin.evicts_copies(),
-                caught_up: false, // filled in from the leader's progress
-            }
-        })
-        .collect()
 }
 
 /// Waits `interval`; false (at once) when `stop` is cancelled.
@@ -201,7 +134,8 @@ pub async fn catalog_loop(
 ) {
     while pause(&stop, Duration::from_secs(1)).await {
         if let Some(catalog) = volumes.cluster_catalog() {
-            catalog.keep_membership(&catalog_candidates(&volumes, &dir)).await;
+            let nodes = dir.views(&volumes.peer_ids());
+            catalog.keep_membership(&planner::catalog_members::candidates(&nodes)).await;
         }
     }
 }

@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod model;
 pub mod mounts;
 pub mod nodes;
+pub mod planner;
 pub mod publish;
 pub mod scrub;
 pub mod size;

@@ -188,7 +188,7 @@ impl Membership {
         let mut state = lock(&self.state);
         if state.catalog_voters.is_empty() {
             let ids = state.peers.keys().copied().chain(std::iter::once(self.node_id)).collect();
-            let voters = crate::cluster_catalog::initial_voters(ids);
+            let voters = crate::planner::catalog_members::initial_voters(ids);
             self.write(state.cluster_id, &state.peers, &voters)?;
             state.catalog_voters = voters;
             state.stored = true;

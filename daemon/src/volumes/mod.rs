@@ -628,7 +628,7 @@ impl VolumeManager {
     }
 
     /// Picks the voters of a new volume: with the node table attached (a running cluster),
-    /// by [`crate::nodes::place`]; otherwise this node first, then the next nodes by id.
+    /// by [`crate::planner::placement::place`]; otherwise this node first, then the next nodes by id.
     fn place(&self, replicas: u8, zones: &[String]) -> Result<Vec<u64>, VolumeError> {
         if replicas > REPLICAS_MAX {
             return Err(VolumeError::Invalid(format!(
@@ -650,9 +650,15 @@ impl VolumeManager {
                 views.retain(|n| zones.contains(&n.report.zone));
             }
             let within = if zones.is_empty() { String::new() } else { format!(" in zones {zones:?}") };
-            return crate::nodes::place(&views, replicas as usize + 1, &[], Some(node.node_id().0)).map_err(
-                |why| VolumeError::NoPlacement(format!("cannot place replicas={replicas}{within}: {why}")),
-            );
+            return crate::planner::placement::place(
+                &views,
+                replicas as usize + 1,
+                &[],
+                Some(node.node_id().0),
+            )
+            .map_err(|why| {
+                VolumeError::NoPlacement(format!("cannot place replicas={replicas}{within}: {why}"))
+            });
         }
         let me = node.node_id().0;
         let mut ids = node.peer_ids();

@@ -281,17 +281,6 @@ mod tests {
     const TIMING: LivenessTiming =
         LivenessTiming { suspect_after: Duration::from_secs(3), dead_after: Duration::from_secs(60) };
 
-    fn report(id: u64, zone: &str, free_gib: u64) -> NodeReport {
-        NodeReport {
-            id,
-            zone: zone.into(),
-            capacity_bytes: 100 << 30,
-            free_bytes: free_gib << 30,
-            api_addr: String::new(),
-            labels: BTreeMap::new(),
-        }
-    }
-
     #[test]
     fn liveness_follows_heartbeats() {
         let t0 = Instant::now();
@@ -299,11 +288,11 @@ mod tests {
         assert_eq!(t.liveness(1, t0 + Duration::from_secs(999)), Liveness::Alive, "this node");
         assert_eq!(t.liveness(2, t0), Liveness::Suspect, "never heard from yet");
         assert_eq!(t.liveness(2, t0 + Duration::from_secs(61)), Liveness::Dead, "never heard from at all");
-        t.heard(report(2, "", 1), t0 + Duration::from_secs(10));
+        t.heard(NodeReport::sample(2, "", 1), t0 + Duration::from_secs(10));
         assert_eq!(t.liveness(2, t0 + Duration::from_secs(11)), Liveness::Alive);
         assert_eq!(t.liveness(2, t0 + Duration::from_secs(14)), Liveness::Suspect);
         assert_eq!(t.liveness(2, t0 + Duration::from_secs(70)), Liveness::Dead);
-        t.heard(report(2, "", 1), t0 + Duration::from_secs(71));
+        t.heard(NodeReport::sample(2, "", 1), t0 + Duration::from_secs(71));
         assert_eq!(t.liveness(2, t0 + Duration::from_secs(71)), Liveness::Alive, "back");
     }
 

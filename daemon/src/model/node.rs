@@ -76,6 +76,20 @@ pub struct NodeReport {
     pub labels: BTreeMap<String, String>,
 }
 
+#[cfg(test)]
+impl NodeReport {
+    /// A report for tests: node `id` in `zone` with 100 GiB of which `free_gib` free.
+    pub(crate) fn sample(id: u64, zone: &str, free_gib: u64) -> NodeReport {
+        NodeReport {
+            id,
+            zone: zone.into(),
+            capacity_bytes: 100 << 30,
+            free_bytes: free_gib << 30,
+            ..Default::default()
+        }
+    }
+}
+
 /// A node as `GET /v1/nodes` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeView {

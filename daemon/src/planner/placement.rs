@@ -96,16 +96,6 @@ mod tests {
     use super::*;
     use crate::model::NodeReport;
 
-    fn report(id: u64, zone: &str, free_gib: u64) -> NodeReport {
-        NodeReport {
-            id,
-            zone: zone.into(),
-            capacity_bytes: 100 << 30,
-            free_bytes: free_gib << 30,
-            ..Default::default()
-        }
-    }
-
     fn views(specs: &[(u64, &str, u64, Liveness, AdminState)]) -> Vec<NodeView> {
         specs
             .iter()
@@ -113,7 +103,7 @@ mod tests {
                 id,
                 liveness,
                 admin,
-                report: report(id, zone, free),
+                report: NodeReport::sample(id, zone, free),
                 last_heard_ms: Some(0),
             })
             .collect()

@@ -36,8 +36,9 @@ use crate::control::{
 };
 use crate::keys::{volume_id, Keyring};
 use crate::metrics::{MeteredBackend, Metrics};
-use crate::model::{validate_name, validate_size, RebuildView, VolumeRecord, REPLICAS_MAX};
-use crate::model::{CatalogOp, Outcome};
+use crate::model::{
+    validate_name, validate_size, CatalogOp, Outcome, RebuildView, VolumeRecord, REPLICAS_MAX,
+};
 
 /// A copy's data requests below this size go through the page cache (see
 /// `FileBackend::cache_below`); 64 KiB folios are small enough for ext4's per-block walk.
@@ -628,7 +629,8 @@ impl VolumeManager {
     }
 
     /// Picks the voters of a new volume: with the node table attached (a running cluster),
-    /// by [`crate::planner::placement::place`]; otherwise this node first, then the next nodes by id.
+    /// by [`crate::planner::placement::place`]; otherwise this node first, then the next
+    /// nodes by id.
     fn place(&self, replicas: u8, zones: &[String]) -> Result<Vec<u64>, VolumeError> {
         if replicas > REPLICAS_MAX {
             return Err(VolumeError::Invalid(format!(

@@ -8,11 +8,12 @@
 //! and through the volume record's generation.
 //!
 //! The decisions are pure planners ([`crate::planner`]); this module carries them out. For
-//! each volume with a copy to replace, one at a time: pick a node by
-//! [`crate::planner::healing::plan_heal`] (excluding the current holders, so zones stay
-//! spread, and spreading one pass's copies over the nodes), add
-//! the copy there (a learner that gets a snapshot, promoted once it holds the data), then
-//! remove the old one. A copy is only ever removed after its replacement votes, so
+//! each volume with a copy to replace, up to eight volumes at once and three new copies per
+//! receiving node: pick a node by [`crate::planner::healing::plan_heal`] (excluding the
+//! current holders, so zones stay spread, and spreading one pass's copies over the nodes),
+//! add the copy there (a learner that gets a snapshot, promoted once it holds the data), then
+//! remove the old one. No step asks a node the liveness view calls dead (a dead voter would
+//! cost a control timeout per question). A copy is only ever removed after its replacement votes, so
 //! redundancy never drops below what the failure left.
 //!
 //! When nothing needs repair, the acting node also spreads leaders: if a live node leads at
@@ -30,7 +31,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+
+use tokio::sync::Semaphore;
 
 use crate::model::{AdminState, Liveness, NodeView};
 use crate::nodes::NodeDirectory;
@@ -41,6 +44,10 @@ use crate::volumes::VolumeManager;
 pub const HEAL_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest wait for a new copy to catch up before the next attempt.
 const ADD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Most volumes one healing pass replaces copies of at once.
+const HEAL_CONCURRENCY: usize = 8;
+/// Most new copies one node receives at once in a pass (each is a rebuild it serves).
+const HEAL_PER_TARGET: usize = 3;
 /// Longest wait for a removal to take effect.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -65,47 +72,88 @@ pub fn is_acting(volumes: &VolumeManager, dir: &NodeDirectory) -> bool {
     planner::acting::is_acting(me, &dir.views(&volumes.peer_ids()))
 }
 
-/// One pass: every volume copy that must move gets a replacement
-/// ([`planner::healing::plan_heal`]), one volume after another. Returns what it did.
+/// One pass: every copy that must move gets a replacement
+/// ([`planner::healing::plan_heal`]), at most [`HEAL_CONCURRENCY`] volumes at a time and
+/// [`HEAL_PER_TARGET`] new copies per receiving node at a time; the next replacement starts
+/// as soon as one finishes. Returns what it did.
 pub async fn heal_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Vec<String> {
     let records = volumes.records();
     let plan = planner::healing::plan_heal(&records, &view(volumes, dir, &records));
     for stuck in &plan.stuck {
         tracing::warn!(volume = %stuck.volume, why = %stuck.why, "cannot replace a copy yet");
     }
-    let mut done = Vec::new();
-    for Replacement { volume, from, to } in plan.replacements {
-        tracing::info!(%volume, from, to, "replacing a copy");
-        if let Err(e) = volumes.add_replica(&volume, to, ADD_TIMEOUT).await {
-            tracing::warn!(%volume, to, error = %e, "adding the replacement copy failed; will retry");
-            continue;
+    let done =
+        run_bounded(plan.replacements, HEAL_CONCURRENCY, HEAL_PER_TARGET, |r| replace(volumes, r)).await;
+    done.into_iter().flatten().collect()
+}
+
+/// Runs `work` for every replacement, at most `most` at a time and at most `per_target`
+/// at a time for any one receiving node; the next starts as soon as one finishes.
+async fn run_bounded<T, F, Fut>(
+    replacements: Vec<Replacement>,
+    most: usize,
+    per_target: usize,
+    work: F,
+) -> Vec<T>
+where
+    F: Fn(Replacement) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let all = Semaphore::new(most);
+    let targets: BTreeMap<u64, Semaphore> =
+        replacements.iter().map(|r| (r.to, Semaphore::new(per_target))).collect();
+    let runs = replacements.into_iter().map(|r| {
+        let (all, target, work) = (&all, targets.get(&r.to), &work);
+        async move {
+            // The target's permit first, so a volume waiting for a busy node holds no slot.
+            let _target = match target {
+                Some(t) => t.acquire().await.ok(),
+                None => None,
+            };
+            let _slot = all.acquire().await.ok();
+            work(r).await
         }
-        match volumes.remove_replica(&volume, from, REMOVE_TIMEOUT).await {
-            Ok(_) => done.push(format!("{volume}: node {from} -> node {to}")),
-            Err(e) => {
-                tracing::warn!(%volume, node = from, error = %e, "removing the replaced copy failed; will retry")
-            }
+    });
+    futures::future::join_all(runs).await
+}
+
+/// Adds the new copy, then removes the old one.
+async fn replace(volumes: &VolumeManager, Replacement { volume, from, to }: Replacement) -> Option<String> {
+    tracing::info!(%volume, from, to, "replacing a copy");
+    if let Err(e) = volumes.add_replica(&volume, to, ADD_TIMEOUT).await {
+        tracing::warn!(%volume, to, error = %e, "adding the replacement copy failed; will retry");
+        return None;
+    }
+    match volumes.remove_replica(&volume, from, REMOVE_TIMEOUT).await {
+        Ok(_) => Some(format!("{volume}: node {from} -> node {to}")),
+        Err(e) => {
+            tracing::warn!(%volume, node = from, error = %e, "removing the replaced copy failed; will retry");
+            None
         }
     }
-    done
 }
 
 /// Moves at most one leadership ([`planner::leaders::plan_balance`]). Returns what it moved.
 pub async fn balance_once(volumes: &VolumeManager, dir: &NodeDirectory) -> Option<String> {
     let records = volumes.records();
-    let usable: BTreeSet<u64> = view(volumes, dir, &records)
+    let nodes = view(volumes, dir, &records);
+    // Leaders are moving anyway while a copy holder is not heard from (and asking it would
+    // cost a timeout per volume): balance once the cluster is whole again.
+    let holders: BTreeSet<u64> = records.iter().flat_map(|r| r.voters.iter().copied()).collect();
+    if nodes.iter().any(|n| holders.contains(&n.id) && n.liveness != Liveness::Alive) {
+        return None;
+    }
+    let usable: BTreeSet<u64> = nodes
         .iter()
         .filter(|n| n.liveness == Liveness::Alive && n.admin == AdminState::Active)
         .map(|n| n.id)
         .collect();
-    let mut groups = Vec::with_capacity(records.len());
-    for record in &records {
-        let (leader, clients) = volumes.leader_and_clients(record).await;
-        if leader == 0 {
-            return None; // an election is under way: counts would be wrong
-        }
-        groups.push(planner::leaders::Led { record, leader, clients });
-    }
+    let asked = futures::future::join_all(records.iter().map(|r| volumes.leader_and_clients(r))).await;
+    let groups: Vec<planner::leaders::Led> = records
+        .iter()
+        .zip(asked)
+        .map(|(record, (leader, clients))| planner::leaders::Led { record, leader, clients })
+        .collect();
     let m = planner::leaders::plan_balance(&groups, &usable)?;
     match volumes.transfer_leader(&m.volume, m.to).await {
         Ok(()) => {
@@ -146,11 +194,16 @@ pub async fn heal_loop(
     dir: Arc<NodeDirectory>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    while pause(&stop, HEAL_INTERVAL).await {
+    let mut again = false;
+    while again || pause(&stop, HEAL_INTERVAL).await {
+        again = false;
         if !is_acting(&volumes, &dir) {
             continue;
         }
         let healed = heal_once(&volumes, &dir).await;
+        // A pass that replaced something may have left more to do (a record changed, or a
+        // volume lost a second copy meanwhile): look again at once.
+        again = !healed.is_empty();
         for what in &healed {
             tracing::info!(%what, "copy replaced");
         }
@@ -194,5 +247,47 @@ pub async fn scrub_loop(volumes: Arc<VolumeManager>, shutdown: tokio_util::sync:
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn replacements_run_concurrently_within_both_bounds() {
+        let planned: Vec<Replacement> = (0..12)
+            .map(|i| Replacement { volume: format!("v{i}"), from: 9, to: if i < 6 { 1 } else { 2 + i % 3 } })
+            .collect();
+        let (running, most_running) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let per_node: Mutex<BTreeMap<u64, (usize, usize)>> = Mutex::new(BTreeMap::new());
+        let t0 = tokio::time::Instant::now();
+        let done = run_bounded(planned, 4, 2, |r| {
+            let (running, most_running, per_node) = (&running, &most_running, &per_node);
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most_running.fetch_max(now, Ordering::SeqCst);
+                {
+                    let mut p = per_node.lock().expect("lock");
+                    let e = p.entry(r.to).or_default();
+                    e.0 += 1;
+                    e.1 = e.1.max(e.0);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                per_node.lock().expect("lock").entry(r.to).or_default().0 -= 1;
+                running.fetch_sub(1, Ordering::SeqCst);
+                r.volume
+            }
+        })
+        .await;
+        assert_eq!(done.len(), 12, "every replacement ran");
+        assert_eq!(most_running.load(Ordering::SeqCst), 4, "never more than 4 at once, and 4 reached");
+        let most_per_node: Vec<usize> = per_node.lock().expect("lock").values().map(|e| e.1).collect();
+        assert!(most_per_node.iter().all(|&n| n <= 2), "{most_per_node:?}");
+        // 12 one-second jobs, 4 at a time (node 1's six at most 2 at a time): 3 s, not 12.
+        assert!(t0.elapsed() <= Duration::from_secs(4), "{:?}", t0.elapsed());
     }
 }

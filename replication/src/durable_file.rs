@@ -5,11 +5,16 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-/// The temporary beside `path`: its whole name plus `.tmp`, so files that differ only in
-/// extension (`<uuid>.applied`, `<uuid>.rebuild`) never share one.
+/// The temporary beside `path`: its whole name, a number no other write in this process
+/// uses, and `.tmp`. Files that differ only in extension (`<uuid>.applied`,
+/// `<uuid>.rebuild`) never share one, and neither do two writes of the same file at once (a
+/// rebuild task and the Raft runner both write a copy's marker): with one shared name, the
+/// first rename took the other's temporary away and its rename failed.
 fn temporary(path: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
+    name.push(format!(".{n}.tmp"));
     path.with_file_name(name)
 }
 
@@ -60,5 +65,24 @@ mod tests {
         remove(&a).unwrap();
         remove(&a).unwrap();
         assert!(!a.exists());
+    }
+
+    #[test]
+    fn concurrent_writes_of_one_file_all_succeed_and_leave_one_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.rebuild");
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let path = &path;
+                s.spawn(move || {
+                    for i in 0..200u32 {
+                        write(path, format!("rebuild {t} {i}\n").as_bytes()).unwrap();
+                    }
+                });
+            }
+        });
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("rebuild ") && text.ends_with("199\n"), "{text:?}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left behind");
     }
 }

@@ -48,6 +48,10 @@ const LEARNER_CAUGHT_UP_SLACK: u64 = 16;
 
 /// How long a create or delete waits for each peer's confirmation.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a control message waits for a peer not heard from lately (likely dying).
+const SUSPECT_CONTROL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a search for a volume's leader that finds none says so in the log.
+const LEADERLESS_REPORT: Duration = Duration::from_secs(5);
 /// How long a membership change may take to show before it is proposed again.
 const MEMBERSHIP_RETRY: Duration = Duration::from_secs(2);
 /// How long `inspect` waits for the peers' views of a volume (asked all at once).
@@ -859,8 +863,19 @@ impl VolumeManager {
         to: u64,
         msg: &Request,
     ) -> Result<Answer, ControlError> {
+        self.send_control_within(node, to, msg, CONTROL_TIMEOUT).await
+    }
+
+    /// [`VolumeManager::send_control`] with its own timeout for a peer's answer.
+    async fn send_control_within(
+        &self,
+        node: &ReplicationNode,
+        to: u64,
+        msg: &Request,
+        timeout: Duration,
+    ) -> Result<Answer, ControlError> {
         if to != node.node_id().0 {
-            return control::send(node, to, msg, CONTROL_TIMEOUT).await;
+            return control::send(node, to, msg, timeout).await;
         }
         match Box::pin(self.on_control(msg.clone())).await {
             Answer::Error(e) => Err(ControlError::Refused(e)),
@@ -917,16 +932,43 @@ impl VolumeManager {
         let Some(node) = &self.replication else {
             return Err(VolumeError::Invalid("not in a cluster".into()));
         };
+        let msg = Request::GroupStatus { group_id: record.group_id };
+        let mut hints: Vec<u64> = Vec::new();
+        let mut reported = std::time::Instant::now();
         loop {
-            let leader = node.leader(GroupId(record.group_id));
-            let candidates: Vec<u64> = if leader != 0 { vec![leader] } else { record.voters.clone() };
-            for c in candidates {
-                let msg = Request::GroupStatus { group_id: record.group_id };
-                if let Ok(Answer::Status(view)) = self.send_control(node, c, &msg).await {
-                    if view.leader == c {
-                        return Ok((c, view));
+            // The leader this node knows of may be stale (on a node that holds no copy it is
+            // only the last one a forwarded request met, and may be dead), so every voter is
+            // asked too.
+            let known = node.leader(GroupId(record.group_id));
+            let mut candidates: Vec<u64> = record.voters.clone();
+            candidates.extend(Some(known).filter(|&k| k != 0));
+            candidates.append(&mut hints);
+            candidates.sort_unstable();
+            candidates.dedup();
+            // Every candidate at once, and none known dead: a dead voter would cost a whole
+            // timeout per call, and a replacement asks for the leader several times.
+            let asks = candidates.iter().filter_map(|&c| {
+                let timeout = self.peer_timeout(node, c)?;
+                let msg = &msg;
+                Some(async move { (c, self.send_control_within(node, c, msg, timeout).await) })
+            });
+            let mut heard = Vec::new();
+            for (c, answer) in futures::future::join_all(asks).await {
+                match answer {
+                    Ok(Answer::Status(view)) if view.leader == c => return Ok((c, view)),
+                    // A follower's idea of the leader is asked next, at once.
+                    Ok(Answer::Status(view)) if view.leader != 0 && !candidates.contains(&view.leader) => {
+                        heard.push(format!("node {c}: leader {}", view.leader));
+                        hints.push(view.leader)
                     }
+                    Ok(Answer::Status(view)) => heard.push(format!("node {c}: leader {}", view.leader)),
+                    Ok(other) => heard.push(format!("node {c}: {other:?}")),
+                    Err(e) => heard.push(format!("node {c}: {e}")),
                 }
+            }
+            if reported.elapsed() >= LEADERLESS_REPORT {
+                reported = std::time::Instant::now();
+                tracing::warn!(volume = %record.name, voters = ?record.voters, ?candidates, ?heard, "still looking for the volume's leader");
             }
             if std::time::Instant::now() >= deadline {
                 return Err(VolumeError::Unavailable(format!(
@@ -934,7 +976,23 @@ impl VolumeManager {
                     record.name
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            if hints.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// How long to wait for node `id`'s answer: `None` for a node the liveness view calls
+    /// dead (do not ask), [`SUSPECT_CONTROL_TIMEOUT`] for one not heard from lately.
+    fn peer_timeout(&self, node: &ReplicationNode, id: u64) -> Option<Duration> {
+        if id == node.node_id().0 {
+            return Some(CONTROL_TIMEOUT);
+        }
+        let Some(dir) = self.nodes.get() else { return Some(CONTROL_TIMEOUT) };
+        match dir.table.liveness(id, std::time::Instant::now()) {
+            crate::model::Liveness::Dead => None,
+            crate::model::Liveness::Suspect => Some(SUSPECT_CONTROL_TIMEOUT),
+            crate::model::Liveness::Alive => Some(CONTROL_TIMEOUT),
         }
     }
 
@@ -1119,10 +1177,11 @@ impl VolumeManager {
     }
 
     /// `GroupStatus` answers of the nodes `ids` for `group_id`, asked all at once (this node
-    /// answers locally); nodes that do not answer within [`INSPECT_TIMEOUT`] are left out.
+    /// answers locally); nodes known dead are not asked, and nodes that do not answer within
+    /// [`INSPECT_TIMEOUT`] are left out.
     async fn group_statuses(&self, group_id: u64, ids: &[u64]) -> Vec<(u64, GroupView)> {
         let Some(node) = &self.replication else { return Vec::new() };
-        let asks = ids.iter().map(|&id| async move {
+        let asks = ids.iter().filter(|&&id| self.peer_timeout(node, id).is_some()).map(|&id| async move {
             let msg = Request::GroupStatus { group_id };
             let answer = if id == node.node_id().0 {
                 self.send_control(node, id, &msg).await

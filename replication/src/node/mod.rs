@@ -400,6 +400,11 @@ impl ChunkFetcher for PeerFetcher {
         len: u64,
         min_index: u64,
     ) -> Result<Chunk, FetchError> {
+        if self.transport.unreachable(NodeId(source)) {
+            // Down (connection refused or timed out): the next source is asked at once
+            // rather than after CHUNK_TIMEOUT.
+            return Err(FetchError::Unreachable(format!("no connection to node {source}")));
+        }
         let request = ForwardRequest { group, op: ForwardOp::ReadChunk { offset, len, min_index } };
         match forward_via(&self.shared, &self.transport, source, request, CHUNK_TIMEOUT).await {
             Ok(ForwardStatus::Ok(bytes)) => Ok(Chunk::decode(bytes)?),
@@ -407,6 +412,15 @@ impl ChunkFetcher for PeerFetcher {
             Ok(ForwardStatus::NotMember) => Err(FetchError::NotMember),
             Ok(other) => Err(FetchError::Unreachable(format!("answered {other:?}"))),
             Err(e) => Err(FetchError::Unreachable(e.to_string())),
+        }
+    }
+
+    fn leader(&self, group: GroupId) -> u64 {
+        let leader = self.shared.leaders.read().map_or(0, |m| m.get(&group).copied().unwrap_or(0));
+        if leader == self.transport.local_id().0 {
+            0
+        } else {
+            leader
         }
     }
 }

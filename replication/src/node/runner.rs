@@ -500,6 +500,12 @@ impl Runner {
             }
             Output::WriteMarker { group, marker: m } => {
                 if let Some(t) = self.tasks.get(&group) {
+                    // A copy still running for an older snapshot is superseded, and must not
+                    // write its marker over this one. Its entry stays, so the status shows a
+                    // rebuild until the next one starts.
+                    if let Some(old) = &t.rebuild {
+                        old.task.abort();
+                    }
                     marker::write(t.store.rebuild_path(), m)
                         .map_err(|e| NodeError::Internal(format!("group {group}: rebuild marker: {e}")))?;
                 }

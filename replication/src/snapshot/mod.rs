@@ -69,6 +69,8 @@ mod tests {
     struct Fetcher {
         sources: HashMap<u64, Source>,
         asked: Mutex<Vec<u64>>,
+        /// What `leader` answers.
+        leader: u64,
     }
 
     #[async_trait]
@@ -98,6 +100,10 @@ mod tests {
                 bytes[mid] ^= 1;
             }
             Ok(Chunk::decode(Bytes::from(bytes))?)
+        }
+
+        fn leader(&self, _group: GroupId) -> u64 {
+            self.leader
         }
     }
 
@@ -160,8 +166,11 @@ mod tests {
         let flaky = source(src.clone(), 10);
         flaky.fail_first.store(2, Ordering::Relaxed);
         flaky.corrupt_first.store(1, Ordering::Relaxed);
-        let fetcher =
-            Fetcher { sources: HashMap::from([(2, behind), (3, flaky)]), asked: Mutex::new(Vec::new()) };
+        let fetcher = Fetcher {
+            sources: HashMap::from([(2, behind), (3, flaky)]),
+            asked: Mutex::new(Vec::new()),
+            leader: 0,
+        };
         let plan = PullPlan {
             group: GroupId(1),
             index: 5,
@@ -188,13 +197,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_leader_is_asked_when_the_planned_sources_are_gone() {
+        let dir = tempdir("leader");
+        let src = Arc::new(MemSealedStore::new(2 << 20));
+        fill(&src, 0, 7, 1 << 20, 4096).await;
+        let (dst, store) = target(2 << 20, &dir);
+        // Planned from the group's first members: 2 no longer holds a copy, 5 is down for good.
+        let down = source(src.clone(), 9);
+        down.fail_first.store(u64::MAX, Ordering::Relaxed);
+        let fetcher = Fetcher {
+            sources: HashMap::from([(5, down), (4, source(src.clone(), 9))]),
+            asked: Mutex::new(Vec::new()),
+            leader: 4,
+        };
+        let plan = PullPlan {
+            group: GroupId(1),
+            index: 9,
+            offset: 0,
+            sources: vec![2, 5],
+            chunk_bytes: 1 << 20,
+            rate_bytes_per_s: 0,
+        };
+        let progress = PullProgress::default();
+        tokio::time::timeout(std::time::Duration::from_secs(10), pull(&fetcher, &store, &plan, &progress))
+            .await
+            .expect("the copy finishes from the leader")
+            .unwrap();
+        assert_eq!(all(&dst).await, all(&src).await);
+        assert_eq!(fetcher.asked.lock().unwrap().first(), Some(&4), "the leader first");
+    }
+
+    #[tokio::test]
     async fn resumes_at_the_marker_offset() {
         let dir = tempdir("resume");
         let src = Arc::new(MemSealedStore::new(2 << 20));
         fill(&src, 0, 7, 2 << 20, 4096).await;
         let (dst, store) = target(2 << 20, &dir);
-        let fetcher =
-            Fetcher { sources: HashMap::from([(2, source(src.clone(), 9))]), asked: Mutex::new(Vec::new()) };
+        let fetcher = Fetcher {
+            sources: HashMap::from([(2, source(src.clone(), 9))]),
+            asked: Mutex::new(Vec::new()),
+            leader: 0,
+        };
         let plan = PullPlan {
             group: GroupId(1),
             index: 9,

@@ -53,6 +53,14 @@ pub trait ChunkFetcher: Send + Sync {
         len: u64,
         min_index: u64,
     ) -> Result<Chunk, FetchError>;
+
+    /// The group's leader as this node knows it now (0: none, or this node), asked first:
+    /// the sources a rebuild starts with come from the membership it knew then, which may
+    /// have changed since (a new copy starts from the group's initial members, some of
+    /// them long gone), while the leader is a member that has applied what it committed.
+    fn leader(&self, _group: GroupId) -> u64 {
+        0
+    }
 }
 
 /// Why a rebuild stopped (source trouble is retried, never an error).
@@ -187,7 +195,12 @@ async fn fetch_any(
 ) -> (u64, raftblk_blockdev::seal::BlockImage) {
     let mut failures = 0usize;
     loop {
-        let source = plan.sources[*next_source % plan.sources.len()];
+        let leader = fetcher.leader(plan.group);
+        let candidates: Vec<u64> = std::iter::once(leader)
+            .filter(|&l| l != 0)
+            .chain(plan.sources.iter().copied().filter(|&s| s != leader))
+            .collect();
+        let source = candidates[*next_source % candidates.len()];
         match fetcher.fetch(source, plan.group, offset, chunk_bytes, plan.index).await {
             Ok(chunk) if chunk.offset == offset && chunk.source_applied >= plan.index => match chunk.blocks()
             {
@@ -212,7 +225,7 @@ async fn fetch_any(
         progress.retries.fetch_add(1, Ordering::Relaxed);
         *next_source += 1;
         failures += 1;
-        if failures.is_multiple_of(plan.sources.len()) {
+        if failures.is_multiple_of(candidates.len()) {
             tokio::time::sleep(ALL_SOURCES_FAILED_BACKOFF).await;
         }
     }

@@ -324,6 +324,15 @@ impl Transport {
         peers.iter().map(|(id, link)| (*id, link.addr())).collect()
     }
 
+    /// Whether `to` cannot be reached now: the last attempt to connect to it failed and no
+    /// connection is up since. A peer never tried, or connected, is not unreachable; one
+    /// that is merely slow is not either. Lets a caller ask another node at once instead of
+    /// waiting out a timeout on one that is down.
+    pub fn unreachable(&self, to: NodeId) -> bool {
+        let peers = self.peers.read().unwrap_or_else(PoisonError::into_inner);
+        peers.get(&to).is_some_and(|link| link.queue.unreachable.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Queues a Raft message of `group` for `to`. Never blocks and never waits for the
     /// network: when the peer's queue is full the oldest Raft messages are dropped (and
     /// counted in [`TransportStats::queue_drops`]); Raft retransmits. Callable from any

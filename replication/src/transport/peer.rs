@@ -111,6 +111,8 @@ pub enum PeerError {
 pub(crate) struct PeerQueue {
     state: Mutex<QueueState>,
     ready: Notify,
+    /// The writer's last attempt to connect failed, and no connection is up since.
+    pub(crate) unreachable: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -355,6 +357,7 @@ impl Writer {
                     }
                     connected_before = true;
                     failures = 0;
+                    self.queue.unreachable.store(false, Ordering::Relaxed);
                     let started = Instant::now();
                     match self.serve(stream).await {
                         Ok(Ended::Stopped) => return,
@@ -373,6 +376,7 @@ impl Writer {
                 }
                 Err(e) => {
                     self.shared.counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    self.queue.unreachable.store(true, Ordering::Relaxed);
                     failures = failures.saturating_add(1);
                     if failures == 1 {
                         warn!(peer = %self.peer, %addr, error = %e, "cannot connect to peer; retrying with backoff");

@@ -446,3 +446,32 @@ async fn messages_sent_in_parts_arrive_joined() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_refuses_connections_is_unreachable_until_it_answers() {
+    let (a, _rx_a) = node(1).await;
+    let (b, _rx_b) = node(2).await;
+    let b_addr = b.local_addr();
+    assert!(!a.unreachable(NodeId(2)), "an unknown peer is not unreachable");
+    a.add_peer(NodeId(2), b_addr).unwrap();
+    a.send(NodeId(2), GroupId(0), payload(1)).unwrap();
+    let wait = |want: bool| {
+        let a = &a;
+        async move {
+            for _ in 0..200 {
+                if a.unreachable(NodeId(2)) == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            panic!("peer 2 never became {}", if want { "unreachable" } else { "reachable" });
+        }
+    };
+    wait(false).await;
+    b.shutdown().await;
+    // The writer notices the closed connection and fails to reconnect.
+    a.send(NodeId(2), GroupId(0), payload(2)).unwrap();
+    wait(true).await;
+    let (_b, _rx_b) = node_at(2, b_addr).await;
+    wait(false).await;
+}

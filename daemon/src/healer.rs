@@ -13,8 +13,9 @@
 //! current holders, so zones stay spread, and spreading one pass's copies over the nodes),
 //! add the copy there (a learner that gets a snapshot, promoted once it holds the data), then
 //! remove the old one. No step asks a node the liveness view calls dead (a dead voter would
-//! cost a control timeout per question). A copy is only ever removed after its replacement votes, so
-//! redundancy never drops below what the failure left.
+//! cost a control timeout per question), and a volume that lost the majority of its copies
+//! waits for one to return (a membership change needs a majority). A copy is only ever
+//! removed after its replacement votes, so redundancy never drops below what the failure left.
 //!
 //! When nothing needs repair, the acting node also spreads leaders: if a live node leads at
 //! least two volumes more than another node holding a copy of one of them, it moves that
@@ -28,10 +29,9 @@
 //! The acting node also schedules background scrubs ([`scrub_loop`]): a scrub covers every
 //! copy of a volume, so one node starting them is enough.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::collections::{BTreeMap, BTreeSet};
 
 use tokio::sync::Semaphore;
 

@@ -64,13 +64,26 @@ pub fn plan_heal(records: &[VolumeRecord], nodes: &[NodeView]) -> HealPlan {
         if leaving.is_empty() {
             continue;
         }
-        let source = record.voters.iter().any(|&id| state_of(nodes, id).0 != Liveness::Dead);
-        if !source {
+        let live = record.voters.iter().filter(|&&id| state_of(nodes, id).0 != Liveness::Dead).count();
+        if live == 0 {
             // A replacement would wait forever for data nobody reachable holds: the volume is
             // unavailable until one of its nodes returns (replicas=0 risks exactly this).
             plan.stuck.push(Stuck {
                 volume: record.name.clone(),
                 why: format!("every copy is on a dead node ({:?}); nothing to copy from", record.voters),
+            });
+            continue;
+        }
+        if live * 2 <= record.voters.len() {
+            // Adding a copy is a membership change, which needs a majority of the voters:
+            // trying would only wait until one of the dead nodes returns.
+            plan.stuck.push(Stuck {
+                volume: record.name.clone(),
+                why: format!(
+                    "only {live} of its {} copies ({:?}) are on live nodes, not a majority; it waits for one to return",
+                    record.voters.len(),
+                    record.voters
+                ),
             });
             continue;
         }
@@ -172,13 +185,33 @@ mod tests {
 
     #[test]
     fn a_volume_with_nothing_to_copy_from_or_nowhere_to_go_is_stuck_not_planned() {
-        let nodes = cluster(&[(1, Dead, Active), (2, Dead, Active), (3, Alive, Cordoned)]);
-        let plan = plan_heal(&[record("lost", &[1, 2]), record("full", &[3, 1])], &nodes);
+        let nodes =
+            cluster(&[(1, Dead, Active), (2, Dead, Active), (3, Alive, Cordoned), (4, Alive, Cordoned)]);
+        // "full" keeps a majority but every node without a copy is dead or cordoned.
+        let plan = plan_heal(&[record("lost", &[1, 2]), record("full", &[3, 4, 1])], &nodes);
         assert!(plan.replacements.is_empty(), "{plan:?}");
         let why: Vec<(&str, &str)> = plan.stuck.iter().map(|s| (s.volume.as_str(), s.why.as_str())).collect();
         assert_eq!(why.len(), 2);
         assert!(why[0].0 == "full" && why[0].1.contains("node 1"), "{why:?}");
         assert!(why[1].0 == "lost" && why[1].1.contains("nothing to copy from"), "{why:?}");
+    }
+
+    #[test]
+    fn a_volume_that_lost_its_majority_waits_instead_of_being_replaced() {
+        let nodes = cluster(&[
+            (1, Alive, Active),
+            (2, Dead, Active),
+            (3, Dead, Active),
+            (4, Alive, Active),
+            (5, Alive, Active),
+        ]);
+        let plan = plan_heal(&[record("two-dead", &[1, 2, 3]), record("one-dead", &[1, 2, 4])], &nodes);
+        assert_eq!(plan.replacements, vec![Replacement { volume: "one-dead".into(), from: 2, to: 5 }]);
+        assert_eq!(plan.stuck.len(), 1, "{plan:?}");
+        assert!(
+            plan.stuck[0].volume == "two-dead" && plan.stuck[0].why.contains("not a majority"),
+            "{plan:?}"
+        );
     }
 
     #[test]

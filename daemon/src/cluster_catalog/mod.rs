@@ -11,13 +11,14 @@
 //!   opens, regrows, moves and deletes its local volume replicas to match
 //! ```
 //!
-//! Every node holds a replica: up to [`CATALOG_VOTERS_MAX`](crate::planner::catalog_members::CATALOG_VOTERS_MAX) of them vote, the rest are
-//! learners, so every node answers reads from its own copy and learns changes as soon as
-//! they commit. The catalog leader's node keeps that membership in shape
-//! ([`plan_membership`](crate::planner::catalog_members::plan_membership)): new nodes become learners, and voters that are dead, drained or
-//! removed are replaced by live learners. Proposals are conditional ([`op`]), so a proposal
-//! retried after a lost answer cannot apply twice, and two nodes creating the same name at
-//! once get one volume: the log orders them and the second finds the name taken.
+//! Every node holds a replica: up to five of them vote (`CATALOG_VOTERS_MAX` in
+//! [`crate::planner::catalog_members`]), the rest are learners, so every node answers reads
+//! from its own copy and learns changes as soon as they commit. The catalog leader's node
+//! keeps that membership in shape ([`plan_membership`]): new nodes become learners, and
+//! voters that are dead, drained or removed are replaced by live learners. Proposals are
+//! conditional ([`crate::model::op`]), so a proposal retried after a lost answer cannot apply
+//! twice, and two nodes creating the same name at once get one volume: the log orders them
+//! and the second finds the name taken.
 
 pub mod machine;
 pub mod settings;

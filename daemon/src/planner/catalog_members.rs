@@ -36,7 +36,7 @@ pub struct Candidate {
 /// The next membership change of the catalog group (one at a time), or `None` when it is
 /// in shape. `voters`/`learners` as the leader sees them; `me` is the leader, which never
 /// plans its own removal (it hands leadership away first, see
-/// [`ClusterCatalog::keep_membership`]).
+/// `cluster_catalog::ClusterCatalog::keep_membership`).
 pub fn plan_membership(
     me: u64,
     voters: &[u64],

@@ -889,12 +889,10 @@ impl VolumeManager {
     /// next sync when they return), so they do not hold up the operation.
     async fn broadcast(&self, msg: &Request, must: &[u64]) -> Result<(), VolumeError> {
         let Some(node) = &self.replication else { return Ok(()) };
-        let now = std::time::Instant::now();
-        let alive = |p: u64| {
-            self.nodes.get().is_none_or(|d| d.table.liveness(p, now) != crate::model::Liveness::Dead)
-        };
-        let (waited, background): (Vec<u64>, Vec<u64>) =
-            node.peer_ids().into_iter().partition(|&p| must.contains(&p) || alive(p));
+        let (waited, background): (Vec<u64>, Vec<u64>) = node
+            .peer_ids()
+            .into_iter()
+            .partition(|&p| must.contains(&p) || self.peer_timeout(node, p).is_some());
         for peer in background {
             let (node, msg) = (node.clone(), msg.clone());
             tokio::spawn(async move {
@@ -1181,16 +1179,14 @@ impl VolumeManager {
     /// [`INSPECT_TIMEOUT`] are left out.
     async fn group_statuses(&self, group_id: u64, ids: &[u64]) -> Vec<(u64, GroupView)> {
         let Some(node) = &self.replication else { return Vec::new() };
-        let asks = ids.iter().filter(|&&id| self.peer_timeout(node, id).is_some()).map(|&id| async move {
-            let msg = Request::GroupStatus { group_id };
-            let answer = if id == node.node_id().0 {
-                self.send_control(node, id, &msg).await
-            } else {
-                control::send(node, id, &msg, INSPECT_TIMEOUT).await
-            };
-            match answer {
-                Ok(Answer::Status(view)) => Some((id, view)),
-                _ => None,
+        let msg = Request::GroupStatus { group_id };
+        let asks = ids.iter().filter(|&&id| self.peer_timeout(node, id).is_some()).map(|&id| {
+            let msg = &msg;
+            async move {
+                match self.send_control_within(node, id, msg, INSPECT_TIMEOUT).await {
+                    Ok(Answer::Status(view)) => Some((id, view)),
+                    _ => None,
+                }
             }
         });
         futures::future::join_all(asks).await.into_iter().flatten().collect()

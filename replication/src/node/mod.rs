@@ -323,6 +323,13 @@ struct Shared {
     scrubs: Mutex<ScrubResults>,
 }
 
+impl Shared {
+    /// The group's leader as the runner last published it (0: none known).
+    fn leader(&self, group: GroupId) -> u64 {
+        self.leaders.read().map_or(0, |m| m.get(&group).copied().unwrap_or(0))
+    }
+}
+
 /// Most scrub findings kept per node (a coordinator collects each within seconds).
 const SCRUB_RESULTS_MAX: usize = 4096;
 
@@ -416,7 +423,7 @@ impl ChunkFetcher for PeerFetcher {
     }
 
     fn leader(&self, group: GroupId) -> u64 {
-        let leader = self.shared.leaders.read().map_or(0, |m| m.get(&group).copied().unwrap_or(0));
+        let leader = self.shared.leader(group);
         if leader == self.transport.local_id().0 {
             0
         } else {
@@ -657,7 +664,7 @@ impl ReplicationNode {
 
     /// The leader this node knows of (0: none).
     pub fn leader(&self, group: GroupId) -> u64 {
-        self.inner.shared.leaders.read().map(|m| m.get(&group).copied().unwrap_or(0)).unwrap_or(0)
+        self.inner.shared.leader(group)
     }
 
     /// The group's status as this node sees it (`None`: no replica here).

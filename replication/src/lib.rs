@@ -25,10 +25,13 @@
 //! over all groups:
 //!   │ GroupDriver::collect: entries + hard state ─▶ Wal::append (not durable yet)
 //!   │                       leader's append messages ─▶ transport (safe before the sync)
-//!   │ Wal::sync: one fdatasync for every group (group commit; none if the round only
-//!   │            moved commit indexes)
-//!   │ GroupDriver::on_synced: votes and append acks ─▶ transport; newly committed entries,
-//!   │            whose writes are acknowledged now (committed = in a majority's synced WAL)
+//!   │                       committed entries (durable here and in a majority), whose
+//!   │                       writes are acknowledged now
+//!   │ Wal::begin_sync: one fdatasync for every group (group commit; none if the round only
+//!   │            moved commit indexes), run by the sync thread while the next rounds go on
+//!   │            (one sync at a time; the next covers every round that asked meanwhile)
+//!   │ NodeCore::synced ─▶ GroupDriver::on_persisted, round by round in order: votes and
+//!   │            append acks ─▶ transport; the next collect hands out what became committed
 //!   │ apply committed entries, in order, on the runtime ─▶ the volume's local copy (one
 //!   │            apply task per group in flight; the next rounds do not wait for it)
 //!   │ Event::Applied ─▶ NodeCore::applied ─▶ GroupDriver::applied ─▶ reads that may proceed
@@ -44,8 +47,9 @@
 //! no read returns data older than a write acknowledged before it began. FLUSH and FUA need no
 //! work of their own (see [`volume`]).
 //!
-//! The WAL is synchronous and single-owner per node (shared by the groups behind a mutex);
-//! its segments reuse the files of deleted ones, so a sync rewrites allocated blocks.
+//! The WAL is single-owner per node (shared by the groups behind a mutex); its appends run on
+//! the runner thread and its `fdatasync`s on the sync thread, outside the lock. Its segments
+//! reuse the files of deleted ones, so a sync rewrites allocated blocks.
 //! Everything that touches the file system goes through [`wal::disk::WalDisk`], so the same
 //! code runs in production and against the simulated disk in tests.
 

@@ -7,15 +7,20 @@
 //! A round, as a shell drives it:
 //! 1. inputs as they come: [`NodeCore::open`], [`NodeCore::write`], [`NodeCore::read`],
 //!    [`NodeCore::step`], [`NodeCore::tick`], and the reports of work the core asked for:
-//!    [`NodeCore::applied`], [`NodeCore::checkpointed`], [`NodeCore::rebuild_done`];
+//!    [`NodeCore::applied`], [`NodeCore::checkpointed`], [`NodeCore::rebuild_done`],
+//!    [`NodeCore::persisted`];
 //! 2. [`NodeCore::propose`]: queued writes become batched entries, queued reads one ReadIndex
 //!    per group;
 //! 3. [`NodeCore::collect`]: every group's Ready, appended to the WAL (unsynced); the outputs
-//!    carry rebuild markers (written before the sync) and messages (sent at once); returns
-//!    what the WAL needs ([`Persist`]: a sync, or only a write-out for single-copy volumes,
-//!    which follow a disk's write-cache contract, see [`NodeCore::flush`]);
-//! 4. the shell syncs (or writes out) the WAL as asked, then [`NodeCore::synced`]: the
-//!    messages that waited for it, committed entries as `Apply` outputs, flushes answered;
+//!    carry rebuild markers (written before the sync), messages (sent at once) and the
+//!    committed entries already durable; returns the round's number and what the WAL needs
+//!    ([`Persist`]: a sync, or only a write-out for single-copy volumes, which follow a
+//!    disk's write-cache contract, see [`NodeCore::flush`]);
+//! 4. the shell writes out the WAL or begins a sync, as asked, and goes on with the next
+//!    rounds while the sync runs; once it is durable, [`NodeCore::persisted`] with the round's
+//!    number: the messages that waited for it, flushes answered, and (at the next collect)
+//!    what that made committed. Rounds complete in order: one reported persisted waits for
+//!    those before it, so a message never says more is durable than is;
 //! 5. [`NodeCore::checkpoints`]: `Checkpoint` outputs for groups whose interval passed.
 //!
 //! Applies never block a round: at most one per group is in flight (entries apply in log
@@ -24,7 +29,7 @@
 //! index. The WAL's appends and compactions go through each driver's `GroupStorage`, which
 //! writes through the disk seam (`WalDisk`), so the core is generic over the disk.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use raft::eraftpb::{ConfChangeV2, Message, MessageType};
 
@@ -66,16 +71,39 @@ pub(crate) struct CoreConfig {
 /// loss takes at most this much of them; a crash of the process none).
 const WRITE_BACK_SYNC_MS: u64 = 1000;
 
-/// What the WAL needs between [`NodeCore::collect`] and [`NodeCore::synced`].
+/// What the WAL needs before a round collected by [`NodeCore::collect`] is reported
+/// [`NodeCore::persisted`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Persist {
-    /// Nothing was appended that must persist first.
+    /// Nothing was appended that must persist first: the core counts the round persisted
+    /// itself (once the rounds before it are).
     Nothing,
     /// Hand what was appended to the kernel ([`crate::wal::Wal::write_out`]): only
     /// write-back groups appended, and no FLUSH waits.
     Write,
-    /// `fdatasync` it ([`crate::wal::Wal::sync`]).
+    /// `fdatasync` it ([`crate::wal::Wal::begin_sync`], or [`crate::wal::Wal::sync`]).
     Sync,
+}
+
+/// A round [`NodeCore::collect`] returned: its number and what the WAL needs for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Collected {
+    pub round: u64,
+    pub persist: Persist,
+}
+
+/// A round collected and not yet complete.
+#[derive(Debug)]
+struct Round<W> {
+    number: u64,
+    /// Reported persisted; it completes once every round before it has.
+    done: bool,
+    /// Groups it collected, with the number of each one's Ready.
+    readies: Vec<(GroupId, u64)>,
+    /// Snapshots its groups installed: (group, index, the node it came from).
+    installed: Vec<(GroupId, u64, u64)>,
+    /// FLUSH requests its sync answers.
+    flushes: Vec<W>,
 }
 
 /// Committed payload bytes a group's copy may have yet to apply while writes are still
@@ -169,6 +197,9 @@ pub(crate) enum Output<W, R> {
 /// Where a store being rebuilt stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rebuild {
+    /// A snapshot is installed in the log, and the round that appended it is not durable
+    /// yet: the copy starts once it is. A copy running for an older snapshot is superseded.
+    Installing,
     /// The copy waits for the apply in flight (it must not write over the copied blocks).
     Waiting { index: u64, offset: u64, hint: u64 },
     /// Copying from peers; committed entries are logged, not applied.
@@ -213,6 +244,9 @@ struct Slot<D: WalDisk, W, R> {
     rebuild: Option<Rebuild>,
     /// Write-back only: the group appended entries that no sync has covered yet.
     unsynced: bool,
+    /// Write-back only: the round whose sync covers what the group appended before it, while
+    /// that sync runs (a FLUSH waits for it).
+    syncing: Option<u64>,
     /// FLUSH requests waiting for the next sync (see [`NodeCore::flush`]).
     flushes: Vec<W>,
     /// A follower's latest acknowledgement of appends to each node, held back while its copy
@@ -225,13 +259,9 @@ pub(crate) struct NodeCore<D: WalDisk, W, R> {
     config: CoreConfig,
     groups: BTreeMap<GroupId, Slot<D, W, R>>,
     out: Vec<Output<W, R>>,
-    /// Groups collected this round (they owe an `on_synced`), and snapshots they installed:
-    /// (group, index, the node it came from).
-    collected: Vec<GroupId>,
-    installed: Vec<(GroupId, u64, u64)>,
-    /// What this round's WAL needs, and the FLUSH requests its sync answers.
-    persist: Persist,
-    flushing: Vec<W>,
+    /// Rounds collected and not yet complete, oldest first.
+    rounds: VecDeque<Round<W>>,
+    next_round: u64,
     /// Since when write-back groups hold entries no sync has covered (the shell's clock).
     unsynced_since_ms: Option<u64>,
     /// The clock as of the last [`NodeCore::propose`].
@@ -255,10 +285,8 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
             config,
             groups: BTreeMap::new(),
             out: Vec::new(),
-            collected: Vec::new(),
-            installed: Vec::new(),
-            persist: Persist::Nothing,
-            flushing: Vec::new(),
+            rounds: VecDeque::new(),
+            next_round: 0,
             unsynced_since_ms: None,
             now_ms: 0,
             next_request: 0,
@@ -397,6 +425,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
                 broken: None,
                 rebuild: None,
                 unsynced: false,
+                syncing: None,
                 flushes: Vec::new(),
                 held: BTreeMap::new(),
             },
@@ -461,11 +490,18 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
 
     /// A FLUSH: once it is answered, every write acknowledged before it came is durable.
     /// Acknowledged writes of a replicated group are (in the synced WAL of a majority), so it
-    /// is answered at once; a write-back group's wait for the next round's sync.
+    /// is answered at once; a write-back group's wait for the next round's sync, or for the
+    /// sync running that covers them.
     pub(crate) fn flush(&mut self, group: GroupId, token: W) {
         match self.serving(group) {
             Ok(slot) if slot.unsynced => slot.flushes.push(token),
-            Ok(_) => self.out.push(Output::Acked { token, result: Ok(()) }),
+            Ok(slot) => match slot.syncing {
+                Some(number) => match self.rounds.iter_mut().find(|r| r.number == number) {
+                    Some(round) => round.flushes.push(token),
+                    None => self.out.push(Output::Acked { token, result: Ok(()) }),
+                },
+                None => self.out.push(Output::Acked { token, result: Ok(()) }),
+            },
             Err(error) => self.out.push(Output::Acked { token, result: Err(error) }),
         }
     }
@@ -510,8 +546,10 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         let me = self.config.node_id;
         for slot in self.groups.values_mut() {
             slot.driver.tick();
-            if matches!(slot.rebuild, Some(Rebuild::Copying { .. } | Rebuild::Waiting { .. }))
-                && slot.driver.is_leader()
+            if matches!(
+                slot.rebuild,
+                Some(Rebuild::Installing | Rebuild::Copying { .. } | Rebuild::Waiting { .. })
+            ) && slot.driver.is_leader()
             {
                 let status = slot.driver.raft_status();
                 let best = status
@@ -596,10 +634,14 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         }
     }
 
-    /// Phase 1 of a round: every group's Ready, appended to the WAL unsynced. Returns what
-    /// the WAL needs before [`NodeCore::synced`]; the outputs so far must be carried out
-    /// before that (markers) or may be at once (messages).
-    pub(crate) fn collect(&mut self) -> Result<Persist, NodeError> {
+    /// A round: every group's Ready, appended to the WAL unsynced. The outputs so far must be
+    /// carried out before the WAL is synced (markers) or may be at once (messages, applies).
+    /// Returns the round and what the WAL needs before it is [`NodeCore::persisted`].
+    pub(crate) fn collect(&mut self) -> Result<Collected, NodeError> {
+        self.next_round += 1;
+        let number = self.next_round;
+        let mut round =
+            Round { number, done: false, readies: Vec::new(), installed: Vec::new(), flushes: Vec::new() };
         let mut needs_sync = false;
         let mut needs_write = false;
         for group in self.group_ids() {
@@ -612,13 +654,17 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
             else {
                 continue;
             };
+            round.readies.push((group, actions.number));
             if let Some(leader) = actions.leader_changed {
                 self.leader_changed(group, leader);
             }
             if let Some(snap) = actions.snapshot {
+                if let Some(slot) = self.groups.get_mut(&group) {
+                    slot.rebuild = Some(Rebuild::Installing);
+                }
                 self.out.push(Output::WriteMarker { group, marker: Marker { index: snap.index, offset: 0 } });
                 self.out.push(Output::Servable { group, index: 0 });
-                self.installed.push((group, snap.index, snap.from));
+                round.installed.push((group, snap.index, snap.from));
             }
             self.send(group, actions.messages);
             self.committed(group, actions.committed);
@@ -630,16 +676,19 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
                 }
                 self.unsynced_since_ms.get_or_insert(self.now_ms);
             }
-            self.collected.push(group);
         }
         let flushes_wait = self.groups.values().any(|s| !s.flushes.is_empty());
         let sync_due =
             self.unsynced_since_ms.is_some_and(|t| self.now_ms.saturating_sub(t) >= WRITE_BACK_SYNC_MS);
-        self.persist = if needs_sync || flushes_wait || sync_due {
+        let persist = if needs_sync || flushes_wait || sync_due {
             // One fdatasync covers every group's appends: the write-back groups' and their
             // FLUSHes ride along.
+            self.unsynced_since_ms = None;
             for slot in self.groups.values_mut() {
-                self.flushing.append(&mut slot.flushes);
+                round.flushes.append(&mut slot.flushes);
+                if std::mem::take(&mut slot.unsynced) {
+                    slot.syncing = Some(number);
+                }
             }
             Persist::Sync
         } else if needs_write {
@@ -647,41 +696,69 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         } else {
             Persist::Nothing
         };
-        Ok(self.persist)
+        let nothing_waits =
+            round.readies.is_empty() && round.installed.is_empty() && round.flushes.is_empty();
+        if !(nothing_waits && persist == Persist::Nothing) {
+            self.rounds.push_back(round);
+        }
+        if persist == Persist::Nothing {
+            self.persisted(number);
+        } else {
+            self.start_applies();
+        }
+        Ok(Collected { round: number, persist })
     }
 
-    /// Phase 2 of a round, after the WAL sync (or write-out) [`NodeCore::collect`] asked for.
-    pub(crate) fn synced(&mut self) -> Result<(), NodeError> {
-        if std::mem::replace(&mut self.persist, Persist::Nothing) == Persist::Sync {
-            self.unsynced_since_ms = None;
-            for slot in self.groups.values_mut() {
-                slot.unsynced = false;
-            }
-            for token in std::mem::take(&mut self.flushing) {
+    /// Round `number` is persisted as [`NodeCore::collect`] asked (written out): it
+    /// completes once every round before it has. A completed round's groups' messages that
+    /// waited for it go out, its FLUSHes are answered, the copies of snapshots it installed
+    /// start.
+    pub(crate) fn persisted(&mut self, number: u64) {
+        if let Some(round) = self.rounds.iter_mut().find(|r| r.number == number) {
+            round.done = true;
+        }
+        self.complete_rounds();
+    }
+
+    /// A WAL sync begun after round `number` was collected is done: that round and every one
+    /// before it are durable (see [`NodeCore::persisted`]).
+    pub(crate) fn synced(&mut self, number: u64) {
+        for round in self.rounds.iter_mut().take_while(|r| r.number <= number) {
+            round.done = true;
+        }
+        self.complete_rounds();
+    }
+
+    fn complete_rounds(&mut self) {
+        while let Some(round) = self.rounds.pop_front_if(|r| r.done) {
+            for token in round.flushes {
                 self.out.push(Output::Acked { token, result: Ok(()) });
             }
-        }
-        for (group, index, from) in std::mem::take(&mut self.installed) {
-            tracing::info!(%group, index, from, "snapshot installed");
-            self.start_rebuild(group, index, 0, from);
-        }
-        for group in std::mem::take(&mut self.collected) {
-            let Some(slot) = self.groups.get_mut(&group) else { continue };
-            let actions =
-                slot.driver.on_synced().map_err(|e| NodeError::Internal(format!("group {group}: {e}")))?;
-            if let Some(leader) = actions.leader_changed {
-                self.leader_changed(group, leader);
+            for slot in self.groups.values_mut() {
+                slot.syncing = slot.syncing.filter(|&n| n != round.number);
             }
-            self.send(group, actions.messages);
-            self.committed(group, actions.committed);
+            for (group, index, from) in round.installed {
+                tracing::info!(%group, index, from, "snapshot installed");
+                self.start_rebuild(group, index, 0, from);
+            }
+            for (group, ready) in round.readies {
+                let Some(slot) = self.groups.get_mut(&group) else { continue };
+                let actions = slot.driver.on_persisted(ready);
+                self.send(group, actions.messages);
+            }
         }
+        self.start_applies();
+    }
+
+    /// Starts the applies that can start, completes what the applied indexes cover, lets held
+    /// acknowledgements go.
+    fn start_applies(&mut self) {
         for group in self.group_ids() {
             self.start_apply(group);
             self.complete(group);
             // Also after a change of role or a rebuild, which `applied` does not see.
             self.release_held(group);
         }
-        Ok(())
     }
 
     /// Sends the group's messages, except that a follower whose copy lags by over
@@ -750,7 +827,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
         let Some(last) = entries.last().map(|e| e.index) else { return };
         match slot.rebuild {
             // Logged and committed; replayed over the copy when it is complete.
-            Some(Rebuild::Copying { .. } | Rebuild::Waiting { .. }) => return,
+            Some(Rebuild::Installing | Rebuild::Copying { .. } | Rebuild::Waiting { .. }) => return,
             Some(Rebuild::Finishing { .. }) => return slot.to_apply.extend(entries),
             None => slot.to_apply.extend(entries),
         }
@@ -795,7 +872,7 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
                 // The store is being replaced: the copy that waited for this apply starts.
                 return self.start_rebuild(group, index, offset, hint);
             }
-            Some(Rebuild::Copying { .. }) => return,
+            Some(Rebuild::Installing | Rebuild::Copying { .. }) => return,
             None | Some(Rebuild::Finishing { .. }) => {}
         }
         match result {
@@ -1060,20 +1137,38 @@ mod tests {
         round_persisting(core, now).1
     }
 
-    /// As [`round`], with what the round asked of the WAL.
+    /// As [`round`], with what the round asked of the WAL. The WAL is synced at once, and
+    /// the rounds that what it made committed needs follow.
     fn round_persisting(core: &mut Core, now: u64) -> (Persist, Vec<Output<u64, u64>>) {
         core.propose(now);
-        let persist = core.collect().unwrap();
+        let persist = persist_round(core);
         let mut out = core.take_outputs();
-        let wal = core.driver(G).unwrap().storage().wal().clone();
-        match persist {
-            Persist::Sync => wal.lock().unwrap().sync().unwrap(),
-            Persist::Write => wal.lock().unwrap().write_out().unwrap(),
-            Persist::Nothing => {}
+        for _ in 0..8 {
+            if !core.has_ready() {
+                break;
+            }
+            persist_round(core);
         }
-        core.synced().unwrap();
         out.extend(core.take_outputs());
         (persist, out)
+    }
+
+    /// Collects a round and persists it as asked, at once.
+    fn persist_round(core: &mut Core) -> Persist {
+        let Collected { round, persist } = core.collect().unwrap();
+        let wal = core.driver(G).unwrap().storage().wal().clone();
+        match persist {
+            Persist::Sync => {
+                wal.lock().unwrap().sync().unwrap();
+                core.synced(round);
+            }
+            Persist::Write => {
+                wal.lock().unwrap().write_out().unwrap();
+                core.persisted(round);
+            }
+            Persist::Nothing => {}
+        }
+        persist
     }
 
     /// Node `id`'s core with group `G` open over a fresh log whose members are `voters`.
@@ -1381,6 +1476,57 @@ mod tests {
             matches!(&out[..], [Output::Acked { token: 7, result: Err(NodeError::Internal(_)) }]),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn a_round_reported_persisted_waits_for_the_rounds_before_it() {
+        let mut core = leader();
+        let wal = core.driver(G).unwrap().storage().wal().clone();
+        core.write(G, write(1), 1);
+        core.propose(10);
+        let first = core.collect().unwrap();
+        assert_eq!(first.persist, Persist::Sync);
+        wal.lock().unwrap().begin_sync().unwrap();
+        core.write(G, write(2), 2);
+        core.propose(11);
+        let second = core.collect().unwrap();
+        assert_eq!(second.persist, Persist::Sync);
+        assert!(acked(&core.take_outputs()).is_empty());
+        // The second round's sync finished first: nothing is durable that the first round
+        // appended, as far as the core may know, so nothing commits.
+        wal.lock().unwrap().sync().unwrap();
+        core.persisted(second.round);
+        let mut out = core.take_outputs();
+        for _ in 0..4 {
+            persist_round(&mut core);
+            out.extend(core.take_outputs());
+        }
+        assert!(acked(&out).is_empty(), "acknowledged before the round before it was persisted: {out:?}");
+        core.synced(first.round);
+        for _ in 0..4 {
+            persist_round(&mut core);
+            out.extend(core.take_outputs());
+        }
+        assert_eq!(acked(&out), vec![(1, true), (2, true)]);
+    }
+
+    #[test]
+    fn a_write_back_flush_waits_for_the_sync_that_runs() {
+        let mut core = leader_with(true);
+        core.write(G, write(1), 1);
+        let (persist, out) = round_persisting(&mut core, 100);
+        assert_eq!((persist, acked(&out)), (Persist::Write, vec![(1, true)]));
+        core.flush(G, 2);
+        core.propose(101);
+        let syncing = core.collect().unwrap();
+        assert_eq!(syncing.persist, Persist::Sync);
+        // A second FLUSH while that sync runs: the acknowledged write is not durable yet.
+        core.flush(G, 3);
+        assert!(acked(&core.take_outputs()).is_empty());
+        core.synced(syncing.round);
+        assert_eq!(acked(&core.take_outputs()), vec![(2, true), (3, true)]);
+        core.flush(G, 4);
+        assert_eq!(acked(&core.take_outputs()), vec![(4, true)], "nothing unsynced: answered at once");
     }
 
     #[test]

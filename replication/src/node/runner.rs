@@ -1,8 +1,10 @@
 //! The runner thread: the I/O shell around the node's sans-IO [`NodeCore`]. It turns events
 //! (client requests, peer messages, ticks, finished tasks) into the core's inputs and
-//! carries out its outputs: one WAL sync (or, for single-copy volumes, write-out) per round,
-//! messages to the transport, applies, checkpoints and rebuild copies as tasks on the runtime
-//! (which report back as events), and replies. The round never waits for a copy.
+//! carries out its outputs: WAL syncs (or, for single-copy volumes, write-outs), messages to
+//! the transport, applies, checkpoints and rebuild copies as tasks on the runtime (which
+//! report back as events), and replies. The round never waits for a copy, nor for the disk:
+//! the `fdatasync` runs on the sync thread (`sync_thread`), one at a time, while the rounds
+//! after it go on appending, and the next sync covers every round that asked meanwhile.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +18,7 @@ use raftblk_blockdev::backend::check_range;
 use raftblk_blockdev::seal::{SealedBlocks, BLOCK};
 use tokio::sync::oneshot;
 
-use super::node_core::{CoreConfig, NodeCore, Output, Persist, ReadRequest};
+use super::node_core::{Collected, CoreConfig, NodeCore, Output, Persist, ReadRequest};
 use super::raft_codec;
 use super::repair::{read_repaired, RepairContext};
 use super::{GroupStore, NodeConfig, NodeError, PeerFetcher, RebuildStatus, Shared, SnapshotSource};
@@ -28,9 +30,9 @@ use crate::transport::Transport;
 use crate::volume::command::Command;
 use crate::volume::group::CommittedEntry;
 use crate::volume::{apply_entries, ApplyReport};
-use crate::wal::disk::NodeDisk;
+use crate::wal::disk::{DiskError, FdSync, FileSync, NodeDisk};
 use crate::wal::record::{GroupId, NodeId};
-use crate::wal::Wal;
+use crate::wal::{SyncMark, Wal};
 
 /// Most events handled in one round before the round's Raft work runs.
 const EVENTS_PER_ROUND_MAX: usize = 1024;
@@ -100,7 +102,26 @@ pub(super) enum Event {
         index: u64,
         result: Result<(), String>,
     },
+    /// The sync thread finished the WAL sync begun for `round`.
+    Synced {
+        round: u64,
+        result: Result<(), DiskError>,
+    },
     Shutdown,
+}
+
+/// A WAL sync handed to the sync thread, and what the runner keeps of it.
+struct SyncJob {
+    round: u64,
+    sync: FdSync,
+}
+
+/// The sync in flight: its round and WAL mark; and the latest round that asked for one
+/// since it began (the next sync, begun when this one is done, covers it).
+#[derive(Default)]
+struct Syncing {
+    running: Option<(u64, SyncMark)>,
+    wanted: Option<u64>,
 }
 
 /// A copy of the store being made from peers.
@@ -136,10 +157,32 @@ pub(super) struct Runner {
     tasks: HashMap<GroupId, Tasks>,
     /// The monotonic clock the core's read leases and checkpoints are measured in.
     clock: Instant,
+    /// To the sync thread (which answers with `Event::Synced`).
+    sync_jobs: std::sync::mpsc::Sender<SyncJob>,
+    syncing: Syncing,
 }
 
 fn fail<T>(tx: Reply<T>, e: NodeError) {
     let _ = tx.send(Err(e));
+}
+
+/// Starts the thread that runs the WAL's `fdatasync`s, one at a time, reporting each to the
+/// runner's queue. It ends when the runner drops its sender.
+fn sync_thread(events: std::sync::mpsc::Sender<Event>) -> std::sync::mpsc::Sender<SyncJob> {
+    let (tx, rx) = std::sync::mpsc::channel::<SyncJob>();
+    let spawned = std::thread::Builder::new().name("raftblk-wal-sync".into()).spawn(move || {
+        for job in rx {
+            let result = job.sync.sync();
+            if events.send(Event::Synced { round: job.round, result }).is_err() {
+                return;
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        // Without the thread the first sync's send fails, and the runner stops replicating.
+        tracing::error!(error = %e, "cannot start the WAL sync thread");
+    }
+    tx
 }
 
 impl Runner {
@@ -166,6 +209,7 @@ impl Runner {
             checkpoint_interval_ms: CHECKPOINT_INTERVAL.as_millis() as u64,
             seed,
         });
+        let sync_jobs = sync_thread(task_events.clone());
         Runner {
             config,
             wal: Arc::new(Mutex::new(wal)),
@@ -177,6 +221,8 @@ impl Runner {
             core,
             tasks: HashMap::new(),
             clock: Instant::now(),
+            sync_jobs,
+            syncing: Syncing::default(),
         }
     }
 
@@ -243,18 +289,65 @@ impl Runner {
             }
             let now_ms = self.now_ms();
             self.core.propose(now_ms);
-            let persist = self.core.collect()?;
+            let Collected { round, persist } = self.core.collect()?;
             // Markers before the sync; leader appends go out in parallel with it.
             self.execute(false)?;
             match persist {
-                Persist::Sync => self.sync_wal()?,
-                Persist::Write => self.write_out_wal()?,
+                Persist::Sync if self.syncing.running.is_some() => self.syncing.wanted = Some(round),
+                Persist::Sync => self.begin_sync(round)?,
+                Persist::Write => {
+                    self.write_out_wal()?;
+                    self.core.persisted(round);
+                }
                 Persist::Nothing => {}
             }
-            self.core.synced()?;
             self.core.checkpoints(now_ms);
             self.execute(false)?;
         }
+    }
+
+    /// Hands the WAL's sync for `round` (and every round before it) to the sync thread.
+    fn begin_sync(&mut self, round: u64) -> Result<(), NodeError> {
+        let (sync, mark) =
+            self.lock_wal()?.begin_sync().map_err(|e| NodeError::Internal(format!("WAL sync: {e}")))?;
+        match sync {
+            Some(sync) => {
+                self.syncing.running = Some((round, mark));
+                self.sync_jobs
+                    .send(SyncJob { round, sync })
+                    .map_err(|_| NodeError::Internal("the WAL sync thread stopped".into()))
+            }
+            // Durable already (an inline sync came first).
+            None => self.synced(round, mark, Ok(())),
+        }
+    }
+
+    /// The sync for `round` finished: the core learns it, and the next sync starts if a round
+    /// asked for one meanwhile.
+    fn synced(&mut self, round: u64, mark: SyncMark, result: Result<(), DiskError>) -> Result<(), NodeError> {
+        self.lock_wal()?
+            .finish_sync(mark, result)
+            .map_err(|e| NodeError::Internal(format!("WAL sync: {e}")))?;
+        self.core.synced(round);
+        if let Some(next) = self.syncing.wanted.take() {
+            self.begin_sync(next)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the sync in flight (closing a group, shutting down).
+    fn wait_for_sync(&mut self) -> Result<(), NodeError> {
+        let (running, wanted) = (self.syncing.running.take(), self.syncing.wanted.take());
+        if running.is_none() && wanted.is_none() {
+            return Ok(());
+        }
+        // One inline sync covers every round so far; the thread's answer, when it comes,
+        // finds no sync running for its round and is dropped.
+        self.sync_wal()?;
+        if let Some(round) = wanted.or(running.map(|(round, _)| round)) {
+            self.core.synced(round);
+        }
+        Ok(())
     }
 
     fn handle(&mut self, ev: Event) -> Result<(), NodeError> {
@@ -323,6 +416,11 @@ impl Runner {
                 if t.rebuild.as_ref().is_some_and(|r| r.index == index) {
                     t.rebuild = None;
                     self.core.rebuild_done(group, index, result);
+                }
+            }
+            Event::Synced { round, result } => {
+                if let Some((running, mark)) = self.syncing.running.take_if(|(r, _)| *r == round) {
+                    self.synced(running, mark, result)?;
                 }
             }
             Event::Shutdown => {}
@@ -408,6 +506,9 @@ impl Runner {
     /// Lets the group's work finish before it is closed (or the node stops): the apply in
     /// flight and what is queued behind it, then a checkpoint, waiting for each.
     fn settle(&mut self, group: GroupId) {
+        if let Err(e) = self.wait_for_sync() {
+            tracing::warn!(%group, error = %e, "settling the group: the WAL sync failed");
+        }
         while let Some((seq, task)) = self.tasks.get_mut(&group).and_then(|t| t.applying.take()) {
             self.applied(group, seq, task);
             self.execute_logged();

@@ -43,7 +43,7 @@ use raftblk_blockdev::seal::{
     BlockImage, BlockState, BlockWrite, CopyStore, MemSealedStore, Seal, SealedBlocks,
 };
 
-use crate::node::node_core::{CoreConfig, NodeCore, Output, Persist};
+use crate::node::node_core::{Collected, CoreConfig, NodeCore, Output, Persist};
 use crate::node::raft_codec;
 use crate::node::repair::usable;
 use crate::snapshot::marker::Marker;
@@ -51,9 +51,9 @@ use crate::storage::GroupStorage;
 use crate::volume::command::Command;
 use crate::volume::group::{CommittedEntry, GroupDriver, RequestId};
 use crate::volume::{apply_entries, ApplyReport};
-use crate::wal::disk::SimDisk;
+use crate::wal::disk::{FileSync, SimDisk, SimSync};
 use crate::wal::record::GroupId;
-use crate::wal::{Wal, WalOptions};
+use crate::wal::{SyncMark, Wal, WalOptions};
 
 const GROUP: GroupId = GroupId(1);
 const BLOCK_BYTES: u64 = 4096;
@@ -144,6 +144,11 @@ struct Node {
     applying: Option<(u64, Vec<CommittedEntry>)>,
     /// The checkpoint the core asked for, not run yet (the applied index it records).
     checkpointing: Option<u64>,
+    /// The WAL sync begun for a round, not done yet: it finishes a few steps later, while
+    /// rounds go on, as on production's sync thread. A crash drops it.
+    syncing: Option<(u64, SimSync, SyncMark)>,
+    /// The latest round that asked for a sync while one ran.
+    sync_wanted: Option<u64>,
     /// Test hook: the apply that replays the log over a copy is skipped.
     skip_replay: bool,
     snapshots: u64,
@@ -279,6 +284,8 @@ impl Sim {
                 servable: 0,
                 applying: None,
                 checkpointing: None,
+                syncing: None,
+                sync_wanted: None,
                 skip_replay: false,
                 snapshots: 0,
                 next_scrub: 0,
@@ -544,34 +551,75 @@ impl Sim {
         n.copy = None;
         n.applying = None;
         n.checkpointing = None;
+        n.syncing = None;
+        n.sync_wanted = None;
         n.servable = 0;
         n.disk.crash();
         self.crashes += 1;
     }
 
-    /// One round of node `i`'s core: propose, collect, sync (or crash before it), synced.
+    /// One round of node `i`'s core: propose, collect, then a write-out, or a sync begun (or
+    /// a crash before either).
     fn round(&mut self, i: usize) {
         let now = self.now;
         let Some(core) = self.nodes[i].core.as_mut() else { return };
         core.propose(now);
-        let persist = core.collect().expect("collect");
+        let Collected { round, persist } = core.collect().expect("collect");
         self.execute(i);
         if persist != Persist::Nothing && self.faults && self.rng.chance(2) {
             // Power loss between appending and syncing.
             return self.crash(i);
         }
-        let Some(core) = self.nodes[i].core.as_mut() else { return };
-        if let Some(d) = core.driver(GROUP) {
-            let mut wal = d.storage().wal().lock().expect("lock");
-            match persist {
-                Persist::Sync => wal.sync().expect("sync"),
-                Persist::Write => wal.write_out().expect("write out"),
-                Persist::Nothing => {}
+        match persist {
+            Persist::Sync if self.nodes[i].syncing.is_some() => self.nodes[i].sync_wanted = Some(round),
+            Persist::Sync => self.begin_sync(i, round),
+            Persist::Write => {
+                let Some(core) = self.nodes[i].core.as_mut() else { return };
+                if let Some(d) = core.driver(GROUP) {
+                    d.storage().wal().lock().expect("lock").write_out().expect("write out");
+                }
+                core.persisted(round);
             }
+            Persist::Nothing => {}
         }
-        core.synced().expect("synced");
+        let Some(core) = self.nodes[i].core.as_mut() else { return };
         core.checkpoints(now);
         self.execute(i);
+    }
+
+    fn begin_sync(&mut self, i: usize, round: u64) {
+        let n = &mut self.nodes[i];
+        let Some(d) = n.core.as_ref().and_then(|c| c.driver(GROUP)) else { return };
+        let (sync, mark) = d.storage().wal().lock().expect("lock").begin_sync().expect("begin sync");
+        match sync {
+            Some(sync) => n.syncing = Some((round, sync, mark)),
+            None => self.finish_sync(i, round, mark),
+        }
+    }
+
+    /// Finishes node `i`'s sync in flight, at some step after it began (never without
+    /// faults: then at once, so a run without faults keeps its pace).
+    fn sync_step(&mut self, i: usize) {
+        if self.nodes[i].syncing.is_none() || (self.faults && !self.rng.chance(50)) {
+            return;
+        }
+        let Some((round, sync, mark)) = self.nodes[i].syncing.take() else { return };
+        sync.sync().expect("sync");
+        self.finish_sync(i, round, mark);
+    }
+
+    fn finish_sync(&mut self, i: usize, round: u64, mark: SyncMark) {
+        let n = &mut self.nodes[i];
+        let Some(core) = n.core.as_mut() else { return };
+        if let Some(d) = core.driver(GROUP) {
+            d.storage().wal().lock().expect("lock").finish_sync(mark, Ok(())).expect("finish sync");
+        }
+        trace!("t{} n{} synced round {round}", self.now, i + 1);
+        core.synced(round);
+        self.execute(i);
+        if let Some(next) = self.nodes[i].sync_wanted.take() {
+            self.begin_sync(i, next);
+        }
     }
 
     fn send(&mut self, from: usize, msgs: Vec<Message>) {
@@ -864,6 +912,7 @@ impl Sim {
                     break;
                 }
             }
+            self.sync_step(i);
             self.background(i);
             self.rebuild_step(i);
             if self.now >= self.nodes[i].next_scrub {

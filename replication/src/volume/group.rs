@@ -1,27 +1,32 @@
 //! The driver of one volume's Raft group: a sans-IO wrapper around [`raft::RawNode`].
 //!
 //! Inputs: [`GroupDriver::propose`], [`GroupDriver::step`], [`GroupDriver::tick`],
-//! [`GroupDriver::read_index`]. Outputs come in two phases so that the node runner can cover
-//! many groups with **one** WAL sync (group commit):
+//! [`GroupDriver::read_index`]. Outputs come from [`GroupDriver::collect`], and persistence
+//! is reported back with [`GroupDriver::on_persisted`], so that the node can cover many
+//! groups with **one** WAL sync (group commit) and go on with the next rounds while a sync
+//! runs (raft-rs's asynchronous Ready: `advance_append_async`, `on_persist_ready`):
 //!
 //! ```text
-//! for every group with work:  a = group.collect()?      // entries + hard state appended to
-//!                                                       // the WAL (not yet durable)
-//!                             send a.messages now       // leader appends: safe before sync
-//! wal.sync()?                                           // one fdatasync for all groups
-//! for every group collected:  b = group.on_synced()?    // raft-rs `advance`
-//!                             send b.messages           // votes, append acks: need the sync
-//! apply a.committed then b.committed to the volume's store, in order
-//!                             c = group.applied(last applied index)
-//!                             acknowledge c.writes, serve c.reads, fail c.failed
+//! round N, for every group with work:
+//!     a = group.collect()?       // entries + hard state appended to the WAL (not yet
+//!                                // durable); a.number is the Ready's
+//!     send a.messages now        // leader appends: safe before the sync
+//!     apply a.committed          // only entries already durable here are committed
+//! begin one WAL sync for the round (another thread runs it; rounds N+1.. go on meanwhile)
+//! once it is durable, for every group round N collected:
+//!     b = group.on_persisted(a.number)
+//!     send b.messages            // votes, append acks: they needed the sync
+//! the next collect hands out what that made committed
 //! ```
 //!
 //! This follows the raft-rs `Ready` contract: `messages` may go out before the local log is
-//! durable, `persisted_messages` only after. A write is acknowledged once its entry is
-//! committed (durable in a majority's WAL) **and** applied to the local store, so a read on
-//! this node afterwards sees it. Proposals are matched to entries by (index, term): an entry
-//! is unique by that pair, so a proposal whose slot commits with another term was lost (a
-//! leader change) and is reported in [`Applied::failed`] for the client to retry.
+//! durable, `persisted_messages` only after; readies are persisted in order. A write is
+//! acknowledged once its entry is committed (durable in a majority's WAL, this leader's own
+//! included: raft-rs counts its own copy only once persisted) **and** applied to the local
+//! store, so a read on this node afterwards sees it. Proposals are matched to entries by
+//! (index, term): an entry is unique by that pair, so a proposal whose slot commits with
+//! another term was lost (a leader change) and is reported in [`Applied::failed`] for the
+//! client to retry.
 
 // The protobuf structs of raft-rs carry hidden fields, so they are built by assignment.
 #![allow(clippy::field_reassign_with_default)]
@@ -82,9 +87,6 @@ pub enum GroupError {
     /// a committed entry does not decode: the replica must stop
     #[error("committed entry {index} is malformed: {source}")]
     BadEntry { index: u64, source: CommandError },
-    /// `collect` and `on_synced` were called out of order
-    #[error("on_synced called without a collected Ready")]
-    NothingCollected,
 }
 
 /// Settings of one group on one node.
@@ -123,9 +125,12 @@ pub struct CommittedEntry {
     pub commands: Vec<Command>,
 }
 
-/// Output of [`GroupDriver::collect`] and [`GroupDriver::on_synced`].
+/// Output of [`GroupDriver::collect`] and [`GroupDriver::on_persisted`].
 #[derive(Debug, Default)]
 pub struct Actions {
+    /// The Ready's number, to give [`GroupDriver::on_persisted`] once what `collect`
+    /// appended is durable (0 from `on_persisted`).
+    pub number: u64,
     /// Messages to send now.
     pub messages: Vec<Message>,
     /// Entries to apply, in log order.
@@ -135,7 +140,7 @@ pub struct Actions {
     /// A snapshot was installed: the log now starts after its index, and the volume's data
     /// up to that index must be fetched from a peer (see [`InstalledSnapshot`]).
     pub snapshot: Option<InstalledSnapshot>,
-    /// What `collect` appended must be synced before `on_synced` (entries, a term or vote,
+    /// What `collect` appended must be synced before `on_persisted` (entries, a term or vote,
     /// a snapshot). A Ready that only moves the commit index needs no sync: commit is only
     /// ever "at least" and is recovered from the leader, and the entries it covers were
     /// synced by an earlier round. Skipping it takes one `fdatasync` off every replicated
@@ -150,7 +155,7 @@ pub struct Actions {
     /// prefix), which is the contract of a disk with a volatile write cache: a write is
     /// durable once a FLUSH (or FUA) that follows it returns (see `NodeCore::flush`).
     pub needs_sync: bool,
-    /// What `collect` appended must at least be handed to the kernel before `on_synced`
+    /// What `collect` appended must at least be handed to the kernel before `on_persisted`
     /// (implied by `needs_sync`).
     pub needs_write: bool,
 }
@@ -200,8 +205,9 @@ pub struct GroupDriver<D: WalDisk> {
     failed: Vec<RequestId>,
     /// Reads that have a read index, waiting for `applied` to reach it.
     reads: Vec<(u64, RequestId)>,
-    /// The Ready between `collect` and `on_synced`, and its persisted messages.
-    in_flight: Option<raft::Ready>,
+    /// Messages of Readies collected and not yet persisted, by Ready number: they go out once
+    /// [`GroupDriver::on_persisted`] says their Ready is durable.
+    unpersisted: std::collections::VecDeque<(u64, Vec<Message>)>,
     leader: u64,
     /// Highest index handed out in `committed`.
     handed_out: u64,
@@ -277,7 +283,7 @@ impl<D: WalDisk> GroupDriver<D> {
             committed_proposals: BTreeMap::new(),
             failed: Vec::new(),
             reads: Vec::new(),
-            in_flight: None,
+            unpersisted: std::collections::VecDeque::new(),
             leader: 0,
             handed_out: config.applied,
             applied: config.applied,
@@ -540,7 +546,7 @@ impl<D: WalDisk> GroupDriver<D> {
 
     /// Whether [`GroupDriver::collect`] has anything to do.
     pub fn has_ready(&self) -> bool {
-        self.in_flight.is_none() && self.raw.has_ready()
+        self.raw.has_ready()
     }
 
     fn hand_out(
@@ -592,16 +598,17 @@ impl<D: WalDisk> GroupDriver<D> {
         Ok(())
     }
 
-    /// Phase 1: takes raft-rs's Ready, appends its entries and hard state to the WAL (not
-    /// synced), and returns what may be done before the sync. `None` if there is nothing to
-    /// do. The caller must sync the WAL and then call [`GroupDriver::on_synced`] before
-    /// collecting again.
+    /// Takes raft-rs's Ready, appends its entries and hard state to the WAL (not synced), and
+    /// returns what may be done before the sync; the messages that must wait for it are kept
+    /// until [`GroupDriver::on_persisted`]. `None` if there is nothing to do. It may be
+    /// called again before the Ready is persisted.
     pub fn collect(&mut self) -> Result<Option<Actions>, GroupError> {
         if !self.has_ready() {
             return Ok(None);
         }
         let mut rd = self.raw.ready();
-        let mut out = Actions { messages: rd.take_messages(), ..Actions::default() };
+        let mut out = Actions { number: rd.number(), messages: rd.take_messages(), ..Actions::default() };
+        let held = rd.take_persisted_messages();
         let before = self.raw.store().hard_state();
         out.needs_write = !rd.entries().is_empty()
             || !rd.snapshot().is_empty()
@@ -651,25 +658,38 @@ impl<D: WalDisk> GroupDriver<D> {
         if let Some(hs) = rd.hs() {
             self.raw.mut_store().set_hard_state(hs)?;
         }
-        self.in_flight = Some(rd);
+        // The Ready's updates are readable from the storage now (raft-rs's condition for this).
+        self.raw.advance_append_async(rd);
+        self.advance_applied_mark();
+        if !held.is_empty() {
+            self.unpersisted.push_back((out.number, held));
+        }
         Ok(Some(out))
     }
 
-    /// Phase 2, after the WAL sync that covers the last [`GroupDriver::collect`]: tells
-    /// raft-rs the Ready is persisted and returns the messages that waited for it, plus newly
-    /// committed entries.
-    pub fn on_synced(&mut self) -> Result<Actions, GroupError> {
-        let mut rd = self.in_flight.take().ok_or(GroupError::NothingCollected)?;
-        let mut out = Actions { messages: rd.take_persisted_messages(), ..Actions::default() };
-        let mut light = self.raw.advance(rd);
-        if let Some(commit) = light.commit_index() {
-            // Not needed for safety (the commit index can be recovered), so no sync of its own.
-            self.raw.mut_store().set_commit(commit)?;
+    /// raft-rs counts entries as applied once handed out (its synchronous `advance` moved the
+    /// mark there); the store may finish them later, which only this driver's own mark
+    /// follows. raft-rs takes a mark only up to what is persisted here (an installed
+    /// snapshot's index only once its Ready is).
+    fn advance_applied_mark(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        let to = self.handed_out.min(log.committed).min(log.persisted);
+        if to > log.applied {
+            self.raw.advance_apply_to(to);
         }
-        out.messages.extend(light.take_messages());
-        let committed = light.take_committed_entries();
-        self.hand_out(committed, &mut out.committed)?;
-        Ok(out)
+    }
+
+    /// Reports that the Ready `number` (and every one before it) is durable: returns the
+    /// messages that waited for it. What it makes committed (this node's copy now counts)
+    /// comes out of the next [`GroupDriver::collect`].
+    pub fn on_persisted(&mut self, number: u64) -> Actions {
+        self.raw.on_persist_ready(number);
+        self.advance_applied_mark();
+        let mut out = Actions::default();
+        while let Some((_, messages)) = self.unpersisted.pop_front_if(|(n, _)| *n <= number) {
+            out.messages.extend(messages);
+        }
+        out
     }
 
     /// Highest index handed out as committed (or installed by a snapshot).
@@ -755,12 +775,6 @@ impl<D: WalDisk> GroupDriver<D> {
         let index = index.min(self.handed_out);
         if index > self.applied {
             self.applied = index;
-            // raft-rs counts entries as applied once handed out (`advance` moves its mark);
-            // the store may finish them later (the node applies while the next rounds run),
-            // which only this driver's own mark follows.
-            if index > self.raw.raft.raft_log.applied {
-                self.raw.advance_apply_to(index);
-            }
         }
         let mut out = Applied { failed: std::mem::take(&mut self.failed), ..Applied::default() };
         while let Some(entry) = self.committed_proposals.first_entry() {

@@ -6,7 +6,7 @@
 //!
 //! A write is acknowledged only once its entry is *committed*: appended to and `fdatasync`ed
 //! in the WAL of a majority of the group's nodes (raft-rs counts the leader's own log only
-//! after [`group::GroupDriver::on_synced`], which the caller calls after the WAL sync). From
+//! after [`group::GroupDriver::on_persisted`], which the caller calls after the WAL sync). From
 //! then on the write survives the loss of any minority of nodes, power loss included: a
 //! restarted node replays it from its WAL into its store. So every acknowledged write is
 //! already as durable as the replication promises, and `FLUSH` (make completed writes

@@ -83,8 +83,38 @@ pub trait WalDisk {
     fn reuse(&self, from: &str, to: &str) -> Result<Self::File, DiskError>;
 }
 
+/// Makes the bytes a file had handed to the kernel durable, on any thread: what
+/// [`WalFile::begin_sync`] returns, so the `fdatasync` need not hold up the appends that
+/// follow it.
+pub trait FileSync: Send + 'static {
+    fn sync(self) -> Result<(), DiskError>;
+}
+
+/// A real file's `fdatasync`, through a handle of its own.
+#[derive(Debug)]
+pub struct FdSync {
+    file: File,
+    name: String,
+}
+
+impl FdSync {
+    /// A handle on `file` that syncs it (a `dup` of its descriptor).
+    pub(super) fn of(file: &File, name: &str) -> Result<FdSync, DiskError> {
+        Ok(FdSync { file: file.try_clone().map_err(io_err("dup", name))?, name: name.to_owned() })
+    }
+}
+
+impl FileSync for FdSync {
+    fn sync(self) -> Result<(), DiskError> {
+        self.file.sync_data().map_err(io_err("fdatasync", &self.name))
+    }
+}
+
 /// One open WAL file: append-only writes, positioned reads.
 pub trait WalFile {
+    /// What [`WalFile::begin_sync`] hands out.
+    type Sync: FileSync;
+
     /// Current length, including unsynced appends.
     fn len_bytes(&self) -> Result<u64, DiskError>;
     /// Fills `buf` from `offset`; fails if the file is shorter.
@@ -103,6 +133,10 @@ pub trait WalFile {
     }
     /// Makes all appended data (and any truncation) durable.
     fn sync(&mut self) -> Result<(), DiskError>;
+    /// Hands every appended byte to the kernel and returns what makes them (and any
+    /// truncation before) durable, for another thread to run while appends go on: the bytes
+    /// appended later are not covered.
+    fn begin_sync(&mut self) -> Result<Self::Sync, DiskError>;
     /// Cuts the file to `len_bytes`, its old bytes past them included.
     fn truncate(&mut self, len_bytes: u64) -> Result<(), DiskError>;
 }
@@ -224,6 +258,8 @@ impl WalDisk for StdDisk {
 }
 
 impl WalFile for StdFile {
+    type Sync = FdSync;
+
     fn len_bytes(&self) -> Result<u64, DiskError> {
         Ok(self.len_bytes)
     }
@@ -249,6 +285,10 @@ impl WalFile for StdFile {
 
     fn sync(&mut self) -> Result<(), DiskError> {
         self.file.sync_data().map_err(io_err("fdatasync", &self.name))
+    }
+
+    fn begin_sync(&mut self) -> Result<FdSync, DiskError> {
+        FdSync::of(&self.file, &self.name)
     }
 
     fn truncate(&mut self, len_bytes: u64) -> Result<(), DiskError> {
@@ -407,6 +447,8 @@ impl WalDisk for NodeDisk {
 }
 
 impl WalFile for NodeFile {
+    type Sync = FdSync;
+
     fn len_bytes(&self) -> Result<u64, DiskError> {
         match self {
             NodeFile::Std(f) => f.len_bytes(),
@@ -446,6 +488,13 @@ impl WalFile for NodeFile {
         match self {
             NodeFile::Std(f) => f.sync(),
             NodeFile::Uring(f) => f.sync(),
+        }
+    }
+
+    fn begin_sync(&mut self) -> Result<FdSync, DiskError> {
+        match self {
+            NodeFile::Std(f) => f.begin_sync(),
+            NodeFile::Uring(f) => f.begin_sync(),
         }
     }
 
@@ -693,7 +742,33 @@ impl SimFile {
     }
 }
 
+/// A [`SimFile`]'s sync begun: makes the file durable up to the length it had then (unless
+/// the disk crashed since, which drops it like a process that died mid-`fdatasync`).
+#[derive(Debug)]
+pub struct SimSync {
+    disk: SimDisk,
+    name: String,
+    epoch: u64,
+    len: usize,
+}
+
+impl FileSync for SimSync {
+    fn sync(self) -> Result<(), DiskError> {
+        self.disk.with_file(&self.name, self.epoch, |st| {
+            if std::mem::take(&mut st.fail_next_sync) {
+                return Err(DiskError::Injected { op: "sync", name: self.name.clone() });
+            }
+            let f = SimFile::state(st, &self.name)?;
+            // A truncate since cut the file below what this sync covers.
+            f.synced_len = f.synced_len.max(self.len.min(f.data.len()));
+            Ok(())
+        })
+    }
+}
+
 impl WalFile for SimFile {
+    type Sync = SimSync;
+
     fn len_bytes(&self) -> Result<u64, DiskError> {
         self.disk.with_file(
             &self.name,
@@ -742,6 +817,13 @@ impl WalFile for SimFile {
             f.synced_len = f.data.len();
             Ok(())
         })
+    }
+
+    fn begin_sync(&mut self) -> Result<SimSync, DiskError> {
+        let len = self
+            .disk
+            .with_file(&self.name, self.epoch, |st| Ok(SimFile::state(st, &self.name)?.data.len()))?;
+        Ok(SimSync { disk: self.disk.clone(), name: self.name.clone(), epoch: self.epoch, len })
     }
 
     fn truncate(&mut self, len_bytes: u64) -> Result<(), DiskError> {

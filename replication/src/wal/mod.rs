@@ -6,6 +6,9 @@
 //!   and updates the in-memory index. Nothing is durable yet.
 //! * [`Wal::sync`] makes everything appended so far durable with one `fdatasync` (group
 //!   commit). **Every record appended before a successful `sync()` survives any later crash.**
+//! * [`Wal::begin_sync`] and [`Wal::finish_sync`] are the same sync in two halves, for a
+//!   node that goes on appending while another thread runs the `fdatasync`: what was
+//!   appended before `begin_sync` is durable once `finish_sync` returns `Ok`.
 //! * Records that were not synced may be lost in a crash, but only from the end: what survives
 //!   is always a prefix of the append order. So a hard state appended after the entries it
 //!   commits is never recovered without them.
@@ -37,13 +40,15 @@
 //! checkpoint does not already say, except the entries.
 //!
 //! Deletion rule: after each successful sync, every closed segment older than the oldest
-//! segment still holding a retained entry of any group is deleted, oldest first. Why that
+//! segment still holding a retained entry of any group when the sync began is deleted,
+//! oldest first. Why that
 //! is safe:
 //! * Entries: a group's retained entries were written in index order (rewriting an index
 //!   drops everything after it), so its oldest retained entry is in its oldest needed
 //!   segment, and no retained entry is in a deleted one.
 //! * Hard states and marks: the active segment was always started by this process (`open`
-//!   starts a new one after recovery), so its checkpoint is complete, and it was just synced.
+//!   starts a new one after recovery), so its checkpoint is complete, and it was just synced
+//!   (or, if it was closed since the sync began, synced when it closed).
 //!   It is kept and comes after every deleted segment, so it supersedes their metadata.
 //!   (Checkpoints of older kept segments may be incomplete, cut by a crash; replay passes
 //!   through them and the active segment's checkpoint restores what they lack.)
@@ -75,7 +80,7 @@ pub mod uring;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use self::disk::WalDisk;
+use self::disk::{DiskError, WalDisk, WalFile};
 use self::record::{
     EncodeError, Entry, GroupId, GroupMeta, HardState, LogIndex, Payload, Record, Term, HEADER_BYTES,
     PAYLOAD_BYTES_MAX,
@@ -277,13 +282,24 @@ pub struct Wal<D: WalDisk> {
     /// holds more than that.
     active_base_bytes: u64,
     groups: BTreeMap<GroupId, GroupIndex>,
-    /// Appended since the last successful sync.
-    unsynced: bool,
+    /// Appends (and rotations) so far, counted; `synced` is the count the last successful
+    /// sync covered. Counts, not a flag, because a sync begun on another thread
+    /// ([`Wal::begin_sync`]) covers only what came before it.
+    appended: u64,
+    synced: u64,
     poisoned: bool,
     recovery: RecoveryReport,
     /// Files of deleted segments kept for the next segments to reuse (see `disk`'s docs: an
     /// `fdatasync` of overwritten blocks costs half that of appended ones).
     free: Vec<String>,
+}
+
+/// What a sync begun with [`Wal::begin_sync`] covers: the appends counted before it, and the
+/// oldest segment anything needed then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncMark {
+    appended: u64,
+    keep_from: SegmentId,
 }
 
 /// Most deleted segment files kept for reuse.
@@ -353,7 +369,8 @@ impl<D: WalDisk> Wal<D> {
             active_base_bytes: active.len_bytes(),
             active,
             groups,
-            unsynced: false,
+            appended: 0,
+            synced: 0,
             poisoned: false,
             recovery: report,
             free,
@@ -459,7 +476,7 @@ impl<D: WalDisk> Wal<D> {
             };
             r.encode_gathered(&mut buf, self.active.salt())?;
             apply_record(&mut self.groups, r, loc, Mode::Append)?;
-            self.unsynced = true;
+            self.appended += 1;
         }
         if !buf.is_empty() {
             self.active.append_parts(buf.into_parts())?;
@@ -486,8 +503,8 @@ impl<D: WalDisk> Wal<D> {
             }
         }
         next.append(&checkpoint)?;
-        // The checkpoint must be synced before `sync_and_purge` relies on it.
-        self.unsynced = true;
+        // The checkpoint must be synced before `purge` relies on it.
+        self.appended += 1;
         self.active_base_bytes = next.len_bytes();
         let old = std::mem::replace(&mut self.active, next);
         tracing::debug!(closed = %old.id(), active = %self.active.id(), checkpoint_bytes = checkpoint.len(), "wal: rotated");
@@ -511,20 +528,55 @@ impl<D: WalDisk> Wal<D> {
     /// more.
     pub fn sync(&mut self) -> Result<(), WalError> {
         self.check_usable()?;
-        let result = self.sync_and_purge();
+        let mark = self.sync_mark();
+        let result = self.sync_and_purge(mark);
         if result.is_err() {
             self.poisoned = true;
         }
         result
     }
 
-    fn sync_and_purge(&mut self) -> Result<(), WalError> {
-        if self.unsynced {
+    fn sync_and_purge(&mut self, mark: SyncMark) -> Result<(), WalError> {
+        if self.synced < mark.appended {
             self.active.sync()?;
-            self.unsynced = false;
         }
-        // The active segment is synced here, so the checkpoint of whichever segment becomes
-        // the oldest is durable.
+        self.synced_to(mark)
+    }
+
+    /// A sync in two halves, for a node that goes on appending while the disk syncs: hands
+    /// every record appended so far to the kernel and returns what makes them durable (to
+    /// run on another thread: [`FileSync::sync`]; `None` if they already are) with the mark
+    /// to give [`Wal::finish_sync`] once it has. Records appended meanwhile are not covered.
+    #[allow(clippy::type_complexity)]
+    pub fn begin_sync(&mut self) -> Result<(Option<<D::File as WalFile>::Sync>, SyncMark), WalError> {
+        self.check_usable()?;
+        let mark = self.sync_mark();
+        if self.synced == mark.appended {
+            return Ok((None, mark));
+        }
+        match self.active.begin_sync() {
+            Ok(sync) => Ok((Some(sync), mark)),
+            Err(e) => {
+                self.poisoned = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The second half of [`Wal::begin_sync`], with what its sync returned: everything
+    /// appended before the mark is durable, and segments nothing needed then are deleted.
+    pub fn finish_sync(&mut self, mark: SyncMark, result: Result<(), DiskError>) -> Result<(), WalError> {
+        self.check_usable()?;
+        let result =
+            result.map_err(|e| WalError::from(SegmentError::from(e))).and_then(|()| self.synced_to(mark));
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result
+    }
+
+    /// What a sync begun now covers, and the oldest segment still needed now.
+    fn sync_mark(&self) -> SyncMark {
         let keep_from = self
             .groups
             .values()
@@ -532,8 +584,18 @@ impl<D: WalDisk> Wal<D> {
             .min()
             .unwrap_or(self.active.id())
             .min(self.active.id());
+        SyncMark { appended: self.appended, keep_from }
+    }
+
+    /// Records that a sync covering `mark` succeeded, and deletes the segments before the
+    /// mark's oldest needed one. That is safe once the sync is done: the segment active at the
+    /// mark, whose checkpoint supersedes the deleted segments' metadata, is durable (closed
+    /// segments were synced, the active one was just), and so is every compaction mark that
+    /// let those segments go.
+    fn synced_to(&mut self, mark: SyncMark) -> Result<(), WalError> {
+        self.synced = self.synced.max(mark.appended);
         while let Some(oldest) = self.closed.first_entry() {
-            if *oldest.key() >= keep_from {
+            if *oldest.key() >= mark.keep_from {
                 break;
             }
             let id = *oldest.key();
@@ -917,5 +979,59 @@ mod tests {
         wal.append(&[Record::compact_to(G, LogIndex(41))]).expect("compact");
         wal.sync().expect("sync");
         assert_eq!(wal.segment_ids()[0], SegmentId(1));
+    }
+
+    #[test]
+    fn a_sync_in_two_halves_covers_what_came_before_it_and_purges_as_of_then() {
+        use super::disk::FileSync;
+        for seed in 0..32 {
+            let disk = SimDisk::new(seed);
+            let mut wal = open(&disk, 300);
+            for i in 1..=40 {
+                wal.append(&[entry(i, 1)]).expect("append");
+            }
+            wal.sync().expect("sync");
+            let before = wal.segment_ids();
+            // Compacted before the sync begins: its segments may go once it is done.
+            wal.append(&[Record::compact_to(G, LogIndex(35))]).expect("compact");
+            let (sync, mark) = wal.begin_sync().expect("begin");
+            // Appended while the sync runs: not covered, and the compaction past them must
+            // not delete anything when the sync (which does not cover it) finishes.
+            for i in 41..=60 {
+                wal.append(&[entry(i, 1)]).expect("append");
+            }
+            wal.append(&[Record::compact_to(G, LogIndex(58))]).expect("compact");
+            sync.expect("something to sync").sync().expect("sync");
+            wal.finish_sync(mark, Ok(())).expect("finish");
+            let after = wal.segment_ids();
+            assert!(after.len() < before.len() + 2, "{before:?} {after:?}");
+            let (again, _) = wal.begin_sync().expect("begin");
+            assert!(again.is_some(), "appends after the mark are still unsynced");
+            drop(again);
+            disk.crash();
+            drop(wal);
+            let wal = open(&disk, 300);
+            // Everything before the mark survives and what follows is a prefix: the log starts
+            // at the first mark, or at the second if that survived. Had the finished sync
+            // deleted the segments the second mark let go, a crash that lost that mark would
+            // leave a log that does not start at its mark (`open` refuses it) or lacks 35..40.
+            let t = terms(&wal, G);
+            let first = t.first().map(|&(i, _)| i);
+            assert!(first == Some(35) || first == Some(58), "seed {seed}: {t:?}");
+            assert!(t.last().is_some_and(|&(i, _)| i >= 40), "seed {seed}: {t:?}");
+            assert!(t.windows(2).all(|w| w[1].0 == w[0].0 + 1), "seed {seed}: {t:?}");
+        }
+    }
+
+    #[test]
+    fn a_failed_sync_half_poisons() {
+        let disk = SimDisk::new(0);
+        let mut wal = open(&disk, 1 << 20);
+        wal.append(&[entry(1, 1)]).expect("append");
+        let (_, mark) = wal.begin_sync().expect("begin");
+        let err = DiskError::Injected { op: "sync", name: "x".into() };
+        assert!(wal.finish_sync(mark, Err(err)).is_err());
+        assert!(wal.is_poisoned());
+        assert!(matches!(wal.append(&[entry(2, 1)]), Err(WalError::Poisoned)));
     }
 }

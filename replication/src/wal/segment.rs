@@ -209,6 +209,11 @@ impl<F: WalFile> Segment<F> {
         Ok(self.file.sync()?)
     }
 
+    /// See [`WalFile::begin_sync`].
+    pub fn begin_sync(&mut self) -> Result<F::Sync, SegmentError> {
+        Ok(self.file.begin_sync()?)
+    }
+
     /// See [`WalFile::write_out`].
     pub fn write_out(&mut self) -> Result<(), SegmentError> {
         Ok(self.file.write_out()?)

@@ -53,7 +53,7 @@ use bytes::Bytes;
 use raftblk_blockdev::store::{AlignedBuf, DIRECT_IO_ALIGN_BYTES};
 
 use self::ring::WalRing;
-use super::disk::{DiskError, StdDisk, WalDisk, WalFile};
+use super::disk::{DiskError, FdSync, StdDisk, WalDisk, WalFile};
 use crate::gather::Gather;
 
 /// Buffered bytes at which `append` hands them to the kernel without waiting for `sync`.
@@ -324,6 +324,8 @@ impl Drop for UringFile {
 }
 
 impl WalFile for UringFile {
+    type Sync = FdSync;
+
     fn len_bytes(&self) -> Result<u64, DiskError> {
         self.check_usable("len")?;
         Ok(self.written + self.pending.len() as u64)
@@ -389,6 +391,14 @@ impl WalFile for UringFile {
 
     fn sync(&mut self) -> Result<(), DiskError> {
         self.flush(true)
+    }
+
+    /// The pending bytes go out as [`WalFile::write_out`] sends them (a small round through
+    /// the page cache, which the `fdatasync` then writes back), and the sync is a plain
+    /// `fdatasync` on a handle of its own: the ring stays with the thread that appends.
+    fn begin_sync(&mut self) -> Result<FdSync, DiskError> {
+        self.write_out()?;
+        FdSync::of(&self.file, &self.name)
     }
 
     fn truncate(&mut self, len_bytes: u64) -> Result<(), DiskError> {

@@ -1,5 +1,9 @@
 //! The node's volume catalog: one record per volume, kept in sled so that a
 //! create or delete is durable before the API answers.
+//!
+//! A change is made in memory at once (so changes keep the order they were made in) and then
+//! flushed with `flush_async`, which waits for the disk on sled's own thread pool: the
+//! runtime's workers, which also serve NBD requests, never block in an `fsync` here.
 
 use std::path::Path;
 
@@ -75,27 +79,27 @@ impl Catalog {
     }
 
     /// Inserts a new record; returns false (and changes nothing) if the name is taken.
-    pub fn insert_new(&self, record: &VolumeRecord) -> Result<bool, CatalogError> {
+    pub async fn insert_new(&self, record: &VolumeRecord) -> Result<bool, CatalogError> {
         let bytes = encode(record);
         let swapped = self.volumes.compare_and_swap(&record.name, None as Option<&[u8]>, Some(bytes))?;
         if swapped.is_ok() {
-            self.db.flush()?;
+            self.db.flush_async().await?;
         }
         Ok(swapped.is_ok())
     }
 
     /// Replaces an existing record.
-    pub fn update(&self, record: &VolumeRecord) -> Result<(), CatalogError> {
+    pub async fn update(&self, record: &VolumeRecord) -> Result<(), CatalogError> {
         self.volumes.insert(&record.name, encode(record))?;
-        self.db.flush()?;
+        self.db.flush_async().await?;
         Ok(())
     }
 
     /// Remembers that the volume with `uuid` was deleted, so a peer that missed the
     /// delete cannot bring it back.
-    pub fn tombstone(&self, uuid: &str) -> Result<(), CatalogError> {
+    pub async fn tombstone(&self, uuid: &str) -> Result<(), CatalogError> {
         self.deleted.insert(uuid, &[])?;
-        self.db.flush()?;
+        self.db.flush_async().await?;
         Ok(())
     }
 
@@ -110,9 +114,9 @@ impl Catalog {
     }
 
     /// Removes a record; returns whether it existed.
-    pub fn remove(&self, name: &str) -> Result<bool, CatalogError> {
+    pub async fn remove(&self, name: &str) -> Result<bool, CatalogError> {
         let existed = self.volumes.remove(name)?.is_some();
-        self.db.flush()?;
+        self.db.flush_async().await?;
         Ok(existed)
     }
 }
@@ -148,19 +152,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn records_survive_reopen_and_names_are_unique() {
+    #[tokio::test(flavor = "current_thread")]
+    async fn records_survive_reopen_and_names_are_unique() {
         let dir = tempfile::tempdir().unwrap();
         {
             let c = Catalog::open(dir.path()).unwrap();
-            assert!(c.insert_new(&record("a")).unwrap());
-            assert!(!c.insert_new(&record("a")).unwrap());
-            assert!(c.insert_new(&record("b")).unwrap());
+            assert!(c.insert_new(&record("a")).await.unwrap());
+            assert!(!c.insert_new(&record("a")).await.unwrap());
+            assert!(c.insert_new(&record("b")).await.unwrap());
             let mut r = record("b");
             r.size_bytes = 8192;
-            c.update(&r).unwrap();
-            assert!(c.remove("a").unwrap());
-            assert!(!c.remove("a").unwrap());
+            c.update(&r).await.unwrap();
+            assert!(c.remove("a").await.unwrap());
+            assert!(!c.remove("a").await.unwrap());
         }
         let c = Catalog::open(dir.path()).unwrap();
         let all = c.list().unwrap();
@@ -168,7 +172,7 @@ mod tests {
         assert_eq!(all[0].size_bytes, 8192);
         assert_eq!(c.get("b").unwrap().unwrap().name, "b");
         assert!(c.get("a").unwrap().is_none());
-        c.tombstone("u-a").unwrap();
+        c.tombstone("u-a").await.unwrap();
         assert!(c.is_tombstoned("u-a").unwrap());
         assert!(!c.is_tombstoned("u-b").unwrap());
         assert_eq!(c.tombstones().unwrap(), vec!["u-a".to_string()]);

@@ -513,7 +513,7 @@ impl VolumeManager {
                 // The grow reached the file but not the catalog; the larger size was never
                 // acknowledged, but keeping it loses nothing.
                 record.size_bytes = file_size;
-                self.catalog.update(&record)?;
+                self.catalog.update(&record).await?;
             }
             Some(Arc::new(file))
         } else {
@@ -786,39 +786,48 @@ impl VolumeManager {
             {
                 return self.change_copies(&v, current_record, record).await;
             }
-            let mut current = lock(&v.record);
-            if current.uuid != record.uuid {
-                return Err(VolumeError::Exists(record.name.clone()));
-            }
-            if record.generation > current.generation {
-                // What a newer record may change besides size and copies.
-                current.scrubbed_unix_s = record.scrubbed_unix_s;
-                current.damaged_copies = record.damaged_copies.clone();
-                current.wrapped_keys = record.wrapped_keys.clone();
-                current.labels = record.labels.clone();
-                current.publications = record.publications.clone();
-                current.fence = current.fence.max(record.fence);
-                self.catalog.update(&current)?;
-            }
-            current.generation = current.generation.max(record.generation);
-            if v.locked().is_some() {
-                // A rotation may have rewrapped its key by a KEK this node has.
-                drop(current);
-                self.unlock_all();
-                current = lock(&v.record);
-            }
-            if record.size_bytes > current.size_bytes {
-                current.size_bytes = record.size_bytes;
-                v.size.fetch_max(record.size_bytes, Ordering::SeqCst);
-                self.catalog.update(&current)?;
-                self.metrics.volume_size.with_label_values(&[&record.name]).set(record.size_bytes as i64);
+            // Stored once, after the lock is let go (the flush waits for the disk); changes to
+            // a record are serialized by the control lock this runs under.
+            let stored = {
+                let mut current = lock(&v.record);
+                if current.uuid != record.uuid {
+                    return Err(VolumeError::Exists(record.name.clone()));
+                }
+                let mut changed = false;
+                if record.generation > current.generation {
+                    // What a newer record may change besides size and copies.
+                    current.scrubbed_unix_s = record.scrubbed_unix_s;
+                    current.damaged_copies = record.damaged_copies.clone();
+                    current.wrapped_keys = record.wrapped_keys.clone();
+                    current.labels = record.labels.clone();
+                    current.publications = record.publications.clone();
+                    current.fence = current.fence.max(record.fence);
+                    changed = true;
+                }
+                current.generation = current.generation.max(record.generation);
+                if v.locked().is_some() {
+                    // A rotation may have rewrapped its key by a KEK this node has.
+                    drop(current);
+                    self.unlock_all();
+                    current = lock(&v.record);
+                }
+                if record.size_bytes > current.size_bytes {
+                    current.size_bytes = record.size_bytes;
+                    v.size.fetch_max(record.size_bytes, Ordering::SeqCst);
+                    changed = true;
+                    self.metrics.volume_size.with_label_values(&[&record.name]).set(record.size_bytes as i64);
+                }
+                changed.then(|| current.clone())
+            };
+            if let Some(stored) = stored {
+                self.catalog.update(&stored).await?;
             }
             return Ok(());
         }
         // File first, record second: a crash in between leaves an orphan file that the
         // next start removes, never a record without its file.
         self.open_volume(record.clone(), new_here || self.holds_copy(&record)).await?;
-        if !self.catalog.insert_new(&record)? {
+        if !self.catalog.insert_new(&record).await? {
             return Err(VolumeError::Exists(record.name.clone()));
         }
         Ok(())
@@ -843,7 +852,7 @@ impl VolumeManager {
         }
         lock(&self.open).remove(&new.name);
         self.open_volume_with(new.clone(), has && !had, v.connections.clone()).await?;
-        self.catalog.update(&new)?;
+        self.catalog.update(&new).await?;
         if had && !has {
             let _ = std::fs::remove_file(self.data_path(&old.uuid));
             let _ = std::fs::remove_file(self.applied_path(&old.uuid));
@@ -1423,7 +1432,7 @@ impl VolumeManager {
         // The volume has grown already (through its own log); a failed commit here leaves
         // the record behind the volume until the resize is retried, never the reverse.
         self.commit_change(&record, record.generation - 1).await?;
-        self.catalog.update(&record)?;
+        self.catalog.update(&record).await?;
         *lock(&v.record) = record.clone();
         self.metrics.volume_size.with_label_values(&[name]).set(size_bytes as i64);
         tracing::info!(volume = name, size_bytes, "volume grown");
@@ -1459,7 +1468,7 @@ impl VolumeManager {
         let record = lock(&self.open).values().map(|v| lock(&v.record).clone()).find(|r| r.uuid == uuid);
         match record {
             Some(r) => self.remove_locked(&r).await,
-            None => Ok(self.catalog.tombstone(uuid)?),
+            None => Ok(self.catalog.tombstone(uuid).await?),
         }
     }
 
@@ -1468,10 +1477,10 @@ impl VolumeManager {
         let Some(v) = lock(&self.open).get(name).cloned() else { return Ok(()) };
         v.served.mark_deleted();
         if self.replication.is_some() {
-            self.catalog.tombstone(&record.uuid)?;
+            self.catalog.tombstone(&record.uuid).await?;
         }
         // Record first, file second: a crash in between leaves an orphan file.
-        self.catalog.remove(name)?;
+        self.catalog.remove(name).await?;
         {
             let mut open = lock(&self.open);
             open.remove(name);
@@ -1483,10 +1492,25 @@ impl VolumeManager {
         }
         if v.file.is_some() {
             let path = self.data_path(&record.uuid);
-            std::fs::remove_file(&path).map_err(|e| store_err(name, e))?;
-            let _ = std::fs::remove_file(raftblk_blockdev::store::sealed::meta_path(&path));
-            let _ = std::fs::remove_file(self.applied_path(&record.uuid));
-            let _ = std::fs::remove_file(self.rebuild_path(&record.uuid));
+            let others = [
+                raftblk_blockdev::store::sealed::meta_path(&path),
+                self.applied_path(&record.uuid),
+                self.rebuild_path(&record.uuid),
+            ];
+            // Unlinking a large allocated file frees its extents before it returns (seconds
+            // for a big volume on ext4): off the runtime's workers, which serve NBD.
+            let removed = tokio::task::spawn_blocking(move || {
+                std::fs::remove_file(&path)?;
+                for p in others {
+                    let _ = std::fs::remove_file(p);
+                }
+                Ok::<(), std::io::Error>(())
+            })
+            .await;
+            match removed {
+                Ok(result) => result.map_err(|e| store_err(name, e))?,
+                Err(e) => return Err(store_err(name, format!("removing the copy's files: {e}"))),
+            }
         }
         Ok(())
     }

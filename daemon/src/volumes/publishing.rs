@@ -76,7 +76,7 @@ impl VolumeManager {
     async fn save_publications(&self, v: &Volume, mut record: VolumeRecord) -> Result<(), VolumeError> {
         record.generation += 1;
         self.commit_change(&record, record.generation - 1).await?;
-        self.catalog.update(&record)?;
+        self.catalog.update(&record).await?;
         *lock(&v.record) = record.clone();
         let _ = self.broadcast(&Request::Upsert(record), &[]).await;
         Ok(())

@@ -127,7 +127,7 @@ impl VolumeManager {
             record.generation += 1;
             match self.commit_change(&record, expect).await {
                 Ok(()) => {
-                    self.catalog.update(&record)?;
+                    self.catalog.update(&record).await?;
                     *lock(&v.record) = record;
                     return Ok(true);
                 }

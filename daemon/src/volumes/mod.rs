@@ -1499,18 +1499,16 @@ impl VolumeManager {
             ];
             // Unlinking a large allocated file frees its extents before it returns (seconds
             // for a big volume on ext4): off the runtime's workers, which serve NBD.
-            let removed = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 std::fs::remove_file(&path)?;
                 for p in others {
                     let _ = std::fs::remove_file(p);
                 }
                 Ok::<(), std::io::Error>(())
             })
-            .await;
-            match removed {
-                Ok(result) => result.map_err(|e| store_err(name, e))?,
-                Err(e) => return Err(store_err(name, format!("removing the copy's files: {e}"))),
-            }
+            .await
+            .map_err(|e| store_err(name, format!("removing the copy's files: {e}")))?
+            .map_err(|e| store_err(name, e))?;
         }
         Ok(())
     }

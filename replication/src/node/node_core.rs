@@ -495,13 +495,13 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
     pub(crate) fn flush(&mut self, group: GroupId, token: W) {
         match self.serving(group) {
             Ok(slot) if slot.unsynced => slot.flushes.push(token),
-            Ok(slot) => match slot.syncing {
-                Some(number) => match self.rounds.iter_mut().find(|r| r.number == number) {
+            Ok(slot) => {
+                let syncing = slot.syncing;
+                match syncing.and_then(|n| self.rounds.iter_mut().find(|r| r.number == n)) {
                     Some(round) => round.flushes.push(token),
                     None => self.out.push(Output::Acked { token, result: Ok(()) }),
-                },
-                None => self.out.push(Output::Acked { token, result: Ok(()) }),
-            },
+                }
+            }
             Err(error) => self.out.push(Output::Acked { token, result: Err(error) }),
         }
     }
@@ -743,8 +743,8 @@ impl<D: WalDisk, W, R> NodeCore<D, W, R> {
             }
             for (group, ready) in round.readies {
                 let Some(slot) = self.groups.get_mut(&group) else { continue };
-                let actions = slot.driver.on_persisted(ready);
-                self.send(group, actions.messages);
+                let messages = slot.driver.on_persisted(ready);
+                self.send(group, messages);
             }
         }
         self.start_applies();

@@ -125,11 +125,11 @@ pub struct CommittedEntry {
     pub commands: Vec<Command>,
 }
 
-/// Output of [`GroupDriver::collect`] and [`GroupDriver::on_persisted`].
+/// Output of [`GroupDriver::collect`].
 #[derive(Debug, Default)]
 pub struct Actions {
     /// The Ready's number, to give [`GroupDriver::on_persisted`] once what `collect`
-    /// appended is durable (0 from `on_persisted`).
+    /// appended is durable.
     pub number: u64,
     /// Messages to send now.
     pub messages: Vec<Message>,
@@ -682,12 +682,12 @@ impl<D: WalDisk> GroupDriver<D> {
     /// Reports that the Ready `number` (and every one before it) is durable: returns the
     /// messages that waited for it. What it makes committed (this node's copy now counts)
     /// comes out of the next [`GroupDriver::collect`].
-    pub fn on_persisted(&mut self, number: u64) -> Actions {
+    pub fn on_persisted(&mut self, number: u64) -> Vec<Message> {
         self.raw.on_persist_ready(number);
         self.advance_applied_mark();
-        let mut out = Actions::default();
+        let mut out = Vec::new();
         while let Some((_, messages)) = self.unpersisted.pop_front_if(|(n, _)| *n <= number) {
-            out.messages.extend(messages);
+            out.extend(messages);
         }
         out
     }

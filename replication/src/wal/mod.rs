@@ -294,6 +294,9 @@ pub struct Wal<D: WalDisk> {
     free: Vec<String>,
 }
 
+/// What makes a [`Wal::begin_sync`] durable on disk `D`: its files' [`WalFile::Sync`].
+pub type FileSyncOf<D> = <<D as WalDisk>::File as WalFile>::Sync;
+
 /// What a sync begun with [`Wal::begin_sync`] covers: the appends counted before it, and the
 /// oldest segment anything needed then.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -503,7 +506,7 @@ impl<D: WalDisk> Wal<D> {
             }
         }
         next.append(&checkpoint)?;
-        // The checkpoint must be synced before `purge` relies on it.
+        // The checkpoint must be synced before `synced_to` relies on it.
         self.appended += 1;
         self.active_base_bytes = next.len_bytes();
         let old = std::mem::replace(&mut self.active, next);
@@ -547,8 +550,7 @@ impl<D: WalDisk> Wal<D> {
     /// every record appended so far to the kernel and returns what makes them durable (to
     /// run on another thread: [`FileSync::sync`]; `None` if they already are) with the mark
     /// to give [`Wal::finish_sync`] once it has. Records appended meanwhile are not covered.
-    #[allow(clippy::type_complexity)]
-    pub fn begin_sync(&mut self) -> Result<(Option<<D::File as WalFile>::Sync>, SyncMark), WalError> {
+    pub fn begin_sync(&mut self) -> Result<(Option<FileSyncOf<D>>, SyncMark), WalError> {
         self.check_usable()?;
         let mark = self.sync_mark();
         if self.synced == mark.appended {

@@ -240,17 +240,14 @@ pub async fn reconcile_once(volumes: &VolumeManager, catalog: &ClusterCatalog) {
             return;
         }
     };
-    for uuid in deleted {
-        if volumes.holds_uuid(&uuid) {
-            if let Err(e) = volumes.delete_uuid(&uuid).await {
-                tracing::warn!(%uuid, error = %e, "cannot apply a delete from the catalog");
-            }
+    let held = volumes.records().into_iter().map(|r| (r.name.clone(), r)).collect();
+    let pass = crate::planner::reconcile::plan_pass(&held, records, &deleted.into_iter().collect());
+    for uuid in pass.deletes {
+        if let Err(e) = volumes.delete_uuid(&uuid).await {
+            tracing::warn!(%uuid, error = %e, "cannot apply a delete from the catalog");
         }
     }
-    for record in records {
-        if volumes.record(&record.name).as_ref() == Some(&record) {
-            continue;
-        }
+    for record in pass.records {
         let name = record.name.clone();
         if let Err(e) = volumes.upsert(record).await {
             tracing::warn!(volume = %name, error = %e, "cannot apply a volume record from the catalog");

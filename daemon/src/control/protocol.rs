@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{AdminEntry, Member, NodeReport, Outcome, Proposal, RebuildView, VolumeRecord};
+use crate::model::{AdminEntry, Member, NodeReport, Outcome, Proposal, VolumeRecord};
+pub use crate::model::{GroupView, MembershipChange};
 
 /// The protocol version this build speaks (and the only one it decodes).
 pub const VERSION: u32 = 1;
@@ -80,61 +81,6 @@ pub enum Request {
         /// The KEK's id.
         id: String,
     },
-}
-
-/// A change to a volume group's members.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum MembershipChange {
-    /// The node joins as a learner (receives the log, does not vote).
-    AddLearner,
-    /// The learner becomes a voter.
-    Promote,
-    /// The node leaves the group.
-    Remove,
-}
-
-impl MembershipChange {
-    /// Whether a group whose members are `voters` and `learners` shows this change made
-    /// for `node`.
-    pub fn took_effect(self, node: u64, voters: &[u64], learners: &[u64]) -> bool {
-        match self {
-            MembershipChange::AddLearner => learners.contains(&node) || voters.contains(&node),
-            MembershipChange::Promote => voters.contains(&node),
-            MembershipChange::Remove => !voters.contains(&node) && !learners.contains(&node),
-        }
-    }
-}
-
-impl std::fmt::Display for MembershipChange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            MembershipChange::AddLearner => "add_learner",
-            MembershipChange::Promote => "promote",
-            MembershipChange::Remove => "remove",
-        })
-    }
-}
-
-/// A volume group as the answering node sees it (the answer to `GroupStatus`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct GroupView {
-    /// Leader known (0: none).
-    pub leader: u64,
-    /// Commit index.
-    pub commit_index: u64,
-    /// Voters.
-    pub voters: Vec<u64>,
-    /// Learners.
-    pub learners: Vec<u64>,
-    /// Matched index per node (leader only).
-    pub progress: Vec<(u64, u64)>,
-    /// This node's copy is being rebuilt from a snapshot.
-    #[serde(default)]
-    pub rebuild: Option<RebuildView>,
-    /// NBD connections to the volume on the answering node.
-    #[serde(default)]
-    pub connections: usize,
 }
 
 /// The answer to a [`Request`].
@@ -321,7 +267,7 @@ impl Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{AdminState, CatalogOp};
+    use crate::model::{AdminState, CatalogOp, RebuildView};
     use proptest::prelude::*;
 
     fn record() -> VolumeRecord {

@@ -9,11 +9,11 @@ pub mod op;
 pub mod publication;
 pub mod record;
 
-pub use group::RebuildView;
+pub use group::{GroupView, MembershipChange, RebuildView};
 pub use node::{AdminEntry, AdminState, Liveness, Member, NodeRecord, NodeReport, NodeView};
 pub use op::{CatalogOp, Outcome, Proposal};
 pub use publication::Publication;
 pub use record::{
-    parse_label, validate_labels, validate_name, validate_size, VolumeRecord, LABELS_MAX, LABEL_LEN_MAX,
-    REPLICAS_MAX, VOLUME_NAME_MAX_LEN, VOLUME_SIZE_ALIGN_BYTES, VOLUME_SIZE_MAX_BYTES,
+    parse_label, validate_labels, validate_name, validate_size, VolumeHealth, VolumeRecord, LABELS_MAX,
+    LABEL_LEN_MAX, REPLICAS_MAX, VOLUME_NAME_MAX_LEN, VOLUME_SIZE_ALIGN_BYTES, VOLUME_SIZE_MAX_BYTES,
 };

@@ -183,3 +183,27 @@ mod tests {
         assert!(validate_size(VOLUME_SIZE_MAX_BYTES + 4096).is_err());
     }
 }
+
+/// Whether a volume has all its copies.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeHealth {
+    /// Every copy on a live node, caught up.
+    #[default]
+    Healthy,
+    /// A copy is being added or rebuilt.
+    Rebuilding,
+    /// A copy is on a node that is down, drained or removed, or missing.
+    Degraded,
+}
+
+impl VolumeHealth {
+    /// The lowercase name.
+    pub fn label(self) -> &'static str {
+        match self {
+            VolumeHealth::Healthy => "healthy",
+            VolumeHealth::Rebuilding => "rebuilding",
+            VolumeHealth::Degraded => "degraded",
+        }
+    }
+}

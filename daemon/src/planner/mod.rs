@@ -5,15 +5,21 @@
 //!
 //! * [`placement`]: where new copies go.
 //! * [`healing`]: which copies to replace, for every volume at once.
+//! * [`health`]: whether a volume has all its copies.
 //! * [`leaders`]: which leadership to move so that leaders spread over the nodes.
 //! * [`catalog_members`]: the catalog group's first voters and its next membership change.
+//! * [`replica`]: the steps that add or remove one copy of a volume.
+//! * [`reconcile`]: what this node does with its copies when a record changes.
 //! * [`acting`]: which node acts (heals, spreads leaders, schedules scrubs).
 
 pub mod acting;
 pub mod catalog_members;
 pub mod healing;
+pub mod health;
 pub mod leaders;
 pub mod placement;
+pub mod reconcile;
+pub mod replica;
 
 use crate::model::{AdminState, Liveness, NodeView};
 

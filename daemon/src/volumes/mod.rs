@@ -8,8 +8,11 @@
 //! committed to the cluster catalog first ([`crate::cluster_catalog`]); nodes follow it
 //! (and take pushes of committed records, [`crate::cluster`]).
 
+mod files;
+mod groups;
 mod publishing;
 mod rekey;
+mod replicas;
 mod scrubbing;
 
 pub use publishing::PublishError;
@@ -36,15 +39,15 @@ use crate::control::{
 };
 use crate::keys::{volume_id, Keyring};
 use crate::metrics::{MeteredBackend, Metrics};
+pub use crate::model::VolumeHealth;
 use crate::model::{
     validate_name, validate_size, CatalogOp, Outcome, RebuildView, VolumeRecord, REPLICAS_MAX,
 };
+use crate::planner::reconcile::{plan_record, RecordAction};
 
 /// A copy's data requests below this size go through the page cache (see
 /// `FileBackend::cache_below`); 64 KiB folios are small enough for ext4's per-block walk.
 const COPY_CACHED_BELOW_BYTES: u64 = 64 << 10;
-/// A learner is promoted once its log is at most this many entries behind the commit index.
-const LEARNER_CAUGHT_UP_SLACK: u64 = 16;
 
 /// How long a create or delete waits for each peer's confirmation.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -117,30 +120,6 @@ pub struct ReplicationStatus {
     /// Copies being rebuilt from a snapshot, with their progress (see `VolumeManager::inspect`).
     #[serde(default)]
     pub rebuilds: Vec<RebuildView>,
-}
-
-/// Whether a volume has all its copies.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum VolumeHealth {
-    /// Every copy on a live node, caught up.
-    #[default]
-    Healthy,
-    /// A copy is being added or rebuilt.
-    Rebuilding,
-    /// A copy is on a node that is down, drained or removed, or missing.
-    Degraded,
-}
-
-impl VolumeHealth {
-    /// The lowercase name.
-    pub fn label(self) -> &'static str {
-        match self {
-            VolumeHealth::Healthy => "healthy",
-            VolumeHealth::Rebuilding => "rebuilding",
-            VolumeHealth::Degraded => "degraded",
-        }
-    }
 }
 
 /// A node as `GET /v1/nodes` reports it.
@@ -347,7 +326,7 @@ impl VolumeManager {
         for record in manager.catalog.list()? {
             manager.open_volume(record, false).await?;
         }
-        manager.remove_orphans();
+        manager.remove_orphans().await;
         Ok(manager)
     }
 
@@ -369,11 +348,6 @@ impl VolumeManager {
     /// This node's record of volume `name`.
     pub fn record(&self, name: &str) -> Option<VolumeRecord> {
         lock(&self.open).get(name).map(|v| lock(&v.record).clone())
-    }
-
-    /// Whether this node has a volume with `uuid`.
-    pub fn holds_uuid(&self, uuid: &str) -> bool {
-        lock(&self.open).values().any(|v| lock(&v.record).uuid == uuid)
     }
 
     /// Commits a changed `record` (of generation `expect` before) to the cluster catalog.
@@ -438,20 +412,6 @@ impl VolumeManager {
     /// The other nodes' ids (empty without peers).
     pub fn peer_ids(&self) -> Vec<u64> {
         self.replication.as_ref().map(|r| r.peer_ids()).unwrap_or_default()
-    }
-
-    fn data_path(&self, uuid: &str) -> PathBuf {
-        self.volumes_dir.join(format!("{uuid}.img"))
-    }
-
-    /// Where a copy's checkpointed applied index lives (cluster mode).
-    fn applied_path(&self, uuid: &str) -> PathBuf {
-        self.volumes_dir.join(format!("{uuid}.applied"))
-    }
-
-    /// Where the marker of an unfinished rebuild of a copy lives (cluster mode).
-    fn rebuild_path(&self, uuid: &str) -> PathBuf {
-        self.volumes_dir.join(format!("{uuid}.rebuild"))
     }
 
     fn holds_copy(&self, record: &VolumeRecord) -> bool {
@@ -606,23 +566,6 @@ impl VolumeManager {
         Ok(())
     }
 
-    fn remove_orphans(&self) {
-        let known: Vec<String> = lock(&self.open).values().map(|v| lock(&v.record).uuid.clone()).collect();
-        let Ok(entries) = std::fs::read_dir(&self.volumes_dir) else { return };
-        for entry in entries.flatten() {
-            let file_name = entry.file_name().to_string_lossy().into_owned();
-            let Some(uuid) =
-                [".img", ".meta", ".applied", ".rebuild"].iter().find_map(|s| file_name.strip_suffix(s))
-            else {
-                continue;
-            };
-            if !known.iter().any(|k| k == uuid) {
-                tracing::warn!(file = %entry.path().display(), "removing a file no volume owns (interrupted create or delete)");
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-
     fn get(&self, name: &str) -> Result<Arc<Volume>, VolumeError> {
         lock(&self.open).get(name).cloned().ok_or_else(|| VolumeError::NotFound(name.to_string()))
     }
@@ -770,67 +713,46 @@ impl VolumeManager {
         self.upsert_locked(record, false).await
     }
 
+    /// Carries out what [`plan_record`] says of `record` (`new_here`: a create on this node).
     async fn upsert_locked(&self, record: VolumeRecord, new_here: bool) -> Result<(), VolumeError> {
-        if self.catalog.is_tombstoned(&record.uuid)? {
-            return Ok(());
-        }
+        let deleted = self.catalog.is_tombstoned(&record.uuid)?;
         let existing = lock(&self.open).get(&record.name).cloned();
-        if let Some(v) = existing {
-            let current_record = lock(&v.record).clone();
-            if current_record.uuid == record.uuid && record.generation < current_record.generation {
-                return Ok(()); // an older record (from a node that was away): nothing new
+        let current = existing.as_ref().map(|v| lock(&v.record).clone());
+        let action = plan_record(self.node_id(), current.as_ref(), &record, deleted, new_here);
+        match (action, existing, current) {
+            (RecordAction::Nothing, ..) => Ok(()),
+            (RecordAction::NameTaken, ..) => Err(VolumeError::Exists(record.name.clone())),
+            (RecordAction::ChangeCopies { gains, loses }, Some(v), Some(current)) => {
+                self.change_copies(&v, current, record, gains, loses).await
             }
-            if current_record.uuid == record.uuid
-                && current_record.voters != record.voters
-                && record.generation > current_record.generation
-            {
-                return self.change_copies(&v, current_record, record).await;
-            }
-            // Stored once, after the lock is let go (the flush waits for the disk); changes to
-            // a record are serialized by the control lock this runs under.
-            let stored = {
-                let mut current = lock(&v.record);
-                if current.uuid != record.uuid {
-                    return Err(VolumeError::Exists(record.name.clone()));
-                }
-                let mut changed = false;
-                if record.generation > current.generation {
-                    // What a newer record may change besides size and copies.
-                    current.scrubbed_unix_s = record.scrubbed_unix_s;
-                    current.damaged_copies = record.damaged_copies.clone();
-                    current.wrapped_keys = record.wrapped_keys.clone();
-                    current.labels = record.labels.clone();
-                    current.publications = record.publications.clone();
-                    current.fence = current.fence.max(record.fence);
-                    changed = true;
-                }
-                current.generation = current.generation.max(record.generation);
+            (RecordAction::Update { record: merged, grows }, Some(v), _) => {
+                let merged = *merged;
+                // Changes to a record are serialized by the control lock this runs under;
+                // the record's own lock is only for readers.
+                *lock(&v.record) = merged.clone();
                 if v.locked().is_some() {
                     // A rotation may have rewrapped its key by a KEK this node has.
-                    drop(current);
                     self.unlock_all();
-                    current = lock(&v.record);
                 }
-                if record.size_bytes > current.size_bytes {
-                    current.size_bytes = record.size_bytes;
-                    v.size.fetch_max(record.size_bytes, Ordering::SeqCst);
-                    changed = true;
-                    self.metrics.volume_size.with_label_values(&[&record.name]).set(record.size_bytes as i64);
+                if grows {
+                    v.size.fetch_max(merged.size_bytes, Ordering::SeqCst);
+                    self.metrics.volume_size.with_label_values(&[&merged.name]).set(merged.size_bytes as i64);
                 }
-                changed.then(|| current.clone())
-            };
-            if let Some(stored) = stored {
-                self.catalog.update(&stored).await?;
+                self.catalog.update(&merged).await?;
+                Ok(())
             }
-            return Ok(());
+            (RecordAction::Open { create }, ..) => {
+                // File first, record second: a crash in between leaves an orphan file that
+                // the next start removes, never a record without its file.
+                self.open_volume(record.clone(), create).await?;
+                if !self.catalog.insert_new(&record).await? {
+                    return Err(VolumeError::Exists(record.name.clone()));
+                }
+                Ok(())
+            }
+            // The planner only changes or updates a volume it was shown open.
+            (RecordAction::ChangeCopies { .. } | RecordAction::Update { .. }, ..) => Ok(()),
         }
-        // File first, record second: a crash in between leaves an orphan file that the
-        // next start removes, never a record without its file.
-        self.open_volume(record.clone(), new_here || self.holds_copy(&record)).await?;
-        if !self.catalog.insert_new(&record).await? {
-            return Err(VolumeError::Exists(record.name.clone()));
-        }
-        Ok(())
     }
 
     /// Applies a new set of copy holders: a node that gains a copy starts its replica
@@ -841,294 +763,27 @@ impl VolumeManager {
         v: &Arc<Volume>,
         old: VolumeRecord,
         mut new: VolumeRecord,
+        gains: bool,
+        loses: bool,
     ) -> Result<(), VolumeError> {
-        let had = self.holds_copy(&old);
-        let has = self.holds_copy(&new);
         new.size_bytes = new.size_bytes.max(v.size.load(Ordering::SeqCst));
-        if had && !has {
+        if loses {
             if let Some(node) = &self.replication {
                 let _ = node.close_group(GroupId(old.group_id)).await;
             }
         }
         lock(&self.open).remove(&new.name);
-        self.open_volume_with(new.clone(), has && !had, v.connections.clone()).await?;
+        self.open_volume_with(new.clone(), gains, v.connections.clone()).await?;
         self.catalog.update(&new).await?;
-        if had && !has {
-            let _ = std::fs::remove_file(self.data_path(&old.uuid));
-            let _ = std::fs::remove_file(self.applied_path(&old.uuid));
-            let _ = std::fs::remove_file(self.rebuild_path(&old.uuid));
+        if loses {
+            if let Err(e) = self.remove_copy_files(&old.uuid).await {
+                tracing::warn!(volume = %new.name, error = %e, "cannot remove the copy this node no longer holds; the next start does");
+            }
             tracing::info!(volume = %new.name, "this node no longer holds a copy; removed it");
-        } else if has && !had {
+        } else if gains {
             tracing::info!(volume = %new.name, "this node now holds a copy; replaying the log into it");
         }
         Ok(())
-    }
-
-    /// Sends a control message to node `to`, or answers it here when `to` is this node
-    /// (the transport only reaches peers). Only for messages that take no control lock.
-    async fn send_control(
-        &self,
-        node: &ReplicationNode,
-        to: u64,
-        msg: &Request,
-    ) -> Result<Answer, ControlError> {
-        self.send_control_within(node, to, msg, CONTROL_TIMEOUT).await
-    }
-
-    /// [`VolumeManager::send_control`] with its own timeout for a peer's answer.
-    async fn send_control_within(
-        &self,
-        node: &ReplicationNode,
-        to: u64,
-        msg: &Request,
-        timeout: Duration,
-    ) -> Result<Answer, ControlError> {
-        if to != node.node_id().0 {
-            return control::send(node, to, msg, timeout).await;
-        }
-        match Box::pin(self.on_control(msg.clone())).await {
-            Answer::Error(e) => Err(ControlError::Refused(e)),
-            answer => Ok(answer),
-        }
-    }
-
-    /// Sends `msg` to every peer at once and returns the errors of the `must` peers. It waits
-    /// for those and for every peer not known dead (so the change is everywhere when this
-    /// returns); dead peers are told in the background (errors logged: they catch up at their
-    /// next sync when they return), so they do not hold up the operation.
-    async fn broadcast(&self, msg: &Request, must: &[u64]) -> Result<(), VolumeError> {
-        let Some(node) = &self.replication else { return Ok(()) };
-        let (waited, background): (Vec<u64>, Vec<u64>) = node
-            .peer_ids()
-            .into_iter()
-            .partition(|&p| must.contains(&p) || self.peer_timeout(node, p).is_some());
-        for peer in background {
-            let (node, msg) = (node.clone(), msg.clone());
-            tokio::spawn(async move {
-                if let Err(e) = control::send(&node, peer, &msg, CONTROL_TIMEOUT).await {
-                    tracing::warn!(peer, error = %e, "peer did not confirm; it will catch up at its next sync");
-                }
-            });
-        }
-        let sends = waited
-            .into_iter()
-            .map(|peer| async move { (peer, control::send(node, peer, msg, CONTROL_TIMEOUT).await) });
-        let mut missing = Vec::new();
-        for (peer, result) in futures::future::join_all(sends).await {
-            match result {
-                Err(e) if must.contains(&peer) => missing.push(format!("node {peer}: {e}")),
-                Err(e) => {
-                    tracing::warn!(peer, error = %e, "peer did not confirm; it will catch up at its next sync")
-                }
-                Ok(_) => {}
-            }
-        }
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(VolumeError::Unavailable(format!("nodes did not confirm: {}", missing.join("; "))))
-        }
-    }
-
-    /// The group's status as its leader reports it (retrying until a leader answers).
-    async fn leader_status(
-        &self,
-        record: &VolumeRecord,
-        deadline: std::time::Instant,
-    ) -> Result<(u64, GroupView), VolumeError> {
-        let Some(node) = &self.replication else {
-            return Err(VolumeError::Invalid("not in a cluster".into()));
-        };
-        let msg = Request::GroupStatus { group_id: record.group_id };
-        let mut hints: Vec<u64> = Vec::new();
-        let mut reported = std::time::Instant::now();
-        loop {
-            // The leader this node knows of may be stale (on a node that holds no copy it is
-            // only the last one a forwarded request met, and may be dead), so every voter is
-            // asked too.
-            let known = node.leader(GroupId(record.group_id));
-            let mut candidates: Vec<u64> = record.voters.clone();
-            candidates.extend(Some(known).filter(|&k| k != 0));
-            candidates.append(&mut hints);
-            candidates.sort_unstable();
-            candidates.dedup();
-            // Every candidate at once, and none known dead: a dead voter would cost a whole
-            // timeout per call, and a replacement asks for the leader several times.
-            let asks = candidates.iter().filter_map(|&c| {
-                let timeout = self.peer_timeout(node, c)?;
-                let msg = &msg;
-                Some(async move { (c, self.send_control_within(node, c, msg, timeout).await) })
-            });
-            let mut heard = Vec::new();
-            for (c, answer) in futures::future::join_all(asks).await {
-                match answer {
-                    Ok(Answer::Status(view)) if view.leader == c => return Ok((c, view)),
-                    // A follower's idea of the leader is asked next, at once.
-                    Ok(Answer::Status(view)) if view.leader != 0 && !candidates.contains(&view.leader) => {
-                        heard.push(format!("node {c}: leader {}", view.leader));
-                        hints.push(view.leader)
-                    }
-                    Ok(Answer::Status(view)) => heard.push(format!("node {c}: leader {}", view.leader)),
-                    Ok(other) => heard.push(format!("node {c}: {other:?}")),
-                    Err(e) => heard.push(format!("node {c}: {e}")),
-                }
-            }
-            if reported.elapsed() >= LEADERLESS_REPORT {
-                reported = std::time::Instant::now();
-                tracing::warn!(volume = %record.name, voters = ?record.voters, ?candidates, ?heard, "still looking for the volume's leader");
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(VolumeError::Unavailable(format!(
-                    "volume {:?} has no leader right now; retry shortly",
-                    record.name
-                )));
-            }
-            if hints.is_empty() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-
-    /// How long to wait for node `id`'s answer: `None` for a node the liveness view calls
-    /// dead (do not ask), [`SUSPECT_CONTROL_TIMEOUT`] for one not heard from lately.
-    fn peer_timeout(&self, node: &ReplicationNode, id: u64) -> Option<Duration> {
-        if id == node.node_id().0 {
-            return Some(CONTROL_TIMEOUT);
-        }
-        let Some(dir) = self.nodes.get() else { return Some(CONTROL_TIMEOUT) };
-        match dir.table.liveness(id, std::time::Instant::now()) {
-            crate::model::Liveness::Dead => None,
-            crate::model::Liveness::Suspect => Some(SUSPECT_CONTROL_TIMEOUT),
-            crate::model::Liveness::Alive => Some(CONTROL_TIMEOUT),
-        }
-    }
-
-    async fn propose_membership(
-        &self,
-        record: &VolumeRecord,
-        change: MembershipChange,
-        target: u64,
-        deadline: std::time::Instant,
-    ) -> Result<(), VolumeError> {
-        let Some(node) = &self.replication else {
-            return Err(VolumeError::Invalid("not in a cluster".into()));
-        };
-        let took_effect = |g: &GroupView| change.took_effect(target, &g.voters, &g.learners);
-        // raft-rs drops a configuration change proposed while another is still being applied
-        // (it commits an empty entry instead), so a proposal is repeated until the leader
-        // reports the change.
-        loop {
-            let (leader, status) = self.leader_status(record, deadline).await?;
-            if took_effect(&status) {
-                return Ok(());
-            }
-            let msg = Request::Membership { group_id: record.group_id, change, node: target };
-            let sent = self.send_control(node, leader, &msg).await;
-            if let Err(e) = &sent {
-                if std::time::Instant::now() >= deadline {
-                    return Err(VolumeError::Unavailable(format!(
-                        "membership change {change} {target} failed: {e}"
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            let retry_at = std::time::Instant::now() + MEMBERSHIP_RETRY;
-            while std::time::Instant::now() < retry_at {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if self.leader_status(record, deadline).await.is_ok_and(|(_, s)| took_effect(&s)) {
-                    return Ok(());
-                }
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(VolumeError::Unavailable(format!(
-                    "membership change {change} {target} has not taken effect yet; retry"
-                )));
-            }
-        }
-    }
-
-    /// Adds a copy of `name` on `node`: the node joins as a learner, receives the log,
-    /// and is promoted to voter once it has caught up.
-    pub async fn add_replica(
-        &self,
-        name: &str,
-        target: u64,
-        timeout: Duration,
-    ) -> Result<VolumeStatus, VolumeError> {
-        let deadline = std::time::Instant::now() + timeout;
-        let Some(node) = self.replication.clone() else {
-            return Err(VolumeError::Invalid("this node runs alone; replicas need a cluster".into()));
-        };
-        let mut known = node.peer_ids();
-        known.push(node.node_id().0);
-        if !known.contains(&target) {
-            return Err(VolumeError::Invalid(format!(
-                "node {target} is not in the cluster; nodes are {known:?}"
-            )));
-        }
-        // Waiting for the volume's leader (minutes, if its copies are on dead nodes) must not
-        // hold the control lock: every other volume operation on this node needs it (a
-        // create waited on a healer's add for a volume that had lost its quorum). Only the
-        // record change below takes it, and reads the record again under it.
-        let v = self.get(name)?;
-        let seen = lock(&v.record).clone();
-        let (_, status) = self.leader_status(&seen, deadline).await?;
-        let _control = self.control.lock().await;
-        let v = self.get(name)?;
-        let mut record = lock(&v.record).clone();
-        let GroupView { voters, learners, .. } = status;
-        if voters.contains(&target) {
-            return Err(VolumeError::Invalid(format!(
-                "node {target} already holds a voting copy of {name:?}"
-            )));
-        }
-        if record.voters.len() > REPLICAS_MAX as usize + 1 {
-            return Err(VolumeError::Invalid(format!(
-                "volume {name:?} already has the most copies allowed ({})",
-                REPLICAS_MAX + 1
-            )));
-        }
-        if !record.voters.contains(&target) {
-            record.voters.push(target);
-            record.replicas = (record.voters.len() - 1) as u8;
-            record.generation += 1;
-            self.commit_change(&record, record.generation - 1).await?;
-            self.upsert_locked_change(&v, record.clone()).await?;
-            self.broadcast(&Request::Upsert(record.clone()), &[target]).await?;
-        }
-        // The record is settled; what follows is waiting on the volume's own group, which
-        // must not hold up every other volume operation on this node (a copy can take
-        // minutes to catch up).
-        drop(_control);
-        if !learners.contains(&target) {
-            self.propose_membership(&record, MembershipChange::AddLearner, target, deadline).await?;
-        }
-        tracing::info!(
-            volume = name,
-            node = target,
-            "new copy added as a learner; waiting for it to catch up"
-        );
-        loop {
-            let (_, GroupView { commit_index, progress, learners, .. }) =
-                self.leader_status(&record, deadline).await?;
-            let matched = progress.iter().find(|(id, _)| *id == target).map_or(0, |p| p.1);
-            if learners.contains(&target)
-                && matched >= commit_index.saturating_sub(LEARNER_CAUGHT_UP_SLACK)
-                && !self.rebuilding(&record, target).await
-            {
-                break;
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(VolumeError::Unavailable(format!(
-                    "node {target} is still catching up on {name:?}; run the same command again to keep waiting and promote it"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        self.propose_membership(&record, MembershipChange::Promote, target, deadline).await?;
-        tracing::info!(volume = name, node = target, "learner caught up and promoted to voter");
-        self.status(name)
     }
 
     /// Attaches the node table (cluster mode, once at start).
@@ -1160,148 +815,17 @@ impl VolumeManager {
             .collect()
     }
 
-    /// Healthy: every copy is on a live node that keeps it, caught up. Rebuilding: a copy is
-    /// being added or copied from a snapshot. Degraded: a copy sits on a node that is not
-    /// heard from (or is being drained or removed), or copies are missing.
+    /// The volume's health as [`crate::planner::health::health_of`] judges it from this
+    /// node's view of the nodes and the group status `repl`.
     fn health_of(&self, r: &VolumeRecord, repl: Option<&ReplicationStatus>) -> VolumeHealth {
-        // A copy a scrub could not repair (0: a node alone's only copy).
-        if r.damaged_copies.iter().any(|n| *n == 0 || r.voters.contains(n)) {
-            return VolumeHealth::Degraded;
-        }
-        let Some(dir) = self.nodes.get() else { return VolumeHealth::Healthy };
         let now = std::time::Instant::now();
-        let bad = r.voters.iter().any(|&id| {
-            dir.table.liveness(id, now) != crate::model::Liveness::Alive
-                || dir.table.admin(id).evicts_copies()
-        });
-        if bad || r.voters.len() < r.replicas as usize + 1 {
-            return VolumeHealth::Degraded;
-        }
-        if repl.is_some_and(|s| !s.learners.is_empty() || !s.rebuilds.is_empty()) {
-            return VolumeHealth::Rebuilding;
-        }
-        VolumeHealth::Healthy
-    }
-
-    /// `GroupStatus` answers of the nodes `ids` for `group_id`, asked all at once (this node
-    /// answers locally); nodes known dead are not asked, and nodes that do not answer within
-    /// [`INSPECT_TIMEOUT`] are left out.
-    async fn group_statuses(&self, group_id: u64, ids: &[u64]) -> Vec<(u64, GroupView)> {
-        let Some(node) = &self.replication else { return Vec::new() };
-        let msg = Request::GroupStatus { group_id };
-        let asks = ids.iter().filter(|&&id| self.peer_timeout(node, id).is_some()).map(|&id| {
-            let msg = &msg;
-            async move {
-                match self.send_control_within(node, id, msg, INSPECT_TIMEOUT).await {
-                    Ok(Answer::Status(view)) => Some((id, view)),
-                    _ => None,
-                }
+        let copying = repl.is_some_and(|s| !s.learners.is_empty() || !s.rebuilds.is_empty());
+        match self.nodes.get() {
+            Some(dir) => {
+                let state = |id| (dir.table.liveness(id, now), dir.table.admin(id));
+                crate::planner::health::health_of(r, Some(&state), copying)
             }
-        });
-        futures::future::join_all(asks).await.into_iter().flatten().collect()
-    }
-
-    /// The volume's leader (0: none agreed) and its NBD connections summed over the nodes
-    /// holding a copy.
-    pub async fn leader_and_clients(&self, record: &VolumeRecord) -> (u64, usize) {
-        let answers: Vec<(u64, u64, usize)> = self
-            .group_statuses(record.group_id, &record.voters)
-            .await
-            .into_iter()
-            .map(|(id, g)| (id, g.leader, g.connections))
-            .collect();
-        let leader = answers.iter().find(|(id, leader, _)| id == leader).map_or(0, |a| a.0);
-        (leader, answers.iter().map(|a| a.2).sum())
-    }
-
-    /// Whether `target`'s copy of the volume is still being copied from a snapshot (or cannot
-    /// say): a copy whose log caught up may still lack the data, and promoting it (or, in a
-    /// move, removing the copy it pulls from) before it has it would lose the volume.
-    async fn rebuilding(&self, record: &VolumeRecord, target: u64) -> bool {
-        let Some(node) = &self.replication else { return false };
-        let msg = Request::GroupStatus { group_id: record.group_id };
-        !matches!(
-            self.send_control(node, target, &msg).await,
-            Ok(Answer::Status(GroupView { rebuild: None, commit_index, .. })) if commit_index > 0
-        )
-    }
-
-    /// Removes the copy of `name` on `node` (leadership moves away first if it leads).
-    pub async fn remove_replica(
-        &self,
-        name: &str,
-        target: u64,
-        timeout: Duration,
-    ) -> Result<VolumeStatus, VolumeError> {
-        let deadline = std::time::Instant::now() + timeout;
-        if self.replication.is_none() {
-            return Err(VolumeError::Invalid("this node runs alone; there are no replicas to remove".into()));
-        }
-        let v = self.get(name)?;
-        let record = lock(&v.record).clone();
-        if !record.voters.contains(&target) {
-            return Err(VolumeError::Invalid(format!(
-                "node {target} holds no copy of {name:?}; copies are on {:?}",
-                record.voters
-            )));
-        }
-        if record.voters.len() == 1 {
-            return Err(VolumeError::Invalid(format!(
-                "node {target} holds the only copy of {name:?}; delete the volume instead"
-            )));
-        }
-        loop {
-            let (leader, _) = self.leader_status(&record, deadline).await?;
-            if leader != target {
-                break;
-            }
-            let to = record.voters.iter().copied().find(|&n| n != target).unwrap_or(0);
-            if let Some(node) = &self.replication {
-                let msg = Request::TransferLeader { group_id: record.group_id, to };
-                let _ = self.send_control(node, leader, &msg).await;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        self.propose_membership(&record, MembershipChange::Remove, target, deadline).await?;
-        loop {
-            let (_, g) = self.leader_status(&record, deadline).await?;
-            if MembershipChange::Remove.took_effect(target, &g.voters, &g.learners) {
-                break;
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(VolumeError::Unavailable(format!(
-                    "removing node {target} from {name:?} has not taken effect yet; retry"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        // Only the record change needs the control lock (the waits above do not); the record
-        // is read again under it, as another operation may have changed it meanwhile.
-        let _control = self.control.lock().await;
-        let mut record = lock(&v.record).clone();
-        if record.voters.contains(&target) {
-            record.voters.retain(|&n| n != target);
-            // A damaged copy that is gone no longer degrades the volume (and a new copy
-            // on that node later starts clean).
-            record.damaged_copies.retain(|&n| n != target);
-            record.replicas = (record.voters.len() - 1) as u8;
-            record.generation += 1;
-            self.commit_change(&record, record.generation - 1).await?;
-            self.upsert_locked_change(&v, record.clone()).await?;
-            // Peers that miss it follow their catalog replica (errors are logged).
-            let _ = self.broadcast(&Request::Upsert(record), &[]).await;
-        }
-        tracing::info!(volume = name, node = target, "copy removed");
-        drop(_control);
-        self.status(name)
-    }
-
-    async fn upsert_locked_change(&self, v: &Arc<Volume>, record: VolumeRecord) -> Result<(), VolumeError> {
-        let old = lock(&v.record).clone();
-        if old.voters != record.voters {
-            self.change_copies(v, old, record).await
-        } else {
-            Ok(())
+            None => crate::planner::health::health_of(r, None, copying),
         }
     }
 
@@ -1316,11 +840,6 @@ impl VolumeManager {
     /// Every record (for peers' catalog sync).
     pub fn records(&self) -> Vec<VolumeRecord> {
         lock(&self.open).values().map(|v| lock(&v.record).clone()).collect()
-    }
-
-    /// Deleted volumes' uuids (for peers' catalog sync).
-    pub fn tombstones(&self) -> Vec<String> {
-        self.catalog.tombstones().unwrap_or_default()
     }
 
     /// One volume.
@@ -1491,24 +1010,9 @@ impl VolumeManager {
             let _ = node.close_group(GroupId(record.group_id)).await;
         }
         if v.file.is_some() {
-            let path = self.data_path(&record.uuid);
-            let others = [
-                raftblk_blockdev::store::sealed::meta_path(&path),
-                self.applied_path(&record.uuid),
-                self.rebuild_path(&record.uuid),
-            ];
-            // Unlinking a large allocated file frees its extents before it returns (seconds
-            // for a big volume on ext4): off the runtime's workers, which serve NBD.
-            tokio::task::spawn_blocking(move || {
-                std::fs::remove_file(&path)?;
-                for p in others {
-                    let _ = std::fs::remove_file(p);
-                }
-                Ok::<(), std::io::Error>(())
-            })
-            .await
-            .map_err(|e| store_err(name, format!("removing the copy's files: {e}")))?
-            .map_err(|e| store_err(name, e))?;
+            self.remove_copy_files(&record.uuid)
+                .await
+                .map_err(|e| store_err(name, format!("removing the copy's files: {e}")))?;
         }
         Ok(())
     }

@@ -9,4 +9,7 @@ pub mod fuzzing;
 pub mod protocol;
 
 pub use client::{send, ControlError};
-pub use protocol::{Answer, DecodeError, ErrorKind, GroupView, MembershipChange, RemoteError, Request};
+pub use protocol::{
+    Answer, DecodeError, ErrorKind, GroupView, MembershipChange, RemoteError, Request, WaitCondition,
+    WAIT_GROUP_MAX_MS,
+};

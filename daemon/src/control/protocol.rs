@@ -16,10 +16,14 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{AdminEntry, Member, NodeReport, Outcome, Proposal, VolumeRecord};
-pub use crate::model::{GroupView, MembershipChange};
+pub use crate::model::{GroupView, MembershipChange, WaitCondition};
 
 /// The protocol version this build speaks (and the only one it decodes).
 pub const VERSION: u32 = 1;
+
+/// Longest a `WaitGroup` request is held before it is answered (below a control message's
+/// timeout, so the answer arrives).
+pub const WAIT_GROUP_MAX_MS: u64 = 3_000;
 
 /// A control request from one node to another.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -46,6 +50,16 @@ pub enum Request {
     GroupStatus {
         /// The volume's group.
         group_id: u64,
+    },
+    /// Answer `GroupStatus` for `group_id` once `until` holds here, or after `timeout_ms`
+    /// (at most [`WAIT_GROUP_MAX_MS`]) with the view as it is then.
+    WaitGroup {
+        /// The volume's group.
+        group_id: u64,
+        /// What to wait for.
+        until: WaitCondition,
+        /// How long to wait at most.
+        timeout_ms: u64,
     },
     /// If leading `group_id`, hand leadership to node `to`.
     TransferLeader {
@@ -297,6 +311,18 @@ mod tests {
             Request::Membership { group_id: 9, change: MembershipChange::Promote, node: 4 },
             Request::Membership { group_id: 9, change: MembershipChange::Remove, node: 4 },
             Request::GroupStatus { group_id: 9 },
+            Request::WaitGroup {
+                group_id: 9,
+                until: WaitCondition::CaughtUp { node: 4, slack: 16 },
+                timeout_ms: 3000,
+            },
+            Request::WaitGroup { group_id: 9, until: WaitCondition::Copied, timeout_ms: 1 },
+            Request::WaitGroup {
+                group_id: 9,
+                until: WaitCondition::Changed { change: MembershipChange::Remove, node: 4 },
+                timeout_ms: 0,
+            },
+            Request::WaitGroup { group_id: 9, until: WaitCondition::LeaderNot { node: 1 }, timeout_ms: 9 },
             Request::TransferLeader { group_id: 9, to: 2 },
             Request::Heartbeat {
                 report,

@@ -76,3 +76,82 @@ pub struct GroupView {
     #[serde(default)]
     pub connections: usize,
 }
+
+/// What a `WaitGroup` request waits for, judged on the answering node's view of the group.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitCondition {
+    /// (At the leader) `node`'s matched index is at most `slack` behind the commit index.
+    CaughtUp {
+        /// The learner.
+        node: u64,
+        /// Entries it may trail by.
+        slack: u64,
+    },
+    /// (At the node holding the copy) its copy is not being copied from a snapshot, and it
+    /// has heard of a commit.
+    Copied,
+    /// (At the leader) the membership change shows for `node`.
+    Changed {
+        /// The change.
+        change: MembershipChange,
+        /// The node it is for.
+        node: u64,
+    },
+    /// `node` no longer leads.
+    LeaderNot {
+        /// The leader that should hand over.
+        node: u64,
+    },
+}
+
+impl WaitCondition {
+    /// Whether the condition holds in `view` (the view of node `me`). A condition that
+    /// needs the leader's view also ends when `me` stops leading: the waiter then looks for
+    /// the leader again.
+    pub fn holds(self, me: u64, view: &GroupView) -> bool {
+        let leads = view.leader == me;
+        match self {
+            WaitCondition::CaughtUp { node, slack } => {
+                let matched = view.progress.iter().find(|p| p.0 == node).map_or(0, |p| p.1);
+                !leads || matched >= view.commit_index.saturating_sub(slack)
+            }
+            WaitCondition::Copied => view.rebuild.is_none() && view.commit_index > 0,
+            WaitCondition::Changed { change, node } => {
+                !leads || change.took_effect(node, &view.voters, &view.learners)
+            }
+            WaitCondition::LeaderNot { node } => view.leader != node,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_conditions_hold_when_the_view_shows_them_or_the_answerer_stops_leading() {
+        let view = GroupView {
+            leader: 1,
+            commit_index: 100,
+            voters: vec![1, 2],
+            learners: vec![3],
+            progress: vec![(1, 100), (2, 100), (3, 83)],
+            ..GroupView::default()
+        };
+        assert!(!WaitCondition::CaughtUp { node: 3, slack: 16 }.holds(1, &view));
+        assert!(WaitCondition::CaughtUp { node: 3, slack: 17 }.holds(1, &view));
+        assert!(WaitCondition::CaughtUp { node: 3, slack: 0 }.holds(2, &view), "node 2 does not lead");
+        let change = |change| WaitCondition::Changed { change, node: 3 };
+        assert!(change(MembershipChange::AddLearner).holds(1, &view));
+        assert!(!change(MembershipChange::Promote).holds(1, &view));
+        assert!(!change(MembershipChange::Remove).holds(1, &view));
+        assert!(WaitCondition::LeaderNot { node: 2 }.holds(1, &view));
+        assert!(!WaitCondition::LeaderNot { node: 1 }.holds(1, &view));
+        assert!(WaitCondition::Copied.holds(3, &view));
+        let copying = GroupView { rebuild: Some(RebuildView::default()), ..view.clone() };
+        assert!(!WaitCondition::Copied.holds(3, &copying));
+        let empty = GroupView { commit_index: 0, ..view };
+        assert!(!WaitCondition::Copied.holds(3, &empty), "a copy that heard of no commit knows nothing yet");
+    }
+}

@@ -9,7 +9,7 @@ pub mod op;
 pub mod publication;
 pub mod record;
 
-pub use group::{GroupView, MembershipChange, RebuildView};
+pub use group::{GroupView, MembershipChange, RebuildView, WaitCondition};
 pub use node::{AdminEntry, AdminState, Liveness, Member, NodeRecord, NodeReport, NodeView};
 pub use op::{CatalogOp, Outcome, Proposal};
 pub use publication::Publication;

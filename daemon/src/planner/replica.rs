@@ -66,14 +66,19 @@ pub enum Step {
         /// The copy holder to lead next.
         to: u64,
     },
-    /// The learner's log trails the leader's (or its copy is still being copied): look again
-    /// later.
+    /// The learner's log trails the leader's: wait at the leader until it catches up.
     WaitCaughtUp {
-        /// The learner's matched index (0 while its copy is still being copied).
+        /// The learner's matched index.
         matched: u64,
         /// The leader's commit index.
         commit: u64,
     },
+    /// The learner's log is there but its copy is still being copied from a snapshot: wait
+    /// at the learner until it has the data.
+    WaitCopied,
+    /// The group and the record disagree in a way no step mends (the target is the group's
+    /// only voter, yet the record names others): refuse, saying so.
+    Blocked(String),
     /// The learner's log has caught up: ask the target whether its copy has all the data,
     /// and ask again with [`Seen::copied`] set.
     AskCopied,
@@ -168,7 +173,7 @@ pub fn next_step(goal: Goal, seen: &Seen<'_>) -> Step {
             }
             match copied {
                 None => Step::AskCopied,
-                Some(false) => Step::WaitCaughtUp { matched: 0, commit },
+                Some(false) => Step::WaitCopied,
                 Some(true) => Step::Propose(MembershipChange::Promote),
             }
         }
@@ -176,9 +181,10 @@ pub fn next_step(goal: Goal, seen: &Seen<'_>) -> Step {
             if group.leader == target {
                 match group.voters.iter().copied().find(|&n| n != target) {
                     Some(to) => Step::MoveLeader { to },
-                    // The target is the group's only voter: it cannot leave (the record
-                    // check refuses this; a group that disagrees with its record waits).
-                    None => Step::WaitCaughtUp { matched: 0, commit: group.commit_index },
+                    None => Step::Blocked(format!(
+                        "node {target} is the only voter of {:?}'s group although its record names {:?}",
+                        record.name, record.voters
+                    )),
                 }
             } else {
                 Step::Propose(MembershipChange::Remove)
@@ -253,10 +259,7 @@ mod tests {
         );
         let near = group(1, &[1, 2], &[3], 100, &[(1, 100), (2, 100), (3, 84)]);
         assert_eq!(step(Goal::Add(3), &r, &near, None), Step::AskCopied);
-        assert_eq!(
-            step(Goal::Add(3), &r, &near, Some(false)),
-            Step::WaitCaughtUp { matched: 0, commit: 100 }
-        );
+        assert_eq!(step(Goal::Add(3), &r, &near, Some(false)), Step::WaitCopied);
         assert_eq!(step(Goal::Add(3), &r, &near, Some(true)), Step::Propose(MembershipChange::Promote));
         // The leader reports no progress for a node it does not know yet.
         let unknown = group(1, &[1, 2], &[3], 100, &[(1, 100)]);
@@ -282,6 +285,8 @@ mod tests {
         assert_eq!((next.voters, next.replicas, next.generation), (vec![1, 2], 1, 6));
         assert!(next.damaged_copies.is_empty(), "the damaged copy went with the node");
         assert_eq!(step(Goal::Remove(3), &record(&[1, 2]), &gone, None), Step::Done);
+        let alone = group(3, &[3], &[], 50, &[]);
+        assert!(matches!(step(Goal::Remove(3), &r, &alone, None), Step::Blocked(_)));
     }
 
     #[test]
@@ -343,7 +348,11 @@ mod tests {
                     self.group.progress.retain(|p| p.0 != target);
                 }
                 Step::MoveLeader { to } => self.group.leader = *to,
-                Step::WaitCaughtUp { .. } | Step::AskCopied | Step::Done => {}
+                Step::WaitCaughtUp { .. }
+                | Step::WaitCopied
+                | Step::AskCopied
+                | Step::Blocked(_)
+                | Step::Done => {}
             }
         }
     }

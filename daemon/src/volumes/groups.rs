@@ -2,17 +2,21 @@
 //! group's status as its leader reports it, and membership changes proposed until the leader
 //! shows them. Nodes the liveness view calls dead are never waited on.
 
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use raftblk_replication::node::ReplicationNode;
 use raftblk_replication::wal::record::GroupId;
 
 use super::{
-    VolumeError, VolumeManager, CONTROL_TIMEOUT, INSPECT_TIMEOUT, LEADERLESS_REPORT, MEMBERSHIP_RETRY,
+    lock, VolumeError, VolumeManager, CONTROL_TIMEOUT, INSPECT_TIMEOUT, LEADERLESS_REPORT, MEMBERSHIP_RETRY,
     SUSPECT_CONTROL_TIMEOUT,
 };
-use crate::control::{self, Answer, ControlError, GroupView, MembershipChange, Request};
-use crate::model::VolumeRecord;
+use crate::control::{self, Answer, ControlError, GroupView, MembershipChange, Request, WaitCondition};
+use crate::model::{RebuildView, VolumeRecord};
+
+/// Pause after a wait that could not be asked for, before the caller looks again.
+const FAILED_WAIT_PAUSE: Duration = Duration::from_millis(200);
 
 impl VolumeManager {
     /// Sends a control message to node `to`, or answers it here when `to` is this node
@@ -184,12 +188,13 @@ impl VolumeManager {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
-            let retry_at = std::time::Instant::now() + MEMBERSHIP_RETRY;
-            while std::time::Instant::now() < retry_at {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if self.leader_status(record, deadline).await.is_ok_and(|(_, s)| took_effect(&s)) {
-                    return Ok(());
-                }
+            // The leader answers once the change shows (or it stops leading); a change still
+            // missing after MEMBERSHIP_RETRY is proposed again at the top.
+            let until = WaitCondition::Changed { change, node: target };
+            self.wait_at(leader, record.group_id, until, deadline.min(Instant::now() + MEMBERSHIP_RETRY))
+                .await;
+            if self.leader_status(record, deadline).await.is_ok_and(|(_, s)| took_effect(&s)) {
+                return Ok(());
             }
             if std::time::Instant::now() >= deadline {
                 return Err(VolumeError::Unavailable(format!(
@@ -240,5 +245,68 @@ impl VolumeManager {
             self.send_control(node, target, &msg).await,
             Ok(Answer::Status(GroupView { rebuild: None, commit_index, .. })) if commit_index > 0
         )
+    }
+
+    /// Group `group_id` as this node sees it (the answer to `GroupStatus`).
+    pub(super) fn group_view(&self, node: &ReplicationNode, group_id: u64) -> GroupView {
+        let connections = lock(&self.open)
+            .values()
+            .find(|v| lock(&v.record).group_id == group_id)
+            .map_or(0, |v| v.connections.load(Ordering::SeqCst));
+        match node.status(GroupId(group_id)) {
+            Some(s) => GroupView {
+                leader: s.leader,
+                commit_index: s.commit_index,
+                voters: s.voters,
+                learners: s.learners,
+                progress: s.progress,
+                rebuild: s.rebuild.as_ref().map(|r| RebuildView::from_status(node.node_id().0, r)),
+                connections,
+            },
+            None => GroupView { leader: node.leader(GroupId(group_id)), connections, ..GroupView::default() },
+        }
+    }
+
+    /// The group's view once `until` holds here, or after `wait`: woken by the replication
+    /// node's status changes, not by polling.
+    pub(super) async fn wait_group_view(
+        &self,
+        node: &ReplicationNode,
+        group_id: u64,
+        until: WaitCondition,
+        wait: Duration,
+    ) -> GroupView {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = node.status_changes();
+        loop {
+            changes.borrow_and_update();
+            let view = self.group_view(node, group_id);
+            if until.holds(node.node_id().0, &view) {
+                return view;
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return self.group_view(node, group_id),
+            }
+        }
+    }
+
+    /// Waits (at most until `deadline`, and at most [`control::WAIT_GROUP_MAX_MS`]) for
+    /// `until` to hold at node `at`. Whatever the answer, the caller looks at the group again;
+    /// a node that cannot be asked costs a short pause instead of a busy loop.
+    pub(super) async fn wait_at(&self, at: u64, group_id: u64, until: WaitCondition, deadline: Instant) {
+        let Some(node) = &self.replication else { return };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let wait = left.min(Duration::from_millis(control::WAIT_GROUP_MAX_MS));
+        let Some(timeout) = self.peer_timeout(node, at) else {
+            return tokio::time::sleep(wait.min(FAILED_WAIT_PAUSE)).await;
+        };
+        let msg = Request::WaitGroup { group_id, until, timeout_ms: wait.as_millis() as u64 };
+        let started = Instant::now();
+        if self.send_control_within(node, at, &msg, wait + timeout).await.is_err() {
+            // An error that came at once (a peer that does not know the request, say)
+            // would make the caller spin.
+            tokio::time::sleep(FAILED_WAIT_PAUSE.saturating_sub(started.elapsed()).min(left)).await;
+        }
     }
 }

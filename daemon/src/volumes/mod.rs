@@ -34,9 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::cluster_catalog::ClusterCatalog;
-use crate::control::{
-    self, Answer, ControlError, ErrorKind, GroupView, MembershipChange, RemoteError, Request,
-};
+use crate::control::{self, Answer, ControlError, ErrorKind, MembershipChange, RemoteError, Request};
 use crate::keys::{volume_id, Keyring};
 use crate::metrics::{MeteredBackend, Metrics};
 pub use crate::model::VolumeHealth;
@@ -1128,27 +1126,12 @@ impl VolumeManager {
             Request::Delete { uuid } => self.delete_uuid(&uuid).await,
             Request::GroupStatus { group_id } => {
                 let Some(node) = &self.replication else { return Answer::Error((&not_clustered()).into()) };
-                let connections = lock(&self.open)
-                    .values()
-                    .find(|v| lock(&v.record).group_id == group_id)
-                    .map_or(0, |v| v.connections.load(Ordering::SeqCst));
-                let view = match node.status(GroupId(group_id)) {
-                    Some(s) => GroupView {
-                        leader: s.leader,
-                        commit_index: s.commit_index,
-                        voters: s.voters,
-                        learners: s.learners,
-                        progress: s.progress,
-                        rebuild: s.rebuild.as_ref().map(|r| RebuildView::from_status(node.node_id().0, r)),
-                        connections,
-                    },
-                    None => GroupView {
-                        leader: node.leader(GroupId(group_id)),
-                        connections,
-                        ..GroupView::default()
-                    },
-                };
-                return Answer::Status(view);
+                return Answer::Status(self.group_view(node, group_id));
+            }
+            Request::WaitGroup { group_id, until, timeout_ms } => {
+                let Some(node) = &self.replication else { return Answer::Error((&not_clustered()).into()) };
+                let wait = Duration::from_millis(timeout_ms.min(control::WAIT_GROUP_MAX_MS));
+                return Answer::Status(self.wait_group_view(node, group_id, until, wait).await);
             }
             Request::Membership { group_id, change, node: target } => match &self.replication {
                 Some(node) => {

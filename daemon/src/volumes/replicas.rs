@@ -2,18 +2,15 @@
 //! [`crate::planner::replica`]'s steps. Each turn reads the record, asks the group's leader
 //! for its view, takes the one step the planner names and looks again; so a command that was
 //! cut short (a timeout, a restart, a dropped configuration change) is simply run again.
+//! Waits are `WaitGroup` requests to the node that will see the change (the leader, or the
+//! new copy), answered when it shows: nothing here sleeps and polls.
 
 use std::time::{Duration, Instant};
 
 use super::{lock, VolumeError, VolumeManager, VolumeStatus};
 use crate::control::Request;
-use crate::model::GroupView;
+use crate::model::{GroupView, WaitCondition};
 use crate::planner::replica::{self, Goal, Seen, Step};
-
-/// How long to wait before looking again at a learner that trails.
-const CATCH_UP_POLL: Duration = Duration::from_millis(200);
-/// How long to wait before looking again after asking a leader to hand over.
-const HANDOVER_POLL: Duration = Duration::from_millis(300);
 
 impl VolumeManager {
     /// Adds a copy of `name` on `node`: the node joins as a learner, receives the log,
@@ -96,16 +93,30 @@ impl VolumeManager {
                         let msg = Request::TransferLeader { group_id: record.group_id, to };
                         let _ = self.send_control(node, group.leader, &msg).await;
                     }
-                    tokio::time::sleep(HANDOVER_POLL).await;
+                    self.wait_at(
+                        group.leader,
+                        record.group_id,
+                        WaitCondition::LeaderNot { node: target },
+                        deadline,
+                    )
+                    .await;
                 }
-                Step::WaitCaughtUp { .. } | Step::AskCopied => {
+                Step::WaitCaughtUp { .. } | Step::WaitCopied | Step::AskCopied => {
                     if Instant::now() >= deadline {
                         return Err(VolumeError::Unavailable(format!(
                             "node {target} is still catching up on {name:?}; run the same command again to keep waiting and promote it"
                         )));
                     }
-                    tokio::time::sleep(CATCH_UP_POLL).await;
+                    let (at, until) = match step {
+                        Step::WaitCaughtUp { .. } => (
+                            group.leader,
+                            WaitCondition::CaughtUp { node: target, slack: replica::CAUGHT_UP_SLACK },
+                        ),
+                        _ => (target, WaitCondition::Copied),
+                    };
+                    self.wait_at(at, record.group_id, until, deadline).await;
                 }
+                Step::Blocked(why) => return Err(VolumeError::Unavailable(why)),
             }
         }
     }

@@ -297,6 +297,20 @@ pub struct GroupStatus {
     pub rebuild: Option<RebuildStatus>,
 }
 
+impl GroupStatus {
+    /// Whether `self` and `other` differ in what a waiter on the group cares about: the
+    /// leader, the members, a learner's progress, a rebuild starting or ending, the first
+    /// commit. (The commit index alone moves with every write and wakes no one.)
+    pub fn shape_differs(&self, other: &GroupStatus) -> bool {
+        self.leader != other.leader
+            || self.voters != other.voters
+            || self.learners != other.learners
+            || (!self.learners.is_empty() && self.progress != other.progress)
+            || self.rebuild.is_some() != other.rebuild.is_some()
+            || (self.commit_index == 0) != (other.commit_index == 0)
+    }
+}
+
 /// A replica's store as seen by peers that copy from it.
 #[derive(Clone)]
 struct SnapshotSource {
@@ -309,8 +323,11 @@ struct SnapshotSource {
 struct Shared {
     /// Leader hints per group, updated by the runner.
     leaders: RwLock<HashMap<GroupId, u64>>,
-    /// Status snapshots per group, refreshed by the runner every round.
+    /// Status snapshots per group, refreshed by the runner every tick.
     status: RwLock<HashMap<GroupId, GroupStatus>>,
+    /// Bumped when a published status changed in a way a waiter cares about (see
+    /// [`GroupStatus::shape_differs`]).
+    status_changes: tokio::sync::watch::Sender<u64>,
     /// Forwarded requests waiting for their response.
     pending: Mutex<HashMap<RequestId, oneshot::Sender<Bytes>>>,
     next_request: AtomicU64,
@@ -667,6 +684,13 @@ impl ReplicationNode {
         self.inner.shared.leader(group)
     }
 
+    /// A receiver that is told (coalesced, at most once a tick) when any group's leader,
+    /// members, learners' progress or rebuild changed here: for waiting on a group without
+    /// polling its status.
+    pub fn status_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.shared.status_changes.subscribe()
+    }
+
     /// The group's status as this node sees it (`None`: no replica here).
     pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
         self.inner.shared.status.read().ok().and_then(|m| m.get(&group).cloned())
@@ -955,6 +979,39 @@ impl ReplicationNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_change_wakes_waiters_for_members_leaders_learners_and_rebuilds_not_commits() {
+        let base = GroupStatus {
+            leader: 1,
+            commit_index: 10,
+            voters: vec![1, 2],
+            progress: vec![(1, 10), (2, 10)],
+            ..GroupStatus::default()
+        };
+        let with = |f: &dyn Fn(&mut GroupStatus)| {
+            let mut s = base.clone();
+            f(&mut s);
+            s
+        };
+        assert!(!base.shape_differs(&with(&|s| s.commit_index = 11)), "a commit alone");
+        assert!(!base.shape_differs(&with(&|s| s.progress = vec![(1, 11), (2, 11)])), "voters' progress");
+        assert!(base.shape_differs(&with(&|s| s.leader = 2)));
+        assert!(base.shape_differs(&with(&|s| s.voters = vec![1, 2, 3])));
+        assert!(base.shape_differs(&with(&|s| s.rebuild = Some(RebuildStatus::default()))));
+        assert!(base.shape_differs(&with(&|s| s.commit_index = 0)), "the first commit");
+        let learning = with(&|s| {
+            s.learners = vec![3];
+            s.progress.push((3, 4));
+        });
+        assert!(base.shape_differs(&learning));
+        let caught_up = {
+            let mut s = learning.clone();
+            s.progress[2].1 = 9;
+            s
+        };
+        assert!(learning.shape_differs(&caught_up), "a learner's progress");
+    }
 
     /// An error as the requester sees it after the leader's answer crossed the wire.
     fn across_the_wire(e: NodeError) -> NodeError {

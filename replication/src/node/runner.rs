@@ -721,6 +721,7 @@ impl Runner {
 
     fn publish_status(&self) {
         let Ok(mut m) = self.shared.status.write() else { return };
+        let mut changed = false;
         for group in self.core.group_ids() {
             let Some(mut status) = self.core.status(group) else { continue };
             status.rebuild = self.tasks.get(&group).and_then(|t| t.rebuild.as_ref()).map(|r| RebuildStatus {
@@ -731,7 +732,12 @@ impl Runner {
                 source: r.progress.source.load(Ordering::Relaxed),
                 elapsed_s: r.started.elapsed().as_secs(),
             });
+            changed |= m.get(&group).is_none_or(|old| old.shape_differs(&status));
             m.insert(group, status);
+        }
+        drop(m);
+        if changed {
+            self.shared.status_changes.send_modify(|n| *n += 1);
         }
     }
 }

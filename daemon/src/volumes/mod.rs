@@ -10,10 +10,15 @@
 
 mod files;
 mod groups;
+mod lockable;
+mod open;
 mod publishing;
 mod rekey;
 mod replicas;
 mod scrubbing;
+mod status;
+
+pub use status::{NodeStatus, ReplicationStatus, VolumeStatus};
 
 pub use publishing::PublishError;
 
@@ -30,7 +35,6 @@ use raftblk_blockdev::store::{IoEngine, SealedFile};
 use raftblk_blockdev::{BackendError, BlockBackend};
 use raftblk_replication::node::{ReplicaStore, ReplicatedStore, ReplicationNode};
 use raftblk_replication::wal::record::GroupId;
-use serde::{Deserialize, Serialize};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::cluster_catalog::ClusterCatalog;
@@ -38,10 +42,9 @@ use crate::control::{self, Answer, ControlError, ErrorKind, MembershipChange, Re
 use crate::keys::{volume_id, Keyring};
 use crate::metrics::{MeteredBackend, Metrics};
 pub use crate::model::VolumeHealth;
-use crate::model::{
-    validate_name, validate_size, CatalogOp, Outcome, RebuildView, VolumeRecord, REPLICAS_MAX,
-};
+use crate::model::{validate_name, validate_size, CatalogOp, Outcome, VolumeRecord, REPLICAS_MAX};
 use crate::planner::reconcile::{plan_record, RecordAction};
+use lockable::Lockable;
 
 /// A copy's data requests below this size go through the page cache (see
 /// `FileBackend::cache_below`); 64 KiB folios are small enough for ext4's per-block walk.
@@ -94,99 +97,6 @@ impl From<crate::cluster_catalog::CatalogGroupError> for VolumeError {
     fn from(e: crate::cluster_catalog::CatalogGroupError) -> Self {
         VolumeError::Unavailable(e.to_string())
     }
-}
-
-/// Replication state of a volume as this node sees it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct ReplicationStatus {
-    /// The leader this node knows of (0: none known).
-    pub leader: u64,
-    /// Raft term (only on voters).
-    pub term: u64,
-    /// Commit index (only on voters).
-    pub commit_index: u64,
-    /// Applied index of this node's copy (only on voters).
-    pub applied_index: u64,
-    /// Each voter's matched log index (only on the leader).
-    pub progress: Vec<(u64, u64)>,
-    /// Copies still catching up (not voting yet).
-    #[serde(default)]
-    pub learners: Vec<u64>,
-    /// First index still in this node's log (older entries are compacted).
-    #[serde(default)]
-    pub log_first_index: u64,
-    /// Copies being rebuilt from a snapshot, with their progress (see `VolumeManager::inspect`).
-    #[serde(default)]
-    pub rebuilds: Vec<RebuildView>,
-}
-
-/// A node as `GET /v1/nodes` reports it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NodeStatus {
-    /// Liveness, operator state, report.
-    #[serde(flatten)]
-    pub view: crate::model::NodeView,
-    /// Volumes with a copy on it.
-    pub copies: usize,
-    /// Volumes it leads (as far as this node knows: the groups it is a member of).
-    pub leads: usize,
-}
-
-impl RebuildView {
-    fn from_status(node: u64, r: &raftblk_replication::node::RebuildStatus) -> RebuildView {
-        RebuildView {
-            node,
-            index: r.index,
-            done_bytes: r.done_bytes,
-            total_bytes: r.total_bytes,
-            copied_bytes: r.copied_bytes,
-            source: r.source,
-            elapsed_s: r.elapsed_s,
-        }
-    }
-}
-
-/// A volume as the API reports it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VolumeStatus {
-    /// Name and NBD export name.
-    pub name: String,
-    /// Stable identity.
-    pub uuid: String,
-    /// Provisioned size.
-    pub size_bytes: u64,
-    /// Bytes allocated in this node's copy (0 where the node holds none).
-    pub allocated_bytes: u64,
-    /// Whether clients may only read.
-    pub read_only: bool,
-    /// Open NBD connections on this node.
-    pub connections: usize,
-    /// Creation time, seconds since the epoch.
-    pub created_unix_s: u64,
-    /// Extra copies.
-    #[serde(default)]
-    pub replicas: u8,
-    /// Nodes holding a copy.
-    #[serde(default)]
-    pub voters: Vec<u64>,
-    /// healthy, degraded or rebuilding (see `VolumeManager::health_of`).
-    #[serde(default)]
-    pub health: VolumeHealth,
-    /// Operator's labels.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub labels: std::collections::BTreeMap<String, String>,
-    /// Whether blocks are encrypted at rest.
-    #[serde(default)]
-    pub encrypted: bool,
-    /// Set when this node cannot serve the volume (it lacks the KEK its key is wrapped by).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub locked: Option<String>,
-    /// Raft state (cluster mode only).
-    #[serde(default)]
-    pub replication: Option<ReplicationStatus>,
-    /// The nodes it is published to (CSI ControllerPublish).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub publications: Vec<crate::model::Publication>,
 }
 
 /// What a create asks for.
@@ -419,151 +329,6 @@ impl VolumeManager {
         }
     }
 
-    /// Opens (or, with `create`, first creates) what serves `record` on this node.
-    async fn open_volume(&self, record: VolumeRecord, create: bool) -> Result<(), VolumeError> {
-        self.open_volume_with(record, create, Arc::new(AtomicUsize::new(0))).await
-    }
-
-    async fn open_volume_with(
-        &self,
-        mut record: VolumeRecord,
-        create: bool,
-        connections: Arc<AtomicUsize>,
-    ) -> Result<(), VolumeError> {
-        let name = record.name.clone();
-        let path = self.data_path(&record.uuid);
-        let applied_path = self.applied_path(&record.uuid);
-        let rebuild_path = self.rebuild_path(&record.uuid);
-        let integrity = self.metrics.integrity(&name);
-        let me = self.node_id();
-        let file = if self.holds_copy(&record) {
-            let fresh = create || (self.replication.is_some() && !path.exists());
-            if fresh && self.replication.is_some() {
-                // A new or lost copy holds nothing: it must replay the whole log (or get a
-                // snapshot), whatever an old applied index says.
-                if !create {
-                    tracing::warn!(volume = %name, "local copy is missing; rebuilding it from the replicated log");
-                }
-                let _ = std::fs::remove_file(&applied_path);
-                let _ = std::fs::remove_file(&rebuild_path);
-                let _ = std::fs::remove_file(raftblk_blockdev::store::sealed::meta_path(&path));
-            }
-            let reporter = integrity.clone() as Arc<dyn raftblk_blockdev::seal::IntegrityReporter>;
-            let file = if fresh {
-                SealedFile::create(&path, record.size_bytes, self.engine.clone(), reporter)
-            } else {
-                SealedFile::open(&path, self.engine.clone(), reporter).await
-            }
-            .map_err(|e| store_err(&name, format!("{}: {e}", path.display())))?;
-            let file = match me {
-                Some(id) => file.with_copy_id(id),
-                None => file,
-            };
-            // In a cluster the copy is a cache of the replicated WAL, flushed at checkpoints:
-            // the page cache takes its small writes (see FileBackend::cache_below).
-            let file =
-                if self.replication.is_some() { file.cache_below(COPY_CACHED_BELOW_BYTES) } else { file };
-            let file_size = SealedStore::size_bytes(&file);
-            if file_size < record.size_bytes {
-                // A grow's truncate did not reach the disk before a crash; redo it.
-                file.grow_to(record.size_bytes).map_err(|e| store_err(&name, e))?;
-            } else if file_size > record.size_bytes && self.replication.is_none() {
-                // The grow reached the file but not the catalog; the larger size was never
-                // acknowledged, but keeping it loses nothing.
-                record.size_bytes = file_size;
-                self.catalog.update(&record).await?;
-            }
-            Some(Arc::new(file))
-        } else {
-            None
-        };
-        let size = Arc::new(AtomicU64::new(record.size_bytes));
-        let (sealed, replicated): (Arc<dyn SealedStore>, _) = match (&self.replication, &file) {
-            (None, Some(f)) => (f.clone(), None),
-            (None, None) => return Err(store_err(&name, "no local copy on a node without peers")),
-            (Some(node), local) => {
-                let group = GroupId(record.group_id);
-                if let Some(f) = local {
-                    let (grow_file, grow_size) = (f.clone(), size.clone());
-                    let store = ReplicaStore {
-                        backend: f.clone(),
-                        reporter: integrity.clone(),
-                        grow: Arc::new(move |new_size| {
-                            CopyStore::grow(grow_file.as_ref(), new_size)?;
-                            grow_size.fetch_max(new_size, Ordering::SeqCst);
-                            Ok(())
-                        }),
-                        applied_path,
-                        rebuild_path,
-                    };
-                    let initial = if record.initial_voters.is_empty() {
-                        &record.voters
-                    } else {
-                        &record.initial_voters
-                    };
-                    node.open_group(group, initial.clone(), store)
-                        .await
-                        .map_err(|e| store_err(&name, format!("starting its replica: {e}")))?;
-                }
-                let local: Option<Arc<dyn CopyStore>> = local.clone().map(|f| f as Arc<dyn CopyStore>);
-                let r = Arc::new(ReplicatedStore::new(
-                    node.clone(),
-                    group,
-                    record.voters.clone(),
-                    size.clone(),
-                    local,
-                ));
-                (r.clone(), Some(r))
-            }
-        };
-        // Encrypted volumes are sealed and opened on the node a client talks to; the copies
-        // below only ever see ciphertext.
-        let mut lockable = None;
-        let sealed_store = sealed.clone();
-        let inner: Arc<dyn BlockBackend> = if record.encrypted {
-            let id = volume_id(&record.uuid);
-            match self.keys.unwrap(&name, &id, &record.wrapped_keys) {
-                Ok(key) => Arc::new(SealingBackend::encrypted(
-                    sealed,
-                    VolumeCrypto { key, volume: id, nonces: self.nonces.clone() },
-                    integrity.clone(),
-                )),
-                Err(e) => {
-                    tracing::warn!(volume = %name, error = %e, "encrypted volume is locked on this node");
-                    let l = Arc::new(Lockable {
-                        why: e.to_string(),
-                        size: size.clone(),
-                        unlocked: OnceLock::new(),
-                    });
-                    lockable = Some(l.clone());
-                    l
-                }
-            }
-        } else {
-            Arc::new(SealingBackend::plain(sealed, integrity.clone()))
-        };
-        let served = Arc::new(MeteredBackend::new(inner, self.metrics.volume(&name)));
-        self.metrics.volume_size.with_label_values(&[&name]).set(record.size_bytes as i64);
-        self.metrics
-            .volume_connections
-            .with_label_values(&[&name])
-            .set(connections.load(Ordering::SeqCst) as i64);
-        let volume = Volume {
-            record: Mutex::new(record),
-            file,
-            replicated,
-            lockable,
-            sealed: sealed_store,
-            size,
-            served,
-            connections,
-        };
-        let mut open = lock(&self.open);
-        open.insert(name, Arc::new(volume));
-        self.metrics.volumes.set(open.len() as i64);
-        Ok(())
-    }
-
     fn get(&self, name: &str) -> Result<Arc<Volume>, VolumeError> {
         lock(&self.open).get(name).cloned().ok_or_else(|| VolumeError::NotFound(name.to_string()))
     }
@@ -794,133 +559,6 @@ impl VolumeManager {
         self.nodes.get()
     }
 
-    /// Every node with its liveness, operator state, report and the copies it holds.
-    pub fn node_statuses(&self) -> Vec<NodeStatus> {
-        let (Some(dir), Some(node)) = (self.nodes.get(), &self.replication) else { return Vec::new() };
-        let records = self.records();
-        dir.views(&node.peer_ids())
-            .into_iter()
-            .map(|view| {
-                let copies = records.iter().filter(|r| r.voters.contains(&view.id)).count();
-                let leads = records
-                    .iter()
-                    .filter(|r| {
-                        node.leader(GroupId(r.group_id)) == view.id && r.voters.contains(&node.node_id().0)
-                    })
-                    .count();
-                NodeStatus { view, copies, leads }
-            })
-            .collect()
-    }
-
-    /// The volume's health as [`crate::planner::health::health_of`] judges it from this
-    /// node's view of the nodes and the group status `repl`.
-    fn health_of(&self, r: &VolumeRecord, repl: Option<&ReplicationStatus>) -> VolumeHealth {
-        let now = std::time::Instant::now();
-        let copying = repl.is_some_and(|s| !s.learners.is_empty() || !s.rebuilds.is_empty());
-        match self.nodes.get() {
-            Some(dir) => {
-                let state = |id| (dir.table.liveness(id, now), dir.table.admin(id));
-                crate::planner::health::health_of(r, Some(&state), copying)
-            }
-            None => crate::planner::health::health_of(r, None, copying),
-        }
-    }
-
-    /// Every volume, ordered by name.
-    pub fn list(&self) -> Vec<VolumeStatus> {
-        let volumes: Vec<Arc<Volume>> = lock(&self.open).values().cloned().collect();
-        let mut out: Vec<VolumeStatus> = volumes.iter().map(|v| self.status_of(v)).collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
-    }
-
-    /// Every record (for peers' catalog sync).
-    pub fn records(&self) -> Vec<VolumeRecord> {
-        lock(&self.open).values().map(|v| lock(&v.record).clone()).collect()
-    }
-
-    /// One volume.
-    pub fn status(&self, name: &str) -> Result<VolumeStatus, VolumeError> {
-        let v = self.get(name)?;
-        Ok(self.status_of(&v))
-    }
-
-    /// One volume, with the rebuild progress of every copy (see `group_statuses`). The local
-    /// part is read after the peers answered, so it is never older than theirs.
-    pub async fn inspect(&self, name: &str) -> Result<VolumeStatus, VolumeError> {
-        let first = self.status(name)?;
-        let Some(node) = &self.replication else { return Ok(first) };
-        let Some(repl) = first.replication.as_ref() else { return Ok(first) };
-        let me = node.node_id().0;
-        let group_id = lock(&self.get(name)?.record).group_id;
-        let mut members: Vec<u64> = first.voters.iter().chain(&repl.learners).copied().collect();
-        members.extend(repl.progress.iter().map(|(id, _)| *id));
-        members.sort_unstable();
-        members.dedup();
-        members.retain(|m| *m != me);
-        let remote: Vec<RebuildView> = self
-            .group_statuses(group_id, &members)
-            .await
-            .into_iter()
-            .filter_map(|(member, g)| {
-                let mut r = g.rebuild?;
-                r.node = member;
-                Some(r)
-            })
-            .collect();
-        let mut status = self.status(name)?;
-        if !remote.is_empty() && status.health == VolumeHealth::Healthy {
-            status.health = VolumeHealth::Rebuilding;
-        }
-        if let Some(repl) = status.replication.as_mut() {
-            repl.rebuilds.extend(remote);
-        }
-        Ok(status)
-    }
-
-    fn status_of(&self, v: &Volume) -> VolumeStatus {
-        let r = lock(&v.record).clone();
-        let replication = self.replication.as_ref().map(|node| {
-            let group = GroupId(r.group_id);
-            match node.status(group) {
-                Some(s) => ReplicationStatus {
-                    leader: s.leader,
-                    term: s.term,
-                    commit_index: s.commit_index,
-                    applied_index: s.applied_index,
-                    progress: s.progress,
-                    learners: s.learners,
-                    log_first_index: s.first_index,
-                    rebuilds: s
-                        .rebuild
-                        .iter()
-                        .map(|r| RebuildView::from_status(node.node_id().0, r))
-                        .collect(),
-                },
-                None => ReplicationStatus { leader: node.leader(group), ..Default::default() },
-            }
-        });
-        let health = self.health_of(&r, replication.as_ref());
-        VolumeStatus {
-            health,
-            name: r.name,
-            uuid: r.uuid,
-            size_bytes: v.size.load(Ordering::SeqCst),
-            allocated_bytes: v.file.as_ref().and_then(|f| f.allocated_bytes().ok()).unwrap_or(0),
-            read_only: r.read_only,
-            connections: v.connections.load(Ordering::SeqCst),
-            created_unix_s: r.created_unix_s,
-            replicas: r.replicas,
-            voters: r.voters,
-            labels: r.labels,
-            encrypted: r.encrypted,
-            locked: v.locked(),
-            replication,
-            publications: r.publications,
-        }
-    }
-
     /// Grows a volume (through its Raft log in a cluster); new NBD connections see the new size.
     pub async fn resize(&self, name: &str, size_bytes: u64) -> Result<VolumeStatus, VolumeError> {
         validate_size(size_bytes).map_err(VolumeError::Invalid)?;
@@ -1074,37 +712,6 @@ impl VolumeManager {
         lock(&self.open).is_empty()
     }
 
-    /// Refreshes the allocated-bytes gauges (called when `/metrics` is scraped).
-    pub fn refresh_gauges(&self) {
-        let volumes: Vec<Arc<Volume>> = lock(&self.open).values().cloned().collect();
-        for v in volumes {
-            let VolumeStatus { name, health, allocated_bytes, .. } = self.status_of(&v);
-            for h in [VolumeHealth::Healthy, VolumeHealth::Rebuilding, VolumeHealth::Degraded] {
-                self.metrics.volume_health.with_label_values(&[&name, h.label()]).set(i64::from(h == health));
-            }
-            self.metrics.volume_allocated.with_label_values(&[&name]).set(allocated_bytes as i64);
-            let status =
-                self.replication.as_ref().and_then(|node| node.status(GroupId(lock(&v.record).group_id)));
-            if let Some(s) = status {
-                let raft = &self.metrics.volume_raft;
-                raft.with_label_values(&[&name, "commit"]).set(s.commit_index as i64);
-                raft.with_label_values(&[&name, "applied"]).set(s.applied_index as i64);
-                raft.with_label_values(&[&name, "log_first"]).set(s.first_index as i64);
-                let remaining = s.rebuild.map_or(0, |r| r.total_bytes.saturating_sub(r.done_bytes).max(1));
-                self.metrics.volume_rebuild_remaining.with_label_values(&[&name]).set(remaining as i64);
-            }
-        }
-        if let Some(catalog) = self.cluster_catalog() {
-            let c = catalog.view();
-            let m = &self.metrics;
-            m.catalog_raft.with_label_values(&["commit"]).set(c.commit_index as i64);
-            m.catalog_raft.with_label_values(&["applied"]).set(c.applied_index as i64);
-            m.catalog_members.with_label_values(&["voter"]).set(c.voters.len() as i64);
-            m.catalog_members.with_label_values(&["learner"]).set(c.learners.len() as i64);
-            m.catalog_leader.set(i64::from(c.leader != 0 && Some(c.leader) == self.node_id()));
-        }
-    }
-
     /// Flushes every local copy (at shutdown).
     pub async fn flush_all(&self) -> Result<(), VolumeError> {
         let volumes: Vec<Arc<Volume>> = lock(&self.open).values().cloned().collect();
@@ -1195,57 +802,6 @@ impl From<&VolumeError> for RemoteError {
             VolumeError::Catalog(_) | VolumeError::Store { .. } => ErrorKind::Internal,
         };
         RemoteError::new(kind, e.to_string())
-    }
-}
-
-/// What serves an encrypted volume opened on a node that lacked its KEK: every request
-/// fails with the reason (exports refuse it before a client gets this far) until the KEK
-/// arrives ([`VolumeManager::unlock_all`]) and the real backend is put in.
-struct Lockable {
-    why: String,
-    size: Arc<AtomicU64>,
-    unlocked: OnceLock<Arc<dyn BlockBackend>>,
-}
-
-impl Lockable {
-    fn inner(&self) -> raftblk_blockdev::backend::BackendResult<&Arc<dyn BlockBackend>> {
-        self.unlocked.get().ok_or_else(|| {
-            BackendError::Io(std::io::Error::new(std::io::ErrorKind::PermissionDenied, self.why.clone()))
-        })
-    }
-}
-
-type Res<T> = raftblk_blockdev::backend::BackendResult<T>;
-
-#[async_trait::async_trait]
-impl BlockBackend for Lockable {
-    fn size_bytes(&self) -> u64 {
-        self.size.load(Ordering::SeqCst)
-    }
-    async fn read(&self, offset: u64, len: u32) -> Res<bytes::Bytes> {
-        self.inner()?.read(offset, len).await
-    }
-    async fn write(&self, offset: u64, data: bytes::Bytes, fua: bool) -> Res<()> {
-        self.inner()?.write(offset, data, fua).await
-    }
-    async fn flush(&self) -> Res<()> {
-        self.inner()?.flush().await
-    }
-    async fn trim(&self, offset: u64, len: u64) -> Res<()> {
-        self.inner()?.trim(offset, len).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast_only: bool) -> Res<()> {
-        self.inner()?.write_zeroes(offset, len, may_trim, fast_only).await
-    }
-    async fn block_status(&self, offset: u64, len: u64) -> Res<Vec<raftblk_blockdev::Extent>> {
-        self.inner()?.block_status(offset, len).await
-    }
-}
-
-impl Volume {
-    /// Why this node cannot serve the volume now (an encrypted volume whose KEK it lacks).
-    fn locked(&self) -> Option<String> {
-        self.lockable.as_ref().filter(|l| l.unlocked.get().is_none()).map(|l| l.why.clone())
     }
 }
 

@@ -7,6 +7,12 @@
 //! voter or not, forwards client I/O to the group's leader. Every record change is
 //! committed to the cluster catalog first ([`crate::cluster_catalog`]); nodes follow it
 //! (and take pushes of committed records, [`crate::cluster`]).
+//!
+//! What a record means for this node's copies is decided by [`crate::planner::reconcile`]
+//! and carried out here (`upsert_locked`); `open` opens a copy, `files` places and removes
+//! its files, `replicas` takes [`crate::planner::replica`]'s steps, `groups` talks to a
+//! volume's group across the nodes, `status` reports, `lockable` serves a volume whose key is
+//! not loaded yet, and `publishing`, `rekey`, `scrubbing` change a record for one purpose.
 
 mod files;
 mod groups;

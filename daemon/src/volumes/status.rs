@@ -83,7 +83,7 @@ pub struct VolumeStatus {
     /// Nodes holding a copy.
     #[serde(default)]
     pub voters: Vec<u64>,
-    /// healthy, degraded or rebuilding (see `VolumeManager::health_of`).
+    /// healthy, degraded or rebuilding (see [`crate::planner::health::health_of`]).
     #[serde(default)]
     pub health: VolumeHealth,
     /// Operator's labels.

@@ -77,6 +77,18 @@ pub struct GroupView {
     pub connections: usize,
 }
 
+impl GroupView {
+    /// `node`'s matched index as the leader reports it (0: not known to the leader yet).
+    pub fn matched(&self, node: u64) -> u64 {
+        self.progress.iter().find(|p| p.0 == node).map_or(0, |p| p.1)
+    }
+
+    /// Whether `node`'s log is at most `slack` entries behind the commit index.
+    pub fn caught_up(&self, node: u64, slack: u64) -> bool {
+        self.matched(node) >= self.commit_index.saturating_sub(slack)
+    }
+}
+
 /// What a `WaitGroup` request waits for, judged on the answering node's view of the group.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -112,10 +124,7 @@ impl WaitCondition {
     pub fn holds(self, me: u64, view: &GroupView) -> bool {
         let leads = view.leader == me;
         match self {
-            WaitCondition::CaughtUp { node, slack } => {
-                let matched = view.progress.iter().find(|p| p.0 == node).map_or(0, |p| p.1);
-                !leads || matched >= view.commit_index.saturating_sub(slack)
-            }
+            WaitCondition::CaughtUp { node, slack } => !leads || view.caught_up(node, slack),
             WaitCondition::Copied => view.rebuild.is_none() && view.commit_index > 0,
             WaitCondition::Changed { change, node } => {
                 !leads || change.took_effect(node, &view.voters, &view.learners)

@@ -166,10 +166,9 @@ pub fn next_step(goal: Goal, seen: &Seen<'_>) -> Step {
         Goal::Add(_) if voter => Step::Done,
         Goal::Add(_) if !learner => Step::Propose(MembershipChange::AddLearner),
         Goal::Add(_) => {
-            let matched = group.progress.iter().find(|(id, _)| *id == target).map_or(0, |p| p.1);
             let commit = group.commit_index;
-            if matched < commit.saturating_sub(CAUGHT_UP_SLACK) {
-                return Step::WaitCaughtUp { matched, commit };
+            if !group.caught_up(target, CAUGHT_UP_SLACK) {
+                return Step::WaitCaughtUp { matched: group.matched(target), commit };
             }
             match copied {
                 None => Step::AskCopied,

@@ -243,7 +243,7 @@ impl VolumeManager {
         let msg = Request::GroupStatus { group_id: record.group_id };
         !matches!(
             self.send_control(node, target, &msg).await,
-            Ok(Answer::Status(GroupView { rebuild: None, commit_index, .. })) if commit_index > 0
+            Ok(Answer::Status(view)) if WaitCondition::Copied.holds(target, &view)
         )
     }
 

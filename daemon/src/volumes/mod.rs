@@ -329,10 +329,7 @@ impl VolumeManager {
     }
 
     fn holds_copy(&self, record: &VolumeRecord) -> bool {
-        match self.node_id() {
-            None => true,
-            Some(me) => record.voters.contains(&me),
-        }
+        crate::planner::reconcile::holds_copy(self.node_id(), record)
     }
 
     fn get(&self, name: &str) -> Result<Arc<Volume>, VolumeError> {

@@ -101,24 +101,39 @@ impl VolumeManager {
                     )
                     .await;
                 }
-                Step::WaitCaughtUp { .. } | Step::WaitCopied | Step::AskCopied => {
-                    if Instant::now() >= deadline {
-                        return Err(VolumeError::Unavailable(format!(
-                            "node {target} is still catching up on {name:?}; run the same command again to keep waiting and promote it"
-                        )));
-                    }
-                    let (at, until) = match step {
-                        Step::WaitCaughtUp { .. } => (
-                            group.leader,
-                            WaitCondition::CaughtUp { node: target, slack: replica::CAUGHT_UP_SLACK },
-                        ),
-                        _ => (target, WaitCondition::Copied),
-                    };
-                    self.wait_at(at, record.group_id, until, deadline).await;
+                Step::WaitCaughtUp { .. } => {
+                    let until = WaitCondition::CaughtUp { node: target, slack: replica::CAUGHT_UP_SLACK };
+                    self.wait_for_new_copy(name, target, group.leader, record.group_id, until, deadline)
+                        .await?
+                }
+                // (`AskCopied` was answered above; it cannot come back.)
+                Step::WaitCopied | Step::AskCopied => {
+                    let until = WaitCondition::Copied;
+                    self.wait_for_new_copy(name, target, target, record.group_id, until, deadline).await?
                 }
                 Step::Blocked(why) => return Err(VolumeError::Unavailable(why)),
             }
         }
+    }
+
+    /// Waits at node `at` for the new copy on `target` to get further (`until`), or refuses
+    /// once `deadline` has passed.
+    async fn wait_for_new_copy(
+        &self,
+        name: &str,
+        target: u64,
+        at: u64,
+        group_id: u64,
+        until: WaitCondition,
+        deadline: Instant,
+    ) -> Result<(), VolumeError> {
+        if Instant::now() >= deadline {
+            return Err(VolumeError::Unavailable(format!(
+                "node {target} is still catching up on {name:?}; run the same command again to keep waiting and promote it"
+            )));
+        }
+        self.wait_at(at, group_id, until, deadline).await;
+        Ok(())
     }
 
     /// Commits the record the planner asks for, planned again under the control lock from
